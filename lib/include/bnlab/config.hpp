@@ -1,0 +1,137 @@
+// The experiment description: what a JSON config file says, fully resolved, with no torch types.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace bnlab {
+
+enum class Activation { kRelu, kTanh, kGelu };
+enum class LossKind { kGaussianNll, kMse, kCrossEntropy };
+enum class BnSemantics { kTorch, kKeras };
+enum class OptimizerKind { kSgd, kAdam, kAdamW };
+enum class Schedule { kConstant, kCosine };
+enum class Monitor { kLoss, kValLoss };
+enum class BnMode { kTrain, kEval };
+
+/// Settings of an optimizer; fields that do not apply to the chosen kind are ignored
+/// and rejected by the parser when given.
+struct OptimizerConfig {
+  OptimizerKind kind = OptimizerKind::kSgd;  ///< "sgd" | "adam" | "adamw"
+  double lr = 1e-3;                          ///< learning rate, > 0
+  double momentum = 0.0;                     ///< sgd only, in [0, 1); default 0
+  bool nesterov = false;                     ///< sgd only; needs momentum > 0
+  double weight_decay = 0.0;                 ///< >= 0; default 0 (adamw: 0.01)
+  double beta1 = 0.9;                        ///< adam/adamw, in [0, 1)
+  double beta2 = 0.999;                      ///< adam/adamw, in [0, 1)
+  double eps = 1e-8;                         ///< adam/adamw, > 0
+};
+
+struct DataConfig {
+  std::string source = "synthetic";  ///< "synthetic" | "csv"
+  // synthetic
+  int64_t samples = 100000;          ///< number of generated samples, >= 2
+  int64_t features = 8;              ///< input width, >= 1
+  int64_t targets = 1;               ///< regression outputs (gaussian_nll, mse), >= 1
+  int64_t classes = 3;               ///< cross_entropy only: number of classes, >= 2
+  double scale = 5e-4;               ///< amplitude of the synthetic target function, > 0
+  double noise = 5e-5;               ///< base std of the target noise (x e^[-0.5, 0.5]), >= 0
+  // csv
+  std::string path;                            ///< CSV file with a header row (relative to the config file)
+  std::vector<std::string> feature_columns;    ///< default: every column that is not a target
+  std::vector<std::string> target_columns;     ///< required for csv
+  bool standardize = true;                     ///< standardize features with training-set mean/std
+};
+
+struct BatchNormConfig {
+  bool enabled = true;                        ///< a BatchNorm1d after each hidden Linear
+  BnSemantics semantics = BnSemantics::kKeras;
+  double eps = 1e-3;                          ///< default 1e-3 (keras) or 1e-5 (torch)
+  double momentum = 0.01;                     ///< PyTorch convention; default 0.01 (keras) or 0.1 (torch)
+  bool affine = true;                         ///< learnable gamma (weight) and beta (bias)
+};
+
+struct ModelConfig {
+  std::vector<int64_t> hidden = {64, 64};     ///< widths of the hidden Linear layers
+  Activation activation = Activation::kRelu;
+  double dropout = 0.0;                       ///< dropout probability after each activation, [0, 1)
+  LossKind loss = LossKind::kGaussianNll;
+  BatchNormConfig batchnorm;
+};
+
+struct PretrainConfig {
+  int64_t epochs = 5;
+  int64_t batch_size = 256;
+  OptimizerConfig optimizer{OptimizerKind::kAdam, 1e-3};
+  Schedule schedule = Schedule::kCosine;      ///< learning-rate schedule over all steps
+};
+
+struct FinetuneConfig {
+  int64_t sample = 4321;                      ///< index of the fine-tuned sample in the data
+  int64_t epochs = 10;
+  int64_t batch_size = 1;
+  OptimizerConfig optimizer{OptimizerKind::kSgd, 1e-3};
+  Monitor monitor = Monitor::kLoss;           ///< what the ModelCheckpoint equivalent watches
+  bool save_best_only = true;                 ///< keep the best epoch's weights, else the last
+};
+
+/// Which BatchNorm layers a strategy touches: all, or a list of positions among the
+/// BatchNorm layers (0 = first) and/or module names ("1", "4").
+struct LayerSelection {
+  bool all = true;
+  std::vector<int64_t> indices;
+  std::vector<std::string> names;
+};
+
+/// A freezing strategy: a value applied to the model, never a branch in the training loop.
+struct StrategyConfig {
+  std::string name;
+  std::string preset;                          ///< preset it expands, "" for fully custom
+  BnMode bn_mode = BnMode::kTrain;             ///< mode of selected BN layers during fit
+  bool affine_trainable = true;                ///< gamma/beta get gradients and optimizer steps
+  std::optional<double> momentum;              ///< running-stat momentum override (0 = frozen)
+  bool track_running_stats = true;             ///< false: batch stats in train AND eval (LibTorch rule)
+  LayerSelection layers;
+  int64_t freeze_linear = 0;                   ///< freeze the first N Linear layers (weight and bias)
+};
+
+struct Config {
+  std::string name;                            ///< experiment name; default run dir runs/<name>
+  uint64_t seed = 0;
+  std::string base_dir;                        ///< directory of the config file, for relative paths
+  DataConfig data;
+  ModelConfig model;
+  PretrainConfig pretrain;
+  FinetuneConfig finetune;
+  std::vector<StrategyConfig> strategies;
+};
+
+/// Names of the presets a strategy may start from, in documentation order.
+const std::vector<std::string>& preset_names();
+
+/// Parses a config file, applies `--set path=value` overrides (path in dots, value as JSON
+/// or a bare string), fills defaults and validates. Throws InputError listing every problem.
+Config load_config(const std::string& path,
+                   const std::vector<std::string>& overrides = {});
+
+/// Same from JSON text; `origin` names the source in messages.
+Config parse_config(const std::string& text, const std::string& origin,
+                    const std::vector<std::string>& overrides = {},
+                    const std::string& base_dir = ".");
+
+/// Every value of the config, defaults included, as pretty JSON (config.resolved.json).
+std::string to_json(const Config& config);
+
+/// Hash of the settings that determine pretrained weights (seed, data, model, pretrain).
+std::string pretrain_cache_key(const Config& config);
+
+const char* to_string(Activation a);
+const char* to_string(LossKind l);
+const char* to_string(BnSemantics s);
+const char* to_string(OptimizerKind o);
+const char* to_string(BnMode m);
+
+}  // namespace bnlab

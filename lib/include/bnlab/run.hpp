@@ -1,0 +1,57 @@
+// The library's entry points: what `bnlab run` does, callable in-process by tests.
+#pragma once
+
+#include <iosfwd>
+#include <string>
+#include <vector>
+
+#include "bnlab/config.hpp"
+
+namespace bnlab {
+
+struct RunOptions {
+  std::string out_dir;                 ///< default: runs/<config name>
+  bool force = false;                  ///< reuse a directory holding another experiment; ignore the cache
+  int verbose = 1;                     ///< 0 silent, 1 progress + epochs, 2 also per-step detail
+  int threads = 1;                     ///< intra-op threads; fixed for reproducible curves
+  std::vector<std::string> argv;       ///< recorded in manifest.json
+};
+
+/// What one strategy's fine-tuning produced. Index k of loss/val_loss is epoch k+1.
+struct StrategyResult {
+  std::string name;
+  double evaluate_before = 0;          ///< pretrained model, inference mode, before fine-tuning
+  double evaluate_after = 0;           ///< best (or last) weights, inference mode, after
+  std::vector<double> loss;            ///< Keras `loss`: mean of the pre-update batch losses
+  std::vector<double> val_loss;        ///< Keras `val_loss`: inference-mode loss after the epoch
+  std::vector<double> accuracy, val_accuracy;  ///< cross_entropy only
+  int best_epoch = 0;                  ///< epoch whose weights evaluate_after used (1-based)
+  double max_gap = 0;                  ///< max_k |loss[k] - val_loss[k]|
+  double lag_first = 0;                ///< |loss[1] - evaluate_before|
+  double lag_steps = 0;                ///< max_k |loss[k+1] - val_loss[k]|
+  double lag_residual = 0;             ///< max(lag_first, lag_steps)
+  double lag_relative = 0;             ///< the same residuals, each relative to max(|a|, |b|)
+  bool lag_identity_holds = false;     ///< lag_relative <= kLagTolerance
+};
+
+inline constexpr double kLagTolerance = 1e-6;
+
+struct RunResult {
+  std::string out_dir;
+  bool pretrain_cached = false;
+  double pretrain_seconds = 0;
+  double finetune_seconds = 0;
+  std::vector<StrategyResult> strategies;
+};
+
+/// Loads data, pretrains (or reuses the cached checkpoint), fine-tunes the sample under
+/// every strategy from the same weights, and writes the run directory. Bad input throws
+/// InputError before anything is written. Progress and Keras-style lines go to `log`.
+RunResult run(const Config& config, const RunOptions& options, std::ostream& log);
+
+/// Derives max_gap and the lag residuals from the curves (exposed for tests).
+void compute_lag(StrategyResult& r);
+
+std::string version_string();
+
+}  // namespace bnlab

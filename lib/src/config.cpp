@@ -1,0 +1,695 @@
+// Strict JSON config parsing (unknown keys are errors), defaults, overrides and validation.
+// The only translation unit that knows the JSON layout of an experiment.
+#include "bnlab/config.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <iomanip>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "bnlab/errors.hpp"
+#include "text.hpp"
+
+namespace bnlab {
+
+using json = nlohmann::ordered_json;
+
+InputError::InputError(std::vector<std::string> problems)
+    : std::runtime_error(problems.empty() ? std::string("bad input") : problems.front()),
+      problems_(std::move(problems)) {}
+
+namespace {
+
+const char* json_type(const json& j) {
+  switch (j.type()) {
+    case json::value_t::null: return "null";
+    case json::value_t::boolean: return "a boolean";
+    case json::value_t::string: return "a string";
+    case json::value_t::array: return "an array";
+    case json::value_t::object: return "an object";
+    case json::value_t::number_float: return "a number";
+    default: return "an integer";
+  }
+}
+
+std::string shown(const json& j) {
+  std::string s = j.dump();
+  if (s.size() > 60) s = s.substr(0, 57) + "...";
+  return s;
+}
+
+/// Collects problems, each prefixed with the file it came from.
+struct Problems {
+  std::string origin;
+  std::vector<std::string> list;
+  void add(const std::string& path, const std::string& message) {
+    list.push_back(origin + ": " + (path.empty() ? std::string("(top level)") : path) + ": " + message);
+  }
+};
+
+template <class E>
+using EnumTable = std::vector<std::pair<const char*, E>>;
+
+const EnumTable<Activation> kActivations = {
+    {"relu", Activation::kRelu}, {"tanh", Activation::kTanh}, {"gelu", Activation::kGelu}};
+const EnumTable<LossKind> kLosses = {{"gaussian_nll", LossKind::kGaussianNll},
+                                     {"mse", LossKind::kMse},
+                                     {"cross_entropy", LossKind::kCrossEntropy}};
+const EnumTable<BnSemantics> kSemantics = {{"keras", BnSemantics::kKeras},
+                                           {"torch", BnSemantics::kTorch}};
+const EnumTable<OptimizerKind> kOptimizers = {
+    {"sgd", OptimizerKind::kSgd}, {"adam", OptimizerKind::kAdam}, {"adamw", OptimizerKind::kAdamW}};
+const EnumTable<Schedule> kSchedules = {{"constant", Schedule::kConstant},
+                                        {"cosine", Schedule::kCosine}};
+const EnumTable<Monitor> kMonitors = {{"loss", Monitor::kLoss}, {"val_loss", Monitor::kValLoss}};
+const EnumTable<BnMode> kBnModes = {{"train", BnMode::kTrain}, {"eval", BnMode::kEval}};
+
+template <class E>
+const char* enum_name(const EnumTable<E>& table, E value) {
+  for (const auto& [name, v] : table)
+    if (v == value) return name;
+  return "?";
+}
+
+template <class E>
+std::string enum_choices(const EnumTable<E>& table) {
+  std::vector<std::string> names;
+  for (const auto& entry : table) names.emplace_back(entry.first);
+  return join(names, ", ");
+}
+
+/// Reads one JSON object: typed getters record which keys were used; finish() reports
+/// the keys that were not, with a "did you mean" when one is close to a known key.
+class ObjectReader {
+ public:
+  ObjectReader(const json* j, std::string path, Problems& problems)
+      : j_(j), path_(std::move(path)), problems_(problems) {
+    if (j_ != nullptr && !j_->is_object()) {
+      problems_.add(path_, std::string("expected an object, got ") + json_type(*j_) + " " + shown(*j_));
+      j_ = nullptr;
+    }
+  }
+
+  std::string child_path(const std::string& key) const {
+    return path_.empty() ? key : path_ + "." + key;
+  }
+
+  /// The value at key, or nullptr when absent; marks the key as known.
+  const json* find(const std::string& key) {
+    known_.push_back(key);
+    if (j_ == nullptr) return nullptr;
+    auto it = j_->find(key);
+    return it == j_->end() ? nullptr : &*it;
+  }
+
+  bool has(const std::string& key) const { return j_ != nullptr && j_->contains(key); }
+
+  void get(const std::string& key, bool& out) {
+    if (const json* v = find(key)) {
+      if (v->is_boolean()) out = v->get<bool>();
+      else type_error(key, "a boolean (true or false)", *v);
+    }
+  }
+  void get(const std::string& key, int64_t& out) {
+    if (const json* v = find(key)) read_int(child_path(key), *v, out);
+  }
+  void get(const std::string& key, uint64_t& out) {
+    if (const json* v = find(key)) {
+      if (v->is_number_unsigned()) out = v->get<uint64_t>();
+      else if (v->is_number_integer() && v->get<int64_t>() >= 0) out = v->get<uint64_t>();
+      else type_error(key, "a non-negative integer", *v);
+    }
+  }
+  void get(const std::string& key, double& out) {
+    if (const json* v = find(key)) {
+      if (v->is_number()) out = v->get<double>();
+      else type_error(key, "a number", *v);
+    }
+  }
+  void get(const std::string& key, std::string& out) {
+    if (const json* v = find(key)) {
+      if (v->is_string()) out = v->get<std::string>();
+      else type_error(key, "a string", *v);
+    }
+  }
+  void get(const std::string& key, std::vector<int64_t>& out) {
+    if (const json* v = find(key)) {
+      if (!v->is_array()) return type_error(key, "an array of integers", *v);
+      out.clear();
+      for (size_t i = 0; i < v->size(); ++i) {
+        int64_t x = 0;
+        if (read_int(child_path(key) + "[" + std::to_string(i) + "]", (*v)[i], x)) out.push_back(x);
+      }
+    }
+  }
+  void get(const std::string& key, std::vector<std::string>& out) {
+    if (const json* v = find(key)) {
+      if (!v->is_array()) return type_error(key, "an array of strings", *v);
+      out.clear();
+      for (size_t i = 0; i < v->size(); ++i) {
+        if ((*v)[i].is_string()) out.push_back((*v)[i].get<std::string>());
+        else problems_.add(child_path(key) + "[" + std::to_string(i) + "]",
+                           std::string("expected a string, got ") + json_type((*v)[i]) + " " + shown((*v)[i]));
+      }
+    }
+  }
+  template <class E>
+  void get_enum(const std::string& key, const EnumTable<E>& table, E& out) {
+    if (const json* v = find(key)) {
+      if (!v->is_string()) return type_error(key, "one of " + enum_choices(table), *v);
+      const std::string s = v->get<std::string>();
+      for (const auto& [name, value] : table) {
+        if (s == name) {
+          out = value;
+          return;
+        }
+      }
+      std::vector<std::string> names;
+      for (const auto& entry : table) names.emplace_back(entry.first);
+      problems_.add(child_path(key), "unknown value \"" + s + "\"" + did_you_mean(s, names) +
+                                         "; valid values: " + enum_choices(table));
+    }
+  }
+
+  void finish() {
+    if (j_ == nullptr) return;
+    for (auto it = j_->begin(); it != j_->end(); ++it) {
+      if (std::find(known_.begin(), known_.end(), it.key()) != known_.end()) continue;
+      problems_.add(child_path(it.key()),
+                    "unknown key" + did_you_mean(it.key(), known_) +
+                        (known_.empty() ? std::string() : "; valid keys here: " + join(known_, ", ")));
+    }
+  }
+
+  void type_error(const std::string& key, const std::string& expected, const json& v) {
+    problems_.add(child_path(key), "expected " + expected + ", got " + json_type(v) + " " + shown(v));
+  }
+
+ private:
+  bool read_int(const std::string& path, const json& v, int64_t& out) {
+    if (v.is_number_integer()) {
+      out = v.get<int64_t>();
+      return true;
+    }
+    if (v.is_number_float()) {
+      const double d = v.get<double>();
+      if (std::floor(d) == d && std::abs(d) < 9e15) {  // 1e5 written as a float is still whole
+        out = static_cast<int64_t>(d);
+        return true;
+      }
+    }
+    problems_.add(path, std::string("expected an integer, got ") + json_type(v) + " " + shown(v));
+    return false;
+  }
+
+  const json* j_;
+  std::string path_;
+  Problems& problems_;
+  std::vector<std::string> known_;
+};
+
+void read_optimizer(ObjectReader& parent, const std::string& key, OptimizerConfig& o,
+                    Problems& problems) {
+  const json* j = parent.find(key);
+  if (j == nullptr) return;
+  ObjectReader r(j, parent.child_path(key), problems);
+  r.get_enum("name", kOptimizers, o.kind);
+  if (o.kind == OptimizerKind::kAdamW) o.weight_decay = 0.01;  // torch's AdamW default
+  r.get("lr", o.lr);
+  r.get("weight_decay", o.weight_decay);
+  if (o.kind == OptimizerKind::kSgd) {
+    r.get("momentum", o.momentum);
+    r.get("nesterov", o.nesterov);
+  } else {
+    r.get("beta1", o.beta1);
+    r.get("beta2", o.beta2);
+    r.get("eps", o.eps);
+  }
+  r.finish();
+}
+
+struct Preset {
+  const char* name;
+  std::function<void(StrategyConfig&)> set;
+};
+
+const std::vector<Preset>& presets() {
+  static const std::vector<Preset> kPresets = {
+      {"train", [](StrategyConfig&) {}},
+      {"freeze_affine", [](StrategyConfig& s) { s.affine_trainable = false; }},
+      {"momentum_zero", [](StrategyConfig& s) { s.momentum = 0.0; }},
+      {"freeze_affine_momentum_zero",
+       [](StrategyConfig& s) {
+         s.affine_trainable = false;
+         s.momentum = 0.0;
+       }},
+      {"eval", [](StrategyConfig& s) { s.bn_mode = BnMode::kEval; }},
+      {"frozen",
+       [](StrategyConfig& s) {
+         s.bn_mode = BnMode::kEval;
+         s.affine_trainable = false;
+       }},
+      {"batch_stats", [](StrategyConfig& s) { s.track_running_stats = false; }},
+  };
+  return kPresets;
+}
+
+bool apply_preset(const std::string& name, StrategyConfig& s) {
+  for (const auto& p : presets()) {
+    if (name == p.name) {
+      s.preset = name;
+      p.set(s);
+      return true;
+    }
+  }
+  return false;
+}
+
+std::string unknown_preset_message(const std::string& name) {
+  return "unknown preset \"" + name + "\"" + did_you_mean(name, preset_names()) +
+         "; valid presets: " + join(preset_names(), ", ");
+}
+
+void read_strategy(const json& j, const std::string& path, StrategyConfig& s, Problems& problems) {
+  if (j.is_string()) {
+    s.name = j.get<std::string>();
+    if (!apply_preset(s.name, s)) problems.add(path, unknown_preset_message(s.name));
+    return;
+  }
+  ObjectReader r(&j, path, problems);
+  std::string preset;
+  r.get("preset", preset);
+  if (!preset.empty() && !apply_preset(preset, s)) problems.add(r.child_path("preset"), unknown_preset_message(preset));
+  s.name = preset;
+  r.get("name", s.name);
+  if (!r.has("name") && preset.empty()) problems.add(path, "a custom strategy needs a \"name\" (or a \"preset\" to start from)");
+  r.get_enum("bn_mode", kBnModes, s.bn_mode);
+  if (const json* a = r.find("affine")) {
+    if (a->is_string() && (*a == "trainable" || *a == "frozen")) s.affine_trainable = (*a == "trainable");
+    else r.type_error("affine", "\"trainable\" or \"frozen\"", *a);
+  }
+  if (const json* rs = r.find("running_stats")) {
+    if (rs->is_string() && *rs == "update") s.momentum.reset();
+    else if (rs->is_string() && *rs == "freeze") s.momentum = 0.0;
+    else r.type_error("running_stats", "\"update\" or \"freeze\"", *rs);
+  }
+  if (const json* m = r.find("momentum")) {
+    if (!m->is_number()) r.type_error("momentum", "a number in [0, 1]", *m);
+    else if (r.has("running_stats")) problems.add(r.child_path("momentum"), "give either running_stats or momentum, not both");
+    else s.momentum = m->get<double>();
+  }
+  r.get("track_running_stats", s.track_running_stats);
+  if (const json* l = r.find("layers")) {
+    const std::string lpath = r.child_path("layers");
+    if (l->is_string() && *l == "all") {
+      s.layers = LayerSelection{};
+    } else if (l->is_array()) {
+      s.layers.all = false;
+      for (size_t i = 0; i < l->size(); ++i) {
+        const json& e = (*l)[i];
+        if (e.is_number_integer()) s.layers.indices.push_back(e.get<int64_t>());
+        else if (e.is_string()) s.layers.names.push_back(e.get<std::string>());
+        else problems.add(lpath + "[" + std::to_string(i) + "]",
+                          std::string("expected a BatchNorm index (integer) or module name (string), got ") + json_type(e));
+      }
+    } else {
+      r.type_error("layers", "\"all\" or an array of BatchNorm indices / module names", *l);
+    }
+  }
+  r.get("freeze_linear", s.freeze_linear);
+  r.finish();
+}
+
+void read_config(const json& root, Config& c, Problems& problems) {
+  ObjectReader top(&root, "", problems);
+  top.get("name", c.name);
+  top.get("seed", c.seed);
+
+  {
+    const json* j = top.find("data");
+    ObjectReader r(j, "data", problems);
+    r.get("source", c.data.source);
+    if (c.data.source == "synthetic") {
+      r.get("samples", c.data.samples);
+      r.get("features", c.data.features);
+      r.get("targets", c.data.targets);
+      r.get("classes", c.data.classes);
+      r.get("scale", c.data.scale);
+      r.get("noise", c.data.noise);
+    } else if (c.data.source == "csv") {
+      r.get("path", c.data.path);
+      r.get("feature_columns", c.data.feature_columns);
+      r.get("target_columns", c.data.target_columns);
+      r.get("standardize", c.data.standardize);
+    } else {
+      problems.add("data.source", "unknown value \"" + c.data.source + "\"" +
+                                      did_you_mean(c.data.source, {"synthetic", "csv"}) +
+                                      "; valid values: synthetic, csv");
+    }
+    if (c.data.source == "synthetic") r.get("standardize", c.data.standardize);
+    r.finish();
+  }
+  {
+    const json* j = top.find("model");
+    ObjectReader r(j, "model", problems);
+    r.get("hidden", c.model.hidden);
+    r.get_enum("activation", kActivations, c.model.activation);
+    r.get("dropout", c.model.dropout);
+    r.get_enum("loss", kLosses, c.model.loss);
+    ObjectReader b(r.find("batchnorm"), "model.batchnorm", problems);
+    auto& bn = c.model.batchnorm;
+    b.get("enabled", bn.enabled);
+    b.get_enum("semantics", kSemantics, bn.semantics);
+    // Defaults follow the chosen framework: Keras eps 1e-3, momentum 0.99 (= 0.01 here);
+    // PyTorch eps 1e-5, momentum 0.1.
+    bn.eps = bn.semantics == BnSemantics::kKeras ? 1e-3 : 1e-5;
+    bn.momentum = bn.semantics == BnSemantics::kKeras ? 0.01 : 0.1;
+    b.get("eps", bn.eps);
+    b.get("momentum", bn.momentum);
+    b.get("affine", bn.affine);
+    b.finish();
+    r.finish();
+  }
+  {
+    ObjectReader r(top.find("pretrain"), "pretrain", problems);
+    r.get("epochs", c.pretrain.epochs);
+    r.get("batch_size", c.pretrain.batch_size);
+    read_optimizer(r, "optimizer", c.pretrain.optimizer, problems);
+    r.get_enum("schedule", kSchedules, c.pretrain.schedule);
+    r.finish();
+  }
+  {
+    ObjectReader r(top.find("finetune"), "finetune", problems);
+    r.get("sample", c.finetune.sample);
+    r.get("epochs", c.finetune.epochs);
+    r.get("batch_size", c.finetune.batch_size);
+    read_optimizer(r, "optimizer", c.finetune.optimizer, problems);
+    r.get_enum("monitor", kMonitors, c.finetune.monitor);
+    r.get("save_best_only", c.finetune.save_best_only);
+    r.finish();
+  }
+  if (const json* s = top.find("strategies")) {
+    if (!s->is_array()) {
+      top.type_error("strategies", "an array of preset names or strategy objects", *s);
+    } else {
+      for (size_t i = 0; i < s->size(); ++i) {
+        StrategyConfig sc;
+        read_strategy((*s)[i], "strategies[" + std::to_string(i) + "]", sc, problems);
+        c.strategies.push_back(sc);
+      }
+    }
+  } else {
+    for (const char* name : {"train", "frozen"}) {
+      StrategyConfig sc;
+      sc.name = name;
+      apply_preset(name, sc);
+      c.strategies.push_back(sc);
+    }
+  }
+  top.finish();
+}
+
+void check_optimizer(const OptimizerConfig& o, const std::string& path, Problems& p) {
+  if (!(o.lr > 0) || !std::isfinite(o.lr)) p.add(path + ".lr", "must be > 0, got " + fmt_double(o.lr));
+  if (!(o.weight_decay >= 0)) p.add(path + ".weight_decay", "must be >= 0, got " + fmt_double(o.weight_decay));
+  if (!(o.momentum >= 0 && o.momentum < 1)) p.add(path + ".momentum", "must be in [0, 1), got " + fmt_double(o.momentum));
+  if (o.nesterov && o.momentum <= 0) p.add(path + ".nesterov", "nesterov needs momentum > 0");
+  if (!(o.beta1 >= 0 && o.beta1 < 1)) p.add(path + ".beta1", "must be in [0, 1), got " + fmt_double(o.beta1));
+  if (!(o.beta2 >= 0 && o.beta2 < 1)) p.add(path + ".beta2", "must be in [0, 1), got " + fmt_double(o.beta2));
+  if (!(o.eps > 0)) p.add(path + ".eps", "must be > 0, got " + fmt_double(o.eps));
+}
+
+bool selects_train_mode_bn(const StrategyConfig& s) {
+  return s.bn_mode == BnMode::kTrain || !s.track_running_stats;
+}
+
+void validate(const Config& c, Problems& p) {
+  if (c.name.empty()) p.add("name", "missing: every experiment needs a name (it names the run directory)");
+  if (c.name.find_first_of("/\\") != std::string::npos || c.name == "." || c.name == "..")
+    p.add("name", "\"" + c.name + "\" cannot be used as a directory name");
+  const auto& d = c.data;
+  if (d.source == "synthetic") {
+    if (d.samples < 2) p.add("data.samples", "must be >= 2, got " + std::to_string(d.samples));
+    if (d.samples > 100000000) p.add("data.samples", "must be <= 100000000, got " + std::to_string(d.samples));
+    if (d.features < 1) p.add("data.features", "must be >= 1, got " + std::to_string(d.features));
+    if (d.targets < 1) p.add("data.targets", "must be >= 1, got " + std::to_string(d.targets));
+    if (d.classes < 2) p.add("data.classes", "must be >= 2, got " + std::to_string(d.classes));
+    if (!(d.scale > 0)) p.add("data.scale", "must be > 0, got " + fmt_double(d.scale));
+    if (!(d.noise >= 0)) p.add("data.noise", "must be >= 0, got " + fmt_double(d.noise));
+    if (d.samples >= 2 && (c.finetune.sample < 0 || c.finetune.sample >= d.samples))
+      p.add("finetune.sample", "index " + std::to_string(c.finetune.sample) + " is beyond the data (" +
+                                   std::to_string(d.samples) + " samples: 0.." + std::to_string(d.samples - 1) + ")");
+  } else if (d.source == "csv") {
+    if (d.path.empty()) p.add("data.path", "missing: a csv source needs the path of its file");
+    if (d.target_columns.empty()) p.add("data.target_columns", "missing: name the target column(s)");
+    if (c.finetune.sample < 0) p.add("finetune.sample", "must be >= 0, got " + std::to_string(c.finetune.sample));
+  }
+  if (c.model.loss == LossKind::kCrossEntropy && d.source == "csv" && d.target_columns.size() > 1)
+    p.add("data.target_columns", "cross_entropy takes one target column of class labels");
+
+  if (c.model.hidden.empty() && c.model.batchnorm.enabled)
+    p.add("model.hidden", "is empty, so there is no hidden Linear for BatchNorm to follow; add a width or set model.batchnorm.enabled false");
+  for (size_t i = 0; i < c.model.hidden.size(); ++i)
+    if (c.model.hidden[i] < 1) p.add("model.hidden[" + std::to_string(i) + "]", "must be >= 1, got " + std::to_string(c.model.hidden[i]));
+  if (!(c.model.dropout >= 0 && c.model.dropout < 1)) p.add("model.dropout", "must be in [0, 1), got " + fmt_double(c.model.dropout));
+  const auto& bn = c.model.batchnorm;
+  if (!(bn.eps > 0)) p.add("model.batchnorm.eps", "must be > 0, got " + fmt_double(bn.eps));
+  if (!(bn.momentum >= 0 && bn.momentum <= 1))
+    p.add("model.batchnorm.momentum", "must be in [0, 1] (PyTorch convention: the weight of the new batch; Keras' momentum m is 1 - m here), got " + fmt_double(bn.momentum));
+
+  const auto check_loop = [&](const std::string& path, int64_t epochs, int64_t batch) {
+    if (epochs < 1) p.add(path + ".epochs", "must be >= 1, got " + std::to_string(epochs));
+    if (epochs > 1000000) p.add(path + ".epochs", "must be <= 1000000, got " + std::to_string(epochs));
+    if (batch < 1) p.add(path + ".batch_size", "must be >= 1, got " + std::to_string(batch));
+  };
+  check_loop("pretrain", c.pretrain.epochs, c.pretrain.batch_size);
+  check_loop("finetune", c.finetune.epochs, c.finetune.batch_size);
+  check_optimizer(c.pretrain.optimizer, "pretrain.optimizer", p);
+  check_optimizer(c.finetune.optimizer, "finetune.optimizer", p);
+
+  const bool torch_bn = bn.enabled && bn.semantics == BnSemantics::kTorch;
+  if (torch_bn && d.source == "synthetic" && c.pretrain.batch_size >= 1 && d.samples % c.pretrain.batch_size == 1)
+    p.add("pretrain.batch_size", std::to_string(c.pretrain.batch_size) + " leaves a last batch of ONE sample out of " +
+                                     std::to_string(d.samples) + ", which PyTorch BatchNorm refuses in training mode; pick a batch size that does not divide samples-1");
+
+  if (c.strategies.empty()) p.add("strategies", "is empty: list at least one strategy, e.g. [\"train\", \"frozen\"]");
+  std::set<std::string> seen;
+  const int64_t bn_layers = bn.enabled ? static_cast<int64_t>(c.model.hidden.size()) : 0;
+  for (size_t i = 0; i < c.strategies.size(); ++i) {
+    const auto& s = c.strategies[i];
+    const std::string path = "strategies[" + std::to_string(i) + "]";
+    if (s.name.empty()) continue;  // reported while reading
+    if (!seen.insert(s.name).second) p.add(path, "duplicate strategy name \"" + s.name + "\"; give each strategy its own \"name\"");
+    if (s.momentum && !(*s.momentum >= 0 && *s.momentum <= 1))
+      p.add(path + ".momentum", "must be in [0, 1], got " + fmt_double(*s.momentum));
+    if (s.freeze_linear < 0 || s.freeze_linear > static_cast<int64_t>(c.model.hidden.size()) + 1)
+      p.add(path + ".freeze_linear", "must be in [0, " + std::to_string(c.model.hidden.size() + 1) +
+                                         "] (the model has that many Linear layers), got " + std::to_string(s.freeze_linear));
+    for (int64_t idx : s.layers.indices)
+      if (idx < 0 || idx >= bn_layers)
+        p.add(path + ".layers", "BatchNorm index " + std::to_string(idx) + " does not exist: the model has " +
+                                    std::to_string(bn_layers) + " BatchNorm layer(s), indices 0.." + std::to_string(bn_layers - 1));
+    for (const auto& name : s.layers.names) {
+      bool found = false;
+      // Module names follow the Sequential layout: Linear, BatchNorm, activation[, Dropout] per hidden layer.
+      const int64_t per = 3 + (c.model.dropout > 0 ? 1 : 0);
+      for (int64_t k = 0; k < bn_layers; ++k)
+        if (name == std::to_string(k * per + 1)) found = true;
+      if (!found) p.add(path + ".layers", "no BatchNorm module is named \"" + name + "\"");
+    }
+    if (torch_bn && c.finetune.batch_size == 1 && selects_train_mode_bn(s))
+      p.add(path, "strategy \"" + s.name + "\" runs BatchNorm in training mode on a batch of ONE sample, which PyTorch "
+                  "semantics cannot do (the batch variance needs n >= 2: \"Expected more than 1 value per channel when "
+                  "training\"). Use model.batchnorm.semantics \"keras\" to see what Keras does (every BN unit outputs beta), "
+                  "or a strategy with bn_mode \"eval\" (e.g. \"eval\", \"frozen\"), or finetune.batch_size >= 2");
+  }
+}
+
+/// Turns a `--set a.b[2].c=value` override into a JSON pointer and sets it.
+void apply_override(json& root, const std::string& spec, Problems& p) {
+  const auto eq = spec.find('=');
+  if (eq == std::string::npos || eq == 0) {
+    p.list.push_back("--set " + spec + ": expected PATH=VALUE, e.g. --set finetune.epochs=20");
+    return;
+  }
+  const std::string path = spec.substr(0, eq);
+  const std::string text = spec.substr(eq + 1);
+  json value;
+  try {
+    value = json::parse(text);
+  } catch (const json::parse_error&) {
+    value = text;  // a bare word is a string: --set model.activation=tanh
+  }
+  std::string pointer;
+  std::string part;
+  std::stringstream ss(path);
+  while (std::getline(ss, part, '.')) {
+    if (part.empty()) {
+      p.list.push_back("--set " + spec + ": empty component in path \"" + path + "\"");
+      return;
+    }
+    pointer += "/" + part;
+  }
+  try {
+    json::json_pointer ptr(pointer);
+    if (ptr.parent_pointer() != json::json_pointer() && !root.contains(ptr.parent_pointer()))
+      root[ptr.parent_pointer()] = json::object();
+    root[ptr] = value;
+  } catch (const json::exception& e) {
+    p.list.push_back("--set " + spec + ": cannot set \"" + path + "\" in this config");
+  }
+}
+
+}  // namespace
+
+const std::vector<std::string>& preset_names() {
+  static const std::vector<std::string> kNames = [] {
+    std::vector<std::string> names;
+    for (const auto& p : presets()) names.emplace_back(p.name);
+    return names;
+  }();
+  return kNames;
+}
+
+Config parse_config(const std::string& text, const std::string& origin,
+                    const std::vector<std::string>& overrides, const std::string& base_dir) {
+  Problems problems{origin, {}};
+  json root;
+  try {
+    root = json::parse(text);
+  } catch (const json::parse_error& e) {
+    const auto [line, column] = line_column(text, e.byte == 0 ? 0 : e.byte - 1);
+    std::string what = e.what();
+    const auto pos = what.find("; ");
+    if (pos != std::string::npos) what = what.substr(pos + 2);
+    throw InputError(origin + ":" + std::to_string(line) + ":" + std::to_string(column) +
+                     ": malformed JSON: " + what);
+  }
+  for (const auto& o : overrides) apply_override(root, o, problems);
+  Config c;
+  c.base_dir = base_dir;
+  read_config(root, c, problems);
+  validate(c, problems);
+  if (!problems.list.empty()) throw InputError(problems.list);
+  return c;
+}
+
+Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw InputError(path + ": cannot read the config file (" + errno_text() + ")");
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  return parse_config(buffer.str(), path, overrides, parent_dir(path));
+}
+
+const char* to_string(Activation a) { return enum_name(kActivations, a); }
+const char* to_string(LossKind l) { return enum_name(kLosses, l); }
+const char* to_string(BnSemantics s) { return enum_name(kSemantics, s); }
+const char* to_string(OptimizerKind o) { return enum_name(kOptimizers, o); }
+const char* to_string(BnMode m) { return enum_name(kBnModes, m); }
+
+namespace {
+
+json optimizer_json(const OptimizerConfig& o) {
+  json j{{"name", to_string(o.kind)}, {"lr", o.lr}, {"weight_decay", o.weight_decay}};
+  if (o.kind == OptimizerKind::kSgd) {
+    j["momentum"] = o.momentum;
+    j["nesterov"] = o.nesterov;
+  } else {
+    j["beta1"] = o.beta1;
+    j["beta2"] = o.beta2;
+    j["eps"] = o.eps;
+  }
+  return j;
+}
+
+json data_json(const DataConfig& d) {
+  json j{{"source", d.source}};
+  if (d.source == "csv") {
+    j["path"] = d.path;
+    j["feature_columns"] = d.feature_columns;
+    j["target_columns"] = d.target_columns;
+  } else {
+    j["samples"] = d.samples;
+    j["features"] = d.features;
+    j["targets"] = d.targets;
+    j["classes"] = d.classes;
+    j["scale"] = d.scale;
+    j["noise"] = d.noise;
+  }
+  j["standardize"] = d.standardize;
+  return j;
+}
+
+json model_json(const ModelConfig& m) {
+  const auto& b = m.batchnorm;
+  return json{{"hidden", m.hidden},
+              {"activation", to_string(m.activation)},
+              {"dropout", m.dropout},
+              {"loss", to_string(m.loss)},
+              {"batchnorm",
+               {{"enabled", b.enabled}, {"semantics", to_string(b.semantics)}, {"eps", b.eps},
+                {"momentum", b.momentum}, {"affine", b.affine}}}};
+}
+
+json pretrain_json(const PretrainConfig& p) {
+  return json{{"epochs", p.epochs},
+              {"batch_size", p.batch_size},
+              {"optimizer", optimizer_json(p.optimizer)},
+              {"schedule", enum_name(kSchedules, p.schedule)}};
+}
+
+json strategy_json(const StrategyConfig& s) {
+  json layers = "all";
+  if (!s.layers.all) {
+    layers = json::array();
+    for (auto i : s.layers.indices) layers.push_back(i);
+    for (const auto& n : s.layers.names) layers.push_back(n);
+  }
+  json j{{"name", s.name}};
+  if (!s.preset.empty()) j["preset"] = s.preset;
+  j["bn_mode"] = to_string(s.bn_mode);
+  j["affine"] = s.affine_trainable ? "trainable" : "frozen";
+  if (s.momentum) j["momentum"] = *s.momentum;
+  else j["running_stats"] = "update";
+  j["track_running_stats"] = s.track_running_stats;
+  j["layers"] = layers;
+  j["freeze_linear"] = s.freeze_linear;
+  return j;
+}
+
+}  // namespace
+
+std::string to_json(const Config& c) {
+  json strategies = json::array();
+  for (const auto& s : c.strategies) strategies.push_back(strategy_json(s));
+  json j{{"name", c.name},
+         {"seed", c.seed},
+         {"data", data_json(c.data)},
+         {"model", model_json(c.model)},
+         {"pretrain", pretrain_json(c.pretrain)},
+         {"finetune",
+          {{"sample", c.finetune.sample},
+           {"epochs", c.finetune.epochs},
+           {"batch_size", c.finetune.batch_size},
+           {"optimizer", optimizer_json(c.finetune.optimizer)},
+           {"monitor", enum_name(kMonitors, c.finetune.monitor)},
+           {"save_best_only", c.finetune.save_best_only}}},
+         {"strategies", strategies}};
+  return j.dump(2) + "\n";
+}
+
+std::string pretrain_cache_key(const Config& c) {
+  // The data file's size and mtime stand in for its content, so an edited CSV is not reused.
+  json j{{"format", 1}, {"seed", c.seed}, {"data", data_json(c.data)},
+         {"model", model_json(c.model)}, {"pretrain", pretrain_json(c.pretrain)}};
+  if (c.data.source == "csv") j["data"]["file"] = file_fingerprint(resolve_path(c.base_dir, c.data.path));
+  return fnv1a_hex(j.dump());
+}
+
+}  // namespace bnlab

@@ -1,0 +1,253 @@
+// Pretraining, checkpoints and single-sample fine-tuning with Keras' fit semantics.
+#include "engine.hpp"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <iomanip>
+#include <limits>
+#include <ostream>
+
+#include "bnlab/errors.hpp"
+#include "text.hpp"
+
+namespace bnlab {
+
+namespace {
+std::string shape_text(const at::IntArrayRef s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
+
+Model build_model(const Config& config, const Dataset& data) {
+  const int64_t out = head_width(config.model.loss, data.targets(), data.classes);
+  return Model(config.model, data.features(), out);
+}
+
+Model clone_model(const ModelImpl& source, const Config& config) {
+  Model m(config.model, source.inputs(), source.outputs());
+  m->copy_state_from(source);
+  return m;
+}
+
+double evaluate(ModelImpl& model, LossKind loss, const torch::Tensor& x, const torch::Tensor& y,
+                double* acc) {
+  torch::NoGradGuard no_grad;
+  const auto out = model.forward(x);
+  if (acc != nullptr && loss == LossKind::kCrossEntropy) *acc = accuracy(out, y);
+  return compute_loss(loss, out, y).item<double>();
+}
+
+double evaluate_inference(ModelImpl& model, LossKind loss, const torch::Tensor& x,
+                          const torch::Tensor& y, double* acc) {
+  const bool was_training = model.is_training();
+  model.eval();
+  const double v = evaluate(model, loss, x, y, acc);
+  model.train(was_training);
+  return v;
+}
+
+double pretrain(ModelImpl& model, const Dataset& data, const Config& config, std::ostream& log,
+                int verbose) {
+  const auto& p = config.pretrain;
+  const int64_t n = data.size();
+  const int64_t steps_per_epoch = (n + p.batch_size - 1) / p.batch_size;
+  const int64_t total_steps = steps_per_epoch * p.epochs;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(config.seed + 1);
+  auto optimizer = make_optimizer(p.optimizer, model.parameters());
+  const bool tty = verbose > 0 && ::isatty(STDERR_FILENO) && &log == &std::cerr;
+  const auto t0 = std::chrono::steady_clock::now();
+  model.train();
+  double epoch_loss = 0;
+  int64_t step = 0;
+  for (int64_t epoch = 1; epoch <= p.epochs; ++epoch) {
+    const auto perm = torch::randperm(n, gen, torch::kLong);
+    double sum = 0;
+    for (int64_t start = 0; start < n; start += p.batch_size) {
+      if (p.schedule == Schedule::kCosine) {
+        const double lr = p.optimizer.lr * 0.5 * (1 + std::cos(M_PI * step / total_steps));
+        for (auto& g : optimizer->param_groups()) g.options().set_lr(lr);
+      }
+      const auto idx = perm.slice(0, start, std::min(start + p.batch_size, n));
+      const auto xb = data.x.index_select(0, idx);
+      const auto yb = data.y.index_select(0, idx);
+      optimizer->zero_grad();
+      auto loss = compute_loss(config.model.loss, model.forward(xb), yb);
+      loss.backward();
+      optimizer->step();
+      const double v = loss.item<double>();
+      if (!std::isfinite(v))
+        throw std::runtime_error("pretraining diverged: loss is " + fmt_double(v) + " at epoch " +
+                                 std::to_string(epoch) + ", step " + std::to_string(step + 1) +
+                                 "; lower pretrain.optimizer.lr");
+      sum += v * static_cast<double>(idx.size(0));
+      ++step;
+      if (tty && (step % 20 == 0 || step == total_steps)) {
+        const double elapsed = seconds_since(t0);
+        const double rate = static_cast<double>(step) * p.batch_size / std::max(elapsed, 1e-9);
+        const double eta = elapsed / step * (total_steps - step);
+        char buf[160];
+        std::snprintf(buf, sizeof buf, "\rpretrain epoch %lld/%lld  step %lld/%lld  %.0f samples/s  ETA %.1fs   ",
+                      static_cast<long long>(epoch), static_cast<long long>(p.epochs),
+                      static_cast<long long>(step), static_cast<long long>(total_steps), rate, eta);
+        log << buf << std::flush;
+      }
+    }
+    epoch_loss = sum / static_cast<double>(n);
+    if (verbose > 0) {
+      const double elapsed = seconds_since(t0);
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "%spretrain epoch %lld/%lld - loss: %.4e - %.0f samples/s - %.1fs\n",
+                    tty ? "\r" : "", static_cast<long long>(epoch), static_cast<long long>(p.epochs), epoch_loss,
+                    static_cast<double>(epoch * n) / std::max(elapsed, 1e-9), elapsed);
+      log << buf << std::flush;
+    }
+  }
+  return epoch_loss;
+}
+
+void save_pretrained(const std::string& path, const ModelImpl& model, const Dataset& data,
+                     const std::string& cache_key) {
+  c10::Dict<std::string, torch::Tensor> sd;
+  for (const auto& [name, t] : state_dict(model)) sd.insert(name, t.detach().clone());
+  c10::impl::GenericDict root(c10::StringType::get(), c10::AnyType::get());
+  root.insert("format", std::string("bnlab.pretrained/1"));
+  root.insert("cache_key", cache_key);
+  root.insert("state_dict", sd);
+  root.insert("x_mean", data.x_mean);
+  root.insert("x_std", data.x_std);
+  const auto bytes = torch::pickle_save(c10::IValue(root));
+  write_file_atomic(path, std::string(bytes.begin(), bytes.end()));
+}
+
+CacheState load_pretrained(const std::string& path, ModelImpl& model, const std::string& cache_key) {
+  if (::access(path.c_str(), F_OK) != 0) return CacheState::kMissing;
+  std::string bytes;
+  c10::IValue root;
+  try {
+    bytes = read_file(path);
+    root = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
+  } catch (const std::exception& e) {
+    std::string why = e.what();
+    why = why.substr(0, why.find('\n'));
+    throw InputError(path + ": cannot read the checkpoint (truncated or corrupt: " + why +
+                     "); delete it, or rerun with --force to pretrain again");
+  }
+  if (!root.isGenericDict()) throw InputError(path + ": not a bnlab checkpoint (expected a dict)");
+  const auto dict = root.toGenericDict();
+  const auto get = [&](const char* key) -> c10::IValue {
+    if (!dict.contains(key)) throw InputError(path + ": not a bnlab checkpoint (no \"" + std::string(key) + "\" entry)");
+    return dict.at(key);
+  };
+  if (!get("format").isString() || get("format").toStringRef() != "bnlab.pretrained/1")
+    throw InputError(path + ": unknown checkpoint format");
+  if (get("cache_key").toStringRef() != cache_key) return CacheState::kStale;
+  const auto sd = get("state_dict").toGenericDict();
+  torch::NoGradGuard no_grad;
+  const auto targets = state_dict(model);
+  std::vector<std::string> problems;
+  for (const auto& [name, tensor] : targets) {
+    if (!sd.contains(name)) {
+      problems.push_back(path + ": state_dict has no tensor \"" + name + "\" (the model expects " + shape_text(tensor.sizes()) + ")");
+      continue;
+    }
+    const auto src = sd.at(name).toTensor();
+    if (src.sizes() != tensor.sizes())
+      problems.push_back(path + ": tensor \"" + name + "\" has shape " + shape_text(src.sizes()) + " but the model needs " + shape_text(tensor.sizes()));
+  }
+  if (sd.size() != targets.size() && problems.empty())
+    problems.push_back(path + ": state_dict has " + std::to_string(sd.size()) + " tensors, the model has " + std::to_string(targets.size()));
+  if (!problems.empty()) throw InputError(problems);
+  for (const auto& [name, tensor] : targets) tensor.copy_(sd.at(name).toTensor());
+  return CacheState::kLoaded;
+}
+
+StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strategy,
+                        const torch::Tensor& x, const torch::Tensor& y, const Config& config,
+                        const std::function<void(const EpochRecord&)>& on_epoch,
+                        const std::function<void(ModelImpl&, int64_t)>& hook) {
+  const auto& ft = config.finetune;
+  const LossKind loss_kind = config.model.loss;
+  const bool classification = loss_kind == LossKind::kCrossEntropy;
+  Model model = clone_model(pretrained, config);
+  StrategyResult r;
+  r.name = strategy.name;
+  // The baseline a user sees: the pretrained weights in plain inference mode.
+  r.evaluate_before = evaluate_inference(*model, loss_kind, x, y);
+
+  model->set_policy(Policy{strategy, config.model.batchnorm.semantics, config.model.batchnorm.momentum});
+  auto optimizer = make_optimizer(ft.optimizer, model->parameters());
+  torch::manual_seed(config.seed);  // dropout masks, if any, repeat run after run
+
+  const int64_t n = x.size(0);
+  std::vector<std::pair<std::string, torch::Tensor>> best;  // ModelCheckpoint's saved weights
+  double best_value = std::numeric_limits<double>::infinity();
+  const auto save = [&] {
+    best.clear();
+    for (const auto& [name, t] : state_dict(*model)) best.emplace_back(name, t.detach().clone());
+  };
+  for (int64_t epoch = 1; epoch <= ft.epochs; ++epoch) {
+    model->train();  // Model::train re-applies the strategy, as a freeze must survive this call
+    double sum = 0, correct = 0;
+    for (int64_t start = 0; start < n; start += ft.batch_size) {
+      const int64_t len = std::min(ft.batch_size, n - start);
+      const auto xb = x.narrow(0, start, len), yb = y.narrow(0, start, len);
+      if (optimizer) optimizer->zero_grad();
+      const auto out = model->forward(xb);
+      auto loss = compute_loss(loss_kind, out, yb);
+      // Keras logs the loss of the forward pass BEFORE the update.
+      sum += loss.item<double>() * static_cast<double>(len);
+      if (classification) correct += accuracy(out.detach(), yb) * static_cast<double>(len);
+      if (optimizer && loss.requires_grad()) {
+        loss.backward();
+        optimizer->step();
+      }
+      if (hook) hook(*model, epoch);
+    }
+    EpochRecord rec;
+    rec.strategy = strategy.name;
+    rec.epoch = epoch;
+    rec.epochs = ft.epochs;
+    rec.classification = classification;
+    rec.loss = sum / static_cast<double>(n);
+    rec.accuracy = correct / static_cast<double>(n);
+    rec.val_loss = evaluate_inference(*model, loss_kind, x, y, &rec.val_accuracy);
+    if (!std::isfinite(rec.loss) || !std::isfinite(rec.val_loss))
+      throw std::runtime_error("strategy \"" + strategy.name + "\", seed " + std::to_string(config.seed) + ", sample " +
+                               std::to_string(config.finetune.sample) + ", epoch " + std::to_string(epoch) +
+                               ": loss is not finite (loss " + fmt_double(rec.loss) + ", val_loss " +
+                               fmt_double(rec.val_loss) + ")");
+    r.loss.push_back(rec.loss);
+    r.val_loss.push_back(rec.val_loss);
+    if (classification) {
+      r.accuracy.push_back(rec.accuracy);
+      r.val_accuracy.push_back(rec.val_accuracy);
+    }
+    const double monitored = ft.monitor == Monitor::kLoss ? rec.loss : rec.val_loss;
+    if (!ft.save_best_only || monitored < best_value) {
+      best_value = std::min(best_value, monitored);
+      r.best_epoch = static_cast<int>(epoch);
+      save();
+    }
+    if (on_epoch) on_epoch(rec);
+  }
+  if (!best.empty()) {
+    torch::NoGradGuard no_grad;
+    auto current = state_dict(*model);
+    for (size_t i = 0; i < current.size(); ++i) current[i].second.copy_(best[i].second);
+  }
+  r.evaluate_after = evaluate_inference(*model, loss_kind, x, y);
+  compute_lag(r);
+  return r;
+}
+
+}  // namespace bnlab

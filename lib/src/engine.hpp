@@ -1,0 +1,63 @@
+// Pretraining, checkpoints and single-sample fine-tuning with Keras' fit semantics.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <functional>
+#include <iosfwd>
+#include <string>
+
+#include "bnlab/config.hpp"
+#include "bnlab/run.hpp"
+#include "data.hpp"
+#include "nn.hpp"
+
+namespace bnlab {
+
+/// The network the config describes, sized for the data set.
+Model build_model(const Config& config, const Dataset& data);
+
+/// Mean loss of `x`,`y` under no_grad in the model's current mode; optional accuracy.
+double evaluate(ModelImpl& model, LossKind loss, const torch::Tensor& x, const torch::Tensor& y,
+                double* accuracy = nullptr);
+
+/// Inference-mode loss: eval(), evaluate, and the previous mode restored.
+double evaluate_inference(ModelImpl& model, LossKind loss, const torch::Tensor& x,
+                          const torch::Tensor& y, double* accuracy = nullptr);
+
+/// Trains on the whole data set with shuffled mini-batches (seeded). Returns the last
+/// epoch's mean training loss.
+double pretrain(ModelImpl& model, const Dataset& data, const Config& config, std::ostream& log,
+                int verbose);
+
+/// Writes pretrained.pt: {"format", "cache_key", "state_dict": {name: tensor},
+/// "x_mean", "x_std"} readable by Python's torch.load.
+void save_pretrained(const std::string& path, const ModelImpl& model, const Dataset& data,
+                     const std::string& cache_key);
+
+enum class CacheState { kMissing, kStale, kLoaded };
+/// Loads pretrained.pt into `model` when its cache key matches. A corrupt file or a
+/// state dict that does not fit the model throws InputError naming the tensor and shapes.
+CacheState load_pretrained(const std::string& path, ModelImpl& model, const std::string& cache_key);
+
+/// One epoch's metrics as the loop emits them.
+struct EpochRecord {
+  std::string strategy;
+  int64_t epoch = 0, epochs = 0;
+  double loss = 0, val_loss = 0;
+  double accuracy = 0, val_accuracy = 0;
+  bool classification = false;
+};
+
+/// Fine-tunes a copy of `pretrained` on (x, y) under `strategy`, validating on (x, y)
+/// in inference mode after every epoch, Keras-style. `on_epoch` sees each epoch's record.
+/// `hook`, when set, runs after every optimizer step (tests use it to call train()).
+StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strategy,
+                        const torch::Tensor& x, const torch::Tensor& y, const Config& config,
+                        const std::function<void(const EpochRecord&)>& on_epoch,
+                        const std::function<void(ModelImpl&, int64_t)>& hook = {});
+
+/// A fresh model with the same architecture and a bit-for-bit copy of `source`'s state.
+Model clone_model(const ModelImpl& source, const Config& config);
+
+}  // namespace bnlab

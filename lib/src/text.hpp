@@ -1,0 +1,31 @@
+// Small string, path and file helpers shared by the library (no torch, no JSON).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace bnlab {
+
+std::string join(const std::vector<std::string>& parts, const std::string& sep);
+/// "; did you mean \"x\"?" when a candidate is within a small edit distance, else "".
+std::string did_you_mean(const std::string& word, const std::vector<std::string>& candidates);
+/// Shortest text that reads back as the same double.
+std::string fmt_double(double v);
+/// 1-based line and column of a byte offset.
+std::pair<size_t, size_t> line_column(const std::string& text, size_t offset);
+std::string errno_text();
+std::string parent_dir(const std::string& path);
+/// `path` if absolute, else `base/path`.
+std::string resolve_path(const std::string& base, const std::string& path);
+/// "size:mtime" of a file, or "missing".
+std::string file_fingerprint(const std::string& path);
+std::string fnv1a_hex(const std::string& data);
+
+/// Writes `data` to `path` through a temporary file in the same directory and a rename,
+/// so readers see the old file or the whole new one, never a part. Throws on failure.
+void write_file_atomic(const std::string& path, const std::string& data);
+std::string read_file(const std::string& path);
+
+}  // namespace bnlab
