@@ -288,6 +288,7 @@ void read_strategy(const json& j, const std::string& path, StrategyConfig& s, Pr
   s.name = preset;
   r.get("name", s.name);
   if (!r.has("name") && preset.empty()) problems.add(path, "a custom strategy needs a \"name\" (or a \"preset\" to start from)");
+  if (r.has("name") && s.name.empty()) problems.add(r.child_path("name"), "must not be empty");
   r.get_enum("bn_mode", kBnModes, s.bn_mode);
   if (const json* a = r.find("affine")) {
     if (a->is_string() && (*a == "trainable" || *a == "frozen")) s.affine_trainable = (*a == "trainable");
@@ -424,8 +425,19 @@ void check_optimizer(const OptimizerConfig& o, const std::string& path, Problems
   if (!(o.eps > 0)) p.add(path + ".eps", "must be > 0, got " + fmt_double(o.eps));
 }
 
-bool selects_train_mode_bn(const StrategyConfig& s) {
-  return s.bn_mode == BnMode::kTrain || !s.track_running_stats;
+/// Whether any BatchNorm layer computes batch statistics during fit under this strategy:
+/// the selected layers in train mode or without running stats, or layers left unselected
+/// (they keep the model's default, training mode).
+bool uses_batch_stats_in_fit(const StrategyConfig& s, int64_t bn_layers, int64_t per_block) {
+  if (s.bn_mode == BnMode::kTrain || !s.track_running_stats) return true;
+  if (s.layers.all) return false;
+  for (int64_t k = 0; k < bn_layers; ++k) {
+    const bool by_index = std::find(s.layers.indices.begin(), s.layers.indices.end(), k) != s.layers.indices.end();
+    const bool by_name = std::find(s.layers.names.begin(), s.layers.names.end(), std::to_string(k * per_block + 1)) !=
+                         s.layers.names.end();
+    if (!by_index && !by_name) return true;
+  }
+  return false;
 }
 
 void validate(const Config& c, Problems& p) {
@@ -473,12 +485,16 @@ void validate(const Config& c, Problems& p) {
   check_optimizer(c.finetune.optimizer, "finetune.optimizer", p);
 
   const bool torch_bn = bn.enabled && bn.semantics == BnSemantics::kTorch;
-  if (torch_bn && d.source == "synthetic" && c.pretrain.batch_size >= 1 && d.samples % c.pretrain.batch_size == 1)
+  if (torch_bn && c.pretrain.batch_size == 1)
+    p.add("pretrain.batch_size", "1 gives batches of ONE sample, which PyTorch BatchNorm refuses in training mode; use >= 2");
+  else if (torch_bn && d.source == "synthetic" && c.pretrain.batch_size > 1 && d.samples % c.pretrain.batch_size == 1)
     p.add("pretrain.batch_size", std::to_string(c.pretrain.batch_size) + " leaves a last batch of ONE sample out of " +
                                      std::to_string(d.samples) + ", which PyTorch BatchNorm refuses in training mode; pick a batch size that does not divide samples-1");
 
   if (c.strategies.empty()) p.add("strategies", "is empty: list at least one strategy, e.g. [\"train\", \"frozen\"]");
   std::set<std::string> seen;
+  // Module names follow the Sequential layout: Linear, BatchNorm, activation[, Dropout] per hidden layer.
+  const int64_t per = 3 + (c.model.dropout > 0 ? 1 : 0);
   const int64_t bn_layers = bn.enabled ? static_cast<int64_t>(c.model.hidden.size()) : 0;
   for (size_t i = 0; i < c.strategies.size(); ++i) {
     const auto& s = c.strategies[i];
@@ -496,21 +512,21 @@ void validate(const Config& c, Problems& p) {
                                     std::to_string(bn_layers) + " BatchNorm layer(s), indices 0.." + std::to_string(bn_layers - 1));
     for (const auto& name : s.layers.names) {
       bool found = false;
-      // Module names follow the Sequential layout: Linear, BatchNorm, activation[, Dropout] per hidden layer.
-      const int64_t per = 3 + (c.model.dropout > 0 ? 1 : 0);
       for (int64_t k = 0; k < bn_layers; ++k)
         if (name == std::to_string(k * per + 1)) found = true;
       if (!found) p.add(path + ".layers", "no BatchNorm module is named \"" + name + "\"");
     }
-    if (torch_bn && c.finetune.batch_size == 1 && selects_train_mode_bn(s))
+    // Fine-tuning data is one sample, so every fit batch holds exactly one row.
+    if (torch_bn && uses_batch_stats_in_fit(s, bn_layers, per))
       p.add(path, "strategy \"" + s.name + "\" runs BatchNorm in training mode on a batch of ONE sample, which PyTorch "
                   "semantics cannot do (the batch variance needs n >= 2: \"Expected more than 1 value per channel when "
                   "training\"). Use model.batchnorm.semantics \"keras\" to see what Keras does (every BN unit outputs beta), "
-                  "or a strategy with bn_mode \"eval\" (e.g. \"eval\", \"frozen\"), or finetune.batch_size >= 2");
+                  "or a strategy whose BatchNorm layers are all in eval mode with running statistics (e.g. \"eval\", \"frozen\")");
   }
 }
 
-/// Turns a `--set a.b[2].c=value` override into a JSON pointer and sets it.
+/// Turns a `--set a.b.c=value` override into a JSON pointer and sets it; array elements
+/// are addressed by number (`strategies.0.momentum=0`).
 void apply_override(json& root, const std::string& spec, Problems& p) {
   const auto eq = spec.find('=');
   if (eq == std::string::npos || eq == 0) {

@@ -38,12 +38,12 @@ struct DataConfig {
   int64_t targets = 1;               ///< regression outputs (gaussian_nll, mse), >= 1
   int64_t classes = 3;               ///< cross_entropy only: number of classes, >= 2
   double scale = 5e-4;               ///< amplitude of the synthetic target function, > 0
-  double noise = 5e-5;               ///< base std of the target noise (x e^[-0.5, 0.5]), >= 0
+  double noise = 5e-5;               ///< regression: base std of the target noise (x e^[-0.5, 0.5]); classification: std of logit noise; >= 0
   // csv
   std::string path;                            ///< CSV file with a header row (relative to the config file)
   std::vector<std::string> feature_columns;    ///< default: every column that is not a target
   std::vector<std::string> target_columns;     ///< required for csv
-  bool standardize = true;                     ///< standardize features with training-set mean/std
+  bool standardize = true;                     ///< standardize features with the data set's mean/std (all of it is pretraining data)
 };
 
 struct BatchNormConfig {
