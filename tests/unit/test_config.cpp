@@ -43,7 +43,7 @@ TEST(Config, DefaultsMatchTheDocumentedReproduction) {
 
 TEST(Config, TorchSemanticsTakesPyTorchDefaults) {
   const auto c = parse_config(
-      R"({"name": "t", "model": {"batchnorm": {"semantics": "torch"}}, "finetune": {"batch_size": 2}})", "cfg.json");
+      R"({"name": "t", "model": {"batchnorm": {"semantics": "torch"}}, "strategies": ["frozen"]})", "cfg.json");
   EXPECT_DOUBLE_EQ(c.model.batchnorm.eps, 1e-5);
   EXPECT_DOUBLE_EQ(c.model.batchnorm.momentum, 0.1);
 }

@@ -1,0 +1,192 @@
+// End to end, in-process: the same run() the CLI calls, on the smoke configs and seed_repro.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "bnlab/config.hpp"
+#include "bnlab/errors.hpp"
+#include "bnlab/run.hpp"
+#include "engine.hpp"
+#include "text.hpp"
+
+namespace {
+
+using namespace bnlab;
+
+std::string source(const std::string& rel) { return std::string(BNLAB_SOURCE_DIR) + "/" + rel; }
+
+std::string temp_dir(const std::string& tag) {
+  std::string tmpl = (std::getenv("TMPDIR") ? std::string(std::getenv("TMPDIR")) : "/tmp") + "/bnlab_" + tag + "_XXXXXX";
+  char* made = ::mkdtemp(tmpl.data());
+  if (made == nullptr) throw std::runtime_error("mkdtemp failed");
+  return std::string(made) + "/run";
+}
+
+RunResult run_quiet(const Config& c, const std::string& dir, bool force = false) {
+  RunOptions o;
+  o.out_dir = dir;
+  o.verbose = 0;
+  o.force = force;
+  std::ostringstream log;
+  return run(c, o, log);
+}
+
+const StrategyResult& by_name(const RunResult& r, const std::string& name) {
+  for (const auto& s : r.strategies)
+    if (s.name == name) return s;
+  throw std::runtime_error("no strategy " + name);
+}
+
+TEST(Run, SmokeWritesACompleteSelfDescribingRunDirectory) {
+  const auto c = load_config(source("configs/smoke/keras_nll.json"));
+  const auto dir = temp_dir("smoke");
+  const auto r = run_quiet(c, dir);
+  for (const char* f : {"config.resolved.json", "manifest.json", "pretrained.pt", "sample.pt", "curves.csv",
+                        "summary.json", "summary.md"})
+    EXPECT_EQ(::access((dir + "/" + f).c_str(), R_OK), 0) << f;
+  // curves.csv: header + one row per strategy and epoch, first columns as documented.
+  std::istringstream csv(read_file(dir + "/curves.csv"));
+  std::string line;
+  std::getline(csv, line);
+  EXPECT_EQ(line, "strategy,seed,sample,epoch,loss,val_loss");
+  int rows = 0;
+  while (std::getline(csv, line)) ++rows;
+  EXPECT_EQ(rows, 2 * 5);
+  const auto summary = nlohmann::json::parse(read_file(dir + "/summary.json"));
+  ASSERT_EQ(summary["strategies"].size(), 2u);
+  EXPECT_DOUBLE_EQ(summary["strategies"][1]["evaluate_before"].get<double>(), r.strategies[1].evaluate_before);
+  EXPECT_EQ(summary["strategies"][1]["loss"].size(), 5u);
+  const auto manifest = nlohmann::json::parse(read_file(dir + "/manifest.json"));
+  EXPECT_EQ(manifest["seed"].get<int>(), 7);
+  EXPECT_FALSE(manifest["pretrain_cached"].get<bool>());
+  // The resolved config parses back to the same experiment.
+  EXPECT_EQ(to_json(parse_config(read_file(dir + "/config.resolved.json"), "resolved")), to_json(c));
+}
+
+TEST(Run, SecondRunReusesTheCacheAndIsBitIdentical) {
+  const auto c = load_config(source("configs/smoke/keras_nll.json"));
+  const auto dir = temp_dir("cache");
+  const auto first = run_quiet(c, dir);
+  const auto second = run_quiet(c, dir);
+  EXPECT_FALSE(first.pretrain_cached);
+  EXPECT_TRUE(second.pretrain_cached);
+  const auto curves = read_file(dir + "/curves.csv");
+  // A fresh directory pretrains from scratch again: determinism of the whole pipeline.
+  const auto dir2 = temp_dir("cache2");
+  run_quiet(c, dir2);
+  EXPECT_EQ(read_file(dir2 + "/curves.csv"), curves) << "two runs of the same config gave different curves";
+  EXPECT_EQ(read_file(dir2 + "/pretrained.pt").size(), read_file(dir + "/pretrained.pt").size());
+  for (size_t i = 0; i < first.strategies.size(); ++i) {
+    EXPECT_EQ(first.strategies[i].loss, second.strategies[i].loss);
+    EXPECT_EQ(first.strategies[i].val_loss, second.strategies[i].val_loss);
+  }
+  // Changing a pretraining setting invalidates the cache.
+  const auto changed = parse_config(read_file(source("configs/smoke/keras_nll.json")), "c", {"pretrain.epochs=1"});
+  EXPECT_FALSE(run_quiet(changed, dir).pretrain_cached);
+}
+
+TEST(Run, RefusesADirectoryOfAnotherExperimentAndWritesNothing) {
+  const auto dir = temp_dir("other");
+  run_quiet(load_config(source("configs/smoke/keras_nll.json")), dir);
+  const auto before = read_file(dir + "/curves.csv");
+  const auto other = load_config(source("configs/smoke/torch_mse.json"));
+  try {
+    run_quiet(other, dir);
+    FAIL() << "expected InputError";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("holds results of experiment \"smoke_keras_nll\""), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(read_file(dir + "/curves.csv"), before);
+  EXPECT_NO_THROW(run_quiet(other, dir, /*force=*/true));
+}
+
+TEST(Run, LagIdentityIsExactWhenBatchNormIsFrozen) {
+  for (const char* cfg : {"configs/smoke/keras_nll.json", "configs/smoke/torch_mse.json"}) {
+    const auto r = run_quiet(load_config(source(cfg)), temp_dir("lag"));
+    const auto& f = by_name(r, "frozen");
+    EXPECT_TRUE(f.lag_identity_holds) << cfg;
+    // loss[1] is the forward pass of the untouched pretrained weights in inference mode.
+    EXPECT_EQ(f.loss[0], f.evaluate_before) << cfg;
+    for (size_t k = 0; k + 1 < f.loss.size(); ++k)
+      EXPECT_NEAR(f.loss[k + 1], f.val_loss[k], 1e-6 * std::abs(f.val_loss[k])) << cfg << " epoch " << k + 2;
+  }
+}
+
+TEST(Run, FrozenLeavesBatchNormBitForBitEvenWhenTrainIsCalledMidFit) {
+  const auto c = load_config(source("configs/smoke/keras_nll.json"));
+  const auto data = load_data(c);
+  torch::manual_seed(c.seed);
+  Model pretrained = build_model(c, data);
+  pretrain(*pretrained, data, c, std::cerr, 0);
+  const auto x = data.x.narrow(0, c.finetune.sample, 1), y = data.y.narrow(0, c.finetune.sample, 1);
+  StrategyConfig frozen = c.strategies[1];
+  ASSERT_EQ(frozen.name, "frozen");
+  std::vector<std::vector<torch::Tensor>> seen;
+  const auto hook = [&](ModelImpl& m, int64_t) {
+    m.train();  // what a user's callback or a library helper might do between steps
+    std::vector<torch::Tensor> snap;
+    for (const auto& bn : m.batchnorms()) {
+      EXPECT_FALSE(bn->is_training());
+      for (const auto& t : {bn->weight, bn->bias, bn->running_mean, bn->running_var, bn->num_batches_tracked})
+        snap.push_back(t.detach().clone());
+    }
+    seen.push_back(snap);
+  };
+  const auto r = finetune(*pretrained, frozen, x, y, c, {}, hook);
+  ASSERT_EQ(seen.size(), static_cast<size_t>(c.finetune.epochs));
+  std::vector<torch::Tensor> original;
+  for (const auto& bn : pretrained->batchnorms())
+    for (const auto& t : {bn->weight, bn->bias, bn->running_mean, bn->running_var, bn->num_batches_tracked})
+      original.push_back(t);
+  for (const auto& snap : seen)
+    for (size_t i = 0; i < snap.size(); ++i) EXPECT_TRUE(torch::equal(snap[i], original[i])) << "BatchNorm tensor " << i;
+  EXPECT_TRUE(r.lag_identity_holds);
+  // The train strategy, by contrast, moves the running statistics on every step.
+  StrategyConfig train = c.strategies[0];
+  bool moved = false;
+  finetune(*pretrained, train, x, y, c, {}, [&](ModelImpl& m, int64_t) {
+    moved = moved || !torch::equal(m.batchnorms()[0]->running_var, pretrained->batchnorms()[0]->running_var);
+  });
+  EXPECT_TRUE(moved);
+}
+
+TEST(Run, ClassificationReportsAccuracy) {
+  const auto c = load_config(source("configs/smoke/classify.json"));
+  const auto dir = temp_dir("cls");
+  const auto r = run_quiet(c, dir);
+  ASSERT_EQ(r.strategies[0].accuracy.size(), 3u);
+  for (double a : r.strategies[0].val_accuracy) EXPECT_TRUE(a == 0.0 || a == 1.0);
+  std::istringstream csv(read_file(dir + "/curves.csv"));
+  std::string header;
+  std::getline(csv, header);
+  EXPECT_EQ(header, "strategy,seed,sample,epoch,loss,val_loss,accuracy,val_accuracy");
+  // save_best_only false: evaluate after uses the last epoch's weights.
+  EXPECT_EQ(r.strategies[0].best_epoch, 3);
+  EXPECT_EQ(r.strategies[0].evaluate_after, r.strategies[0].val_loss.back());
+}
+
+// The report, reproduced: the main job's default config, checked against the expectations.
+TEST(SeedRepro, TrainGapIsLargeAndFrozenShowsTheOneEpochLag) {
+  const auto c = load_config(source("configs/seed_repro.json"));
+  const auto r = run_quiet(c, temp_dir("seed"));
+  const auto& train = by_name(r, "train");
+  const auto& frozen = by_name(r, "frozen");
+  EXPECT_LT(train.evaluate_before, -5.5) << "the pretrained model should fit the sample well (report: -6.09)";
+  for (size_t k = 0; k < train.loss.size(); ++k) {
+    EXPECT_GE(train.loss[k] - train.val_loss[k], 1.0) << "epoch " << k + 1;
+    EXPECT_NEAR(train.val_loss[k], train.evaluate_before, 0.5) << "val_loss should stay near evaluate, epoch " << k + 1;
+  }
+  EXPECT_FALSE(train.lag_identity_holds);
+  EXPECT_TRUE(frozen.lag_identity_holds);
+  EXPECT_EQ(frozen.loss[0], frozen.evaluate_before);
+  for (size_t k = 0; k + 1 < frozen.loss.size(); ++k)
+    EXPECT_NEAR(frozen.loss[k + 1], frozen.val_loss[k], 1e-6 * std::abs(frozen.val_loss[k]));
+}
+
+}  // namespace
