@@ -15,20 +15,15 @@
 #include "bnlab/errors.hpp"
 #include "engine.hpp"
 #include "text.hpp"
+#include "version.hpp"
 
-#ifndef BNLAB_GIT_COMMIT
-#define BNLAB_GIT_COMMIT "unknown"
-#endif
-#ifndef BNLAB_VERSION
-#define BNLAB_VERSION "0.0.0"
-#endif
 
 namespace bnlab {
 
 using ojson = nlohmann::ordered_json;
 
 std::string version_string() {
-  return std::string("bnlab ") + BNLAB_VERSION + " (commit " + BNLAB_GIT_COMMIT + ", LibTorch " + TORCH_VERSION + ")";
+  return std::string("bnlab ") + bnlab_version() + " (commit " + git_commit() + ", LibTorch " + TORCH_VERSION + ")";
 }
 
 namespace {
@@ -252,8 +247,8 @@ RunResult run(const Config& config, const RunOptions& options, std::ostream& log
   write_file_atomic(dir + "/summary.json", summary_json(config, result.strategies).dump(2) + "\n");
   write_file_atomic(dir + "/summary.md", summary_md(config, result.strategies));
   ojson manifest{{"argv", options.argv},
-                 {"bnlab_version", BNLAB_VERSION},
-                 {"git_commit", BNLAB_GIT_COMMIT},
+                 {"bnlab_version", bnlab_version()},
+                 {"git_commit", git_commit()},
                  {"libtorch_version", TORCH_VERSION},
                  {"seed", config.seed},
                  {"threads", torch::get_num_threads()},
