@@ -190,3 +190,33 @@ TEST(SeedRepro, TrainGapIsLargeAndFrozenShowsTheOneEpochLag) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(Run, CsvConfigWithAPathRelativeToTheConfigFile) {
+  const auto dir = temp_dir("csv");
+  const auto base = parent_dir(dir);
+  std::string csv = "u,v,w,target\n";
+  for (int i = 0; i < 200; ++i) {
+    const double u = std::sin(i * 0.37), v = std::cos(i * 0.11), w = (i % 7) / 7.0;
+    csv += fmt_double(u) + "," + fmt_double(v) + "," + fmt_double(w) + "," + fmt_double(0.5 * u - v + 0.1 * w) + "\n";
+  }
+  write_file_atomic(base + "/table.csv", csv);
+  write_file_atomic(base + "/exp.json", R"({"name": "csv", "data": {"source": "csv", "path": "table.csv",
+      "target_columns": ["target"]}, "model": {"hidden": [8], "loss": "mse"},
+      "pretrain": {"epochs": 2, "batch_size": 32}, "finetune": {"sample": 199, "epochs": 2}})");
+  const auto r = run_quiet(load_config(base + "/exp.json"), dir);
+  ASSERT_EQ(r.strategies.size(), 2u);
+  EXPECT_TRUE(by_name(r, "frozen").lag_identity_holds);
+  // Sample beyond the file's rows is bad input, found before anything is written.
+  const auto bad = parse_config(read_file(base + "/exp.json"), "exp.json", {"finetune.sample=200"}, base);
+  try {
+    run_quiet(bad, base + "/never");
+    FAIL() << "expected InputError";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("finetune.sample: index 200 is beyond the data"), std::string::npos) << e.what();
+  }
+  EXPECT_NE(::access((base + "/never").c_str(), F_OK), 0);
+}
+
+}  // namespace
