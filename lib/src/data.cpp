@@ -39,12 +39,7 @@ Dataset make_synthetic(const DataConfig& d, LossKind loss, uint64_t seed) {
     out.y = mean + sigma * torch::randn({n, d.targets}, gen);
     for (int64_t t = 0; t < d.targets; ++t) out.target_names.push_back("y" + std::to_string(t));
   }
-  out.x = out.x_raw.clone();
-  if (d.standardize) standardize(out);
-  else {
-    out.x_mean = torch::zeros({f});
-    out.x_std = torch::ones({f});
-  }
+  prepare_inputs(out, d.standardize);
   return out;
 }
 
@@ -53,6 +48,16 @@ void standardize(Dataset& d) {
   d.x_std = d.x_raw.std(0);
   d.x_std = torch::where(d.x_std > 0, d.x_std, torch::ones_like(d.x_std));
   d.x = (d.x_raw - d.x_mean) / d.x_std;
+}
+
+void prepare_inputs(Dataset& d, bool standardized) {
+  if (standardized) {
+    standardize(d);
+  } else {
+    d.x = d.x_raw.clone();
+    d.x_mean = torch::zeros({d.x_raw.size(1)});
+    d.x_std = torch::ones({d.x_raw.size(1)});
+  }
 }
 
 namespace {
@@ -164,12 +169,7 @@ Dataset parse_csv(const std::string& text, const std::string& origin, const Data
     out.classes = static_cast<int64_t>(labels.max().item<float>()) + 1;
     if (out.classes < 2) throw InputError(origin + ": cross_entropy needs at least 2 classes in column \"" + d.target_columns[0] + "\"");
   }
-  out.x = out.x_raw.clone();
-  if (d.standardize) standardize(out);
-  else {
-    out.x_mean = torch::zeros({f});
-    out.x_std = torch::ones({f});
-  }
+  prepare_inputs(out, d.standardize);
   return out;
 }
 

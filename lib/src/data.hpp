@@ -36,6 +36,9 @@ Dataset make_synthetic(const DataConfig& data, LossKind loss, uint64_t seed);
 Dataset parse_csv(const std::string& text, const std::string& origin, const DataConfig& data,
                   LossKind loss);
 
+/// Fills x, x_mean and x_std from x_raw: standardized, or unchanged with mean 0 / std 1.
+void prepare_inputs(Dataset& d, bool standardized);
+
 /// Standardizes x in place with its own mean/std (std 0 becomes 1) and records them.
 void standardize(Dataset& d);
 
