@@ -68,6 +68,7 @@ const EnumTable<Schedule> kSchedules = {{"constant", Schedule::kConstant},
                                         {"cosine", Schedule::kCosine}};
 const EnumTable<Monitor> kMonitors = {{"loss", Monitor::kLoss}, {"val_loss", Monitor::kValLoss}};
 const EnumTable<BnMode> kBnModes = {{"train", BnMode::kTrain}, {"eval", BnMode::kEval}};
+const EnumTable<BnModule> kBnModules = {{"batchnorm", BnModule::kBatchNorm}, {"frozen", BnModule::kFrozen}};
 
 template <class E>
 const char* enum_name(const EnumTable<E>& table, E value) {
@@ -254,6 +255,13 @@ const std::vector<Preset>& presets() {
          s.bn_mode = BnMode::kEval;
          s.affine_trainable = false;
        }},
+      {"recalibrate_frozen",
+       [](StrategyConfig& s) {
+         s.recalibrate = kDefaultRecalibrateBatches;
+         s.bn_mode = BnMode::kEval;
+         s.affine_trainable = false;
+       }},
+      {"fold", [](StrategyConfig& s) { s.fold = true; }},
       {"batch_stats", [](StrategyConfig& s) { s.track_running_stats = false; }},
   };
   return kPresets;
@@ -323,6 +331,9 @@ void read_strategy(const json& j, const std::string& path, StrategyConfig& s, Pr
     }
   }
   r.get("freeze_linear", s.freeze_linear);
+  r.get("recalibrate", s.recalibrate);
+  r.get("fold", s.fold);
+  r.get_enum("bn_module", kBnModules, s.bn_module);
   r.finish();
 }
 
@@ -429,7 +440,9 @@ void check_optimizer(const OptimizerConfig& o, const std::string& path, Problems
 /// the selected layers in train mode or without running stats, or layers left unselected
 /// (they keep the model's default, training mode).
 bool uses_batch_stats_in_fit(const StrategyConfig& s, int64_t bn_layers, int64_t per_block) {
-  if (s.bn_mode == BnMode::kTrain || !s.track_running_stats) return true;
+  if (s.fold) return false;
+  if (s.bn_module == BnModule::kFrozen && s.layers.all) return false;
+  if (s.bn_module != BnModule::kFrozen && (s.bn_mode == BnMode::kTrain || !s.track_running_stats)) return true;
   if (s.layers.all) return false;
   for (int64_t k = 0; k < bn_layers; ++k) {
     const bool by_index = std::find(s.layers.indices.begin(), s.layers.indices.end(), k) != s.layers.indices.end();
@@ -506,6 +519,18 @@ void validate(const Config& c, Problems& p) {
     if (s.freeze_linear < 0 || s.freeze_linear > static_cast<int64_t>(c.model.hidden.size()) + 1)
       p.add(path + ".freeze_linear", "must be in [0, " + std::to_string(c.model.hidden.size() + 1) +
                                          "] (the model has that many Linear layers), got " + std::to_string(s.freeze_linear));
+    if (s.recalibrate < 0 || s.recalibrate > 100000)
+      p.add(path + ".recalibrate", "must be a number of batches in [0, 100000], got " + std::to_string(s.recalibrate));
+    if (s.recalibrate > 0 && bn_layers == 0)
+      p.add(path + ".recalibrate", "there is no BatchNorm to recalibrate (model.batchnorm.enabled is false)");
+    if (s.fold && bn_layers == 0)
+      p.add(path + ".fold", "there is no BatchNorm to fold (model.batchnorm.enabled is false)");
+    if (s.fold && !s.layers.all)
+      p.add(path + ".layers", "fold folds every BatchNorm; a layer selection does not apply to it");
+    if (s.fold && s.bn_module == BnModule::kFrozen)
+      p.add(path + ".bn_module", "fold removes the BatchNorm modules; there is nothing left to convert");
+    if (s.bn_module == BnModule::kFrozen && bn_layers == 0)
+      p.add(path + ".bn_module", "there is no BatchNorm to convert (model.batchnorm.enabled is false)");
     for (int64_t idx : s.layers.indices)
       if (idx < 0 || idx >= bn_layers)
         p.add(path + ".layers", "BatchNorm index " + std::to_string(idx) + " does not exist: the model has " +
@@ -608,6 +633,7 @@ const char* to_string(LossKind l) { return enum_name(kLosses, l); }
 const char* to_string(BnSemantics s) { return enum_name(kSemantics, s); }
 const char* to_string(OptimizerKind o) { return enum_name(kOptimizers, o); }
 const char* to_string(BnMode m) { return enum_name(kBnModes, m); }
+const char* to_string(BnModule m) { return enum_name(kBnModules, m); }
 
 namespace {
 
@@ -676,6 +702,9 @@ json strategy_json(const StrategyConfig& s) {
   j["track_running_stats"] = s.track_running_stats;
   j["layers"] = layers;
   j["freeze_linear"] = s.freeze_linear;
+  j["recalibrate"] = s.recalibrate;
+  j["fold"] = s.fold;
+  j["bn_module"] = to_string(s.bn_module);
   return j;
 }
 

@@ -171,17 +171,73 @@ CacheState load_pretrained(const std::string& path, ModelImpl& model, const std:
   return CacheState::kLoaded;
 }
 
+void recalibrate(ModelImpl& model, const Dataset& data, int64_t batches, int64_t batch_size,
+                 uint64_t seed, const LayerSelection& selection) {
+  auto bns = model.batchnorms();
+  const auto names = model.batchnorm_names();
+  std::vector<std::vector<torch::Tensor>> saved;
+  std::vector<double> momenta;
+  for (auto& bn : bns) {
+    saved.push_back({bn->running_mean.clone(), bn->running_var.clone(), bn->num_batches_tracked.clone()});
+    momenta.push_back(bn->options.momentum());
+  }
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const int64_t n = data.size();
+  torch::Tensor perm;
+  int64_t pos = n;
+  const bool was_training = model.is_training();
+  model.train();
+  torch::NoGradGuard no_grad;
+  for (int64_t k = 1; k <= batches; ++k) {
+    if (pos + batch_size > n) {  // a fresh permutation rather than a short batch
+      perm = torch::randperm(n, gen, torch::kLong);
+      pos = 0;
+    }
+    const auto idx = perm.slice(0, pos, pos + std::min(batch_size, n));
+    pos += batch_size;
+    // Momentum 1/k turns the running update into the running average of the k batch statistics.
+    for (auto& bn : bns) bn->options.momentum(1.0 / static_cast<double>(k));
+    model.forward(data.x.index_select(0, idx));
+  }
+  for (size_t i = 0; i < bns.size(); ++i) {
+    bns[i]->options.momentum(momenta[i]);
+    bns[i]->num_batches_tracked.copy_(saved[i][2]);
+    if (!layer_selected(selection, i, names[i])) {
+      bns[i]->running_mean.copy_(saved[i][0]);
+      bns[i]->running_var.copy_(saved[i][1]);
+    }
+  }
+  model.train(was_training);
+}
+
+Model prepare_model(const ModelImpl& pretrained, const StrategyConfig& strategy, const Config& config,
+                    const Dataset* data) {
+  Model model = clone_model(pretrained, config);
+  if (strategy.recalibrate > 0) {
+    if (data == nullptr) throw std::runtime_error("strategy \"" + strategy.name + "\" recalibrates but no pretraining data was given");
+    recalibrate(*model, *data, strategy.recalibrate, config.pretrain.batch_size, config.seed + 2, strategy.layers);
+  }
+  if (strategy.fold) model = fold_batchnorm(*model, config.model);
+  if (strategy.bn_module == BnModule::kFrozen) model->freeze_batchnorm_modules(strategy.layers);
+  return model;
+}
+
 StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strategy,
                         const torch::Tensor& x, const torch::Tensor& y, const Config& config,
                         const std::function<void(const EpochRecord&)>& on_epoch,
-                        const std::function<void(ModelImpl&, int64_t)>& hook) {
+                        const std::function<void(ModelImpl&, int64_t)>& hook, const Dataset* data,
+                        Model* finetuned) {
   const auto& ft = config.finetune;
   const LossKind loss_kind = config.model.loss;
   const bool classification = loss_kind == LossKind::kCrossEntropy;
-  Model model = clone_model(pretrained, config);
   StrategyResult r;
   r.name = strategy.name;
-  // The baseline a user sees: the pretrained weights in plain inference mode.
+  {
+    Model untouched = clone_model(pretrained, config);
+    r.evaluate_pretrained = evaluate_inference(*untouched, loss_kind, x, y);
+  }
+  Model model = prepare_model(pretrained, strategy, config, data);
+  // The baseline of the lag identity: the model about to be fine-tuned, in plain inference mode.
   r.evaluate_before = evaluate_inference(*model, loss_kind, x, y);
 
   model->set_policy(Policy{strategy, config.model.batchnorm.semantics, config.model.batchnorm.momentum});
@@ -247,6 +303,7 @@ StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strat
   }
   r.evaluate_after = evaluate_inference(*model, loss_kind, x, y);
   compute_lag(r);
+  if (finetuned != nullptr) *finetuned = model;
   return r;
 }
 

@@ -49,13 +49,28 @@ struct EpochRecord {
   bool classification = false;
 };
 
+/// PreciseBN: sets the selected BatchNorm layers' running statistics to the exact average
+/// of the per-batch statistics of `batches` shuffled batches of `data` (momentum 1/k for the
+/// k-th batch, in train mode, no gradients). Other layers' buffers and every
+/// num_batches_tracked are left as they were.
+void recalibrate(ModelImpl& model, const Dataset& data, int64_t batches, int64_t batch_size,
+                 uint64_t seed, const LayerSelection& selection);
+
+/// The model a strategy fine-tunes: a copy of `pretrained`, recalibrated, folded or with
+/// FrozenBatchNorm modules as the strategy says, its policy not yet applied.
+Model prepare_model(const ModelImpl& pretrained, const StrategyConfig& strategy, const Config& config,
+                    const Dataset* data);
+
 /// Fine-tunes a copy of `pretrained` on (x, y) under `strategy`, validating on (x, y)
 /// in inference mode after every epoch, Keras-style. `on_epoch` sees each epoch's record.
 /// `hook`, when set, runs after every optimizer step (tests use it to call train()).
+/// `data` (the pretraining set) is needed by strategies that recalibrate.
+/// `finetuned`, when given, receives the model as it ends (best weights loaded).
 StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strategy,
                         const torch::Tensor& x, const torch::Tensor& y, const Config& config,
                         const std::function<void(const EpochRecord&)>& on_epoch,
-                        const std::function<void(ModelImpl&, int64_t)>& hook = {});
+                        const std::function<void(ModelImpl&, int64_t)>& hook = {},
+                        const Dataset* data = nullptr, Model* finetuned = nullptr);
 
 /// A fresh model with the same architecture and a bit-for-bit copy of `source`'s state.
 Model clone_model(const ModelImpl& source, const Config& config);

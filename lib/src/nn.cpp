@@ -24,6 +24,52 @@ void BatchNormImpl::reset() {
   }
 }
 
+FrozenBatchNormImpl::FrozenBatchNormImpl(int64_t num_features_, double eps_)
+    : num_features(num_features_), eps(eps_) {
+  reset();
+}
+
+void FrozenBatchNormImpl::reset() {
+  TORCH_CHECK(num_features > 0 && eps > 0, "FrozenBatchNorm: num_features and eps must be > 0");
+  weight = register_buffer("weight", torch::ones({num_features}));
+  bias = register_buffer("bias", torch::zeros({num_features}));
+  running_mean = register_buffer("running_mean", torch::zeros({num_features}));
+  running_var = register_buffer("running_var", torch::ones({num_features}));
+}
+
+torch::Tensor FrozenBatchNormImpl::forward(const torch::Tensor& input) {
+  TORCH_CHECK(input.dim() == 2 && input.size(1) == num_features,
+              "FrozenBatchNorm: expected input [N, ", num_features, "], got ", input.sizes());
+  const auto scale = weight * torch::rsqrt(running_var + eps);
+  const auto shift = bias - running_mean * scale;
+  return input * scale + shift;
+}
+
+void FrozenBatchNormImpl::pretty_print(std::ostream& stream) const {
+  stream << "bnlab::FrozenBatchNorm1d(" << num_features << ", eps=" << eps << ")";
+}
+
+FrozenBatchNorm to_frozen(const BatchNormImpl& bn) {
+  FrozenBatchNorm f(bn.options.num_features(), bn.options.eps());
+  torch::NoGradGuard no_grad;
+  if (bn.weight.defined()) f->weight.copy_(bn.weight);
+  if (bn.bias.defined()) f->bias.copy_(bn.bias);
+  if (bn.running_mean.defined()) f->running_mean.copy_(bn.running_mean);
+  if (bn.running_var.defined()) f->running_var.copy_(bn.running_var);
+  return f;
+}
+
+BatchNorm from_frozen(const FrozenBatchNormImpl& frozen, BatchNormOptions options) {
+  options.num_features(frozen.num_features).eps(frozen.eps).track_running_stats(true);
+  BatchNorm bn(options);
+  torch::NoGradGuard no_grad;
+  if (bn->weight.defined()) bn->weight.copy_(frozen.weight);
+  if (bn->bias.defined()) bn->bias.copy_(frozen.bias);
+  bn->running_mean.copy_(frozen.running_mean);
+  bn->running_var.copy_(frozen.running_var);
+  return bn;
+}
+
 std::pair<torch::Tensor, torch::Tensor> batch_moments(const torch::Tensor& x) {
   auto mean = x.mean(0);
   auto var = (x - mean).square().mean(0);  // biased: divide by n
@@ -151,15 +197,55 @@ void ModelImpl::copy_state_from(const ModelImpl& other) {
   }
 }
 
+bool layer_selected(const LayerSelection& sel, size_t index, const std::string& name) {
+  return sel.all ||
+         std::find(sel.indices.begin(), sel.indices.end(), static_cast<int64_t>(index)) != sel.indices.end() ||
+         std::find(sel.names.begin(), sel.names.end(), name) != sel.names.end();
+}
+
+void ModelImpl::freeze_batchnorm_modules(const LayerSelection& selection) {
+  size_t bn_index = 0;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    if (info_[i].kind != "batchnorm") continue;
+    if (layer_selected(selection, bn_index++, info_[i].name)) {
+      auto frozen = to_frozen(*layers_[i].get<BatchNorm>());
+      replace_module(info_[i].name, frozen.ptr());
+      layers_[i] = torch::nn::AnyModule(frozen);
+      info_[i].kind = "frozen_batchnorm";
+    }
+  }
+}
+
+Model fold_batchnorm(const ModelImpl& model, const ModelConfig& config) {
+  ModelConfig plain = config;
+  plain.batchnorm.enabled = false;
+  Model folded(plain, model.inputs(), model.outputs());
+  const auto src = model.linears();
+  const auto bns = model.batchnorms();
+  const auto dst = folded->linears();
+  TORCH_CHECK(src.size() == dst.size() && bns.size() + 1 == src.size(), "fold: expected one BatchNorm per hidden Linear");
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < src.size(); ++i) {
+    auto w = src[i]->weight.to(torch::kDouble), b = src[i]->bias.to(torch::kDouble);
+    if (i < bns.size()) {
+      const auto& bn = *bns[i];
+      const auto gamma = bn.weight.defined() ? bn.weight.to(torch::kDouble) : torch::ones_like(b);
+      const auto beta = bn.bias.defined() ? bn.bias.to(torch::kDouble) : torch::zeros_like(b);
+      const auto scale = gamma / torch::sqrt(bn.running_var.to(torch::kDouble) + bn.options.eps());
+      w = w * scale.unsqueeze(1);
+      b = (b - bn.running_mean.to(torch::kDouble)) * scale + beta;
+    }
+    dst[i]->weight.copy_(w.to(torch::kFloat));
+    dst[i]->bias.copy_(b.to(torch::kFloat));
+  }
+  return folded;
+}
+
 void Policy::apply(ModelImpl& model) const {
   auto bns = model.batchnorms();
   const auto names = model.batchnorm_names();
-  const auto& sel = strategy.layers;
   for (size_t i = 0; i < bns.size(); ++i) {
-    const bool selected =
-        sel.all ||
-        std::find(sel.indices.begin(), sel.indices.end(), static_cast<int64_t>(i)) != sel.indices.end() ||
-        std::find(sel.names.begin(), sel.names.end(), names[i]) != sel.names.end();
+    const bool selected = layer_selected(strategy.layers, i, names[i]);
     auto& bn = *bns[i];
     // Unselected layers are put back to the model's defaults, so applying is idempotent
     // whatever state a previous policy left.

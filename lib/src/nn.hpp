@@ -44,6 +44,28 @@ class BatchNormImpl : public torch::nn::Cloneable<BatchNormImpl> {
 };
 TORCH_MODULE(BatchNorm);
 
+/// BatchNorm1d reduced to what inference needs: x * scale + shift with
+/// scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale. Everything
+/// is a buffer, so nothing trains and train()/eval() change nothing. torchvision, timm and
+/// detectron2 ship this for 2-D only; this one takes the [N, C] input of a BatchNorm1d.
+class FrozenBatchNormImpl : public torch::nn::Cloneable<FrozenBatchNormImpl> {
+ public:
+  explicit FrozenBatchNormImpl(int64_t num_features, double eps = 1e-5);
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& input);
+  void pretty_print(std::ostream& stream) const override;
+
+  int64_t num_features;
+  double eps;
+  torch::Tensor weight, bias, running_mean, running_var;
+};
+TORCH_MODULE(FrozenBatchNorm);
+
+/// Copies a BatchNorm's affine parameters (ones/zeros without affine) and running stats.
+FrozenBatchNorm to_frozen(const BatchNormImpl& bn);
+/// Back to a BatchNorm with `options` (num_features and eps taken from the frozen module).
+BatchNorm from_frozen(const FrozenBatchNormImpl& frozen, BatchNormOptions options);
+
 /// Batch statistics as the Keras convention computes them: mean and biased variance over dim 0.
 std::pair<torch::Tensor, torch::Tensor> batch_moments(const torch::Tensor& x);
 
@@ -54,6 +76,9 @@ struct LayerInfo {
 };
 
 class ModelImpl;
+
+/// Whether the BatchNorm at position `index` (among BatchNorm layers), named `name`, is selected.
+bool layer_selected(const LayerSelection& selection, size_t index, const std::string& name);
 
 /// What a freezing strategy does to a model; applied now and after every train() call.
 struct Policy {
@@ -82,6 +107,9 @@ class ModelImpl : public torch::nn::Module {
   std::vector<std::string> batchnorm_names() const;
   std::vector<torch::nn::Linear> linears() const;
 
+  /// Replaces the selected BatchNorm layers by FrozenBatchNorm1d modules with the same state.
+  void freeze_batchnorm_modules(const LayerSelection& selection);
+
   /// Copies every parameter and buffer from `other` (same architecture), bit for bit.
   void copy_state_from(const ModelImpl& other);
 
@@ -95,6 +123,11 @@ class ModelImpl : public torch::nn::Module {
   int64_t inputs_, outputs_;
 };
 TORCH_MODULE(Model);
+
+/// A model without BatchNorm whose inference output equals `model`'s: each BatchNorm is
+/// folded into the Linear before it, W' = W * s (per output row), b' = (b - mean) * s + beta,
+/// s = gamma / sqrt(running_var + eps), computed in double precision.
+Model fold_batchnorm(const ModelImpl& model, const ModelConfig& config);
 
 /// Width of the head for a loss: 2*targets (mean, log-variance) for gaussian_nll,
 /// targets for mse, classes for cross_entropy.

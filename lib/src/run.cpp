@@ -98,6 +98,7 @@ ojson summary_json(const Config& c, const std::vector<StrategyResult>& results) 
     const auto& r = results[i];
     ojson s{{"name", r.name},
             {"preset", c.strategies[i].preset},
+            {"evaluate_pretrained", r.evaluate_pretrained},
             {"evaluate_before", r.evaluate_before},
             {"evaluate_after", r.evaluate_after},
             {"best_epoch", r.best_epoch},
@@ -234,7 +235,7 @@ RunResult run(const Config& config, const RunOptions& options, std::ostream& log
       if (r.classification) log << " - val_accuracy: " << keras_number(r.val_accuracy);
       log << "\n";
     };
-    StrategyResult r = finetune(*model, strategy, x, y, config, print);
+    StrategyResult r = finetune(*model, strategy, x, y, config, print, {}, &data);
     if (options.verbose > 0)
       log << "evaluate before: " << keras_number(r.evaluate_before) << "  evaluate after (epoch " << r.best_epoch
           << " weights): " << keras_number(r.evaluate_after) << "  lag identity: "

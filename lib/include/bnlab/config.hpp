@@ -16,6 +16,7 @@ enum class OptimizerKind { kSgd, kAdam, kAdamW };
 enum class Schedule { kConstant, kCosine };
 enum class Monitor { kLoss, kValLoss };
 enum class BnMode { kTrain, kEval };
+enum class BnModule { kBatchNorm, kFrozen };
 
 /// Settings of an optimizer; fields that do not apply to the chosen kind are ignored
 /// and rejected by the parser when given.
@@ -96,6 +97,13 @@ struct StrategyConfig {
   bool track_running_stats = true;             ///< false: batch stats in train AND eval (LibTorch rule)
   LayerSelection layers;
   int64_t freeze_linear = 0;                   ///< freeze the first N Linear layers (weight and bias)
+  /// PreciseBN: before fine-tuning, set the selected layers' running statistics to the true
+  /// average of per-batch statistics over this many pretraining batches; 0 = off.
+  int64_t recalibrate = 0;
+  bool fold = false;                           ///< fold every BatchNorm into the preceding Linear
+  /// "batchnorm", or "frozen": replace the selected layers by FrozenBatchNorm1d (buffers only,
+  /// x * scale + shift), the torchvision/detectron2 module, here for 1-D.
+  BnModule bn_module = BnModule::kBatchNorm;
 };
 
 struct Config {
@@ -108,6 +116,9 @@ struct Config {
   FinetuneConfig finetune;
   std::vector<StrategyConfig> strategies;
 };
+
+/// Batches the recalibrate_frozen preset averages over (fvcore's PreciseBN uses 200 iterations).
+inline constexpr int64_t kDefaultRecalibrateBatches = 100;
 
 /// Names of the presets a strategy may start from, in documentation order.
 const std::vector<std::string>& preset_names();
@@ -133,5 +144,6 @@ const char* to_string(LossKind l);
 const char* to_string(BnSemantics s);
 const char* to_string(OptimizerKind o);
 const char* to_string(BnMode m);
+const char* to_string(BnModule m);
 
 }  // namespace bnlab

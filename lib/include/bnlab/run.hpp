@@ -20,7 +20,9 @@ struct RunOptions {
 /// What one strategy's fine-tuning produced. Index k of loss/val_loss is epoch k+1.
 struct StrategyResult {
   std::string name;
-  double evaluate_before = 0;          ///< pretrained model, inference mode, before fine-tuning
+  double evaluate_pretrained = 0;      ///< untouched pretrained weights, inference mode
+  double evaluate_before = 0;          ///< the model about to be fine-tuned (after the strategy's
+                                       ///< recalibrate/fold/bn_module transforms), inference mode
   double evaluate_after = 0;           ///< best (or last) weights, inference mode, after
   std::vector<double> loss;            ///< Keras `loss`: mean of the pre-update batch losses
   std::vector<double> val_loss;        ///< Keras `val_loss`: inference-mode loss after the epoch
