@@ -15,6 +15,7 @@ constexpr const char* kUsage =
     "\n"
     "commands:\n"
     "  run CONFIG      pretrain (cached), fine-tune one sample under every strategy, write the run directory\n"
+    "  explain CONFIG  why training and inference losses differ: per BatchNorm layer and per strategy\n"
     "  validate CONFIG check a config and print it resolved (defaults filled in); writes nothing\n"
     "\n"
     "  bnlab <command> --help   options of a command\n"
@@ -26,10 +27,15 @@ int bad_input(const std::vector<std::string>& problems) {
   return bnlab::kExitBadInput;
 }
 
-int cmd_run(int argc, char** argv, bool validate_only) {
-  const std::string name = validate_only ? "validate" : "run";
-  cxxopts::Options opts("bnlab " + name, validate_only ? "Check a config; print it resolved." :
-                                                          "Fine-tune one sample under each strategy.");
+enum class Command { kRun, kValidate, kExplain };
+
+int cmd_run(int argc, char** argv, Command command) {
+  const bool validate_only = command == Command::kValidate;
+  const std::string name = validate_only ? "validate" : command == Command::kRun ? "run" : "explain";
+  cxxopts::Options opts("bnlab " + name, validate_only ? "Check a config; print it resolved."
+                                         : command == Command::kRun
+                                             ? "Fine-tune one sample under each strategy."
+                                             : "Explain, per BatchNorm layer and per strategy, why training and inference losses differ.");
   opts.add_options()
       ("config", "experiment file (JSON)", cxxopts::value<std::string>())
       ("set", "override a config value: PATH=VALUE, e.g. finetune.epochs=20 (repeatable)",
@@ -41,6 +47,11 @@ int cmd_run(int argc, char** argv, bool validate_only) {
         ("force", "overwrite a directory holding another experiment; pretrain again")
         ("threads", "intra-op threads (fixed for reproducibility)", cxxopts::value<int>()->default_value("1"))
         ("v,verbose", "0 silent, 1 progress and epoch lines, 2 more detail", cxxopts::value<int>()->default_value("1"));
+  }
+  if (command == Command::kExplain) {
+    opts.add_options()
+        ("sample", "sample index (default: finetune.sample)", cxxopts::value<int64_t>())
+        ("strategy", "only this strategy (default: all of the config's)", cxxopts::value<std::string>());
   }
   opts.parse_positional({"config"});
   opts.positional_help("CONFIG");
@@ -66,13 +77,31 @@ int cmd_run(int argc, char** argv, bool validate_only) {
     std::cout << bnlab::to_json(config);
     return bnlab::kExitOk;
   }
+  const std::string out_dir = args.count("out") ? args["out"].as<std::string>() : "";
+  const bool force = args.count("force") > 0;
+  const int threads = args["threads"].as<int>();
+  const int verbose = args["verbose"].as<int>();
+  if (threads < 1) return bad_input({"--threads: must be >= 1, got " + std::to_string(threads)});
+  if (verbose < 0 || verbose > 2) return bad_input({"--verbose: must be 0, 1 or 2, got " + std::to_string(verbose)});
+  if (command == Command::kExplain) {
+    bnlab::ExplainOptions eo;
+    eo.out_dir = out_dir;
+    eo.force = force;
+    eo.threads = threads;
+    eo.verbose = verbose;
+    if (args.count("sample")) {
+      eo.sample = args["sample"].as<int64_t>();
+      if (eo.sample < 0) return bad_input({"--sample: must be >= 0, got " + std::to_string(eo.sample)});
+    }
+    if (args.count("strategy")) eo.strategy = args["strategy"].as<std::string>();
+    bnlab::explain(config, eo, std::cout, std::cerr);
+    return bnlab::kExitOk;
+  }
   bnlab::RunOptions ro;
-  if (args.count("out")) ro.out_dir = args["out"].as<std::string>();
-  ro.force = args.count("force") > 0;
-  ro.threads = args["threads"].as<int>();
-  ro.verbose = args["verbose"].as<int>();
-  if (ro.threads < 1) return bad_input({"--threads: must be >= 1, got " + std::to_string(ro.threads)});
-  if (ro.verbose < 0 || ro.verbose > 2) return bad_input({"--verbose: must be 0, 1 or 2, got " + std::to_string(ro.verbose)});
+  ro.out_dir = out_dir;
+  ro.force = force;
+  ro.threads = threads;
+  ro.verbose = verbose;
   ro.argv.assign(argv - 1, argv + argc);
   bnlab::run(config, ro, std::cerr);
   return bnlab::kExitOk;
@@ -95,8 +124,9 @@ int main(int argc, char** argv) {
       std::cout << bnlab::version_string() << "\n";
       return bnlab::kExitOk;
     }
-    if (command == "run") return cmd_run(argc - 1, argv + 1, false);
-    if (command == "validate") return cmd_run(argc - 1, argv + 1, true);
+    if (command == "run") return cmd_run(argc - 1, argv + 1, Command::kRun);
+    if (command == "validate") return cmd_run(argc - 1, argv + 1, Command::kValidate);
+    if (command == "explain") return cmd_run(argc - 1, argv + 1, Command::kExplain);
     std::cerr << "bnlab: error: unknown command \"" << command << "\"\n" << kUsage;
     return bnlab::kExitBadInput;
   } catch (const bnlab::InputError& e) {

@@ -154,6 +154,15 @@ torch::Tensor ModelImpl::forward(torch::Tensor x) {
   return x;
 }
 
+torch::Tensor ModelImpl::forward_observed(torch::Tensor x, const LayerObserver& observe) {
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    auto y = layers_[i].forward(x);
+    observe(info_[i], x, y);
+    x = std::move(y);
+  }
+  return x;
+}
+
 void ModelImpl::train(bool on) {
   torch::nn::Module::train(on);
   if (policy_) policy_->apply(*this);

@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -96,6 +97,9 @@ class ModelImpl : public torch::nn::Module {
  public:
   ModelImpl(const ModelConfig& config, int64_t inputs, int64_t outputs);
   torch::Tensor forward(torch::Tensor x);
+  /// The same forward pass, telling `observe` each layer's input and output.
+  using LayerObserver = std::function<void(const LayerInfo&, const torch::Tensor& in, const torch::Tensor& out)>;
+  torch::Tensor forward_observed(torch::Tensor x, const LayerObserver& observe);
 
   /// Module::train, then the policy again: a later train() cannot silently undo a freeze.
   void train(bool on = true) override;

@@ -16,6 +16,7 @@
 #include "engine.hpp"
 #include "text.hpp"
 #include "version.hpp"
+#include "workspace.hpp"
 
 
 namespace bnlab {
@@ -172,43 +173,57 @@ void compute_lag(StrategyResult& r) {
   r.lag_identity_holds = r.lag_relative <= kLagTolerance;
 }
 
+Workspace open_workspace(const Config& config, const std::string& out_dir, bool force, int64_t sample,
+                         const std::string& sample_origin) {
+  Workspace w;
+  w.dir = out_dir.empty() ? "runs/" + config.name : out_dir;
+  w.data = load_data(config);
+  if (sample < 0 || sample >= w.data.size())
+    throw InputError(sample_origin + ": index " + std::to_string(sample) + " is beyond the data (" + std::to_string(w.data.size()) +
+                     " samples: 0.." + std::to_string(w.data.size() - 1) + ")");
+  check_out_dir(w.dir, config, force);
+  torch::manual_seed(config.seed);
+  w.model = build_model(config, w.data);
+  w.key = pretrain_cache_key(config);
+  w.cache = force ? CacheState::kMissing : load_pretrained(w.dir + "/pretrained.pt", *w.model, w.key);
+  return w;
+}
+
+void ensure_pretrained(Workspace& w, const Config& config, std::ostream& log, int verbose) {
+  make_dirs(w.dir);
+  const std::string ckpt = w.dir + "/pretrained.pt";
+  if (w.cache == CacheState::kLoaded) {
+    if (verbose > 0) log << "pretrained weights: reusing " << ckpt << " (cache key " << w.key << ")\n";
+    return;
+  }
+  if (verbose > 0) {
+    log << (w.cache == CacheState::kStale ? "pretrained weights: cache key changed, pretraining again\n"
+                                          : "pretrained weights: none cached, pretraining\n");
+  }
+  pretrain(*w.model, w.data, config, log, verbose);
+  save_pretrained(ckpt, *w.model, w.data, w.key);
+}
+
 RunResult run(const Config& config, const RunOptions& options, std::ostream& log) {
   using clock = std::chrono::steady_clock;
   const auto t_start = clock::now();
   const auto since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
   torch::set_num_threads(std::max(1, options.threads));
-  RunResult result;
-  result.out_dir = options.out_dir.empty() ? "runs/" + config.name : options.out_dir;
-  const std::string& dir = result.out_dir;
-
   // Everything that can be wrong with the input is found before the first file is written.
-  Dataset data = load_data(config);
-  if (config.finetune.sample >= data.size())
-    throw InputError("finetune.sample: index " + std::to_string(config.finetune.sample) + " is beyond the data");
-  check_out_dir(dir, config, options.force);
-  torch::manual_seed(config.seed);
-  Model model = build_model(config, data);
-  const std::string key = pretrain_cache_key(config);
-  const std::string ckpt = dir + "/pretrained.pt";
-  CacheState cache = CacheState::kMissing;
-  if (!options.force) cache = load_pretrained(ckpt, *model, key);
-
+  Workspace w = open_workspace(config, options.out_dir, options.force, config.finetune.sample, "finetune.sample");
+  RunResult result;
+  result.out_dir = w.dir;
+  const std::string& dir = w.dir;
+  Dataset& data = w.data;
+  Model& model = w.model;
+  const std::string& key = w.key;
   make_dirs(dir);
   write_file_atomic(dir + "/config.resolved.json", to_json(config));
   const double data_seconds = since(t_start);
 
   auto t = clock::now();
-  if (cache == CacheState::kLoaded) {
-    result.pretrain_cached = true;
-    if (options.verbose > 0) log << "pretrained weights: reusing " << ckpt << " (cache key " << key << ")\n";
-  } else {
-    if (options.verbose > 0) {
-      log << (cache == CacheState::kStale ? "pretrained weights: cache key changed, pretraining again\n"
-                                          : "pretrained weights: none cached, pretraining\n");
-    }
-    pretrain(*model, data, config, log, options.verbose);
-    save_pretrained(ckpt, *model, data, key);
-  }
+  result.pretrain_cached = w.cache == CacheState::kLoaded;
+  ensure_pretrained(w, config, log, options.verbose);
   result.pretrain_seconds = since(t);
 
   const int64_t idx = config.finetune.sample;

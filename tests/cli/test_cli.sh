@@ -46,5 +46,10 @@ check smoke_run 0 "Epoch 5/5 - loss: " -- "$bin" run "$src/configs/smoke/keras_n
 check other_experiment 2 "holds results of experiment \"smoke_keras_nll\"" -- "$bin" run "$src/configs/smoke/torch_mse.json" --out "$tmp/ok"
 check force 0 "" -- "$bin" run "$src/configs/smoke/torch_mse.json" --out "$tmp/ok" --force --verbose 0
 
+check explain 0 "| frozen | yes |" -- "$bin" explain "$src/configs/smoke/keras_nll.json" --out "$tmp/ok2"
+check explain_json 0 "" -- test -s "$tmp/ok2/explain.json"
+check explain_strategy 2 "no strategy \"bogus\"" -- "$bin" explain "$src/configs/smoke/keras_nll.json" --out "$tmp/ok2" --strategy bogus
+check explain_sample 2 "--sample: index 99999 is beyond the data" -- "$bin" explain "$src/configs/smoke/keras_nll.json" --out "$tmp/ok2" --sample 99999
+
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -9,7 +9,13 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include <unistd.h>
+
+#include <sstream>
+
 #include "bnlab/config.hpp"
+#include "bnlab/errors.hpp"
+#include "bnlab/run.hpp"
 #include "engine.hpp"
 #include "text.hpp"
 
@@ -282,6 +288,71 @@ TEST(Recalibrate, GivesTheTrueAverageOfBatchStatistics) {
     recalibrate(*m, d, /*batches=*/1, /*batch_size=*/64, /*seed=*/1, first);
     const auto want = sem == BnSemantics::kKeras ? h.var(0, /*unbiased=*/false) : h.var(0, /*unbiased=*/true);
     EXPECT_LT((bn->running_var - want).abs().max().item<double>(), 1e-5);
+  }
+}
+
+}  // namespace
+
+namespace {
+
+std::string nine_presets() {
+  return R"(strategies=["train", "freeze_affine", "momentum_zero", "freeze_affine_momentum_zero", "eval", "frozen",
+                        "recalibrate_frozen", "fold", "batch_stats"])";
+}
+
+std::string temp_run_dir(const std::string& tag) {
+  std::string tmpl = "/tmp/bnlab_" + tag + "_XXXXXX";
+  return std::string(::mkdtemp(tmpl.data())) + "/run";
+}
+
+TEST(Explain, PredictsWhatFineTuningThenShows) {
+  const auto c = load_config(source("configs/smoke/keras_nll.json"), {nine_presets()});
+  ExplainOptions eo;
+  eo.out_dir = temp_run_dir("explain");
+  eo.verbose = 0;
+  std::ostringstream table, log;
+  const auto j = nlohmann::json::parse(explain(c, eo, table, log));
+  EXPECT_EQ(nlohmann::json::parse(read_file(eo.out_dir + "/explain.json")), j);
+  ASSERT_EQ(j["layers"].size(), 2u);
+  for (const auto& l : j["layers"]) {
+    EXPECT_TRUE(l["training_output_is_beta"].get<bool>());
+    for (double v : l["batch_var"].get<std::vector<double>>()) EXPECT_EQ(v, 0.0);
+    // The batch mean of one sample is the sample itself.
+    EXPECT_EQ(l["batch_mean"], l["training_input"]);
+    EXPECT_GT(l["max_output_difference"].get<double>(), 0.0);
+  }
+  // What explain predicts, fine-tuning then shows.
+  const auto data = load_data(c);
+  torch::manual_seed(c.seed);
+  Model m = build_model(c, data);
+  ASSERT_EQ(load_pretrained(eo.out_dir + "/pretrained.pt", *m, pretrain_cache_key(c)), CacheState::kLoaded);
+  const auto x = data.x.narrow(0, c.finetune.sample, 1), y = data.y.narrow(0, c.finetune.sample, 1);
+  for (size_t i = 0; i < c.strategies.size(); ++i) {
+    const auto& e = j["strategies"][i];
+    const auto r = finetune(*m, c.strategies[i], x, y, c, {}, {}, &data);
+    EXPECT_EQ(e["name"], c.strategies[i].name);
+    EXPECT_EQ(e["lag_identity_holds"].get<bool>(), r.lag_identity_holds) << c.strategies[i].name;
+    EXPECT_EQ(e["training_loss"].get<double>(), r.loss[0]) << c.strategies[i].name;
+    EXPECT_EQ(e["evaluate_before"].get<double>(), r.evaluate_before) << c.strategies[i].name;
+  }
+  EXPECT_NE(table.str().find("| batch_stats | yes |"), std::string::npos) << table.str();
+  EXPECT_NE(table.str().find("beta (input erased)"), std::string::npos);
+}
+
+TEST(Explain, TorchNumericsAndUnknownStrategy) {
+  const auto c = load_config(source("configs/smoke/torch_mse.json"));
+  ExplainOptions eo;
+  eo.out_dir = temp_run_dir("explain_torch");
+  eo.verbose = 0;
+  std::ostringstream table, log;
+  const auto j = nlohmann::json::parse(explain(c, eo, table, log));
+  for (const auto& l : j["layers"]) EXPECT_EQ(l["training_error"], "Expected more than 1 value per channel when training");
+  eo.strategy = "evl";
+  try {
+    explain(c, eo, table, log);
+    FAIL() << "expected InputError";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("no strategy \"evl\" in this config; did you mean \"eval\"?"), std::string::npos) << e.what();
   }
 }
 

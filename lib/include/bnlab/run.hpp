@@ -51,6 +51,23 @@ struct RunResult {
 /// InputError before anything is written. Progress and Keras-style lines go to `log`.
 RunResult run(const Config& config, const RunOptions& options, std::ostream& log);
 
+struct ExplainOptions {
+  std::string out_dir;                 ///< run directory holding (or receiving) pretrained.pt
+  int64_t sample = -1;                 ///< -1: finetune.sample
+  std::string strategy;                ///< "": every strategy of the config
+  bool force = false;
+  int threads = 1;
+  int verbose = 1;
+};
+
+/// Per BatchNorm layer: what training mode would normalise the sample with versus what
+/// inference uses, and how far apart the outputs are; per strategy: whether its
+/// training-mode forward pass IS the inference forward pass (and so whether loss will
+/// equal val_loss up to the one-epoch lag). Prints tables to `out`, writes explain.json
+/// into the run directory, and returns that JSON text.
+std::string explain(const Config& config, const ExplainOptions& options, std::ostream& out,
+                    std::ostream& log);
+
 /// Derives max_gap and the lag residuals from the curves (exposed for tests).
 void compute_lag(StrategyResult& r);
 
