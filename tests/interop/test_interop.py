@@ -4,7 +4,7 @@
 It loads pretrained.pt and sample.pt with torch.load, rebuilds the same model as a plain
 torch.nn.Sequential, and recomputes the losses bnlab reported -- an implementation that
 shares no code with bnlab:
-  * evaluate before (inference mode) for every strategy, within 1e-5;
+  * evaluate of the untouched pretrained weights (inference mode), within 1e-5;
   * for Keras semantics, the `train` strategy's first training loss: a batch of one in
     training mode makes every BatchNorm output its beta, so the network output is
     head(act(beta_last)) whatever the input -- computed here by hand from the state dict.
@@ -79,10 +79,10 @@ def main():
                 failures.append("sample.x is not (x_raw - x_mean) / x_std")
         print(f"python evaluate: {ours:.9g}")
         for s in summary["strategies"]:
-            diff = abs(s["evaluate_before"] - ours)
-            print(f"  {s['name']}: bnlab evaluate_before {s['evaluate_before']:.9g}  |diff| {diff:.3g}")
+            diff = abs(s["evaluate_pretrained"] - ours)
+            print(f"  {s['name']}: bnlab evaluate_pretrained {s['evaluate_before']:.9g}  |diff| {diff:.3g}")
             if diff > TOL:
-                failures.append(f"{s['name']}: evaluate_before {s['evaluate_before']} vs python {ours}")
+                failures.append(f"{s['name']}: evaluate_pretrained {s['evaluate_before']} vs python {ours}")
         if cfg["model"]["batchnorm"]["semantics"] == "keras" and cfg["model"]["batchnorm"]["enabled"]:
             train = [s for s in summary["strategies"] if s["name"] == "train"]
             if train and cfg["model"]["dropout"] == 0:
