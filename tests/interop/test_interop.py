@@ -80,9 +80,9 @@ def main():
         print(f"python evaluate: {ours:.9g}")
         for s in summary["strategies"]:
             diff = abs(s["evaluate_pretrained"] - ours)
-            print(f"  {s['name']}: bnlab evaluate_pretrained {s['evaluate_before']:.9g}  |diff| {diff:.3g}")
+            print(f"  {s['name']}: bnlab evaluate_pretrained {s['evaluate_pretrained']:.9g}  |diff| {diff:.3g}")
             if diff > TOL:
-                failures.append(f"{s['name']}: evaluate_pretrained {s['evaluate_before']} vs python {ours}")
+                failures.append(f"{s['name']}: evaluate_pretrained {s['evaluate_pretrained']} vs python {ours}")
         if cfg["model"]["batchnorm"]["semantics"] == "keras" and cfg["model"]["batchnorm"]["enabled"]:
             train = [s for s in summary["strategies"] if s["name"] == "train"]
             if train and cfg["model"]["dropout"] == 0:
