@@ -181,6 +181,10 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
   if (sample < 0 || sample >= w.data.size())
     throw InputError(sample_origin + ": index " + std::to_string(sample) + " is beyond the data (" + std::to_string(w.data.size()) +
                      " samples: 0.." + std::to_string(w.data.size() - 1) + ")");
+  const auto& bn = config.model.batchnorm;
+  if (bn.enabled && bn.semantics == BnSemantics::kTorch && w.data.size() % config.pretrain.batch_size == 1)
+    throw InputError("pretrain.batch_size: " + std::to_string(config.pretrain.batch_size) + " leaves a last batch of ONE sample out of " +
+                     std::to_string(w.data.size()) + " rows, which PyTorch BatchNorm refuses in training mode; pick another batch size");
   check_out_dir(w.dir, config, force);
   torch::manual_seed(config.seed);
   w.model = build_model(config, w.data);
