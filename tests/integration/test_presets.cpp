@@ -131,7 +131,13 @@ TEST(Presets, FoldRemovesBatchNormAndChangesTheFoldedLinears) {
   Model tuned{nullptr};
   const auto r = finetune(*f.pretrained, preset(f.config, "fold"), f.x, f.y, f.config, {}, {}, &f.data, &tuned);
   EXPECT_TRUE(tuned->batchnorms().empty());
-  EXPECT_EQ(tuned->linears().size(), 3u);
+  ASSERT_EQ(tuned->linears().size(), 3u);
+  // In eval-equivalent form every Linear gets a gradient, so all of them move.
+  const auto start = prepare_model(*f.pretrained, preset(f.config, "fold"), f.config, &f.data);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_FALSE(torch::equal(start->linears()[i]->weight, tuned->linears()[i]->weight)) << "Linear " << i;
+    EXPECT_FALSE(torch::equal(start->linears()[i]->bias, tuned->linears()[i]->bias)) << "Linear " << i;
+  }
   EXPECT_NEAR(r.evaluate_before, r.evaluate_pretrained, 1e-5 * std::max(1.0, std::abs(r.evaluate_pretrained)));
 }
 
