@@ -1,4 +1,5 @@
 // bnlab's command line: parse arguments, load and validate the config, call the library.
+#include <cstdio>
 #include <cxxopts.hpp>
 #include <iostream>
 #include <string>
@@ -46,7 +47,14 @@ int cmd_run(int argc, char** argv, Command command) {
         ("o,out", "run directory (default runs/<name>)", cxxopts::value<std::string>())
         ("force", "overwrite a directory holding another experiment; pretrain again")
         ("threads", "intra-op threads (fixed for reproducibility)", cxxopts::value<int>()->default_value("1"))
-        ("v,verbose", "0 silent, 1 progress and epoch lines, 2 more detail", cxxopts::value<int>()->default_value("1"));
+        ("v,verbose", "0 silent, 1 progress, 2 one line per epoch (default: 2 for up to 20 runs, else 1)",
+         cxxopts::value<int>());
+  }
+  if (command == Command::kRun) {
+    opts.add_options()
+        ("j,jobs", "runs executed concurrently (default: all cores); results do not depend on it", cxxopts::value<int>())
+        ("shard", "run only shard I of N of the study's runs, e.g. 2/8 (see bnlab merge)", cxxopts::value<std::string>())
+        ("no-plots", "do not render curves.png/svg and gap_distribution.png/svg");
   }
   if (command == Command::kExplain) {
     opts.add_options()
@@ -80,15 +88,16 @@ int cmd_run(int argc, char** argv, Command command) {
   const std::string out_dir = args.count("out") ? args["out"].as<std::string>() : "";
   const bool force = args.count("force") > 0;
   const int threads = args["threads"].as<int>();
-  const int verbose = args["verbose"].as<int>();
+  const int verbose = args.count("verbose") ? args["verbose"].as<int>() : -1;
   if (threads < 1) return bad_input({"--threads: must be >= 1, got " + std::to_string(threads)});
-  if (verbose < 0 || verbose > 2) return bad_input({"--verbose: must be 0, 1 or 2, got " + std::to_string(verbose)});
+  if (args.count("verbose") && (verbose < 0 || verbose > 2))
+    return bad_input({"--verbose: must be 0, 1 or 2, got " + std::to_string(verbose)});
   if (command == Command::kExplain) {
     bnlab::ExplainOptions eo;
     eo.out_dir = out_dir;
     eo.force = force;
     eo.threads = threads;
-    eo.verbose = verbose;
+    eo.verbose = verbose < 0 ? 1 : verbose;
     if (args.count("sample")) {
       eo.sample = args["sample"].as<int64_t>();
       if (eo.sample < 0) return bad_input({"--sample: must be >= 0, got " + std::to_string(eo.sample)});
@@ -102,9 +111,23 @@ int cmd_run(int argc, char** argv, Command command) {
   ro.force = force;
   ro.threads = threads;
   ro.verbose = verbose;
+  ro.plots = args.count("no-plots") == 0;
+  if (args.count("jobs")) {
+    ro.jobs = args["jobs"].as<int>();
+    if (ro.jobs < 1) return bad_input({"--jobs: must be >= 1, got " + std::to_string(ro.jobs)});
+  }
+  if (args.count("shard")) {
+    const std::string spec = args["shard"].as<std::string>();
+    int i = 0, n = 0;
+    char tail = 0;
+    if (std::sscanf(spec.c_str(), "%d/%d%c", &i, &n, &tail) != 2 || n < 1 || i < 1 || i > n)
+      return bad_input({"--shard: expected I/N with 1 <= I <= N (e.g. 3/8), got \"" + spec + "\""});
+    ro.shard_index = i;
+    ro.shard_count = n;
+  }
   ro.argv.assign(argv - 1, argv + argc);
-  bnlab::run(config, ro, std::cerr);
-  return bnlab::kExitOk;
+  const auto result = bnlab::run(config, ro, std::cerr);
+  return result.failed > 0 ? bnlab::kExitFailure : bnlab::kExitOk;
 }
 
 }  // namespace

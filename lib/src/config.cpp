@@ -337,16 +337,127 @@ void read_strategy(const json& j, const std::string& path, StrategyConfig& s, Pr
   r.finish();
 }
 
+void read_finetune(const json* j, const std::string& path, FinetuneConfig& f, Problems& problems, bool in_grid) {
+  ObjectReader r(j, path, problems);
+  if (in_grid) {  // the study's samples were read with the base settings
+    r.find("sample");
+    r.find("samples");
+  } else {
+    if (r.has("sample") && r.has("samples")) problems.add(path, "give either sample or samples, not both");
+    if (const json* one = r.find("sample")) {
+      int64_t v = 0;
+      r.get("sample", v);
+      if (one->is_number()) f.samples = {v};
+    }
+    if (const json* many = r.find("samples")) {
+      if (many->is_array()) {
+        r.get("samples", f.samples);
+        if (f.samples.empty()) problems.add(path + ".samples", "is empty: list at least one sample index");
+      } else if (many->is_object()) {
+        ObjectReader d(many, path + ".samples", problems);
+        d.get("count", f.draw_count);
+        d.get("seed", f.draw_seed);
+        if (!d.has("count")) problems.add(path + ".samples", "a random draw needs \"count\" (and optionally \"seed\")");
+        else if (f.draw_count < 1) problems.add(path + ".samples.count", "must be >= 1, got " + std::to_string(f.draw_count));
+        d.finish();
+        f.samples.clear();
+      } else {
+        r.type_error("samples", "a list of sample indices or {\"count\": N, \"seed\": S}", *many);
+      }
+    }
+    if (!f.samples.empty()) f.sample = f.samples.front();
+  }
+  r.get("epochs", f.epochs);
+  r.get("batch_size", f.batch_size);
+  read_optimizer(r, "optimizer", f.optimizer, problems);
+  r.get_enum("monitor", kMonitors, f.monitor);
+  r.get("save_best_only", f.save_best_only);
+  r.finish();
+}
+
+/// Expands `grid` (finetune path -> list of values) into its cartesian product, in key order.
+void read_grid(ObjectReader& top, const json& root, Config& c, Problems& problems) {
+  c.grid = {GridPoint{"", c.finetune}};
+  const json* g = top.find("grid");
+  if (g == nullptr) return;
+  if (!g->is_object()) return top.type_error("grid", "an object mapping finetune settings to lists of values", *g);
+  c.grid_json = g->dump();
+  const json base = root.contains("finetune") && root["finetune"].is_object() ? root["finetune"] : json::object();
+  std::vector<std::pair<std::string, json>> axes;
+  for (auto it = g->begin(); it != g->end(); ++it) {
+    const std::string key = it.key();
+    if (key == "sample" || key == "samples" || key.rfind("sample", 0) == 0) {
+      problems.add("grid." + key, "samples are not a grid setting: list them in finetune.samples");
+      continue;
+    }
+    if (!it->is_array() || it->empty()) {
+      problems.add("grid." + key, "expected a non-empty list of values, got " + shown(*it));
+      continue;
+    }
+    axes.emplace_back(key, *it);
+  }
+  if (axes.empty()) return;
+  std::vector<GridPoint> points;
+  std::vector<size_t> at(axes.size(), 0);
+  while (true) {
+    json f = base;
+    std::vector<std::string> parts;
+    for (size_t a = 0; a < axes.size(); ++a) {
+      std::string pointer = "/" + axes[a].first;
+      std::replace(pointer.begin(), pointer.end(), '.', '/');
+      const json& v = axes[a].second[at[a]];
+      try {
+        f[json::json_pointer(pointer)] = v;
+      } catch (const json::exception&) {
+        problems.add("grid." + axes[a].first, "is not a path inside finetune");
+        return;
+      }
+      parts.push_back(axes[a].first + "=" + v.dump());
+    }
+    GridPoint p{join(parts, ","), c.finetune};
+    const size_t before = problems.list.size();
+    read_finetune(&f, "grid[" + p.label + "]: finetune", p.finetune, problems, /*in_grid=*/true);
+    if (problems.list.size() != before) return;  // one report per broken axis is enough
+    points.push_back(p);
+    size_t a = axes.size();
+    while (a > 0) {
+      --a;
+      if (++at[a] < axes[a].second.size()) break;
+      at[a] = 0;
+      if (a == 0) {
+        c.grid = points;
+        return;
+      }
+    }
+  }
+}
+
 void read_config(const json& root, Config& c, Problems& problems) {
   ObjectReader top(&root, "", problems);
   top.get("name", c.name);
+  if (top.has("seed") && top.has("seeds")) problems.add("seeds", "give either seed or seeds, not both");
   top.get("seed", c.seed);
+  c.seeds = {c.seed};
+  if (const json* many = top.find("seeds")) {
+    if (!many->is_array() || many->empty()) {
+      top.type_error("seeds", "a non-empty list of non-negative integers", *many);
+    } else {
+      c.seeds.clear();
+      for (size_t i = 0; i < many->size(); ++i) {
+        const json& v = (*many)[i];
+        if (v.is_number_unsigned() || (v.is_number_integer() && v.get<int64_t>() >= 0)) c.seeds.push_back(v.get<uint64_t>());
+        else problems.add("seeds[" + std::to_string(i) + "]", std::string("expected a non-negative integer, got ") + json_type(v) + " " + shown(v));
+      }
+      if (!c.seeds.empty()) c.seed = c.seeds.front();
+    }
+  }
 
   {
     const json* j = top.find("data");
     ObjectReader r(j, "data", problems);
     r.get("source", c.data.source);
     if (c.data.source == "synthetic") {
+      r.get("seed", c.data.seed);
       r.get("samples", c.data.samples);
       r.get("features", c.data.features);
       r.get("targets", c.data.targets);
@@ -395,16 +506,8 @@ void read_config(const json& root, Config& c, Problems& problems) {
     r.get_enum("schedule", kSchedules, c.pretrain.schedule);
     r.finish();
   }
-  {
-    ObjectReader r(top.find("finetune"), "finetune", problems);
-    r.get("sample", c.finetune.sample);
-    r.get("epochs", c.finetune.epochs);
-    r.get("batch_size", c.finetune.batch_size);
-    read_optimizer(r, "optimizer", c.finetune.optimizer, problems);
-    r.get_enum("monitor", kMonitors, c.finetune.monitor);
-    r.get("save_best_only", c.finetune.save_best_only);
-    r.finish();
-  }
+  read_finetune(top.find("finetune"), "finetune", c.finetune, problems, /*in_grid=*/false);
+  read_grid(top, root, c, problems);
   if (const json* s = top.find("strategies")) {
     if (!s->is_array()) {
       top.type_error("strategies", "an array of preset names or strategy objects", *s);
@@ -466,13 +569,19 @@ void validate(const Config& c, Problems& p) {
     if (d.classes < 2) p.add("data.classes", "must be >= 2, got " + std::to_string(d.classes));
     if (!(d.scale > 0)) p.add("data.scale", "must be > 0, got " + fmt_double(d.scale));
     if (!(d.noise >= 0)) p.add("data.noise", "must be >= 0, got " + fmt_double(d.noise));
-    if (d.samples >= 2 && (c.finetune.sample < 0 || c.finetune.sample >= d.samples))
-      p.add("finetune.sample", "index " + std::to_string(c.finetune.sample) + " is beyond the data (" +
-                                   std::to_string(d.samples) + " samples: 0.." + std::to_string(d.samples - 1) + ")");
+    for (int64_t idx : c.finetune.samples)
+      if (d.samples >= 2 && (idx < 0 || idx >= d.samples))
+        p.add(c.finetune.samples.size() == 1 ? "finetune.sample" : "finetune.samples",
+              "index " + std::to_string(idx) + " is beyond the data (" + std::to_string(d.samples) + " samples: 0.." +
+                  std::to_string(d.samples - 1) + ")");
+    if (c.finetune.draw_count > d.samples)
+      p.add("finetune.samples.count", "cannot draw " + std::to_string(c.finetune.draw_count) + " distinct samples from " +
+                                          std::to_string(d.samples));
   } else if (d.source == "csv") {
     if (d.path.empty()) p.add("data.path", "missing: a csv source needs the path of its file");
     if (d.target_columns.empty()) p.add("data.target_columns", "missing: name the target column(s)");
-    if (c.finetune.sample < 0) p.add("finetune.sample", "must be >= 0, got " + std::to_string(c.finetune.sample));
+    for (int64_t idx : c.finetune.samples)
+      if (idx < 0) p.add("finetune.samples", "a sample index must be >= 0, got " + std::to_string(idx));
   }
   if (c.model.loss == LossKind::kCrossEntropy && d.source == "csv" && d.target_columns.size() > 1)
     p.add("data.target_columns", "cross_entropy takes one target column of class labels");
@@ -493,9 +602,18 @@ void validate(const Config& c, Problems& p) {
     if (batch < 1) p.add(path + ".batch_size", "must be >= 1, got " + std::to_string(batch));
   };
   check_loop("pretrain", c.pretrain.epochs, c.pretrain.batch_size);
-  check_loop("finetune", c.finetune.epochs, c.finetune.batch_size);
   check_optimizer(c.pretrain.optimizer, "pretrain.optimizer", p);
-  check_optimizer(c.finetune.optimizer, "finetune.optimizer", p);
+  for (const auto& g : c.grid) {
+    const std::string where = g.label.empty() ? "finetune" : "grid[" + g.label + "]: finetune";
+    check_loop(where, g.finetune.epochs, g.finetune.batch_size);
+    check_optimizer(g.finetune.optimizer, where + ".optimizer", p);
+  }
+  {
+    std::set<int64_t> distinct(c.finetune.samples.begin(), c.finetune.samples.end());
+    if (distinct.size() != c.finetune.samples.size()) p.add("finetune.samples", "lists a sample more than once");
+    std::set<uint64_t> seeds(c.seeds.begin(), c.seeds.end());
+    if (seeds.size() != c.seeds.size()) p.add("seeds", "lists a seed more than once");
+  }
 
   const bool torch_bn = bn.enabled && bn.semantics == BnSemantics::kTorch;
   if (torch_bn && c.pretrain.batch_size == 1)
@@ -657,6 +775,7 @@ json data_json(const DataConfig& d) {
     j["feature_columns"] = d.feature_columns;
     j["target_columns"] = d.target_columns;
   } else {
+    j["seed"] = d.seed;
     j["samples"] = d.samples;
     j["features"] = d.features;
     j["targets"] = d.targets;
@@ -713,20 +832,59 @@ json strategy_json(const StrategyConfig& s) {
 std::string to_json(const Config& c) {
   json strategies = json::array();
   for (const auto& s : c.strategies) strategies.push_back(strategy_json(s));
+  json samples = c.finetune.samples;
+  if (c.finetune.draw_count > 0) samples = json{{"count", c.finetune.draw_count}, {"seed", c.finetune.draw_seed}};
   json j{{"name", c.name},
-         {"seed", c.seed},
+         {"seeds", c.seeds},
          {"data", data_json(c.data)},
          {"model", model_json(c.model)},
          {"pretrain", pretrain_json(c.pretrain)},
          {"finetune",
-          {{"sample", c.finetune.sample},
+          {{"samples", samples},
            {"epochs", c.finetune.epochs},
            {"batch_size", c.finetune.batch_size},
            {"optimizer", optimizer_json(c.finetune.optimizer)},
            {"monitor", enum_name(kMonitors, c.finetune.monitor)},
            {"save_best_only", c.finetune.save_best_only}}},
+         {"grid", json::parse(c.grid_json)},
          {"strategies", strategies}};
   return j.dump(2) + "\n";
+}
+
+void resolve_samples(Config& c, int64_t n) {
+  auto& f = c.finetune;
+  if (f.draw_count > 0) {
+    if (f.draw_count > n)
+      throw InputError("finetune.samples.count: cannot draw " + std::to_string(f.draw_count) + " distinct samples from " +
+                       std::to_string(n));
+    // A partial Fisher-Yates shuffle driven by splitmix64: the draw depends only on (seed, n).
+    std::vector<int64_t> idx(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) idx[static_cast<size_t>(i)] = i;
+    uint64_t state = f.draw_seed;
+    const auto next = [&state] {
+      uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+      return z ^ (z >> 31);
+    };
+    for (int64_t i = 0; i < f.draw_count; ++i) {
+      const auto j = i + static_cast<int64_t>(next() % static_cast<uint64_t>(n - i));
+      std::swap(idx[static_cast<size_t>(i)], idx[static_cast<size_t>(j)]);
+    }
+    f.samples.assign(idx.begin(), idx.begin() + f.draw_count);
+    std::sort(f.samples.begin(), f.samples.end());
+    f.draw_count = 0;
+  }
+  for (int64_t i : f.samples)
+    if (i < 0 || i >= n)
+      throw InputError(std::string(f.samples.size() == 1 ? "finetune.sample" : "finetune.samples") + ": index " +
+                       std::to_string(i) + " is beyond the data (" + std::to_string(n) + " rows: 0.." + std::to_string(n - 1) + ")");
+  f.sample = f.samples.front();
+  for (auto& g : c.grid) {
+    g.finetune.samples = f.samples;
+    g.finetune.sample = f.sample;
+    g.finetune.draw_count = 0;
+  }
 }
 
 std::string pretrain_cache_key(const Config& c) {

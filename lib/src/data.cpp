@@ -180,13 +180,9 @@ Dataset load_data(const Config& c) {
     if (!in) throw InputError(path + ": cannot read the data file named by data.path (" + errno_text() + ")");
     std::stringstream ss;
     ss << in.rdbuf();
-    Dataset d = parse_csv(ss.str(), path, c.data, c.model.loss);
-    if (c.finetune.sample >= d.size())
-      throw InputError("finetune.sample: index " + std::to_string(c.finetune.sample) + " is beyond the data (" + path + " has " +
-                       std::to_string(d.size()) + " rows: 0.." + std::to_string(d.size() - 1) + ")");
-    return d;
+    return parse_csv(ss.str(), path, c.data, c.model.loss);
   }
-  return make_synthetic(c.data, c.model.loss, c.seed);
+  return make_synthetic(c.data, c.model.loss, c.data.seed);
 }
 
 }  // namespace bnlab

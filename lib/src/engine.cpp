@@ -64,6 +64,7 @@ double pretrain(ModelImpl& model, const Dataset& data, const Config& config, std
   const int64_t total_steps = steps_per_epoch * p.epochs;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(config.seed + 1);
   auto optimizer = make_optimizer(p.optimizer, model.parameters());
+  model.set_dropout_seed(config.seed + 3);
   const bool tty = verbose > 0 && ::isatty(STDERR_FILENO) && &log == &std::cerr;
   const auto t0 = std::chrono::steady_clock::now();
   model.train();
@@ -210,9 +211,14 @@ void recalibrate(ModelImpl& model, const Dataset& data, int64_t batches, int64_t
   model.train(was_training);
 }
 
+uint64_t dropout_seed(const Config& config) {
+  return config.seed * 1000003ULL + static_cast<uint64_t>(config.finetune.sample);
+}
+
 Model prepare_model(const ModelImpl& pretrained, const StrategyConfig& strategy, const Config& config,
                     const Dataset* data) {
   Model model = clone_model(pretrained, config);
+  model->set_dropout_seed(dropout_seed(config));
   if (strategy.recalibrate > 0) {
     if (data == nullptr) throw std::runtime_error("strategy \"" + strategy.name + "\" recalibrates but no pretraining data was given");
     recalibrate(*model, *data, strategy.recalibrate, config.pretrain.batch_size, config.seed + 2, strategy.layers);
@@ -242,7 +248,6 @@ StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strat
 
   model->set_policy(Policy{strategy, config.model.batchnorm.semantics, config.model.batchnorm.momentum});
   auto optimizer = make_optimizer(ft.optimizer, model->parameters());
-  torch::manual_seed(config.seed);  // dropout masks, if any, repeat run after run
 
   const int64_t n = x.size(0);
   std::vector<std::pair<std::string, torch::Tensor>> best;  // ModelCheckpoint's saved weights

@@ -56,6 +56,10 @@ struct EpochRecord {
 void recalibrate(ModelImpl& model, const Dataset& data, int64_t batches, int64_t batch_size,
                  uint64_t seed, const LayerSelection& selection);
 
+/// Seed of a fine-tuning run's dropout generator: seed * 1000003 + sample. Recalibration and
+/// fine-tuning draw from it in forward order.
+uint64_t dropout_seed(const Config& config);
+
 /// The model a strategy fine-tunes: a copy of `pretrained`, recalibrated, folded or with
 /// FrozenBatchNorm modules as the strategy says, its policy not yet applied.
 Model prepare_model(const ModelImpl& pretrained, const StrategyConfig& strategy, const Config& config,

@@ -61,15 +61,23 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
     throw InputError("--strategy: no strategy \"" + options.strategy + "\" in this config" +
                      did_you_mean(options.strategy, names) + "; strategies: " + join(names, ", "));
   }
-  Workspace w = open_workspace(config, options.out_dir, options.force, sample, options.sample >= 0 ? "--sample" : "finetune.sample");
-  ensure_pretrained(w, config, log, options.verbose);
+  if (options.sample >= 0 && config.data.source == "synthetic" && sample >= config.data.samples)
+    throw InputError("--sample: index " + std::to_string(sample) + " is beyond the data (" + std::to_string(config.data.samples) +
+                     " samples: 0.." + std::to_string(config.data.samples - 1) + ")");
+  Config first = config;  // every seed keeps its file name; explain looks at the first
+  first.finetune.samples = {sample};
+  first.finetune.sample = sample;
+  first.finetune.draw_count = 0;
+  Workspace w = open_workspace(first, options.out_dir, options.force);
+  ensure_pretrained(w, log, options.verbose);
+  const Config& cfg = w.config;
   const auto x = w.data.x.narrow(0, sample, 1).clone(), y = w.data.y.narrow(0, sample, 1).clone();
   const LossKind loss = config.model.loss;
   const bool keras = config.model.batchnorm.semantics == BnSemantics::kKeras;
 
   // Layers: the inference path (running statistics) against the training-mode path (batch
   // statistics of this one sample), each on a copy so no buffer of the real model moves.
-  Model inference = clone_model(*w.model, config);
+  Model inference = clone_model(*w.models[0], cfg);
   inference->eval();
   const Trace inf = trace(*inference, x);
   ojson layers = ojson::array();
@@ -79,7 +87,7 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
          "|---|---|---|---|---|---|---|\n";
   Trace tr;
   if (keras && !inf.bn_in.empty()) {
-    Model training = clone_model(*w.model, config);
+    Model training = clone_model(*w.models[0], cfg);
     training->train();
     tr = trace(*training, x);
   }
@@ -125,15 +133,14 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
     const Policy policy{*s, config.model.batchnorm.semantics, config.model.batchnorm.momentum};
     // Three copies of the model as fine-tuning starts it: plain inference (evaluate before),
     // inference under the policy (val_loss), training mode under the policy (loss).
-    Model plain = prepare_model(*w.model, *s, config, &w.data);
-    Model eval_copy = prepare_model(*w.model, *s, config, &w.data);
-    Model train_copy = prepare_model(*w.model, *s, config, &w.data);
+    Model plain = prepare_model(*w.models[0], *s, cfg, &w.data);
+    Model eval_copy = prepare_model(*w.models[0], *s, cfg, &w.data);
+    Model train_copy = prepare_model(*w.models[0], *s, cfg, &w.data);
     plain->eval();
     eval_copy->set_policy(policy);
     train_copy->set_policy(policy);
     eval_copy->eval();
     train_copy->train();
-    torch::manual_seed(config.seed);
     const auto out_plain = trace(*plain, x).out;
     const auto out_eval = trace(*eval_copy, x).out;
     const auto out_train = trace(*train_copy, x).out;

@@ -1,6 +1,8 @@
 // BatchNorm with two numerics conventions, the Dense/BatchNorm network, losses and policy.
 #include "nn.hpp"
 
+#include <ATen/CPUGeneratorImpl.h>
+
 #include <algorithm>
 #include <cmath>
 
@@ -118,8 +120,16 @@ void BatchNormImpl::pretty_print(std::ostream& stream) const {
          << ", semantics=" << to_string(options.semantics()) << ")";
 }
 
+torch::Tensor DropoutImpl::forward(const torch::Tensor& input) {
+  if (!is_training() || p == 0) return input;
+  TORCH_CHECK(generator != nullptr, "Dropout: no generator");
+  const auto mask = torch::empty_like(input).bernoulli_(1 - p, *generator);
+  return input * mask / (1 - p);
+}
+
 ModelImpl::ModelImpl(const ModelConfig& config, int64_t inputs, int64_t outputs)
-    : inputs_(inputs), outputs_(outputs) {
+    : dropout_generator_(std::make_shared<at::Generator>(at::make_generator<at::CPUGeneratorImpl>(0))),
+      inputs_(inputs), outputs_(outputs) {
   TORCH_CHECK(inputs > 0 && outputs > 0, "Model: inputs and outputs must be > 0");
   const auto add = [this](const std::string& kind, torch::nn::AnyModule module) {
     const std::string name = std::to_string(layers_.size());
@@ -143,7 +153,11 @@ ModelImpl::ModelImpl(const ModelConfig& config, int64_t inputs, int64_t outputs)
       case Activation::kTanh: add("tanh", torch::nn::AnyModule(torch::nn::Tanh())); break;
       case Activation::kGelu: add("gelu", torch::nn::AnyModule(torch::nn::GELU())); break;
     }
-    if (config.dropout > 0) add("dropout", torch::nn::AnyModule(torch::nn::Dropout(config.dropout)));
+    if (config.dropout > 0) {
+      Dropout d(config.dropout);
+      d->generator = dropout_generator_;
+      add("dropout", torch::nn::AnyModule(d));
+    }
     width = h;
   }
   add("linear", torch::nn::AnyModule(torch::nn::Linear(width, outputs)));
@@ -161,6 +175,16 @@ torch::Tensor ModelImpl::forward_observed(torch::Tensor x, const LayerObserver& 
     x = std::move(y);
   }
   return x;
+}
+
+void ModelImpl::set_dropout_seed(uint64_t seed) {
+  *dropout_generator_ = at::make_generator<at::CPUGeneratorImpl>(seed);
+}
+
+void ModelImpl::share_dropout_generator(const ModelImpl& other) {
+  dropout_generator_ = other.dropout_generator_;
+  for (size_t i = 0; i < layers_.size(); ++i)
+    if (info_[i].kind == "dropout") layers_[i].get<Dropout>()->generator = dropout_generator_;
 }
 
 void ModelImpl::train(bool on) {
@@ -229,6 +253,7 @@ Model fold_batchnorm(const ModelImpl& model, const ModelConfig& config) {
   ModelConfig plain = config;
   plain.batchnorm.enabled = false;
   Model folded(plain, model.inputs(), model.outputs());
+  folded->share_dropout_generator(model);
   const auto src = model.linears();
   const auto bns = model.batchnorms();
   const auto dst = folded->linears();

@@ -67,6 +67,20 @@ FrozenBatchNorm to_frozen(const BatchNormImpl& bn);
 /// Back to a BatchNorm with `options` (num_features and eps taken from the frozen module).
 BatchNorm from_frozen(const FrozenBatchNormImpl& frozen, BatchNormOptions options);
 
+/// Inverted dropout drawing its masks from a generator the model owns, so that runs in
+/// parallel threads each get their own reproducible masks (torch::nn::Dropout draws from
+/// the global generator). mask = empty_like(x).bernoulli_(1 - p, gen); out = x * mask / (1 - p).
+class DropoutImpl : public torch::nn::Cloneable<DropoutImpl> {
+ public:
+  explicit DropoutImpl(double p) : p(p) { reset(); }
+  void reset() override {}
+  torch::Tensor forward(const torch::Tensor& input);
+  void pretty_print(std::ostream& stream) const override { stream << "bnlab::Dropout(p=" << p << ")"; }
+  double p;
+  std::shared_ptr<at::Generator> generator;
+};
+TORCH_MODULE(Dropout);
+
 /// Batch statistics as the Keras convention computes them: mean and biased variance over dim 0.
 std::pair<torch::Tensor, torch::Tensor> batch_moments(const torch::Tensor& x);
 
@@ -117,6 +131,11 @@ class ModelImpl : public torch::nn::Module {
   /// Copies every parameter and buffer from `other` (same architecture), bit for bit.
   void copy_state_from(const ModelImpl& other);
 
+  /// Dropout masks come from this generator; set_dropout_seed reseeds it, and
+  /// share_dropout_generator makes another model draw from the same stream.
+  void set_dropout_seed(uint64_t seed);
+  void share_dropout_generator(const ModelImpl& other);
+
   int64_t inputs() const { return inputs_; }
   int64_t outputs() const { return outputs_; }
 
@@ -124,6 +143,7 @@ class ModelImpl : public torch::nn::Module {
   std::vector<torch::nn::AnyModule> layers_;
   std::vector<LayerInfo> info_;
   std::optional<Policy> policy_;
+  std::shared_ptr<at::Generator> dropout_generator_;
   int64_t inputs_, outputs_;
 };
 TORCH_MODULE(Model);

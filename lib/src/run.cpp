@@ -1,23 +1,28 @@
-// `bnlab run`: data, pretraining (cached), fine-tuning under each strategy, run directory.
+// `bnlab run`: a study of strategies x seeds x samples (x grid points), run concurrently with
+// results identical to a sequential run, reported as it goes and summarised at the end.
 #include "bnlab/run.hpp"
 
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <ctime>
+#include <fstream>
 #include <iostream>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 
 #include "bnlab/errors.hpp"
 #include "engine.hpp"
+#include "report.hpp"
 #include "text.hpp"
 #include "version.hpp"
 #include "workspace.hpp"
-
 
 namespace bnlab {
 
@@ -32,12 +37,6 @@ namespace {
 double relative(double a, double b) {
   const double scale = std::max({std::abs(a), std::abs(b), 1e-30});
   return std::abs(a - b) / scale;
-}
-
-std::string keras_number(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.4e", v);
-  return buf;
 }
 
 void make_dirs(const std::string& path) {
@@ -75,85 +74,40 @@ std::string iso_now() {
   return buf;
 }
 
-std::string format_csv_number(double v) { return std::isfinite(v) ? fmt_double(v) : std::string(); }
-
-std::string curves_csv(const Config& c, const std::vector<StrategyResult>& results) {
-  const bool cls = c.model.loss == LossKind::kCrossEntropy;
-  std::string out = "strategy,seed,sample,epoch,loss,val_loss";
-  if (cls) out += ",accuracy,val_accuracy";
-  out += "\n";
-  for (const auto& r : results) {
-    for (size_t k = 0; k < r.loss.size(); ++k) {
-      out += r.name + "," + std::to_string(c.seed) + "," + std::to_string(c.finetune.sample) + "," +
-             std::to_string(k + 1) + "," + format_csv_number(r.loss[k]) + "," + format_csv_number(r.val_loss[k]);
-      if (cls) out += "," + format_csv_number(r.accuracy[k]) + "," + format_csv_number(r.val_accuracy[k]);
-      out += "\n";
+/// Progress of a study: a bar with rate and ETA on a terminal, a plain line per 10% otherwise.
+class Progress {
+ public:
+  Progress(size_t total, int verbose, std::ostream& log)
+      : total_(total), verbose_(verbose), log_(log),
+        tty_(&log == &std::cerr && ::isatty(STDERR_FILENO)), start_(std::chrono::steady_clock::now()) {}
+  void update(size_t done) {
+    if (verbose_ != 1 || total_ == 0) return;
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    const double rate = static_cast<double>(done) / std::max(elapsed, 1e-9);
+    const double eta = rate > 0 ? static_cast<double>(total_ - done) / rate : 0;
+    char buf[200];
+    if (tty_) {
+      const size_t width = 30, filled = width * done / total_;
+      std::snprintf(buf, sizeof buf, "\r[%s%s] %zu/%zu runs  %.1f runs/s  ETA %.1fs ", std::string(filled, '#').c_str(),
+                    std::string(width - filled, ' ').c_str(), done, total_, rate, eta);
+      log_ << buf << (done == total_ ? "\n" : "") << std::flush;
+    } else if (done == total_ || done * 10 / total_ != (done - 1) * 10 / total_) {
+      std::snprintf(buf, sizeof buf, "study: %zu/%zu runs (%zu%%), %.1f runs/s, ETA %.1fs\n", done, total_,
+                    100 * done / total_, rate, eta);
+      log_ << buf << std::flush;
     }
   }
-  return out;
-}
 
-ojson summary_json(const Config& c, const std::vector<StrategyResult>& results) {
-  ojson strategies = ojson::array();
-  for (size_t i = 0; i < results.size(); ++i) {
-    const auto& r = results[i];
-    ojson s{{"name", r.name},
-            {"preset", c.strategies[i].preset},
-            {"evaluate_pretrained", r.evaluate_pretrained},
-            {"evaluate_before", r.evaluate_before},
-            {"evaluate_after", r.evaluate_after},
-            {"best_epoch", r.best_epoch},
-            {"final_loss", r.loss.back()},
-            {"final_val_loss", r.val_loss.back()},
-            {"max_gap", r.max_gap},
-            {"lag",
-             {{"first", r.lag_first},
-              {"steps", r.lag_steps},
-              {"residual", r.lag_residual},
-              {"relative", r.lag_relative},
-              {"tolerance", kLagTolerance},
-              {"holds", r.lag_identity_holds}}},
-            {"loss", r.loss},
-            {"val_loss", r.val_loss}};
-    if (!r.accuracy.empty()) {
-      s["accuracy"] = r.accuracy;
-      s["val_accuracy"] = r.val_accuracy;
-    }
-    strategies.push_back(s);
-  }
-  return ojson{{"experiment", c.name},
-               {"seed", c.seed},
-               {"sample", c.finetune.sample},
-               {"loss", to_string(c.model.loss)},
-               {"semantics", to_string(c.model.batchnorm.semantics)},
-               {"strategies", strategies}};
-}
+ private:
+  size_t total_;
+  int verbose_;
+  std::ostream& log_;
+  bool tty_;
+  std::chrono::steady_clock::time_point start_;
+};
 
-std::string summary_table(const std::vector<StrategyResult>& results) {
-  std::string out =
-      "| strategy | evaluate before | final loss | final val_loss | max gap | lag residual | lag identity | evaluate after |\n"
-      "|---|---|---|---|---|---|---|---|\n";
-  char buf[512];
-  for (const auto& r : results) {
-    std::snprintf(buf, sizeof buf, "| %s | %.6f | %.6f | %.6f | %.3e | %.3e | %s | %.6f |\n", r.name.c_str(),
-                  r.evaluate_before, r.loss.back(), r.val_loss.back(), r.max_gap, r.lag_residual,
-                  r.lag_identity_holds ? "holds" : "broken", r.evaluate_after);
-    out += buf;
-  }
-  return out;
-}
-
-std::string summary_md(const Config& c, const std::vector<StrategyResult>& results) {
-  std::string out = "# " + c.name + ": single-sample fine-tuning\n\n";
-  out += "Sample " + std::to_string(c.finetune.sample) + ", seed " + std::to_string(c.seed) + ", loss " +
-         to_string(c.model.loss) + ", BatchNorm semantics " + to_string(c.model.batchnorm.semantics) + ", " +
-         std::to_string(c.finetune.epochs) + " epochs of batch size " + std::to_string(c.finetune.batch_size) + ".\n\n";
-  out += summary_table(results);
-  out += "\n`loss` is Keras' training loss (forward pass before each update, BatchNorm in whatever mode the strategy "
-         "leaves it); `val_loss` is the inference-mode loss after the epoch. The lag identity says loss[1] == evaluate "
-         "before and loss[k+1] == val_loss[k] (relative tolerance " + fmt_double(kLagTolerance) +
-         "); it holds exactly when the training-mode forward pass is the inference forward pass.\n";
-  return out;
+std::string pick_file(const std::string& dir, const std::string& stem, const Config& c, uint64_t seed) {
+  return dir + "/" + stem + (c.seeds.size() > 1 ? "_seed" + std::to_string(seed) : "") + ".pt";
 }
 
 }  // namespace
@@ -173,115 +127,204 @@ void compute_lag(StrategyResult& r) {
   r.lag_identity_holds = r.lag_relative <= kLagTolerance;
 }
 
-Workspace open_workspace(const Config& config, const std::string& out_dir, bool force, int64_t sample,
-                         const std::string& sample_origin) {
+std::string Workspace::pretrained_path(size_t i) const { return pick_file(dir, "pretrained", config, config.seeds[i]); }
+std::string Workspace::sample_path(size_t i) const { return pick_file(dir, "sample", config, config.seeds[i]); }
+
+Workspace open_workspace(const Config& config, const std::string& out_dir, bool force) {
   Workspace w;
+  w.config = config;
   w.dir = out_dir.empty() ? "runs/" + config.name : out_dir;
   w.data = load_data(config);
-  if (sample < 0 || sample >= w.data.size())
-    throw InputError(sample_origin + ": index " + std::to_string(sample) + " is beyond the data (" + std::to_string(w.data.size()) +
-                     " samples: 0.." + std::to_string(w.data.size() - 1) + ")");
+  resolve_samples(w.config, w.data.size());
   const auto& bn = config.model.batchnorm;
   if (bn.enabled && bn.semantics == BnSemantics::kTorch && w.data.size() % config.pretrain.batch_size == 1)
     throw InputError("pretrain.batch_size: " + std::to_string(config.pretrain.batch_size) + " leaves a last batch of ONE sample out of " +
                      std::to_string(w.data.size()) + " rows, which PyTorch BatchNorm refuses in training mode; pick another batch size");
   check_out_dir(w.dir, config, force);
-  torch::manual_seed(config.seed);
-  w.model = build_model(config, w.data);
-  w.key = pretrain_cache_key(config);
-  w.cache = force ? CacheState::kMissing : load_pretrained(w.dir + "/pretrained.pt", *w.model, w.key);
+  for (size_t i = 0; i < w.config.seeds.size(); ++i) {
+    Config c = w.config;
+    c.seed = c.seeds[i];
+    torch::manual_seed(c.seed);  // initialisation; pretraining itself uses its own generators
+    w.models.push_back(build_model(c, w.data));
+    w.keys.push_back(pretrain_cache_key(c));
+    w.cache.push_back(force ? CacheState::kMissing : load_pretrained(w.pretrained_path(i), *w.models.back(), w.keys.back()));
+  }
   return w;
 }
 
-void ensure_pretrained(Workspace& w, const Config& config, std::ostream& log, int verbose) {
+void ensure_pretrained(Workspace& w, std::ostream& log, int verbose) {
   make_dirs(w.dir);
-  const std::string ckpt = w.dir + "/pretrained.pt";
-  if (w.cache == CacheState::kLoaded) {
-    if (verbose > 0) log << "pretrained weights: reusing " << ckpt << " (cache key " << w.key << ")\n";
-    return;
+  for (size_t i = 0; i < w.models.size(); ++i) {
+    Config c = w.config;
+    c.seed = c.seeds[i];
+    const std::string path = w.pretrained_path(i);
+    const std::string who = w.models.size() > 1 ? " (seed " + std::to_string(c.seed) + ")" : "";
+    if (w.cache[i] == CacheState::kLoaded) {
+      if (verbose > 0) log << "pretrained weights" << who << ": reusing " << path << " (cache key " << w.keys[i] << ")\n";
+      continue;
+    }
+    if (verbose > 0)
+      log << "pretrained weights" << who
+          << (w.cache[i] == CacheState::kStale ? ": cache key changed, pretraining again\n" : ": none cached, pretraining\n");
+    pretrain(*w.models[i], w.data, c, log, verbose);
+    save_pretrained(path, *w.models[i], w.data, w.keys[i]);
+    w.cache[i] = CacheState::kLoaded;
   }
-  if (verbose > 0) {
-    log << (w.cache == CacheState::kStale ? "pretrained weights: cache key changed, pretraining again\n"
-                                          : "pretrained weights: none cached, pretraining\n");
-  }
-  pretrain(*w.model, w.data, config, log, verbose);
-  save_pretrained(ckpt, *w.model, w.data, w.key);
 }
 
-RunResult run(const Config& config, const RunOptions& options, std::ostream& log) {
+RunResult run(const Config& input, const RunOptions& options, std::ostream& log) {
   using clock = std::chrono::steady_clock;
   const auto t_start = clock::now();
   const auto since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
   torch::set_num_threads(std::max(1, options.threads));
+  if (options.shard_count < 1 || options.shard_index < 1 || options.shard_index > options.shard_count)
+    throw InputError("--shard: expected I/N with 1 <= I <= N, got " + std::to_string(options.shard_index) + "/" +
+                     std::to_string(options.shard_count));
   // Everything that can be wrong with the input is found before the first file is written.
-  Workspace w = open_workspace(config, options.out_dir, options.force, config.finetune.sample, "finetune.sample");
-  RunResult result;
-  result.out_dir = w.dir;
+  Workspace w = open_workspace(input, options.out_dir, options.force);
+  const Config& config = w.config;
   const std::string& dir = w.dir;
-  Dataset& data = w.data;
-  Model& model = w.model;
-  const std::string& key = w.key;
+  const auto plan = plan_runs(config);
+  std::vector<RunKey> mine;
+  for (const auto& k : plan)
+    if (static_cast<int>(k.run % static_cast<size_t>(options.shard_count)) == options.shard_index - 1) mine.push_back(k);
+  const int verbose = options.verbose >= 0 ? options.verbose : (mine.size() <= 20 ? 2 : 1);
+
+  RunResult result;
+  result.out_dir = dir;
   make_dirs(dir);
   write_file_atomic(dir + "/config.resolved.json", to_json(config));
   const double data_seconds = since(t_start);
 
   auto t = clock::now();
-  result.pretrain_cached = w.cache == CacheState::kLoaded;
-  ensure_pretrained(w, config, log, options.verbose);
+  result.pretrain_cached = std::all_of(w.cache.begin(), w.cache.end(), [](CacheState s) { return s == CacheState::kLoaded; });
+  ensure_pretrained(w, log, verbose);
   result.pretrain_seconds = since(t);
 
-  const int64_t idx = config.finetune.sample;
-  const auto x = data.x.narrow(0, idx, 1).clone();
-  const auto y = data.y.narrow(0, idx, 1).clone();
-  {
+  // The fine-tuned rows of every seed, loadable by torch.load (the data do not depend on the seed,
+  // but each seed's file sits beside that seed's weights).
+  const auto idx = torch::tensor(config.finetune.samples, torch::kLong);
+  for (size_t i = 0; i < config.seeds.size(); ++i) {
     c10::impl::GenericDict sample(c10::StringType::get(), c10::AnyType::get());
-    sample.insert("x", x);
-    sample.insert("y", y);
+    sample.insert("x", w.data.x.index_select(0, idx));
+    sample.insert("y", w.data.y.index_select(0, idx));
     sample.insert("index", idx);
-    sample.insert("x_raw", data.x_raw.narrow(0, idx, 1).clone());
+    sample.insert("x_raw", w.data.x_raw.index_select(0, idx));
     const auto bytes = torch::pickle_save(c10::IValue(sample));
-    write_file_atomic(dir + "/sample.pt", std::string(bytes.begin(), bytes.end()));
+    write_file_atomic(w.sample_path(i), std::string(bytes.begin(), bytes.end()));
   }
 
   t = clock::now();
-  for (const auto& strategy : config.strategies) {
-    if (options.verbose > 0) log << "\nstrategy " << strategy.name << "\n";
-    const auto print = [&](const EpochRecord& r) {
-      if (options.verbose <= 0) return;
-      log << "Epoch " << r.epoch << "/" << r.epochs << " - loss: " << keras_number(r.loss);
-      if (r.classification) log << " - accuracy: " << keras_number(r.accuracy);
-      log << " - val_loss: " << keras_number(r.val_loss);
-      if (r.classification) log << " - val_accuracy: " << keras_number(r.val_accuracy);
-      log << "\n";
-    };
-    StrategyResult r = finetune(*model, strategy, x, y, config, print, {}, &data);
-    if (options.verbose > 0)
-      log << "evaluate before: " << keras_number(r.evaluate_before) << "  evaluate after (epoch " << r.best_epoch
-          << " weights): " << keras_number(r.evaluate_after) << "  lag identity: "
-          << (r.lag_identity_holds ? "holds" : "broken") << " (residual " << keras_number(r.lag_residual) << ")\n";
-    result.strategies.push_back(std::move(r));
-  }
-  result.finetune_seconds = since(t);
+  const std::string metrics_path = dir + "/metrics.jsonl";
+  write_file_atomic(metrics_path, "");
+  std::ofstream metrics(metrics_path, std::ios::app);
+  std::vector<StrategyResult> results(mine.size());
+  std::vector<std::string> console(mine.size());
+  std::vector<char> done(mine.size(), 0);
+  size_t next_flush = 0, finished = 0;
+  std::mutex mu;
+  Progress progress(mine.size(), verbose, log);
+  const bool cls = config.model.loss == LossKind::kCrossEntropy;
 
-  write_file_atomic(dir + "/curves.csv", curves_csv(config, result.strategies));
-  write_file_atomic(dir + "/summary.json", summary_json(config, result.strategies).dump(2) + "\n");
-  write_file_atomic(dir + "/summary.md", summary_md(config, result.strategies));
+  const auto execute = [&](size_t m) {
+    const RunKey& key = mine[m];
+    Config rc = config;
+    rc.seed = config.seeds[key.seed];
+    rc.finetune = config.grid[key.grid].finetune;
+    rc.finetune.sample = config.finetune.samples[key.sample];
+    const auto& strategy = config.strategies[key.strategy];
+    const auto x = w.data.x.narrow(0, rc.finetune.sample, 1), y = w.data.y.narrow(0, rc.finetune.sample, 1);
+    std::string text;
+    if (verbose >= 2) {
+      text += "\nstrategy " + strategy.name + (config.grid[key.grid].label.empty() ? "" : ", " + config.grid[key.grid].label);
+      if (config.seeds.size() > 1 || config.finetune.samples.size() > 1)
+        text += ", seed " + std::to_string(rc.seed) + ", sample " + std::to_string(rc.finetune.sample);
+      text += "\n";
+    }
+    StrategyResult r;
+    try {
+      r = finetune(*w.models[key.seed], strategy, x, y, rc,
+                   [&](const EpochRecord& e) {
+                     if (verbose >= 2)
+                       text += keras_line(e.epoch, e.epochs, e.loss, e.val_loss, cls ? &e.accuracy : nullptr,
+                                          cls ? &e.val_accuracy : nullptr) + "\n";
+                   },
+                   {}, &w.data);
+      if (verbose >= 2) {
+        char buf[300];
+        std::snprintf(buf, sizeof buf, "evaluate before: %.4e  evaluate after (epoch %d weights): %.4e  lag identity: %s (residual %.4e)\n",
+                      r.evaluate_before, r.best_epoch, r.evaluate_after, r.lag_identity_holds ? "holds" : "broken", r.lag_residual);
+        text += buf;
+      }
+    } catch (const std::exception& e) {
+      std::string what = e.what();
+      what = what.substr(0, what.find("\nException raised from"));
+      r = StrategyResult{};
+      r.failed = true;
+      r.error = what;
+      text += "run failed: " + what + "\n";
+    }
+    r.name = strategy.name;
+    r.run = key.run;
+    r.grid = config.grid[key.grid].label;
+    r.seed = rc.seed;
+    r.sample = rc.finetune.sample;
+    // Publish in run order, so metrics.jsonl and the console read the same at any --jobs.
+    std::lock_guard<std::mutex> lock(mu);
+    results[m] = std::move(r);
+    console[m] = std::move(text);
+    done[m] = 1;
+    while (next_flush < mine.size() && done[next_flush]) {
+      metrics << metrics_lines(results[next_flush]) << std::flush;
+      if (verbose >= 2) log << console[next_flush] << std::flush;
+      console[next_flush].clear();
+      ++next_flush;
+    }
+    progress.update(++finished);
+  };
+
+  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+  const size_t jobs = std::min<size_t>(mine.size(), options.jobs > 0 ? static_cast<size_t>(options.jobs) : hw);
+  if (jobs <= 1) {
+    for (size_t m = 0; m < mine.size(); ++m) execute(m);
+  } else {
+    std::atomic<size_t> next{0};
+    std::vector<std::thread> pool;
+    for (size_t j = 0; j < jobs; ++j)
+      pool.emplace_back([&] {
+        for (size_t m = next++; m < mine.size(); m = next++) execute(m);
+      });
+    for (auto& th : pool) th.join();
+  }
+  metrics.close();
+  result.finetune_seconds = since(t);
+  for (const auto& r : results) result.failed += r.failed ? 1 : 0;
+
+  const std::string table = write_reports(dir, config, results, options.plots, log);
   ojson manifest{{"argv", options.argv},
                  {"bnlab_version", bnlab_version()},
                  {"git_commit", git_commit()},
                  {"libtorch_version", TORCH_VERSION},
-                 {"seed", config.seed},
+                 {"seeds", config.seeds},
                  {"threads", torch::get_num_threads()},
+                 {"jobs", jobs},
+                 {"shard", std::to_string(options.shard_index) + "/" + std::to_string(options.shard_count)},
+                 {"runs", mine.size()},
+                 {"failed_runs", result.failed},
                  {"finished_at", iso_now()},
                  {"pretrain_cached", result.pretrain_cached},
-                 {"cache_key", key},
+                 {"cache_keys", w.keys},
                  {"timings_s",
                   {{"data", data_seconds},
                    {"pretrain", result.pretrain_seconds},
                    {"finetune", result.finetune_seconds},
                    {"total", since(t_start)}}}};
   write_file_atomic(dir + "/manifest.json", manifest.dump(2) + "\n");
-  if (options.verbose > 0) log << "\n" << summary_table(result.strategies) << "\nresults in " << dir << "\n";
+  if (verbose > 0) {
+    log << "\n" << table << "\nresults in " << dir << "\n";
+    if (result.failed) log << result.failed << " run(s) failed; see summary.md\n";
+  }
+  result.runs = std::move(results);
   return result;
 }
 

@@ -1,8 +1,9 @@
-// What run and explain share: the data, the run directory and the pretrained model.
+// What run and explain share: the data, the run directory and each seed's pretrained model.
 #pragma once
 
 #include <iosfwd>
 #include <string>
+#include <vector>
 
 #include "bnlab/config.hpp"
 #include "data.hpp"
@@ -11,20 +12,23 @@
 namespace bnlab {
 
 struct Workspace {
+  Config config;                          ///< with the sample draw resolved against the data
   std::string dir;                        ///< run directory
   Dataset data;
-  Model model{nullptr};                   ///< initialised, or loaded from the cache
-  std::string key;                        ///< pretraining cache key
-  CacheState cache = CacheState::kMissing;
+  std::vector<Model> models;              ///< one per seed: initialised, or loaded from the cache
+  std::vector<std::string> keys;          ///< pretraining cache key per seed
+  std::vector<CacheState> cache;
+  /// pretrained.pt / sample.pt for one seed; pretrained_seed<S>.pt / sample_seed<S>.pt for several.
+  std::string pretrained_path(size_t seed_index) const;
+  std::string sample_path(size_t seed_index) const;
 };
 
-/// Loads the data, checks `sample` and the run directory, builds the model and loads the
-/// cached pretrained weights when they match. Writes nothing; bad input throws InputError.
-/// `sample_origin` names where the sample index came from in the message ("finetune.sample").
-Workspace open_workspace(const Config& config, const std::string& out_dir, bool force, int64_t sample,
-                         const std::string& sample_origin);
+/// Loads the data, resolves and checks the samples, checks the run directory, builds each
+/// seed's model and loads its cached weights when they match. Writes nothing; bad input
+/// throws InputError.
+Workspace open_workspace(const Config& config, const std::string& out_dir, bool force);
 
-/// Creates the run directory and pretrains (then caches) unless the cache was loaded.
-void ensure_pretrained(Workspace& w, const Config& config, std::ostream& log, int verbose);
+/// Creates the run directory and pretrains (then caches) every seed whose cache missed.
+void ensure_pretrained(Workspace& w, std::ostream& log, int verbose);
 
 }  // namespace bnlab

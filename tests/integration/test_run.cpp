@@ -38,7 +38,7 @@ RunResult run_quiet(const Config& c, const std::string& dir, bool force = false)
 }
 
 const StrategyResult& by_name(const RunResult& r, const std::string& name) {
-  for (const auto& s : r.strategies)
+  for (const auto& s : r.runs)
     if (s.name == name) return s;
   throw std::runtime_error("no strategy " + name);
 }
@@ -54,16 +54,18 @@ TEST(Run, SmokeWritesACompleteSelfDescribingRunDirectory) {
   std::istringstream csv(read_file(dir + "/curves.csv"));
   std::string line;
   std::getline(csv, line);
-  EXPECT_EQ(line, "strategy,seed,sample,epoch,loss,val_loss");
+  EXPECT_EQ(line, "strategy,grid,seed,sample,epoch,loss,val_loss");
   int rows = 0;
   while (std::getline(csv, line)) ++rows;
   EXPECT_EQ(rows, 2 * 5);
   const auto summary = nlohmann::json::parse(read_file(dir + "/summary.json"));
-  ASSERT_EQ(summary["strategies"].size(), 2u);
-  EXPECT_DOUBLE_EQ(summary["strategies"][1]["evaluate_before"].get<double>(), r.strategies[1].evaluate_before);
-  EXPECT_EQ(summary["strategies"][1]["loss"].size(), 5u);
+  ASSERT_EQ(summary["runs"].size(), 2u);
+  EXPECT_DOUBLE_EQ(summary["runs"][1]["evaluate_before"].get<double>(), r.runs[1].evaluate_before);
+  EXPECT_EQ(summary["runs"][1]["loss"].size(), 5u);
+  ASSERT_EQ(summary["aggregates"].size(), 2u);
+  EXPECT_EQ(summary["aggregates"][1]["final_gap"]["n"].get<int>(), 1);
   const auto manifest = nlohmann::json::parse(read_file(dir + "/manifest.json"));
-  EXPECT_EQ(manifest["seed"].get<int>(), 7);
+  EXPECT_EQ(manifest["seeds"][0].get<int>(), 7);
   EXPECT_FALSE(manifest["pretrain_cached"].get<bool>());
   // The resolved config parses back to the same experiment.
   EXPECT_EQ(to_json(parse_config(read_file(dir + "/config.resolved.json"), "resolved")), to_json(c));
@@ -82,9 +84,9 @@ TEST(Run, SecondRunReusesTheCacheAndIsBitIdentical) {
   run_quiet(c, dir2);
   EXPECT_EQ(read_file(dir2 + "/curves.csv"), curves) << "two runs of the same config gave different curves";
   EXPECT_EQ(read_file(dir2 + "/pretrained.pt").size(), read_file(dir + "/pretrained.pt").size());
-  for (size_t i = 0; i < first.strategies.size(); ++i) {
-    EXPECT_EQ(first.strategies[i].loss, second.strategies[i].loss);
-    EXPECT_EQ(first.strategies[i].val_loss, second.strategies[i].val_loss);
+  for (size_t i = 0; i < first.runs.size(); ++i) {
+    EXPECT_EQ(first.runs[i].loss, second.runs[i].loss);
+    EXPECT_EQ(first.runs[i].val_loss, second.runs[i].val_loss);
   }
   // Changing a pretraining setting invalidates the cache.
   const auto changed = parse_config(read_file(source("configs/smoke/keras_nll.json")), "c", {"pretrain.epochs=1"});
@@ -160,15 +162,15 @@ TEST(Run, ClassificationReportsAccuracy) {
   const auto c = load_config(source("configs/smoke/classify.json"));
   const auto dir = temp_dir("cls");
   const auto r = run_quiet(c, dir);
-  ASSERT_EQ(r.strategies[0].accuracy.size(), 3u);
-  for (double a : r.strategies[0].val_accuracy) EXPECT_TRUE(a == 0.0 || a == 1.0);
+  ASSERT_EQ(r.runs[0].accuracy.size(), 3u);
+  for (double a : r.runs[0].val_accuracy) EXPECT_TRUE(a == 0.0 || a == 1.0);
   std::istringstream csv(read_file(dir + "/curves.csv"));
   std::string header;
   std::getline(csv, header);
-  EXPECT_EQ(header, "strategy,seed,sample,epoch,loss,val_loss,accuracy,val_accuracy");
+  EXPECT_EQ(header, "strategy,grid,seed,sample,epoch,loss,val_loss,accuracy,val_accuracy");
   // save_best_only false: evaluate after uses the last epoch's weights.
-  EXPECT_EQ(r.strategies[0].best_epoch, 3);
-  EXPECT_EQ(r.strategies[0].evaluate_after, r.strategies[0].val_loss.back());
+  EXPECT_EQ(r.runs[0].best_epoch, 3);
+  EXPECT_EQ(r.runs[0].evaluate_after, r.runs[0].val_loss.back());
 }
 
 // The report, reproduced: the main job's default config, checked against the issue's expectations.
@@ -206,7 +208,7 @@ TEST(Run, CsvConfigWithAPathRelativeToTheConfigFile) {
       "target_columns": ["target"]}, "model": {"hidden": [8], "loss": "mse"},
       "pretrain": {"epochs": 2, "batch_size": 32}, "finetune": {"sample": 199, "epochs": 2}})");
   const auto r = run_quiet(load_config(base + "/exp.json"), dir);
-  ASSERT_EQ(r.strategies.size(), 2u);
+  ASSERT_EQ(r.runs.size(), 2u);
   EXPECT_TRUE(by_name(r, "frozen").lag_identity_holds);
   // Sample beyond the file's rows is bad input, found before anything is written.
   const auto bad = parse_config(read_file(base + "/exp.json"), "exp.json", {"finetune.sample=200"}, base);
@@ -214,7 +216,7 @@ TEST(Run, CsvConfigWithAPathRelativeToTheConfigFile) {
     run_quiet(bad, base + "/never");
     FAIL() << "expected InputError";
   } catch (const InputError& e) {
-    EXPECT_NE(std::string(e.what()).find("finetune.sample: index 200 is beyond the data"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("finetune.sample: index 200 is beyond the data (" ), std::string::npos) << e.what();
   }
   EXPECT_NE(::access((base + "/never").c_str(), F_OK), 0);
 }

@@ -78,13 +78,13 @@ def main():
             if float((std_x - x).abs().max()) > 1e-6:
                 failures.append("sample.x is not (x_raw - x_mean) / x_std")
         print(f"python evaluate: {ours:.9g}")
-        for s in summary["strategies"]:
+        for s in summary["runs"]:
             diff = abs(s["evaluate_pretrained"] - ours)
-            print(f"  {s['name']}: bnlab evaluate_pretrained {s['evaluate_pretrained']:.9g}  |diff| {diff:.3g}")
+            print(f"  {s['strategy']}: bnlab evaluate_pretrained {s['evaluate_pretrained']:.9g}  |diff| {diff:.3g}")
             if diff > TOL:
-                failures.append(f"{s['name']}: evaluate_pretrained {s['evaluate_pretrained']} vs python {ours}")
+                failures.append(f"{s['strategy']}: evaluate_pretrained {s['evaluate_pretrained']} vs python {ours}")
         if cfg["model"]["batchnorm"]["semantics"] == "keras" and cfg["model"]["batchnorm"]["enabled"]:
-            train = [s for s in summary["strategies"] if s["name"] == "train"]
+            train = [s for s in summary["runs"] if s["strategy"] == "train"]
             if train and cfg["model"]["dropout"] == 0:
                 bns = [i for i, l in enumerate(model) if isinstance(l, torch.nn.BatchNorm1d)]
                 h = model[bns[-1]].bias.detach().unsqueeze(0)  # last BN outputs beta

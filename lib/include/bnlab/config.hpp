@@ -34,6 +34,7 @@ struct OptimizerConfig {
 struct DataConfig {
   std::string source = "synthetic";  ///< "synthetic" | "csv"
   // synthetic
+  uint64_t seed = 0;                 ///< seed of the generator: the data do not change with `seeds`
   int64_t samples = 100000;          ///< number of generated samples, >= 2
   int64_t features = 8;              ///< input width, >= 1
   int64_t targets = 1;               ///< regression outputs (gaussian_nll, mse), >= 1
@@ -71,7 +72,12 @@ struct PretrainConfig {
 };
 
 struct FinetuneConfig {
-  int64_t sample = 4321;                      ///< index of the fine-tuned sample in the data
+  int64_t sample = 4321;                      ///< the sample of the current run (first of `samples`)
+  /// Samples of the study, each fine-tuned on its own: `sample` (one index), `samples` (a
+  /// list), or a random draw {count, seed} resolved once the data size is known.
+  std::vector<int64_t> samples = {4321};
+  int64_t draw_count = 0;                     ///< > 0: draw this many distinct indices at random
+  uint64_t draw_seed = 0;                     ///< seed of that draw
   int64_t epochs = 10;
   int64_t batch_size = 1;
   OptimizerConfig optimizer{OptimizerKind::kSgd, 1e-3};
@@ -106,9 +112,19 @@ struct StrategyConfig {
   BnModule bn_module = BnModule::kBatchNorm;
 };
 
+/// One point of the fine-tuning grid: its label ("optimizer.lr=1e-07,epochs=5", "" without
+/// a grid) and the fine-tuning settings there.
+struct GridPoint {
+  std::string label;
+  FinetuneConfig finetune;
+};
+
 struct Config {
   std::string name;                            ///< experiment name; default run dir runs/<name>
-  uint64_t seed = 0;
+  uint64_t seed = 0;                           ///< the current run's seed (first of `seeds`)
+  std::vector<uint64_t> seeds = {0};           ///< every seed of the study: init, shuffling, dropout
+  std::string grid_json = "{}";                ///< the grid as written: finetune path -> values
+  std::vector<GridPoint> grid;                 ///< expanded grid; one unlabeled point without a grid
   std::string base_dir;                        ///< directory of the config file, for relative paths
   DataConfig data;
   ModelConfig model;
@@ -135,6 +151,10 @@ Config parse_config(const std::string& text, const std::string& origin,
 
 /// Every value of the config, defaults included, as pretty JSON (config.resolved.json).
 std::string to_json(const Config& config);
+
+/// Resolves a random sample draw against the data size (no-op for explicit samples);
+/// throws InputError when the draw or an index does not fit.
+void resolve_samples(Config& config, int64_t data_size);
 
 /// Hash of the settings that determine pretrained weights (seed, data, model, pretrain).
 std::string pretrain_cache_key(const Config& config);

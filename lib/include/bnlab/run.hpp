@@ -12,14 +12,25 @@ namespace bnlab {
 struct RunOptions {
   std::string out_dir;                 ///< default: runs/<config name>
   bool force = false;                  ///< reuse a directory holding another experiment; ignore the cache
-  int verbose = 1;                     ///< 0 silent, 1 progress + epochs, 2 also per-step detail
-  int threads = 1;                     ///< intra-op threads; fixed for reproducible curves
+  int verbose = -1;                    ///< 0 silent, 1 progress, 2 one line per epoch; -1: 2 for <= 20 runs, else 1
+  int threads = 1;                     ///< intra-op threads per run; fixed for reproducible curves
+  int jobs = 0;                        ///< runs executed concurrently; 0 = all cores
+  int shard_index = 1;                 ///< with shard_count: run only runs r with r % count == index - 1
+  int shard_count = 1;
+  bool plots = true;                   ///< render curves.png/svg (and the gap distribution) with gnuplot
   std::vector<std::string> argv;       ///< recorded in manifest.json
 };
 
-/// What one strategy's fine-tuning produced. Index k of loss/val_loss is epoch k+1.
+/// What one run (grid point x strategy x seed x sample) produced. Index k of loss/val_loss
+/// is epoch k+1.
 struct StrategyResult {
-  std::string name;
+  std::string name;                    ///< the strategy
+  size_t run = 0;                      ///< position in the study's run order (grid, strategy, seed, sample)
+  std::string grid;                    ///< grid point label, "" without a grid
+  uint64_t seed = 0;
+  int64_t sample = 0;
+  bool failed = false;                 ///< e.g. a non-finite loss; `error` says where
+  std::string error;
   double evaluate_pretrained = 0;      ///< untouched pretrained weights, inference mode
   double evaluate_before = 0;          ///< the model about to be fine-tuned (after the strategy's
                                        ///< recalibrate/fold/bn_module transforms), inference mode
@@ -40,10 +51,11 @@ inline constexpr double kLagTolerance = 1e-6;
 
 struct RunResult {
   std::string out_dir;
-  bool pretrain_cached = false;
+  bool pretrain_cached = false;        ///< every seed's weights came from the cache
   double pretrain_seconds = 0;
   double finetune_seconds = 0;
-  std::vector<StrategyResult> strategies;
+  std::vector<StrategyResult> runs;    ///< this shard's runs, in run order
+  size_t failed = 0;                   ///< runs that failed (the others completed)
 };
 
 /// Loads data, pretrains (or reuses the cached checkpoint), fine-tunes the sample under
