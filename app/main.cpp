@@ -8,6 +8,7 @@
 #include "bnlab/config.hpp"
 #include "bnlab/errors.hpp"
 #include "bnlab/run.hpp"
+#include "bnlab/tools.hpp"
 
 namespace {
 
@@ -18,6 +19,9 @@ constexpr const char* kUsage =
     "  run CONFIG      pretrain (cached), fine-tune one sample under every strategy, write the run directory\n"
     "  explain CONFIG  why training and inference losses differ: per BatchNorm layer and per strategy\n"
     "  validate CONFIG check a config and print it resolved (defaults filled in); writes nothing\n"
+    "  golden RUN_DIR -o FILE              write a golden file of every curve point and summary figure\n"
+    "  check RUN_DIR --golden FILE         compare with a golden file; exit 1 and print a diff on mismatch\n"
+    "  merge DIR... -o DIR                 combine the shard directories of one study\n"
     "\n"
     "  bnlab <command> --help   options of a command\n"
     "  bnlab --version\n";
@@ -130,6 +134,59 @@ int cmd_run(int argc, char** argv, Command command) {
   return result.failed > 0 ? bnlab::kExitFailure : bnlab::kExitOk;
 }
 
+/// golden, check and merge: small commands over finished run directories.
+int cmd_tool(int argc, char** argv, const std::string& name) {
+  cxxopts::Options opts("bnlab " + name, name == "golden"  ? "Write a golden file of a run directory."
+                                         : name == "check" ? "Compare a run directory with a golden file."
+                                                           : "Merge the shard directories of one study.");
+  opts.add_options()("dirs", "run directories", cxxopts::value<std::vector<std::string>>())("h,help", "show this help");
+  if (name != "check") opts.add_options()("o,out", "output file (golden) or directory (merge)", cxxopts::value<std::string>());
+  if (name == "check") {
+    opts.add_options()
+        ("golden", "golden file", cxxopts::value<std::string>())
+        ("rtol", "relative tolerance", cxxopts::value<double>()->default_value("1e-5"))
+        ("atol", "absolute tolerance", cxxopts::value<double>()->default_value("1e-8"))
+        ("junit", "also write JUnit XML to this file", cxxopts::value<std::string>());
+  }
+  if (name == "merge") {
+    opts.add_options()("force", "overwrite an output directory with results")("no-plots", "do not render plots");
+  }
+  opts.parse_positional({"dirs"});
+  opts.positional_help(name == "merge" ? "SHARD_DIR..." : "RUN_DIR");
+  cxxopts::ParseResult args;
+  try {
+    args = opts.parse(argc, argv);
+  } catch (const cxxopts::exceptions::exception& e) {
+    std::cerr << "bnlab " << name << ": error: " << e.what() << "\n" << opts.help();
+    return bnlab::kExitBadInput;
+  }
+  if (args.count("help")) {
+    std::cout << opts.help();
+    return bnlab::kExitOk;
+  }
+  const auto dirs = args.count("dirs") ? args["dirs"].as<std::vector<std::string>>() : std::vector<std::string>{};
+  if (dirs.empty()) return bad_input({"bnlab " + name + ": missing " + (name == "merge" ? "SHARD_DIR..." : "RUN_DIR")});
+  if (name != "merge" && dirs.size() != 1) return bad_input({"bnlab " + name + ": expected one RUN_DIR, got " + std::to_string(dirs.size())});
+  if (name == "golden") {
+    if (!args.count("out")) return bad_input({"bnlab golden: missing -o FILE"});
+    bnlab::write_golden(dirs[0], args["out"].as<std::string>());
+    std::cerr << "golden written to " << args["out"].as<std::string>() << "\n";
+    return bnlab::kExitOk;
+  }
+  if (name == "check") {
+    if (!args.count("golden")) return bad_input({"bnlab check: missing --golden FILE"});
+    bnlab::CheckOptions co;
+    co.rtol = args["rtol"].as<double>();
+    co.atol = args["atol"].as<double>();
+    if (args.count("junit")) co.junit = args["junit"].as<std::string>();
+    const size_t bad = bnlab::check_golden(dirs[0], args["golden"].as<std::string>(), co, std::cout);
+    return bad == 0 ? bnlab::kExitOk : bnlab::kExitFailure;
+  }
+  if (!args.count("out")) return bad_input({"bnlab merge: missing -o DIR"});
+  bnlab::merge_shards(dirs, args["out"].as<std::string>(), args.count("force") > 0, args.count("no-plots") == 0, std::cerr);
+  return bnlab::kExitOk;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -150,6 +207,7 @@ int main(int argc, char** argv) {
     if (command == "run") return cmd_run(argc - 1, argv + 1, Command::kRun);
     if (command == "validate") return cmd_run(argc - 1, argv + 1, Command::kValidate);
     if (command == "explain") return cmd_run(argc - 1, argv + 1, Command::kExplain);
+    if (command == "golden" || command == "check" || command == "merge") return cmd_tool(argc - 1, argv + 1, command);
     std::cerr << "bnlab: error: unknown command \"" << command << "\"\n" << kUsage;
     return bnlab::kExitBadInput;
   } catch (const bnlab::InputError& e) {

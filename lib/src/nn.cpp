@@ -204,6 +204,16 @@ std::vector<BatchNorm> ModelImpl::batchnorms() const {
   return out;
 }
 
+std::vector<int64_t> ModelImpl::batchnorm_positions() const {
+  std::vector<int64_t> out;
+  int64_t position = 0;
+  for (const auto& l : info_) {
+    if (l.kind == "batchnorm") out.push_back(position);
+    if (l.kind == "batchnorm" || l.kind == "frozen_batchnorm") ++position;
+  }
+  return out;
+}
+
 std::vector<std::string> ModelImpl::batchnorm_names() const {
   std::vector<std::string> out;
   for (const auto& l : info_)
@@ -278,8 +288,9 @@ Model fold_batchnorm(const ModelImpl& model, const ModelConfig& config) {
 void Policy::apply(ModelImpl& model) const {
   auto bns = model.batchnorms();
   const auto names = model.batchnorm_names();
+  const auto positions = model.batchnorm_positions();
   for (size_t i = 0; i < bns.size(); ++i) {
-    const bool selected = layer_selected(strategy.layers, i, names[i]);
+    const bool selected = layer_selected(strategy.layers, static_cast<size_t>(positions[i]), names[i]);
     auto& bn = *bns[i];
     // Unselected layers are put back to the model's defaults, so applying is idempotent
     // whatever state a previous policy left.

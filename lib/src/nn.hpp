@@ -122,6 +122,9 @@ class ModelImpl : public torch::nn::Module {
 
   const std::vector<LayerInfo>& layers() const { return info_; }
   std::vector<BatchNorm> batchnorms() const;
+  /// For each of batchnorms(), its position among ALL BatchNorm layers, counting the ones
+  /// already replaced by FrozenBatchNorm1d, so a layer selection keeps pointing at the same layers.
+  std::vector<int64_t> batchnorm_positions() const;
   std::vector<std::string> batchnorm_names() const;
   std::vector<torch::nn::Linear> linears() const;
 

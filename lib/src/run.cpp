@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <climits>
+#include <cstdlib>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -136,6 +138,14 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
   w.dir = out_dir.empty() ? "runs/" + config.name : out_dir;
   w.data = load_data(config);
   resolve_samples(w.config, w.data.size());
+  if (config.data.source == "csv") {
+    // The resolved config names the file absolutely, so it still points at it from the run directory.
+    char* real = ::realpath(resolve_path(config.base_dir, config.data.path).c_str(), nullptr);
+    if (real != nullptr) {
+      w.config.data.path = real;
+      std::free(real);
+    }
+  }
   const auto& bn = config.model.batchnorm;
   if (bn.enabled && bn.semantics == BnSemantics::kTorch && w.data.size() % config.pretrain.batch_size == 1)
     throw InputError("pretrain.batch_size: " + std::to_string(config.pretrain.batch_size) + " leaves a last batch of ONE sample out of " +
