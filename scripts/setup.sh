@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build ccache pkg-config
   libtorch-dev nlohmann-json3-dev libcxxopts-dev libgtest-dev
-  python3-torch python3-numpy
+  python3-torch python3-numpy gnuplot-nox
 )
 
 missing=()

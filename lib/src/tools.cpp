@@ -117,12 +117,16 @@ std::string where(const Point& p) {
 void write_golden(const std::string& run_dir, const std::string& out_file) {
   const auto points = points_of(run_dir);
   const ojson cfg = load_json(run_dir + "/config.resolved.json", "the resolved config");
-  ojson values = ojson::array();
-  for (const auto& p : points)
-    values.push_back(ojson{{"strategy", p.strategy}, {"grid", p.grid}, {"seed", p.seed}, {"sample", p.sample},
-                           {"epoch", p.epoch}, {"metric", p.metric}, {"value", p.value}});
-  const ojson golden{{"format", "bnlab.golden/1"}, {"experiment", cfg.value("name", "")}, {"values", values}};
-  write_file_atomic(out_file, golden.dump(1) + "\n");
+  // One value per line: a changed curve point shows as one changed line in a diff.
+  std::string text = "{\"format\": \"bnlab.golden/1\", \"experiment\": " + ojson(cfg.value("name", "")).dump() +
+                     ", \"values\": [\n";
+  for (size_t i = 0; i < points.size(); ++i) {
+    const auto& p = points[i];
+    text += ojson{{"strategy", p.strategy}, {"grid", p.grid}, {"seed", p.seed}, {"sample", p.sample},
+                  {"epoch", p.epoch}, {"metric", p.metric}, {"value", p.value}}.dump();
+    text += i + 1 < points.size() ? ",\n" : "\n";
+  }
+  write_file_atomic(out_file, text + "]}\n");
 }
 
 size_t check_golden(const std::string& run_dir, const std::string& golden_file, const CheckOptions& o, std::ostream& out) {
