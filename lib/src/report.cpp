@@ -196,7 +196,10 @@ std::string curves_script(const Config& c, const std::vector<StrategyResult>& ru
   const size_t rows = (n + cols - 1) / cols;
   s += "set multiplot layout " + std::to_string(rows) + "," + std::to_string(cols) + " title '" + c.name +
        ": loss (training, before each update) and val_loss (inference) per epoch'\n";
-  s += "set key center right font ',8'\nset xlabel 'epoch'\nset grid\n";
+  int64_t epochs = 0;
+  for (const auto& g : c.grid) epochs = std::max(epochs, g.finetune.epochs);
+  s += "set key below horizontal maxrows 2 font ',8'\nset xlabel 'epoch'\nset grid\nset format y '%.7g'\n";
+  if (epochs <= 20) s += "set xtics 1\n";
   for (const auto& strat : c.strategies) {
     std::string plot;
     std::string blocks;
