@@ -1,4 +1,5 @@
 // bnlab's command line: parse arguments, load and validate the config, call the library.
+#include <csignal>
 #include <cstdio>
 #include <cxxopts.hpp>
 #include <iostream>
@@ -11,6 +12,30 @@
 #include "bnlab/tools.hpp"
 
 namespace {
+
+volatile std::sig_atomic_t g_signal = 0;
+
+/// First SIGINT/SIGTERM: finish the runs in flight, save, and exit 128 + signal. A second one
+/// ends the process at once (everything on disk is still complete: files are renamed into place).
+extern "C" void on_signal(int sig) {
+  if (g_signal != 0) {
+    std::signal(sig, SIG_DFL);
+    std::raise(sig);
+    return;
+  }
+  g_signal = sig;
+  bnlab::request_stop();
+}
+
+void install_signal_handlers() {
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+}
+
+int interrupted_exit() { return 128 + (g_signal != 0 ? static_cast<int>(g_signal) : SIGINT); }
 
 constexpr const char* kUsage =
     "usage: bnlab <command> [options]\n"
@@ -130,7 +155,9 @@ int cmd_run(int argc, char** argv, Command command) {
     ro.shard_count = n;
   }
   ro.argv.assign(argv - 1, argv + argc);
+  install_signal_handlers();
   const auto result = bnlab::run(config, ro, std::cerr);
+  if (result.interrupted) return interrupted_exit();
   return result.failed > 0 ? bnlab::kExitFailure : bnlab::kExitOk;
 }
 
@@ -212,6 +239,9 @@ int main(int argc, char** argv) {
     return bnlab::kExitBadInput;
   } catch (const bnlab::InputError& e) {
     return bad_input(e.problems());
+  } catch (const bnlab::Interrupted& e) {
+    std::cerr << "bnlab: " << e.what() << "; nothing to resume yet: run the same command again\n";
+    return interrupted_exit();
   } catch (const std::exception& e) {
     std::string what = e.what();
     // LibTorch messages carry a C++ backtrace after the first line; users need the first line.

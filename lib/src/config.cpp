@@ -2,8 +2,12 @@
 // The only translation unit that knows the JSON layout of an experiment.
 #include "bnlab/config.hpp"
 
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <iomanip>
@@ -38,7 +42,7 @@ const char* json_type(const json& j) {
 }
 
 std::string shown(const json& j) {
-  std::string s = j.dump();
+  std::string s = j.dump(-1, ' ', false, json::error_handler_t::replace);
   if (s.size() > 60) s = s.substr(0, 57) + "...";
   return s;
 }
@@ -337,6 +341,48 @@ void read_strategy(const json& j, const std::string& path, StrategyConfig& s, Pr
   r.finish();
 }
 
+/// Sets root[a][b]... = value for a dotted path, creating missing objects. An array element
+/// must already exist (an index never grows an array: "strategies.99999999999" would
+/// allocate gigabytes); a component inside a number, string or boolean is refused.
+bool set_path(json& root, const std::string& dotted, const json& value, std::string& why) {
+  std::vector<std::string> parts;
+  std::string part;
+  std::stringstream ss(dotted);
+  while (std::getline(ss, part, '.')) parts.push_back(part);
+  if (parts.empty() || dotted.back() == '.') {
+    why = "empty component in path \"" + dotted + "\"";
+    return false;
+  }
+  json* node = &root;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const std::string& key = parts[i];
+    if (key.empty()) {
+      why = "empty component in path \"" + dotted + "\"";
+      return false;
+    }
+    const bool last = i + 1 == parts.size();
+    if (node->is_null()) *node = json::object();
+    if (node->is_object()) {
+      node = &(*node)[key];
+    } else if (node->is_array()) {
+      char* end = nullptr;
+      const unsigned long long idx = std::strtoull(key.c_str(), &end, 10);
+      if (key.empty() || *end != '\0' || !std::isdigit(static_cast<unsigned char>(key[0])) || idx >= node->size()) {
+        why = "\"" + key + "\" is not an element of the " + std::to_string(node->size()) + "-element array at \"" +
+              join(std::vector<std::string>(parts.begin(), parts.begin() + static_cast<long>(i)), ".") + "\"";
+        return false;
+      }
+      node = &(*node)[static_cast<size_t>(idx)];
+    } else {
+      why = "\"" + join(std::vector<std::string>(parts.begin(), parts.begin() + static_cast<long>(i)), ".") +
+            "\" is " + json_type(*node) + ", not an object";
+      return false;
+    }
+    if (last) *node = value;
+  }
+  return true;
+}
+
 void read_finetune(const json* j, const std::string& path, FinetuneConfig& f, Problems& problems, bool in_grid) {
   ObjectReader r(j, path, problems);
   if (in_grid) {  // the study's samples were read with the base settings
@@ -403,13 +449,10 @@ void read_grid(ObjectReader& top, const json& root, Config& c, Problems& problem
     json f = base;
     std::vector<std::string> parts;
     for (size_t a = 0; a < axes.size(); ++a) {
-      std::string pointer = "/" + axes[a].first;
-      std::replace(pointer.begin(), pointer.end(), '.', '/');
       const json& v = axes[a].second[at[a]];
-      try {
-        f[json::json_pointer(pointer)] = v;
-      } catch (const json::exception&) {
-        problems.add("grid." + axes[a].first, "is not a path inside finetune");
+      std::string why;
+      if (!set_path(f, axes[a].first, v, why)) {
+        problems.add("grid." + axes[a].first, "is not a setting inside finetune: " + why);
         return;
       }
       parts.push_back(axes[a].first + "=" + v.dump());
@@ -681,27 +724,20 @@ void apply_override(json& root, const std::string& spec, Problems& p) {
   json value;
   try {
     value = json::parse(text);
+  } catch (const json::out_of_range&) {
+    p.list.push_back("--set " + path + "=" + text + ": the number is out of range");
+    return;
   } catch (const json::parse_error&) {
     value = text;  // a bare word is a string: --set model.activation=tanh
-  }
-  std::string pointer;
-  std::string part;
-  std::stringstream ss(path);
-  while (std::getline(ss, part, '.')) {
-    if (part.empty()) {
-      p.list.push_back("--set " + spec + ": empty component in path \"" + path + "\"");
+    try {
+      (void)value.dump();
+    } catch (const json::exception&) {
+      p.list.push_back("--set " + path + "=...: the value is not valid UTF-8 text");
       return;
     }
-    pointer += "/" + part;
   }
-  try {
-    json::json_pointer ptr(pointer);
-    if (ptr.parent_pointer() != json::json_pointer() && !root.contains(ptr.parent_pointer()))
-      root[ptr.parent_pointer()] = json::object();
-    root[ptr] = value;
-  } catch (const json::exception& e) {
-    p.list.push_back("--set " + spec + ": cannot set \"" + path + "\" in this config");
-  }
+  std::string why;
+  if (!set_path(root, path, value, why)) p.list.push_back("--set " + spec + ": " + why);
 }
 
 }  // namespace
@@ -728,6 +764,11 @@ Config parse_config(const std::string& text, const std::string& origin,
     if (pos != std::string::npos) what = what.substr(pos + 2);
     throw InputError(origin + ":" + std::to_string(line) + ":" + std::to_string(column) +
                      ": malformed JSON: " + what);
+  } catch (const json::exception& e) {
+    // e.g. a number too large for a double: nlohmann reports it without a position.
+    std::string what = e.what();
+    const auto pos = what.find("] ");
+    throw InputError(origin + ": invalid JSON: " + (pos == std::string::npos ? what : what.substr(pos + 2)));
   }
   for (const auto& o : overrides) apply_override(root, o, problems);
   Config c;
@@ -739,6 +780,9 @@ Config parse_config(const std::string& text, const std::string& origin,
 }
 
 Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+    throw InputError(path + ": is not a regular file; expected a JSON config file");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw InputError(path + ": cannot read the config file (" + errno_text() + ")");
   std::stringstream buffer;

@@ -78,6 +78,7 @@ double pretrain(ModelImpl& model, const Dataset& data, const Config& config, std
         const double lr = p.optimizer.lr * 0.5 * (1 + std::cos(M_PI * step / total_steps));
         for (auto& g : optimizer->param_groups()) g.options().set_lr(lr);
       }
+      if (stop_requested()) throw Interrupted("interrupted during pretraining (epoch " + std::to_string(epoch) + ")");
       const auto idx = perm.slice(0, start, std::min(start + p.batch_size, n));
       const auto xb = data.x.index_select(0, idx);
       const auto yb = data.y.index_select(0, idx);

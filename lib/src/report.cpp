@@ -17,6 +17,24 @@ namespace bnlab {
 
 using ojson = nlohmann::ordered_json;
 
+void compute_lag(StrategyResult& r) {
+  const auto relative = [](double a, double b) {
+    return std::abs(a - b) / std::max({std::abs(a), std::abs(b), 1e-30});
+  };
+  r.max_gap = r.lag_first = r.lag_steps = r.lag_relative = 0;
+  for (size_t k = 0; k < r.loss.size(); ++k) r.max_gap = std::max(r.max_gap, std::abs(r.loss[k] - r.val_loss[k]));
+  if (!r.loss.empty()) {
+    r.lag_first = std::abs(r.loss[0] - r.evaluate_before);
+    r.lag_relative = relative(r.loss[0], r.evaluate_before);
+  }
+  for (size_t k = 0; k + 1 < r.loss.size(); ++k) {
+    r.lag_steps = std::max(r.lag_steps, std::abs(r.loss[k + 1] - r.val_loss[k]));
+    r.lag_relative = std::max(r.lag_relative, relative(r.loss[k + 1], r.val_loss[k]));
+  }
+  r.lag_residual = std::max(r.lag_first, r.lag_steps);
+  r.lag_identity_holds = r.lag_relative <= kLagTolerance;
+}
+
 Stats describe(std::vector<double> v) {
   Stats s;
   s.n = v.size();
@@ -275,7 +293,7 @@ bool run_gnuplot(const std::string& script, std::ostream& log) {
 
 void render(const std::string& dir, const std::string& stem, const std::string& png_size,
             const std::function<std::string(const std::string&, const std::string&)>& make, std::ostream& log) {
-  const std::string tmp_png = dir + "/." + stem + ".png.tmp", tmp_svg = dir + "/." + stem + ".svg.tmp";
+  const std::string tmp_png = temp_name(dir + "/" + stem + ".png"), tmp_svg = temp_name(dir + "/" + stem + ".svg");
   const bool ok = run_gnuplot(make("pngcairo noenhanced size " + png_size + " font ',10'", tmp_png), log) &&
                   run_gnuplot(make("svg noenhanced size " + png_size + " dynamic font ',10'", tmp_svg), log);
   if (!ok) {
@@ -309,12 +327,12 @@ std::string metrics_lines(const StrategyResult& r) {
   return out;
 }
 
-std::string write_reports(const std::string& dir, const Config& c, const std::vector<StrategyResult>& runs, bool plots,
-                          std::ostream& log) {
+void write_progress(const std::string& dir, const Config& c, const std::vector<StrategyResult>& runs, size_t planned) {
   const auto aggs = aggregate(c, runs);
-  const bool with_grid = c.grid.size() > 1;
-  const bool single = c.seeds.size() == 1 && c.finetune.samples.size() == 1;
   write_file_atomic(dir + "/curves.csv", curves_csv(c, runs));
+  std::string metrics;
+  for (const auto& r : runs) metrics += metrics_lines(r);
+  write_file_atomic(dir + "/metrics.jsonl", metrics);
   ojson runs_json = ojson::array();
   for (const auto& r : runs) runs_json.push_back(run_json(r));
   ojson aggs_json = ojson::array();
@@ -324,11 +342,23 @@ std::string write_reports(const std::string& dir, const Config& c, const std::ve
                               {"eval_change", stats_json(a.eval_change)}});
   const ojson summary{{"experiment", c.name}, {"loss", to_string(c.model.loss)},
                       {"semantics", to_string(c.model.batchnorm.semantics)}, {"seeds", c.seeds},
-                      {"samples", c.finetune.samples}, {"aggregates", aggs_json}, {"runs", runs_json}};
+                      {"samples", c.finetune.samples}, {"complete", runs.size() == planned},
+                      {"runs_planned", planned}, {"aggregates", aggs_json}, {"runs", runs_json}};
   write_file_atomic(dir + "/summary.json", summary.dump(2) + "\n");
+}
+
+std::string write_reports(const std::string& dir, const Config& c, const std::vector<StrategyResult>& runs, bool plots,
+                          std::ostream& log, size_t planned) {
+  const auto aggs = aggregate(c, runs);
+  const bool with_grid = c.grid.size() > 1;
+  const bool single = c.seeds.size() == 1 && c.finetune.samples.size() == 1;
+  write_progress(dir, c, runs, planned);
   write_file_atomic(dir + "/summary.csv", summary_csv(aggs));
 
   std::string md = "# " + c.name + "\n\n";
+  if (runs.size() != planned)
+    md += "**Incomplete:** " + std::to_string(runs.size()) + " of " + std::to_string(planned) +
+          " runs finished; rerun the same command to resume.\n\n";
   md += std::to_string(c.strategies.size()) + " strategies x " + std::to_string(c.seeds.size()) + " seed(s) x " +
         std::to_string(c.finetune.samples.size()) + " sample(s)" +
         (with_grid ? " x " + std::to_string(c.grid.size()) + " grid points" : "") + " = " + std::to_string(runs.size()) +

@@ -41,11 +41,17 @@ std::string keras_line(int64_t epoch, int64_t epochs, double loss, double val_lo
 /// metrics.jsonl lines (one JSON object per epoch) of one run.
 std::string metrics_lines(const StrategyResult& run);
 
-/// Writes curves.csv, summary.json, summary.csv, summary.md and, when `plots`, curves.png/svg
-/// and (for studies with more than one run per strategy) gap_distribution.png/svg; every
-/// file atomically. Returns the summary table for the console.
+/// Writes what a study has so far, each file atomically: curves.csv, metrics.jsonl and
+/// summary.json (with "complete" and "runs_planned"). Cheap enough to call as runs finish.
+void write_progress(const std::string& dir, const Config& config, const std::vector<StrategyResult>& runs,
+                    size_t planned);
+
+/// write_progress, then summary.csv, summary.md and, when `plots`, curves.png/svg and (for
+/// studies with more than one run per strategy) gap_distribution.png/svg; every file
+/// atomically. `planned` is how many runs this directory should hold. Returns the summary
+/// table for the console.
 std::string write_reports(const std::string& dir, const Config& config, const std::vector<StrategyResult>& runs,
-                          bool plots, std::ostream& log);
+                          bool plots, std::ostream& log, size_t planned);
 
 /// The per-run records of summary.json, read back (for merge and check).
 std::vector<StrategyResult> read_runs(const std::string& summary_json_path);

@@ -14,6 +14,7 @@
 #include <ctime>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -35,11 +36,6 @@ std::string version_string() {
 }
 
 namespace {
-
-double relative(double a, double b) {
-  const double scale = std::max({std::abs(a), std::abs(b), 1e-30});
-  return std::abs(a - b) / scale;
-}
 
 void make_dirs(const std::string& path) {
   std::string partial;
@@ -113,21 +109,6 @@ std::string pick_file(const std::string& dir, const std::string& stem, const Con
 }
 
 }  // namespace
-
-void compute_lag(StrategyResult& r) {
-  r.max_gap = r.lag_first = r.lag_steps = r.lag_relative = 0;
-  for (size_t k = 0; k < r.loss.size(); ++k) r.max_gap = std::max(r.max_gap, std::abs(r.loss[k] - r.val_loss[k]));
-  if (!r.loss.empty()) {
-    r.lag_first = std::abs(r.loss[0] - r.evaluate_before);
-    r.lag_relative = relative(r.loss[0], r.evaluate_before);
-  }
-  for (size_t k = 0; k + 1 < r.loss.size(); ++k) {
-    r.lag_steps = std::max(r.lag_steps, std::abs(r.loss[k + 1] - r.val_loss[k]));
-    r.lag_relative = std::max(r.lag_relative, relative(r.loss[k + 1], r.val_loss[k]));
-  }
-  r.lag_residual = std::max(r.lag_first, r.lag_steps);
-  r.lag_identity_holds = r.lag_relative <= kLagTolerance;
-}
 
 std::string Workspace::pretrained_path(size_t i) const { return pick_file(dir, "pretrained", config, config.seeds[i]); }
 std::string Workspace::sample_path(size_t i) const { return pick_file(dir, "sample", config, config.seeds[i]); }
@@ -203,6 +184,9 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   RunResult result;
   result.out_dir = dir;
   make_dirs(dir);
+  remove_stale_temps(dir);
+  std::string old_resolved;
+  if (::access((dir + "/config.resolved.json").c_str(), R_OK) == 0) old_resolved = read_file(dir + "/config.resolved.json");
   write_file_atomic(dir + "/config.resolved.json", to_json(config));
   const double data_seconds = since(t_start);
 
@@ -224,17 +208,54 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
     write_file_atomic(w.sample_path(i), std::string(bytes.begin(), bytes.end()));
   }
 
+  // Resume: runs an earlier invocation finished with the same resolved config and the same
+  // weights are kept as they are; only the others run.
+  std::map<size_t, StrategyResult> previous;
+  if (!options.force && result.pretrain_cached && ::access((dir + "/summary.json").c_str(), R_OK) == 0 &&
+      old_resolved == to_json(config)) {
+    try {
+      for (auto& r : read_runs(dir + "/summary.json")) {
+        const bool in_plan = r.run < plan.size() && config.strategies[plan[r.run].strategy].name == r.name &&
+                             config.grid[plan[r.run].grid].label == r.grid && config.seeds[plan[r.run].seed] == r.seed &&
+                             config.finetune.samples[plan[r.run].sample] == r.sample;
+        if (in_plan && !r.failed) previous[r.run] = std::move(r);
+      }
+    } catch (const InputError&) {
+      previous.clear();  // an unreadable summary is not a result: run everything again
+    }
+  }
+
   t = clock::now();
-  const std::string metrics_path = dir + "/metrics.jsonl";
-  write_file_atomic(metrics_path, "");
-  std::ofstream metrics(metrics_path, std::ios::app);
   std::vector<StrategyResult> results(mine.size());
-  std::vector<std::string> console(mine.size());
   std::vector<char> done(mine.size(), 0);
-  size_t next_flush = 0, finished = 0;
+  std::vector<size_t> todo;
+  for (size_t m = 0; m < mine.size(); ++m) {
+    const auto it = previous.find(mine[m].run);
+    if (it != previous.end()) {
+      results[m] = it->second;
+      done[m] = 1;
+      ++result.resumed;
+    } else {
+      todo.push_back(m);
+    }
+  }
+  if (result.resumed > 0 && verbose > 0)
+    log << "resuming: " << result.resumed << " of " << mine.size() << " runs already finished in " << dir << "\n";
+  std::vector<std::string> console(mine.size());
+  size_t next_print = 0, finished = 0;
   std::mutex mu;
-  Progress progress(mine.size(), verbose, log);
+  Progress progress(todo.size(), verbose, log);
   const bool cls = config.model.loss == LossKind::kCrossEntropy;
+  auto last_flush = clock::now();
+  // Everything finished so far, in run order, written atomically: a crash or a kill leaves
+  // complete files describing complete runs.
+  const auto flush = [&] {
+    std::vector<StrategyResult> sofar;
+    for (size_t m = 0; m < mine.size(); ++m)
+      if (done[m]) sofar.push_back(results[m]);
+    write_progress(dir, config, sofar, mine.size());
+    last_flush = clock::now();
+  };
 
   const auto execute = [&](size_t m) {
     const RunKey& key = mine[m];
@@ -279,38 +300,41 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
     r.grid = config.grid[key.grid].label;
     r.seed = rc.seed;
     r.sample = rc.finetune.sample;
-    // Publish in run order, so metrics.jsonl and the console read the same at any --jobs.
     std::lock_guard<std::mutex> lock(mu);
     results[m] = std::move(r);
     console[m] = std::move(text);
     done[m] = 1;
-    while (next_flush < mine.size() && done[next_flush]) {
-      metrics << metrics_lines(results[next_flush]) << std::flush;
-      if (verbose >= 2) log << console[next_flush] << std::flush;
-      console[next_flush].clear();
-      ++next_flush;
+    // The console reads in run order at any --jobs.
+    while (next_print < todo.size() && done[todo[next_print]]) {
+      if (verbose >= 2) log << console[todo[next_print]] << std::flush;
+      console[todo[next_print]].clear();
+      ++next_print;
     }
     progress.update(++finished);
+    if (std::chrono::duration<double>(clock::now() - last_flush).count() >= 0.5) flush();
   };
 
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
-  const size_t jobs = std::min<size_t>(mine.size(), options.jobs > 0 ? static_cast<size_t>(options.jobs) : hw);
-  if (jobs <= 1) {
-    for (size_t m = 0; m < mine.size(); ++m) execute(m);
-  } else {
+  const size_t jobs = std::max<size_t>(1, std::min<size_t>(todo.size(), options.jobs > 0 ? static_cast<size_t>(options.jobs) : hw));
+  {
     std::atomic<size_t> next{0};
+    const auto worker = [&] {
+      for (size_t i = next++; i < todo.size() && !stop_requested(); i = next++) execute(todo[i]);
+    };
     std::vector<std::thread> pool;
-    for (size_t j = 0; j < jobs; ++j)
-      pool.emplace_back([&] {
-        for (size_t m = next++; m < mine.size(); m = next++) execute(m);
-      });
+    for (size_t j = 1; j < jobs; ++j) pool.emplace_back(worker);
+    worker();
     for (auto& th : pool) th.join();
   }
-  metrics.close();
   result.finetune_seconds = since(t);
-  for (const auto& r : results) result.failed += r.failed ? 1 : 0;
+  std::vector<StrategyResult> finished_runs;
+  for (size_t m = 0; m < mine.size(); ++m)
+    if (done[m]) finished_runs.push_back(results[m]);
+  for (const auto& r : finished_runs) result.failed += r.failed ? 1 : 0;
+  result.planned = mine.size();
+  result.interrupted = finished_runs.size() < mine.size();
 
-  const std::string table = write_reports(dir, config, results, options.plots, log);
+  const std::string table = write_reports(dir, config, finished_runs, options.plots && !result.interrupted, log, mine.size());
   ojson manifest{{"argv", options.argv},
                  {"bnlab_version", bnlab_version()},
                  {"git_commit", git_commit()},
@@ -320,6 +344,9 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
                  {"jobs", jobs},
                  {"shard", std::to_string(options.shard_index) + "/" + std::to_string(options.shard_count)},
                  {"runs", mine.size()},
+                 {"finished_runs", finished_runs.size()},
+                 {"resumed_runs", result.resumed},
+                 {"interrupted", result.interrupted},
                  {"failed_runs", result.failed},
                  {"finished_at", iso_now()},
                  {"pretrain_cached", result.pretrain_cached},
@@ -334,7 +361,10 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
     log << "\n" << table << "\nresults in " << dir << "\n";
     if (result.failed) log << result.failed << " run(s) failed; see summary.md\n";
   }
-  result.runs = std::move(results);
+  if (result.interrupted)
+    log << "interrupted: " << finished_runs.size() << " of " << mine.size() << " runs finished and saved in " << dir
+        << "; run the same command again to resume\n";
+  result.runs = std::move(finished_runs);
   return result;
 }
 

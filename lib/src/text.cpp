@@ -1,10 +1,14 @@
 // Small string, path and file helpers shared by the library.
 #include "text.hpp"
 
+#include "bnlab/errors.hpp"
+
+#include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -13,6 +17,13 @@
 #include <stdexcept>
 
 namespace bnlab {
+
+namespace {
+std::atomic<bool> g_stop{false};
+}  // namespace
+
+void request_stop() { g_stop.store(true, std::memory_order_relaxed); }
+bool stop_requested() { return g_stop.load(std::memory_order_relaxed); }
 
 std::string join(const std::vector<std::string>& parts, const std::string& sep) {
   std::string out;
@@ -108,8 +119,25 @@ std::string fnv1a_hex(const std::string& data) {
   return buf;
 }
 
+std::string temp_name(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  const std::string dir = slash == std::string::npos ? "" : path.substr(0, slash + 1);
+  const std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
+  return dir + "." + base + ".tmp." + std::to_string(::getpid());
+}
+
+void remove_stale_temps(const std::string& dir) {
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name.size() > 1 && name[0] == '.' && name.find(".tmp.") != std::string::npos) std::remove((dir + "/" + name).c_str());
+  }
+  ::closedir(d);
+}
+
 void write_file_atomic(const std::string& path, const std::string& data) {
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  const std::string tmp = temp_name(path);
   FILE* f = std::fopen(tmp.c_str(), "wb");
   if (f == nullptr) throw std::runtime_error("cannot write " + tmp + ": " + errno_text());
   const bool ok = std::fwrite(data.data(), 1, data.size(), f) == data.size() &&

@@ -23,6 +23,11 @@ std::string resolve_path(const std::string& base, const std::string& path);
 std::string file_fingerprint(const std::string& path);
 std::string fnv1a_hex(const std::string& data);
 
+/// The temporary name write_file_atomic uses for `path`: hidden, ".NAME.tmp.PID", same directory.
+std::string temp_name(const std::string& path);
+/// Removes temporaries left in `dir` by a process that was killed mid-write.
+void remove_stale_temps(const std::string& dir);
+
 /// Writes `data` to `path` through a temporary file in the same directory and a rename,
 /// so readers see the old file or the whole new one, never a part. Throws on failure.
 void write_file_atomic(const std::string& path, const std::string& data);

@@ -131,6 +131,7 @@ void write_golden(const std::string& run_dir, const std::string& out_file) {
 
 size_t check_golden(const std::string& run_dir, const std::string& golden_file, const CheckOptions& o, std::ostream& out) {
   if (!(o.rtol >= 0) || !(o.atol >= 0)) throw InputError("--rtol and --atol must be >= 0");
+  const auto run_points = points_of(run_dir);  // the run directory first: it is the usual mistake
   const ojson golden = load_json(golden_file, "the golden file");
   if (golden.value("format", "") != "bnlab.golden/1") throw InputError(golden_file + ": not a bnlab golden file (format bnlab.golden/1)");
   std::map<std::string, Point> expected;
@@ -147,7 +148,7 @@ size_t check_golden(const std::string& run_dir, const std::string& golden_file, 
     throw InputError(golden_file + ": malformed golden file (" + std::string(e.what()) + ")");
   }
   std::map<std::string, Point> got;
-  for (const auto& p : points_of(run_dir)) got[p.key()] = p;
+  for (const auto& p : run_points) got[p.key()] = p;
 
   struct Mismatch {
     Point p;
@@ -257,13 +258,8 @@ void merge_shards(const std::vector<std::string>& dirs, const std::string& out_d
     }
   }
   std::vector<StrategyResult> ordered;
-  std::string metrics;
-  for (auto& [index, r] : runs) {
-    metrics += metrics_lines(r);
-    ordered.push_back(r);
-  }
-  write_file_atomic(out_dir + "/metrics.jsonl", metrics);
-  const std::string table = write_reports(out_dir, config, ordered, plots, log);
+  for (auto& [index, r] : runs) ordered.push_back(r);
+  const std::string table = write_reports(out_dir, config, ordered, plots, log, plan.size());
   ojson manifest{{"merged_from", dirs}, {"runs", ordered.size()}};
   write_file_atomic(out_dir + "/manifest.json", manifest.dump(2) + "\n");
   log << table << "\nmerged " << dirs.size() << " shard(s), " << ordered.size() << " runs, into " << out_dir << "\n";

@@ -51,5 +51,65 @@ check explain_json 0 "" -- test -s "$tmp/ok2/explain.json"
 check explain_strategy 2 "no strategy \"bogus\"" -- "$bin" explain "$src/configs/smoke/keras_nll.json" --out "$tmp/ok2" --strategy bogus
 check explain_sample 2 "--sample: index 99999 is beyond the data" -- "$bin" explain "$src/configs/smoke/keras_nll.json" --out "$tmp/ok2" --sample 99999
 
+
+# Bad input, one class at a time: exit 2, a message naming what and where, nothing written.
+bad() {  # bad NAME PATTERN CONFIG_TEXT [extra args]
+  local name="$1" pattern="$2" text="$3"; shift 3
+  printf '%s' "$text" > "$tmp/$name.json"
+  check "bad_$name" 2 "$pattern" -- "$bin" run "$tmp/$name.json" --out "$tmp/out_$name" "$@"
+  if [ -e "$tmp/out_$name" ]; then echo "FAIL bad_$name wrote $tmp/out_$name"; failed=$((failed+1)); else passed=$((passed+1)); fi
+}
+bad wrong_type 'finetune.epochs: expected an integer, got a string "ten"' '{"name": "t", "finetune": {"epochs": "ten"}}'
+bad momentum 'model.batchnorm.momentum: must be in [0, 1]' '{"name": "t", "model": {"batchnorm": {"momentum": 1.5}}}'
+bad eps 'model.batchnorm.eps: must be > 0, got 0' '{"name": "t", "model": {"batchnorm": {"eps": 0}}}'
+bad lr 'finetune.optimizer.lr: must be > 0, got -0.1' '{"name": "t", "finetune": {"optimizer": {"lr": -0.1}}}'
+bad epochs 'pretrain.epochs: must be >= 1, got 0' '{"name": "t", "pretrain": {"epochs": 0}}'
+bad batch 'finetune.batch_size: must be >= 1, got 0' '{"name": "t", "finetune": {"batch_size": 0}}'
+bad sample 'finetune.sample: index 100 is beyond the data (100 samples: 0..99)' '{"name": "t", "data": {"samples": 100}, "finetune": {"sample": 100}}'
+bad empty_name 'strategies[0].name: must not be empty' '{"name": "t", "strategies": [{"preset": "train", "name": ""}]}'
+bad dup_name 'duplicate strategy name "frozen"' '{"name": "t", "strategies": ["frozen", "frozen"]}'
+bad layer 'BatchNorm index 7 does not exist: the model has 2 BatchNorm layer(s)' '{"name": "t", "strategies": [{"preset": "frozen", "name": "f", "layers": [7]}]}'
+bad preset 'valid presets: train, freeze_affine, momentum_zero' '{"name": "t", "strategies": ["freeze"]}'
+bad activation 'model.activation: unknown value "sigmoid"; valid values: relu, tanh, gelu' '{"name": "t", "model": {"activation": "sigmoid"}}'
+bad loss 'model.loss: unknown value "mae"; did you mean "mse"?; valid values: gaussian_nll, mse, cross_entropy' '{"name": "t", "model": {"loss": "mae"}}'
+bad optimizer 'pretrain.optimizer.name: unknown value "rmsprop"; valid values: sgd, adam, adamw' '{"name": "t", "pretrain": {"optimizer": {"name": "rmsprop"}}}'
+bad torch_one 'runs BatchNorm in training mode on a batch of ONE sample' '{"name": "t", "model": {"batchnorm": {"semantics": "torch"}}, "strategies": ["train"]}'
+bad fold_no_bn 'there is no BatchNorm to fold' '{"name": "t", "model": {"batchnorm": {"enabled": false}}, "strategies": ["fold"]}'
+bad number_overflow 'invalid JSON: number overflow' '{"name": "t", "seed": 1e999}'
+check config_is_dir 2 "is not a regular file" -- "$bin" run "$tmp"
+
+# CSV data: file, line and column.
+printf 'a,b,y\n1,2,3\n4,5\n' > "$tmp/ragged.csv"
+bad csv_ragged 'ragged.csv:3: row has 2 cells, the header has 3' '{"name": "t", "data": {"source": "csv", "path": "ragged.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+printf 'a,b,y\n1,2,3\n4,x5,6\n' > "$tmp/text.csv"
+bad csv_text 'text.csv:3: column 2 ("b"): not a number: "x5"' '{"name": "t", "data": {"source": "csv", "path": "text.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+printf 'a,b,y\n1,nan,3\n4,5,6\n' > "$tmp/nan.csv"
+bad csv_nan 'nan.csv:2: column 2 ("b"): value "nan" is not finite' '{"name": "t", "data": {"source": "csv", "path": "nan.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+bad csv_column 'missing target column "z"' '{"name": "t", "data": {"source": "csv", "path": "nan.csv", "target_columns": ["z"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+
+# Checkpoints: truncated, corrupt, or of another architecture; nothing else changes.
+"$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/ck" --verbose 0
+before="$(md5sum "$tmp/ck/curves.csv")"
+cp "$tmp/ck/pretrained.pt" "$tmp/good.pt"
+head -c 2000 "$tmp/good.pt" > "$tmp/ck/pretrained.pt"
+check ckpt_truncated 2 "pretrained.pt: cannot read the checkpoint (truncated or corrupt" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/ck"
+head -c 3000 /dev/urandom > "$tmp/ck/pretrained.pt"
+check ckpt_corrupt 2 "cannot read the checkpoint" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/ck"
+/usr/bin/python3 - "$tmp/good.pt" "$tmp/ck/pretrained.pt" <<'PY'
+import sys, torch
+ck = torch.load(sys.argv[1])
+ck["state_dict"]["3.weight"] = torch.zeros(16, 17)   # the model needs [16, 16]
+torch.save(ck, sys.argv[2])
+PY
+check ckpt_shape 2 'tensor "3.weight" has shape [16, 17] but the model needs [16, 16]' -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/ck"
+if [ "$(md5sum "$tmp/ck/curves.csv")" != "$before" ]; then echo "FAIL checkpoint errors changed curves.csv"; failed=$((failed+1)); else passed=$((passed+1)); fi
+cp "$tmp/good.pt" "$tmp/ck/pretrained.pt"
+check ckpt_stale 0 "cache key changed, pretraining again" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/ck" --set pretrain.epochs=1 --verbose 1
+check ckpt_force 0 "none cached, pretraining" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/ck" --force --verbose 1
+check bad_shard 2 "--shard: expected I/N" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/sh" --shard 3/2
+check bad_jobs 2 "--jobs: must be >= 1" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/sh" --jobs 0
+check merge_missing 2 "no config.resolved.json" -- "$bin" merge "$tmp/nothing" -o "$tmp/m"
+check check_missing 2 "no summary.json here" -- "$bin" check "$tmp/nothing" --golden "$tmp/good.pt"
+
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

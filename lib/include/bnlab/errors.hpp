@@ -25,4 +25,14 @@ class InputError : public std::runtime_error {
   std::vector<std::string> problems_;
 };
 
+/// The user asked the process to stop (SIGINT/SIGTERM) before a result was complete.
+class Interrupted : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// Asks running work to stop at the next safe point (async-signal-safe: one atomic store).
+void request_stop();
+bool stop_requested();
+
 }  // namespace bnlab

@@ -54,8 +54,11 @@ struct RunResult {
   bool pretrain_cached = false;        ///< every seed's weights came from the cache
   double pretrain_seconds = 0;
   double finetune_seconds = 0;
-  std::vector<StrategyResult> runs;    ///< this shard's runs, in run order
+  std::vector<StrategyResult> runs;    ///< this shard's finished runs, in run order
   size_t failed = 0;                   ///< runs that failed (the others completed)
+  size_t planned = 0;                  ///< runs of this shard
+  size_t resumed = 0;                  ///< runs taken from an earlier, interrupted invocation
+  bool interrupted = false;            ///< stopped by request_stop(); rerun to resume
 };
 
 /// Loads data, pretrains (or reuses the cached checkpoint), fine-tunes the sample under

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Faults during a study: SIGINT/SIGTERM and SIGKILL at random moments.
+
+1. A reference run of tests/faults/kill_study.json (1,800 runs, two seeds) finishes undisturbed.
+2. SIGINT during fine-tuning: exit 130, a message saying how to resume, every file complete and
+   consistent; rerunning the same command resumes and ends identical to the reference.
+3. SIGTERM: exit 143.
+4. SIGKILL at several random moments (seeded, so a failure reproduces), resuming each time: after
+   every kill, every file present is complete and valid (JSON parses, CSV rows are whole,
+   .pt files load with torch.load, summary.json's runs all appear in curves.csv with the same
+   values); then a final rerun completes with curves.csv, metrics.jsonl and summary.json
+   byte-identical to the reference.
+Usage: test_faults.py BNLAB_BINARY SOURCE_DIR
+"""
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+BIN, SRC = sys.argv[1], sys.argv[2]
+CONFIG = os.path.join(SRC, "tests/faults/kill_study.json")
+RESULTS = ("curves.csv", "metrics.jsonl", "summary.json", "summary.csv", "summary.md")
+failures = []
+
+
+def check(cond, what):
+    if not cond:
+        failures.append(what)
+        print("FAIL:", what)
+
+
+def start(out):
+    return subprocess.Popen([BIN, "run", CONFIG, "--out", out, "--verbose", "1", "--no-plots", "--jobs", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(out):
+    p = subprocess.run([BIN, "run", CONFIG, "--out", out, "--verbose", "1", "--no-plots", "--jobs", "2"],
+                       capture_output=True, text=True)
+    return p.returncode, p.stderr
+
+
+def validate(out, when):
+    """Every non-temporary file is complete and valid; summary.json's runs are all in curves.csv."""
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if name.startswith(".") and ".tmp." in name:
+            continue  # an in-flight temporary of the killed process; the next run removes it
+        try:
+            if name.endswith(".json"):
+                json.load(open(path))
+            elif name.endswith(".jsonl"):
+                for line in open(path):
+                    json.loads(line)
+            elif name.endswith(".csv"):
+                rows = list(csv.reader(open(path)))
+                check(len(rows) >= 1 and all(len(r) == len(rows[0]) for r in rows), f"{when}: {name} has a torn row")
+                if name == "curves.csv":
+                    for r in rows[1:]:
+                        float(r[5]), float(r[6])  # loss, val_loss
+            elif name.endswith(".pt"):
+                torch.load(path)
+            elif name.endswith(".md"):
+                check(open(path).read().endswith("\n"), f"{when}: {name} is cut short")
+        except Exception as e:  # noqa: BLE001 - any failure to read is the finding
+            check(False, f"{when}: {name} is not valid: {e}")
+    summary_path, curves_path = os.path.join(out, "summary.json"), os.path.join(out, "curves.csv")
+    if os.path.exists(summary_path):
+        check(os.path.exists(curves_path), f"{when}: summary.json without curves.csv")
+        curves = {}
+        for r in csv.DictReader(open(curves_path)):
+            curves[(r["strategy"], r["grid"], int(r["seed"]), int(r["sample"]), int(r["epoch"]))] = (float(r["loss"]), float(r["val_loss"]))
+        for run in json.load(open(summary_path))["runs"]:
+            for k, (loss, val) in enumerate(zip(run["loss"], run["val_loss"])):
+                got = curves.get((run["strategy"], run["grid"], run["seed"], run["sample"], k + 1))
+                check(got == (loss, val), f"{when}: run {run['run']} epoch {k + 1} in summary.json but not in curves.csv")
+                if got != (loss, val):
+                    return
+
+
+def same_as_reference(out, ref, when):
+    for name in ("curves.csv", "metrics.jsonl", "summary.json"):
+        check(open(os.path.join(out, name)).read() == open(os.path.join(ref, name)).read(),
+              f"{when}: {name} differs from the uninterrupted run")
+
+
+def wait_for_runs(out, timeout=30):
+    """Until a first flush of results exists, so the interruption hits fine-tuning."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(os.path.join(out, "summary.json")):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    ref = os.path.join(tmp, "ref")
+    rc, err = finish(ref)
+    check(rc == 0, f"reference run exit {rc}: {err[-500:]}")
+    runs = len(json.load(open(os.path.join(ref, "summary.json")))["runs"])
+    print(f"reference: {runs} runs")
+
+    # SIGINT during fine-tuning, then resume.
+    a = os.path.join(tmp, "sigint")
+    p = start(a)
+    check(wait_for_runs(a), "SIGINT: no results appeared")
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    check(p.returncode == 130, f"SIGINT: exit {p.returncode}, want 130")
+    check("run the same command again to resume" in err, f"SIGINT: no resume hint in: {err[-300:]}")
+    validate(a, "after SIGINT")
+    partial = len(json.load(open(os.path.join(a, "summary.json")))["runs"])
+    check(0 < partial < runs, f"SIGINT: {partial} of {runs} runs saved")
+    rc, err = finish(a)
+    check(rc == 0 and f"resuming: {partial} of {runs} runs already finished" in err, f"SIGINT resume: exit {rc}, {err[-300:]}")
+    same_as_reference(a, ref, "after SIGINT + resume")
+    print(f"SIGINT: {partial} of {runs} runs saved; resumed to identical results")
+
+    # SIGTERM.
+    t = os.path.join(tmp, "sigterm")
+    p = start(t)
+    check(wait_for_runs(t), "SIGTERM: no results appeared")
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    check(p.returncode == 143, f"SIGTERM: exit {p.returncode}, want 143")
+    validate(t, "after SIGTERM")
+
+    # SIGKILL at random moments, resuming each time.
+    rng = random.Random(20261125)
+    k = os.path.join(tmp, "sigkill")
+    for i in range(5):
+        p = start(k)
+        delay = rng.uniform(0.05, 2.5)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=60)
+        done = 0
+        if os.path.exists(os.path.join(k, "summary.json")):
+            done = len(json.load(open(os.path.join(k, "summary.json")))["runs"])
+        print(f"SIGKILL {i + 1} after {delay:.2f}s: {done} runs saved")
+        validate(k, f"after SIGKILL {i + 1} ({delay:.2f}s)")
+    rc, err = finish(k)
+    check(rc == 0, f"SIGKILL final rerun: exit {rc}: {err[-300:]}")
+    check(not any(n.startswith(".") and ".tmp." in n for n in os.listdir(k)), "temporaries left after a clean run")
+    same_as_reference(k, ref, "after SIGKILLs + resume")
+
+print("faults OK" if not failures else f"faults: {len(failures)} check(s) FAILED")
+sys.exit(1 if failures else 0)
