@@ -106,6 +106,7 @@ if [ "$(md5sum "$tmp/ck/curves.csv")" != "$before" ]; then echo "FAIL checkpoint
 cp "$tmp/good.pt" "$tmp/ck/pretrained.pt"
 check ckpt_stale 0 "cache key changed, pretraining again" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/ck" --set pretrain.epochs=1 --verbose 1
 check ckpt_force 0 "none cached, pretraining" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/ck" --force --verbose 1
+check nan_run 1 "run(s) failed" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/nan" --set 'grid={"optimizer.lr": [1e-6, 1e3]}' --verbose 1
 check bad_shard 2 "--shard: expected I/N" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/sh" --shard 3/2
 check bad_jobs 2 "--jobs: must be >= 1" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/sh" --jobs 0
 check merge_missing 2 "no config.resolved.json" -- "$bin" merge "$tmp/nothing" -o "$tmp/m"
