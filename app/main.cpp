@@ -1,6 +1,9 @@
 // bnlab's command line: parse arguments, load and validate the config, call the library.
 #include <csignal>
 #include <cstdio>
+// Each --set is one PATH=VALUE even when VALUE is a JSON list: cxxopts would otherwise split
+// repeated-option values at commas.
+#define CXXOPTS_VECTOR_DELIMITER '\0'
 #include <cxxopts.hpp>
 #include <iostream>
 #include <string>
