@@ -50,6 +50,7 @@ constexpr const char* kUsage =
     "  golden RUN_DIR -o FILE              write a golden file of every curve point and summary figure\n"
     "  check RUN_DIR --golden FILE         compare with a golden file; exit 1 and print a diff on mismatch\n"
     "  merge DIR... -o DIR                 combine the shard directories of one study\n"
+    "  export RUN_DIR --strategy NAME --format keras-h5|torch -o FILE   fine-tuned weights for Keras or PyTorch\n"
     "\n"
     "  bnlab <command> --help   options of a command\n"
     "  bnlab --version\n";
@@ -168,7 +169,8 @@ int cmd_run(int argc, char** argv, Command command) {
 int cmd_tool(int argc, char** argv, const std::string& name) {
   cxxopts::Options opts("bnlab " + name, name == "golden"  ? "Write a golden file of a run directory."
                                          : name == "check" ? "Compare a run directory with a golden file."
-                                                           : "Merge the shard directories of one study.");
+                                         : name == "export" ? "Export a strategy's fine-tuned weights."
+                                                            : "Merge the shard directories of one study.");
   opts.add_options()("dirs", "run directories", cxxopts::value<std::vector<std::string>>())("h,help", "show this help");
   if (name != "check") opts.add_options()("o,out", "output file (golden) or directory (merge)", cxxopts::value<std::string>());
   if (name == "check") {
@@ -180,6 +182,11 @@ int cmd_tool(int argc, char** argv, const std::string& name) {
   }
   if (name == "merge") {
     opts.add_options()("force", "overwrite an output directory with results")("no-plots", "do not render plots");
+  }
+  if (name == "export") {
+    opts.add_options()
+        ("strategy", "the strategy whose fine-tuned (best) weights to export", cxxopts::value<std::string>())
+        ("format", "keras-h5 (Keras 2 HDF5 weights) or torch (torch.load-able state dict)", cxxopts::value<std::string>());
   }
   opts.parse_positional({"dirs"});
   opts.positional_help(name == "merge" ? "SHARD_DIR..." : "RUN_DIR");
@@ -212,6 +219,13 @@ int cmd_tool(int argc, char** argv, const std::string& name) {
     const size_t bad = bnlab::check_golden(dirs[0], args["golden"].as<std::string>(), co, std::cout);
     return bad == 0 ? bnlab::kExitOk : bnlab::kExitFailure;
   }
+  if (name == "export") {
+    if (!args.count("strategy") || !args.count("format") || !args.count("out"))
+      return bad_input({"bnlab export: needs --strategy NAME, --format keras-h5|torch and -o FILE"});
+    bnlab::export_weights(dirs[0], args["strategy"].as<std::string>(), args["format"].as<std::string>(), args["out"].as<std::string>());
+    std::cerr << "exported " << args["strategy"].as<std::string>() << " to " << args["out"].as<std::string>() << "\n";
+    return bnlab::kExitOk;
+  }
   if (!args.count("out")) return bad_input({"bnlab merge: missing -o DIR"});
   bnlab::merge_shards(dirs, args["out"].as<std::string>(), args.count("force") > 0, args.count("no-plots") == 0, std::cerr);
   return bnlab::kExitOk;
@@ -237,7 +251,8 @@ int main(int argc, char** argv) {
     if (command == "run") return cmd_run(argc - 1, argv + 1, Command::kRun);
     if (command == "validate") return cmd_run(argc - 1, argv + 1, Command::kValidate);
     if (command == "explain") return cmd_run(argc - 1, argv + 1, Command::kExplain);
-    if (command == "golden" || command == "check" || command == "merge") return cmd_tool(argc - 1, argv + 1, command);
+    if (command == "golden" || command == "check" || command == "merge" || command == "export")
+      return cmd_tool(argc - 1, argv + 1, command);
     std::cerr << "bnlab: error: unknown command \"" << command << "\"\n" << kUsage;
     return bnlab::kExitBadInput;
   } catch (const bnlab::InputError& e) {

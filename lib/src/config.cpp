@@ -550,6 +550,11 @@ void read_config(const json& root, Config& c, Problems& problems) {
     r.finish();
   }
   read_finetune(top.find("finetune"), "finetune", c.finetune, problems, /*in_grid=*/false);
+  if (const json* init = top.find("init")) {
+    ObjectReader r(init, "init", problems);
+    r.get("keras_h5", c.init_keras_h5);
+    r.finish();
+  }
   read_grid(top, root, c, problems);
   if (const json* s = top.find("strategies")) {
     if (!s->is_array()) {
@@ -891,6 +896,7 @@ std::string to_json(const Config& c) {
            {"monitor", enum_name(kMonitors, c.finetune.monitor)},
            {"save_best_only", c.finetune.save_best_only}}},
          {"grid", json::parse(c.grid_json)},
+         {"init", c.init_keras_h5.empty() ? json::object() : json{{"keras_h5", c.init_keras_h5}}},
          {"strategies", strategies}};
   return j.dump(2) + "\n";
 }
@@ -936,6 +942,8 @@ std::string pretrain_cache_key(const Config& c) {
   json j{{"format", 1}, {"seed", c.seed}, {"data", data_json(c.data)},
          {"model", model_json(c.model)}, {"pretrain", pretrain_json(c.pretrain)}};
   if (c.data.source == "csv") j["data"]["file"] = file_fingerprint(resolve_path(c.base_dir, c.data.path));
+  if (!c.init_keras_h5.empty())
+    j["init"] = {{"keras_h5", c.init_keras_h5}, {"file", file_fingerprint(resolve_path(c.base_dir, c.init_keras_h5))}};
   return fnv1a_hex(j.dump());
 }
 

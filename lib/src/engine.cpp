@@ -33,6 +33,33 @@ Model build_model(const Config& config, const Dataset& data) {
   return Model(config.model, data.features(), out);
 }
 
+Model strategy_architecture(const Config& config, const StrategyConfig& strategy, int64_t inputs, int64_t outputs) {
+  ModelConfig mc = config.model;
+  if (strategy.fold) mc.batchnorm.enabled = false;
+  Model m(mc, inputs, outputs);
+  if (strategy.bn_module == BnModule::kFrozen) m->freeze_batchnorm_modules(strategy.layers);
+  return m;
+}
+
+void load_state(ModelImpl& model, const c10::impl::GenericDict& sd, const std::string& origin) {
+  torch::NoGradGuard no_grad;
+  const auto targets = state_dict(model);
+  std::vector<std::string> problems;
+  for (const auto& [name, tensor] : targets) {
+    if (!sd.contains(name)) {
+      problems.push_back(origin + ": no tensor \"" + name + "\" (the model expects " + shape_text(tensor.sizes()) + ")");
+      continue;
+    }
+    const auto src = sd.at(name).toTensor();
+    if (src.sizes() != tensor.sizes())
+      problems.push_back(origin + ": tensor \"" + name + "\" has shape " + shape_text(src.sizes()) + " but the model needs " + shape_text(tensor.sizes()));
+  }
+  if (sd.size() != targets.size() && problems.empty())
+    problems.push_back(origin + ": holds " + std::to_string(sd.size()) + " tensors, the model has " + std::to_string(targets.size()));
+  if (!problems.empty()) throw InputError(problems);
+  for (const auto& [name, tensor] : targets) tensor.copy_(sd.at(name).toTensor());
+}
+
 Model clone_model(const ModelImpl& source, const Config& config) {
   Model m(config.model, source.inputs(), source.outputs());
   m->copy_state_from(source);
@@ -153,23 +180,7 @@ CacheState load_pretrained(const std::string& path, ModelImpl& model, const std:
   if (!get("format").isString() || get("format").toStringRef() != "bnlab.pretrained/1")
     throw InputError(path + ": unknown checkpoint format");
   if (get("cache_key").toStringRef() != cache_key) return CacheState::kStale;
-  const auto sd = get("state_dict").toGenericDict();
-  torch::NoGradGuard no_grad;
-  const auto targets = state_dict(model);
-  std::vector<std::string> problems;
-  for (const auto& [name, tensor] : targets) {
-    if (!sd.contains(name)) {
-      problems.push_back(path + ": state_dict has no tensor \"" + name + "\" (the model expects " + shape_text(tensor.sizes()) + ")");
-      continue;
-    }
-    const auto src = sd.at(name).toTensor();
-    if (src.sizes() != tensor.sizes())
-      problems.push_back(path + ": tensor \"" + name + "\" has shape " + shape_text(src.sizes()) + " but the model needs " + shape_text(tensor.sizes()));
-  }
-  if (sd.size() != targets.size() && problems.empty())
-    problems.push_back(path + ": state_dict has " + std::to_string(sd.size()) + " tensors, the model has " + std::to_string(targets.size()));
-  if (!problems.empty()) throw InputError(problems);
-  for (const auto& [name, tensor] : targets) tensor.copy_(sd.at(name).toTensor());
+  load_state(model, get("state_dict").toGenericDict(), path);
   return CacheState::kLoaded;
 }
 

@@ -76,6 +76,13 @@ StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strat
                         const std::function<void(ModelImpl&, int64_t)>& hook = {},
                         const Dataset* data = nullptr, Model* finetuned = nullptr);
 
+/// The architecture a strategy fine-tunes (folded: no BatchNorm; bn_module frozen:
+/// FrozenBatchNorm1d for the selected layers), freshly initialised.
+Model strategy_architecture(const Config& config, const StrategyConfig& strategy, int64_t inputs, int64_t outputs);
+
+/// Copies a name -> tensor map into `model`; every tensor must be there with its shape.
+void load_state(ModelImpl& model, const c10::impl::GenericDict& state, const std::string& origin);
+
 /// A fresh model with the same architecture and a bit-for-bit copy of `source`'s state.
 Model clone_model(const ModelImpl& source, const Config& config);
 

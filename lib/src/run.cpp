@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cctype>
 #include <climits>
 #include <cstdlib>
 #include <chrono>
@@ -22,6 +23,7 @@
 
 #include "bnlab/errors.hpp"
 #include "engine.hpp"
+#include "keras_io.hpp"
 #include "report.hpp"
 #include "text.hpp"
 #include "version.hpp"
@@ -110,6 +112,65 @@ std::string pick_file(const std::string& dir, const std::string& stem, const Con
 
 }  // namespace
 
+std::string finetuned_path(const std::string& dir, const std::string& strategy) {
+  std::string safe = strategy;
+  for (char& ch : safe)
+    if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '_' && ch != '-' && ch != '.') ch = '_';
+  return dir + "/finetuned_" + safe + ".pt";
+}
+
+namespace {
+void save_state(const std::string& path, const ModelImpl& model) {
+  c10::impl::GenericDict sd(c10::StringType::get(), c10::AnyType::get());
+  for (const auto& [name, t] : state_dict(model)) sd.insert(name, t.detach().clone());
+  const auto bytes = torch::pickle_save(c10::IValue(sd));
+  write_file_atomic(path, std::string(bytes.begin(), bytes.end()));
+}
+}  // namespace
+
+void export_weights(const std::string& run_dir, const std::string& strategy, const std::string& format,
+                    const std::string& out) {
+  if (format != "keras-h5" && format != "torch")
+    throw InputError("--format: expected keras-h5 or torch, got \"" + format + "\"");
+  const std::string resolved = run_dir + "/config.resolved.json";
+  if (::access(resolved.c_str(), R_OK) != 0) throw InputError(run_dir + ": no config.resolved.json; is it a bnlab run directory?");
+  const Config config = parse_config(read_file(resolved), resolved, {}, run_dir);
+  const StrategyConfig* s = nullptr;
+  std::vector<std::string> names;
+  for (const auto& c : config.strategies) {
+    names.push_back(c.name);
+    if (c.name == strategy) s = &c;
+  }
+  if (s == nullptr)
+    throw InputError("--strategy: no strategy \"" + strategy + "\" in " + resolved + did_you_mean(strategy, names) +
+                     "; strategies: " + join(names, ", "));
+  const std::string path = finetuned_path(run_dir, strategy);
+  if (::access(path.c_str(), R_OK) != 0)
+    throw InputError(path + ": missing; fine-tuned weights are kept for studies with one seed, one sample and no grid");
+  c10::IValue root;
+  try {
+    const std::string bytes = read_file(path);
+    root = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
+  } catch (const std::exception& e) {
+    throw InputError(path + ": cannot read the fine-tuned weights (truncated or corrupt)");
+  }
+  if (!root.isGenericDict()) throw InputError(path + ": not a state dict");
+  const auto sd = root.toGenericDict();
+  if (!sd.contains("0.weight")) throw InputError(path + ": no tensor \"0.weight\"");
+  const int64_t inputs = sd.at("0.weight").toTensor().size(1);
+  const size_t linears = config.model.hidden.size();
+  const int64_t per = (s->fold || !config.model.batchnorm.enabled ? 2 : 3) + (config.model.dropout > 0 ? 1 : 0);
+  const std::string head = std::to_string(static_cast<int64_t>(linears) * per) + ".weight";
+  if (!sd.contains(head)) throw InputError(path + ": no head tensor \"" + head + "\"");
+  Model m = strategy_architecture(config, *s, inputs, sd.at(head).toTensor().size(0));
+  load_state(*m, sd, path);
+  if (format == "keras-h5") {
+    export_keras_h5(out, *m);
+  } else {
+    save_state(out, *m);
+  }
+}
+
 std::string Workspace::pretrained_path(size_t i) const { return pick_file(dir, "pretrained", config, config.seeds[i]); }
 std::string Workspace::sample_path(size_t i) const { return pick_file(dir, "sample", config, config.seeds[i]); }
 
@@ -119,6 +180,13 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
   w.dir = out_dir.empty() ? "runs/" + config.name : out_dir;
   w.data = load_data(config);
   resolve_samples(w.config, w.data.size());
+  if (!config.init_keras_h5.empty()) {
+    char* real = ::realpath(resolve_path(config.base_dir, config.init_keras_h5).c_str(), nullptr);
+    if (real == nullptr)
+      throw InputError("init.keras_h5: " + resolve_path(config.base_dir, config.init_keras_h5) + ": cannot read the file (" + errno_text() + ")");
+    w.config.init_keras_h5 = real;
+    std::free(real);
+  }
   if (config.data.source == "csv") {
     // The resolved config names the file absolutely, so it still points at it from the run directory.
     char* real = ::realpath(resolve_path(config.base_dir, config.data.path).c_str(), nullptr);
@@ -138,6 +206,12 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
     torch::manual_seed(c.seed);  // initialisation; pretraining itself uses its own generators
     w.models.push_back(build_model(c, w.data));
     w.keys.push_back(pretrain_cache_key(c));
+    if (!c.init_keras_h5.empty()) {
+      import_keras_h5(c.init_keras_h5, *w.models.back());  // every seed starts from the user's Keras weights
+      w.cache.push_back(CacheState::kLoaded);
+      w.imported = true;
+      continue;
+    }
     w.cache.push_back(force ? CacheState::kMissing : load_pretrained(w.pretrained_path(i), *w.models.back(), w.keys.back()));
   }
   return w;
@@ -150,6 +224,11 @@ void ensure_pretrained(Workspace& w, std::ostream& log, int verbose) {
     c.seed = c.seeds[i];
     const std::string path = w.pretrained_path(i);
     const std::string who = w.models.size() > 1 ? " (seed " + std::to_string(c.seed) + ")" : "";
+    if (w.imported) {
+      if (verbose > 0) log << "weights" << who << ": imported from " << c.init_keras_h5 << "\n";
+      save_pretrained(path, *w.models[i], w.data, w.keys[i]);  // so Python and the reference see them too
+      continue;
+    }
     if (w.cache[i] == CacheState::kLoaded) {
       if (verbose > 0) log << "pretrained weights" << who << ": reusing " << path << " (cache key " << w.keys[i] << ")\n";
       continue;
@@ -257,6 +336,8 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
     last_flush = clock::now();
   };
 
+  // One run per strategy: keep each strategy's fine-tuned (best) weights for `bnlab export`.
+  const bool single_run = config.seeds.size() == 1 && config.finetune.samples.size() == 1 && config.grid.size() == 1;
   const auto execute = [&](size_t m) {
     const RunKey& key = mine[m];
     Config rc = config;
@@ -273,6 +354,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
       text += "\n";
     }
     StrategyResult r;
+    Model tuned{nullptr};
     try {
       r = finetune(*w.models[key.seed], strategy, x, y, rc,
                    [&](const EpochRecord& e) {
@@ -280,7 +362,8 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
                        text += keras_line(e.epoch, e.epochs, e.loss, e.val_loss, cls ? &e.accuracy : nullptr,
                                           cls ? &e.val_accuracy : nullptr) + "\n";
                    },
-                   {}, &w.data);
+                   {}, &w.data, single_run ? &tuned : nullptr);
+      if (single_run) save_state(finetuned_path(dir, strategy.name), *tuned);
       if (verbose >= 2) {
         char buf[300];
         std::snprintf(buf, sizeof buf, "evaluate before: %.4e  evaluate after (epoch %d weights): %.4e  lag identity: %s (residual %.4e)\n",

@@ -18,6 +18,7 @@ struct Workspace {
   std::vector<Model> models;              ///< one per seed: initialised, or loaded from the cache
   std::vector<std::string> keys;          ///< pretraining cache key per seed
   std::vector<CacheState> cache;
+  bool imported = false;                  ///< weights came from init.keras_h5, not pretraining
   /// pretrained.pt / sample.pt for one seed; pretrained_seed<S>.pt / sample_seed<S>.pt for several.
   std::string pretrained_path(size_t seed_index) const;
   std::string sample_path(size_t seed_index) const;

@@ -126,6 +126,7 @@ struct Config {
   std::string grid_json = "{}";                ///< the grid as written: finetune path -> values
   std::vector<GridPoint> grid;                 ///< expanded grid; one unlabeled point without a grid
   std::string base_dir;                        ///< directory of the config file, for relative paths
+  std::string init_keras_h5;                   ///< init.keras_h5: import these Keras weights instead of pretraining
   DataConfig data;
   ModelConfig model;
   PretrainConfig pretrain;

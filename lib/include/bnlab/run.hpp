@@ -83,6 +83,14 @@ struct ExplainOptions {
 std::string explain(const Config& config, const ExplainOptions& options, std::ostream& out,
                     std::ostream& log);
 
+/// Writes a strategy's fine-tuned (best) weights from a run directory as a Keras 2 HDF5
+/// weights file ("keras-h5") or a torch.load-able state dict ("torch").
+void export_weights(const std::string& run_dir, const std::string& strategy, const std::string& format,
+                    const std::string& out);
+
+/// Where a run directory keeps a strategy's fine-tuned weights (one-run-per-strategy studies).
+std::string finetuned_path(const std::string& run_dir, const std::string& strategy);
+
 /// Derives max_gap and the lag residuals from the curves (exposed for tests).
 void compute_lag(StrategyResult& r);
 

@@ -1,0 +1,305 @@
+// Keras weights files through Debian's HDF5 C library.
+#include "keras_io.hpp"
+
+#include <hdf5.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <map>
+
+#include "bnlab/errors.hpp"
+#include "text.hpp"
+
+namespace bnlab {
+
+namespace {
+
+/// Closes an HDF5 handle when it goes out of scope.
+struct Handle {
+  hid_t id = -1;
+  herr_t (*close)(hid_t) = nullptr;
+  Handle(hid_t i, herr_t (*c)(hid_t)) : id(i), close(c) {}
+  Handle(const Handle&) = delete;
+  Handle& operator=(const Handle&) = delete;
+  ~Handle() {
+    if (id >= 0 && close != nullptr) close(id);
+  }
+  explicit operator bool() const { return id >= 0; }
+};
+
+std::string shape_text(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+/// A string-array attribute, fixed or variable length (h5py writes either).
+std::vector<std::string> read_string_attr(hid_t obj, const char* name) {
+  Handle attr(H5Aopen(obj, name, H5P_DEFAULT), H5Aclose);
+  if (!attr) return {};
+  Handle type(H5Aget_type(attr.id), H5Tclose);
+  Handle space(H5Aget_space(attr.id), H5Sclose);
+  const hssize_t n = H5Sget_simple_extent_npoints(space.id);
+  std::vector<std::string> out;
+  if (n <= 0) return out;
+  if (H5Tis_variable_str(type.id) > 0) {
+    std::vector<char*> ptrs(static_cast<size_t>(n), nullptr);
+    Handle mem(H5Tcopy(H5T_C_S1), H5Tclose);
+    H5Tset_size(mem.id, H5T_VARIABLE);
+    if (H5Aread(attr.id, mem.id, ptrs.data()) >= 0)
+      for (auto* p : ptrs) out.emplace_back(p ? p : "");
+    H5Dvlen_reclaim(mem.id, space.id, H5P_DEFAULT, ptrs.data());
+  } else {
+    const size_t size = H5Tget_size(type.id);
+    std::vector<char> buf(size * static_cast<size_t>(n) + 1, '\0');
+    Handle mem(H5Tcopy(H5T_C_S1), H5Tclose);
+    H5Tset_size(mem.id, size);
+    H5Tset_strpad(mem.id, H5T_STR_NULLPAD);  // numpy's 'S' strings use the full width, no terminator
+    if (H5Aread(attr.id, mem.id, buf.data()) >= 0)
+      for (hssize_t i = 0; i < n; ++i) {
+        const char* p = buf.data() + static_cast<size_t>(i) * size;
+        out.emplace_back(p, strnlen(p, size));
+      }
+  }
+  return out;
+}
+
+struct Array {
+  std::string dataset;          ///< full path in the file, for messages
+  std::vector<int64_t> shape;
+  std::vector<float> values;
+};
+
+Array read_dataset(hid_t file, const std::string& path, const std::string& where) {
+  Handle ds(H5Dopen2(file, path.c_str(), H5P_DEFAULT), H5Dclose);
+  if (!ds) throw InputError(where + ": dataset \"" + path + "\" is missing");
+  Handle space(H5Dget_space(ds.id), H5Sclose);
+  const int rank = H5Sget_simple_extent_ndims(space.id);
+  std::vector<hsize_t> dims(static_cast<size_t>(std::max(rank, 0)));
+  H5Sget_simple_extent_dims(space.id, dims.data(), nullptr);
+  Array a;
+  a.dataset = path;
+  size_t n = 1;
+  for (auto d : dims) {
+    a.shape.push_back(static_cast<int64_t>(d));
+    n *= static_cast<size_t>(d);
+  }
+  a.values.resize(n);
+  if (n > 0 && H5Dread(ds.id, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, a.values.data()) < 0)
+    throw InputError(where + ": cannot read dataset \"" + path + "\" as numbers");
+  return a;
+}
+
+/// One layer with weights, as the file has it.
+struct FileLayer {
+  std::string name;
+  bool dense = false;
+  std::vector<Array> vars;  ///< dense: kernel, bias; batchnorm: [gamma, beta,] moving_mean, moving_variance
+};
+
+std::vector<FileLayer> read_keras2(hid_t file, hid_t root, const std::string& root_path, const std::string& path) {
+  std::vector<FileLayer> out;
+  for (const auto& layer : read_string_attr(root, "layer_names")) {
+    Handle g(H5Gopen2(root, layer.c_str(), H5P_DEFAULT), H5Gclose);
+    if (!g) throw InputError(path + ": layer \"" + layer + "\" is listed in layer_names but has no group");
+    const auto names = read_string_attr(g.id, "weight_names");
+    if (names.empty()) continue;  // activation, dropout, ...: nothing to load
+    FileLayer l;
+    l.name = layer;
+    for (const auto& w : names) l.vars.push_back(read_dataset(file, root_path + layer + "/" + w, path + ": layer \"" + layer + "\""));
+    l.dense = std::any_of(names.begin(), names.end(), [](const std::string& n) { return n.find("kernel") != std::string::npos; });
+    if (!l.dense && !std::any_of(names.begin(), names.end(), [](const std::string& n) { return n.find("moving_mean") != std::string::npos; }))
+      throw InputError(path + ": layer \"" + layer + "\" is neither Dense (kernel) nor BatchNormalization (moving_mean)");
+    out.push_back(std::move(l));
+  }
+  return out;
+}
+
+/// Names of a group's links, through calls whose signature is the same in HDF5 1.10 to 1.14.
+std::vector<std::string> link_names(hid_t group) {
+  H5G_info_t info{};
+  std::vector<std::string> names;
+  if (H5Gget_info(group, &info) < 0) return names;
+  for (hsize_t i = 0; i < info.nlinks; ++i) {
+    const ssize_t len = H5Lget_name_by_idx(group, ".", H5_INDEX_NAME, H5_ITER_INC, i, nullptr, 0, H5P_DEFAULT);
+    if (len <= 0) continue;
+    std::string name(static_cast<size_t>(len) + 1, '\0');
+    H5Lget_name_by_idx(group, ".", H5_INDEX_NAME, H5_ITER_INC, i, name.data(), name.size(), H5P_DEFAULT);
+    name.resize(static_cast<size_t>(len));
+    names.push_back(name);
+  }
+  return names;
+}
+
+/// Keras 3 names layers "dense", "dense_1", ...; HDF5 lists them alphabetically, so order by
+/// (kind prefix, numeric suffix) to recover creation order within each kind.
+std::pair<std::string, long> name_order(const std::string& n) {
+  const auto us = n.find_last_of('_');
+  if (us != std::string::npos && us + 1 < n.size() && std::all_of(n.begin() + static_cast<long>(us) + 1, n.end(), ::isdigit))
+    return {n.substr(0, us), std::stol(n.substr(us + 1))};
+  return {n, 0};
+}
+
+std::vector<FileLayer> read_keras3(hid_t file, const std::string& path) {
+  Handle layers(H5Gopen2(file, "layers", H5P_DEFAULT), H5Gclose);
+  std::vector<std::string> names = link_names(layers.id);
+  std::sort(names.begin(), names.end(), [](const std::string& a, const std::string& b) { return name_order(a) < name_order(b); });
+  std::vector<FileLayer> out;
+  for (const auto& layer : names) {
+    const std::string vars_path = "layers/" + layer + "/vars";
+    if (H5Lexists(file, ("layers/" + layer).c_str(), H5P_DEFAULT) <= 0 || H5Lexists(file, vars_path.c_str(), H5P_DEFAULT) <= 0)
+      continue;
+    FileLayer l;
+    l.name = layer;
+    for (int i = 0;; ++i) {
+      const std::string ds = vars_path + "/" + std::to_string(i);
+      if (H5Lexists(file, ds.c_str(), H5P_DEFAULT) <= 0) break;
+      l.vars.push_back(read_dataset(file, ds, path + ": layer \"" + layer + "\""));
+    }
+    if (l.vars.empty()) continue;
+    l.dense = l.vars.front().shape.size() == 2;
+    out.push_back(std::move(l));
+  }
+  return out;
+}
+
+void copy_into(const torch::Tensor& target, const Array& a, const std::vector<int64_t>& want, bool transpose,
+               const std::string& path, const std::string& layer, const std::string& param) {
+  if (a.shape != want)
+    throw InputError(path + ": layer \"" + layer + "\", dataset \"" + a.dataset + "\" has shape " + shape_text(a.shape) +
+                     " but the model's " + param + " needs " + shape_text(want));
+  auto t = torch::from_blob(const_cast<float*>(a.values.data()), a.shape, torch::kFloat);
+  if (transpose) t = t.t();
+  torch::NoGradGuard no_grad;
+  target.copy_(t);
+}
+
+}  // namespace
+
+void import_keras_h5(const std::string& path, ModelImpl& model) {
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);  // errors become our messages, not HDF5's stack dumps
+  if (H5Fis_hdf5(path.c_str()) <= 0) throw InputError(path + ": not an HDF5 file (or missing)");
+  Handle file(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
+  if (!file) throw InputError(path + ": cannot open the HDF5 file");
+  std::vector<FileLayer> layers;
+  if (H5Lexists(file.id, "model_weights", H5P_DEFAULT) > 0) {  // model.save(): weights under model_weights/
+    Handle root(H5Gopen2(file.id, "model_weights", H5P_DEFAULT), H5Gclose);
+    layers = read_keras2(file.id, root.id, "model_weights/", path);
+  } else if (H5Aexists(file.id, "layer_names") > 0) {
+    layers = read_keras2(file.id, file.id, "", path);
+  } else if (H5Lexists(file.id, "layers", H5P_DEFAULT) > 0) {
+    layers = read_keras3(file.id, path);
+  } else {
+    throw InputError(path + ": neither a Keras 2 weights file (no layer_names) nor a Keras 3 .weights.h5 (no layers/)");
+  }
+  std::vector<const FileLayer*> dense, bn;
+  for (const auto& l : layers) (l.dense ? dense : bn).push_back(&l);
+  auto lins = model.linears();
+  auto bns = model.batchnorms();
+  const auto names = model.batchnorm_names();
+  if (dense.size() != lins.size() || bn.size() != bns.size())
+    throw InputError(path + ": the file has " + std::to_string(dense.size()) + " Dense and " + std::to_string(bn.size()) +
+                     " BatchNormalization layers with weights; the model has " + std::to_string(lins.size()) + " Linear and " +
+                     std::to_string(bns.size()) + " BatchNorm layers (check model.hidden and model.batchnorm.enabled)");
+  for (size_t i = 0; i < dense.size(); ++i) {
+    const auto& l = *dense[i];
+    auto& lin = *lins[i];
+    const int64_t out = lin.weight.size(0), in = lin.weight.size(1);
+    if (l.vars.size() != (lin.bias.defined() ? 2u : 1u))
+      throw InputError(path + ": Dense layer \"" + l.name + "\" has " + std::to_string(l.vars.size()) + " weights, expected kernel and bias");
+    copy_into(lin.weight, l.vars[0], {in, out}, true, path, l.name, "Linear weight (as a Keras kernel [in, out])");
+    if (lin.bias.defined()) copy_into(lin.bias, l.vars[1], {out}, false, path, l.name, "Linear bias");
+  }
+  for (size_t i = 0; i < bn.size(); ++i) {
+    const auto& l = *bn[i];
+    auto& b = *bns[i];
+    const int64_t c = b.options.num_features();
+    const bool affine = b.weight.defined();
+    if (l.vars.size() != (affine ? 4u : 2u))
+      throw InputError(path + ": BatchNormalization layer \"" + l.name + "\" has " + std::to_string(l.vars.size()) + " weights; the model's BatchNorm " +
+                       names[i] + (affine ? " needs gamma, beta, moving_mean, moving_variance" : " (affine false) needs moving_mean, moving_variance"));
+    size_t k = 0;
+    if (affine) {
+      copy_into(b.weight, l.vars[k++], {c}, false, path, l.name, "BatchNorm weight (gamma)");
+      copy_into(b.bias, l.vars[k++], {c}, false, path, l.name, "BatchNorm bias (beta)");
+    }
+    copy_into(b.running_mean, l.vars[k++], {c}, false, path, l.name, "running_mean");
+    copy_into(b.running_var, l.vars[k++], {c}, false, path, l.name, "running_var");
+  }
+}
+
+void export_keras_h5(const std::string& path, const ModelImpl& model) {
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  const std::string tmp = temp_name(path);
+  {
+    Handle file(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
+    if (!file) throw std::runtime_error("cannot create " + tmp);
+    Handle lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
+    H5Pset_create_intermediate_group(lcpl.id, 1);
+    const auto write_strings = [](hid_t obj, const char* name, const std::vector<std::string>& values) {
+      size_t width = 1;
+      for (const auto& v : values) width = std::max(width, v.size());
+      std::vector<char> buf(width * values.size(), '\0');
+      for (size_t i = 0; i < values.size(); ++i) std::copy(values[i].begin(), values[i].end(), buf.begin() + static_cast<long>(i * width));
+      Handle type(H5Tcopy(H5T_C_S1), H5Tclose);
+      H5Tset_size(type.id, width);
+      H5Tset_strpad(type.id, H5T_STR_NULLPAD);  // as numpy/h5py write 'S' arrays
+      const hsize_t n = values.size();
+      Handle space(values.size() == 1 && std::string(name) != "layer_names" && std::string(name) != "weight_names"
+                       ? H5Screate(H5S_SCALAR) : H5Screate_simple(1, &n, nullptr), H5Sclose);
+      Handle attr(H5Acreate2(obj, name, type.id, space.id, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+      H5Awrite(attr.id, type.id, buf.data());
+    };
+    const auto write_array = [&](hid_t group, const std::string& name, const torch::Tensor& t) {
+      const auto c = t.detach().to(torch::kFloat).contiguous();
+      std::vector<hsize_t> dims(c.sizes().begin(), c.sizes().end());
+      Handle space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
+      Handle ds(H5Dcreate2(group, name.c_str(), H5T_IEEE_F32LE, space.id, lcpl.id, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
+      if (!ds || H5Dwrite(ds.id, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, c.data_ptr<float>()) < 0)
+        throw std::runtime_error("cannot write " + name + " to " + tmp);
+    };
+    std::vector<std::string> layer_names;
+    int dense_i = 0, bn_i = 0;
+    std::map<std::string, torch::Tensor> sd;
+    for (const auto& [name, t] : state_dict(model)) sd[name] = t;
+    const auto get = [&](const std::string& name) { return sd.count(name) ? sd.at(name) : torch::Tensor(); };
+    for (const auto& info : model.layers()) {
+      if (info.kind == "linear") {
+        const std::string name = dense_i == 0 ? "dense" : "dense_" + std::to_string(dense_i);
+        ++dense_i;
+        Handle g(H5Gcreate2(file.id, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
+        write_strings(g.id, "weight_names", {name + "/kernel:0", name + "/bias:0"});
+        write_array(g.id, name + "/kernel:0", get(info.name + ".weight").t());
+        write_array(g.id, name + "/bias:0", get(info.name + ".bias"));
+        layer_names.push_back(name);
+      } else if (info.kind == "batchnorm" || info.kind == "frozen_batchnorm") {
+        // FrozenBatchNorm1d keeps the same four tensors under the same names.
+        const std::string name = bn_i == 0 ? "batch_normalization" : "batch_normalization_" + std::to_string(bn_i);
+        ++bn_i;
+        Handle g(H5Gcreate2(file.id, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
+        std::vector<std::string> wn;
+        if (get(info.name + ".weight").defined()) {
+          wn = {name + "/gamma:0", name + "/beta:0"};
+          write_array(g.id, name + "/gamma:0", get(info.name + ".weight"));
+          write_array(g.id, name + "/beta:0", get(info.name + ".bias"));
+        }
+        wn.push_back(name + "/moving_mean:0");
+        wn.push_back(name + "/moving_variance:0");
+        write_array(g.id, name + "/moving_mean:0", get(info.name + ".running_mean"));
+        write_array(g.id, name + "/moving_variance:0", get(info.name + ".running_var"));
+        write_strings(g.id, "weight_names", wn);
+        layer_names.push_back(name);
+      }
+    }
+    write_strings(file.id, "layer_names", layer_names);
+    write_strings(file.id, "backend", {"tensorflow"});
+    write_strings(file.id, "keras_version", {"2.15.0"});
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw std::runtime_error("cannot rename " + tmp + " to " + path);
+  }
+}
+
+}  // namespace bnlab
