@@ -48,7 +48,7 @@ RunResult run_quiet(const Config& c, const std::string& dir) {
 
 TEST(Keras, BothLayoutsReproduceKerasNumerics) {
   const auto expected = nlohmann::json::parse(read_file(source("tests/keras/fixtures/expected.json")));
-  for (const char* file : {"keras2.h5", "keras3.weights.h5"}) {
+  for (const char* file : {"keras2.h5", "keras2_model_save.h5", "keras3.weights.h5"}) {
     SCOPED_TRACE(file);
     const auto r = run_quiet(fixture_config(file), temp_dir("keras") + "/run");
     ASSERT_EQ(r.runs.size(), 2u);

@@ -4,6 +4,7 @@
 Writes, next to this script in fixtures/:
   keras2.h5          Keras 2 save_weights layout: root attribute layer_names; one group per layer
                      with a weight_names attribute; datasets such as dense/kernel:0 (kernel [in, out]).
+  keras2_model_save.h5  the same under model_weights/, as Keras 2's model.save() writes it.
   keras3.weights.h5  Keras 3 layout: layers/<name>/vars/<i>.
   data.csv           a header row and 6 samples (4 features, target y); sample 0 is fine-tuned.
   expected.json      Keras semantics computed here with numpy, independently of bnlab:
@@ -41,8 +42,12 @@ data = rng.normal(0, 1, (6, 4)).astype(f32)
 target = rng.normal(0, 1, (6, 1)).astype(f32)
 
 
-def write_keras2(path):
-    with h5py.File(path, "w") as f:
+def write_keras2(path, under_model_weights=False):
+    with h5py.File(path, "w") as top:
+        # model.save() puts the same layout under model_weights/, next to the model's config.
+        f = top.create_group("model_weights") if under_model_weights else top
+        if under_model_weights:
+            top.attrs["model_config"] = b'{"class_name": "Sequential"}'
         names = []
         for i, (k, b) in enumerate(dense):
             n = "dense" if i == 0 else f"dense_{i}"
@@ -146,6 +151,7 @@ def fit_frozen(x, y):
 
 os.makedirs(HERE, exist_ok=True)
 write_keras2(os.path.join(HERE, "keras2.h5"))
+write_keras2(os.path.join(HERE, "keras2_model_save.h5"), under_model_weights=True)
 write_keras3(os.path.join(HERE, "keras3.weights.h5"))
 with open(os.path.join(HERE, "data.csv"), "w") as f:
     f.write("a,b,c,d,y\n")
