@@ -6,6 +6,7 @@
 #define CXXOPTS_VECTOR_DELIMITER '\0'
 #include <cxxopts.hpp>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -61,6 +62,23 @@ int bad_input(const std::vector<std::string>& problems) {
   return bnlab::kExitBadInput;
 }
 
+/// Parses a command's options; returns an exit code when the command is already done
+/// (--help) or the arguments are bad, nothing when it should go on.
+std::optional<int> parse_args(cxxopts::Options& opts, int argc, char** argv, const std::string& name,
+                              cxxopts::ParseResult& args) {
+  try {
+    args = opts.parse(argc, argv);
+  } catch (const cxxopts::exceptions::exception& e) {
+    std::cerr << "bnlab " << name << ": error: " << e.what() << "\n" << opts.help();
+    return bnlab::kExitBadInput;
+  }
+  if (args.count("help")) {
+    std::cout << opts.help();
+    return bnlab::kExitOk;
+  }
+  return std::nullopt;
+}
+
 enum class Command { kRun, kValidate, kExplain };
 
 int cmd_run(int argc, char** argv, Command command) {
@@ -97,16 +115,7 @@ int cmd_run(int argc, char** argv, Command command) {
   opts.parse_positional({"config"});
   opts.positional_help("CONFIG");
   cxxopts::ParseResult args;
-  try {
-    args = opts.parse(argc, argv);
-  } catch (const cxxopts::exceptions::exception& e) {
-    std::cerr << "bnlab " << name << ": error: " << e.what() << "\n" << opts.help();
-    return bnlab::kExitBadInput;
-  }
-  if (args.count("help")) {
-    std::cout << opts.help();
-    return bnlab::kExitOk;
-  }
+  if (const auto done = parse_args(opts, argc, argv, name, args)) return *done;
   if (!args.count("config")) {
     std::cerr << "bnlab " << name << ": error: missing CONFIG (a JSON experiment file, e.g. configs/seed_repro.json)\n";
     return bnlab::kExitBadInput;
@@ -191,16 +200,7 @@ int cmd_tool(int argc, char** argv, const std::string& name) {
   opts.parse_positional({"dirs"});
   opts.positional_help(name == "merge" ? "SHARD_DIR..." : "RUN_DIR");
   cxxopts::ParseResult args;
-  try {
-    args = opts.parse(argc, argv);
-  } catch (const cxxopts::exceptions::exception& e) {
-    std::cerr << "bnlab " << name << ": error: " << e.what() << "\n" << opts.help();
-    return bnlab::kExitBadInput;
-  }
-  if (args.count("help")) {
-    std::cout << opts.help();
-    return bnlab::kExitOk;
-  }
+  if (const auto done = parse_args(opts, argc, argv, name, args)) return *done;
   const auto dirs = args.count("dirs") ? args["dirs"].as<std::vector<std::string>>() : std::vector<std::string>{};
   if (dirs.empty()) return bad_input({"bnlab " + name + ": missing " + (name == "merge" ? "SHARD_DIR..." : "RUN_DIR")});
   if (name != "merge" && dirs.size() != 1) return bad_input({"bnlab " + name + ": expected one RUN_DIR, got " + std::to_string(dirs.size())});

@@ -12,18 +12,14 @@
 #include "bnlab/run.hpp"
 #include "engine.hpp"
 #include "keras_io.hpp"
+#include "support.hpp"
 #include "text.hpp"
 
 namespace {
 
 using namespace bnlab;
-
-std::string source(const std::string& rel) { return std::string(BNLAB_SOURCE_DIR) + "/" + rel; }
-
-std::string temp_dir(const std::string& tag) {
-  std::string tmpl = "/tmp/bnlab_" + tag + "_XXXXXX";
-  return std::string(::mkdtemp(tmpl.data()));
-}
+using test::source;
+using test::temp_dir;
 
 Config fixture_config(const std::string& weights, const std::string& hidden = "[5, 3]") {
   const std::string text = R"({"name": "keras_fixture", "init": {"keras_h5": ")" + source("tests/keras/fixtures/" + weights) +

@@ -17,13 +17,14 @@
 #include "bnlab/errors.hpp"
 #include "bnlab/run.hpp"
 #include "engine.hpp"
+#include "support.hpp"
 #include "text.hpp"
 
 namespace {
 
 using namespace bnlab;
-
-std::string source(const std::string& rel) { return std::string(BNLAB_SOURCE_DIR) + "/" + rel; }
+using test::source;
+using test::temp_dir;
 
 StrategyConfig preset(const Config& c, const std::string& name) {
   for (const auto& s : c.strategies)
@@ -306,15 +307,10 @@ std::string nine_presets() {
                         "recalibrate_frozen", "fold", "batch_stats"])";
 }
 
-std::string temp_run_dir(const std::string& tag) {
-  std::string tmpl = "/tmp/bnlab_" + tag + "_XXXXXX";
-  return std::string(::mkdtemp(tmpl.data())) + "/run";
-}
-
 TEST(Explain, PredictsWhatFineTuningThenShows) {
   const auto c = load_config(source("configs/smoke/keras_nll.json"), {nine_presets()});
   ExplainOptions eo;
-  eo.out_dir = temp_run_dir("explain");
+  eo.out_dir = test::temp_dir("explain") + "/run";
   eo.verbose = 0;
   std::ostringstream table, log;
   const auto j = nlohmann::json::parse(explain(c, eo, table, log));
@@ -348,7 +344,7 @@ TEST(Explain, PredictsWhatFineTuningThenShows) {
 TEST(Explain, TorchNumericsAndUnknownStrategy) {
   const auto c = load_config(source("configs/smoke/torch_mse.json"));
   ExplainOptions eo;
-  eo.out_dir = temp_run_dir("explain_torch");
+  eo.out_dir = test::temp_dir("explain_torch") + "/run";
   eo.verbose = 0;
   std::ostringstream table, log;
   const auto j = nlohmann::json::parse(explain(c, eo, table, log));

@@ -13,20 +13,14 @@
 #include "bnlab/errors.hpp"
 #include "bnlab/run.hpp"
 #include "engine.hpp"
+#include "support.hpp"
 #include "text.hpp"
 
 namespace {
 
 using namespace bnlab;
-
-std::string source(const std::string& rel) { return std::string(BNLAB_SOURCE_DIR) + "/" + rel; }
-
-std::string temp_dir(const std::string& tag) {
-  std::string tmpl = (std::getenv("TMPDIR") ? std::string(std::getenv("TMPDIR")) : "/tmp") + "/bnlab_" + tag + "_XXXXXX";
-  char* made = ::mkdtemp(tmpl.data());
-  if (made == nullptr) throw std::runtime_error("mkdtemp failed");
-  return std::string(made) + "/run";
-}
+using test::source;
+using test::temp_dir;
 
 RunResult run_quiet(const Config& c, const std::string& dir, bool force = false) {
   RunOptions o;
@@ -45,7 +39,7 @@ const StrategyResult& by_name(const RunResult& r, const std::string& name) {
 
 TEST(Run, SmokeWritesACompleteSelfDescribingRunDirectory) {
   const auto c = load_config(source("configs/smoke/keras_nll.json"));
-  const auto dir = temp_dir("smoke");
+  const auto dir = temp_dir("smoke") + "/run";
   const auto r = run_quiet(c, dir);
   for (const char* f : {"config.resolved.json", "manifest.json", "pretrained.pt", "sample.pt", "curves.csv",
                         "summary.json", "summary.md"})
@@ -73,14 +67,14 @@ TEST(Run, SmokeWritesACompleteSelfDescribingRunDirectory) {
 
 TEST(Run, SecondRunReusesTheCacheAndIsBitIdentical) {
   const auto c = load_config(source("configs/smoke/keras_nll.json"));
-  const auto dir = temp_dir("cache");
+  const auto dir = temp_dir("cache") + "/run";
   const auto first = run_quiet(c, dir);
   const auto second = run_quiet(c, dir);
   EXPECT_FALSE(first.pretrain_cached);
   EXPECT_TRUE(second.pretrain_cached);
   const auto curves = read_file(dir + "/curves.csv");
   // A fresh directory pretrains from scratch again: determinism of the whole pipeline.
-  const auto dir2 = temp_dir("cache2");
+  const auto dir2 = temp_dir("cache2") + "/run";
   run_quiet(c, dir2);
   EXPECT_EQ(read_file(dir2 + "/curves.csv"), curves) << "two runs of the same config gave different curves";
   EXPECT_EQ(read_file(dir2 + "/pretrained.pt").size(), read_file(dir + "/pretrained.pt").size());
@@ -94,7 +88,7 @@ TEST(Run, SecondRunReusesTheCacheAndIsBitIdentical) {
 }
 
 TEST(Run, RefusesADirectoryOfAnotherExperimentAndWritesNothing) {
-  const auto dir = temp_dir("other");
+  const auto dir = temp_dir("other") + "/run";
   run_quiet(load_config(source("configs/smoke/keras_nll.json")), dir);
   const auto before = read_file(dir + "/curves.csv");
   const auto other = load_config(source("configs/smoke/torch_mse.json"));
@@ -110,7 +104,7 @@ TEST(Run, RefusesADirectoryOfAnotherExperimentAndWritesNothing) {
 
 TEST(Run, LagIdentityIsExactWhenBatchNormIsFrozen) {
   for (const char* cfg : {"configs/smoke/keras_nll.json", "configs/smoke/torch_mse.json"}) {
-    const auto r = run_quiet(load_config(source(cfg)), temp_dir("lag"));
+    const auto r = run_quiet(load_config(source(cfg)), temp_dir("lag") + "/run");
     const auto& f = by_name(r, "frozen");
     EXPECT_TRUE(f.lag_identity_holds) << cfg;
     // loss[1] is the forward pass of the untouched pretrained weights in inference mode.
@@ -160,7 +154,7 @@ TEST(Run, FrozenLeavesBatchNormBitForBitEvenWhenTrainIsCalledMidFit) {
 
 TEST(Run, ClassificationReportsAccuracy) {
   const auto c = load_config(source("configs/smoke/classify.json"));
-  const auto dir = temp_dir("cls");
+  const auto dir = temp_dir("cls") + "/run";
   const auto r = run_quiet(c, dir);
   ASSERT_EQ(r.runs[0].accuracy.size(), 3u);
   for (double a : r.runs[0].val_accuracy) EXPECT_TRUE(a == 0.0 || a == 1.0);
@@ -176,7 +170,7 @@ TEST(Run, ClassificationReportsAccuracy) {
 // The report, reproduced: the main job's default config, checked against the expectations.
 TEST(SeedRepro, TrainGapIsLargeAndFrozenShowsTheOneEpochLag) {
   const auto c = load_config(source("configs/seed_repro.json"));
-  const auto r = run_quiet(c, temp_dir("seed"));
+  const auto r = run_quiet(c, temp_dir("seed") + "/run");
   const auto& train = by_name(r, "train");
   const auto& frozen = by_name(r, "frozen");
   EXPECT_LT(train.evaluate_before, -5.5) << "the pretrained model should fit the sample well (report: -6.09)";
@@ -196,7 +190,7 @@ TEST(SeedRepro, TrainGapIsLargeAndFrozenShowsTheOneEpochLag) {
 namespace {
 
 TEST(Run, CsvConfigWithAPathRelativeToTheConfigFile) {
-  const auto dir = temp_dir("csv");
+  const auto dir = temp_dir("csv") + "/run";
   const auto base = parent_dir(dir);
   std::string csv = "u,v,w,target\n";
   for (int i = 0; i < 200; ++i) {

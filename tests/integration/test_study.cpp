@@ -14,18 +14,14 @@
 #include "bnlab/run.hpp"
 #include "bnlab/tools.hpp"
 #include "report.hpp"
+#include "support.hpp"
 #include "text.hpp"
 
 namespace {
 
 using namespace bnlab;
-
-std::string source(const std::string& rel) { return std::string(BNLAB_SOURCE_DIR) + "/" + rel; }
-
-std::string temp_dir(const std::string& tag) {
-  std::string tmpl = "/tmp/bnlab_" + tag + "_XXXXXX";
-  return std::string(::mkdtemp(tmpl.data()));
-}
+using test::source;
+using test::temp_dir;
 
 RunResult run_study(const Config& c, const std::string& dir, int jobs, int shard = 1, int shards = 1, bool plots = false,
                     std::ostream* log = nullptr) {

@@ -10,16 +10,14 @@
 #include "bnlab/errors.hpp"
 #include "bnlab/tools.hpp"
 #include "report.hpp"
+#include "support.hpp"
 #include "text.hpp"
 
 namespace {
 
 using namespace bnlab;
-
-std::string temp_dir(const std::string& tag) {
-  std::string tmpl = "/tmp/bnlab_" + tag + "_XXXXXX";
-  return std::string(::mkdtemp(tmpl.data()));
-}
+using test::source;
+using test::temp_dir;
 
 const char* kStudy = R"({"name": "hand", "seeds": [1, 2], "finetune": {"samples": [3, 4], "epochs": 2},
                          "strategies": ["train", "frozen"]})";
