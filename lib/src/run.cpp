@@ -87,6 +87,8 @@ class Progress {
     const double eta = rate > 0 ? static_cast<double>(total_ - done) / rate : 0;
     char buf[200];
     if (tty_) {
+      if (done != total_ && elapsed - last_draw_ < 0.1) return;  // redraw at most 10 times a second
+      last_draw_ = elapsed;
       const size_t width = 30, filled = width * done / total_;
       std::snprintf(buf, sizeof buf, "\r[%s%s] %zu/%zu runs  %.1f runs/s  ETA %.1fs ", std::string(filled, '#').c_str(),
                     std::string(width - filled, ' ').c_str(), done, total_, rate, eta);
@@ -104,6 +106,7 @@ class Progress {
   std::ostream& log_;
   bool tty_;
   std::chrono::steady_clock::time_point start_;
+  double last_draw_ = -1;
 };
 
 std::string pick_file(const std::string& dir, const std::string& stem, const Config& c, uint64_t seed) {
