@@ -26,7 +26,7 @@ int main(int argc, char** argv) {
     bnlab::StrategyConfig s = bnlab::parse_config(std::string(R"({"name": "b", "strategies": [")") + preset + "\"]}", "b")
                                   .strategies.front();
     bnlab::Model m = bnlab::clone_model(*model, c);
-    m->set_policy(bnlab::Policy{s, c.model.batchnorm.semantics, c.model.batchnorm.momentum});
+    m->set_policy(bnlab::Policy{s, c.model.batchnorm.momentum});
     auto opt = bnlab::make_optimizer(c.finetune.optimizer, m->parameters());
     const auto x = data.x.narrow(0, 0, 1), y = data.y.narrow(0, 0, 1);
     m->train();

@@ -258,7 +258,7 @@ StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strat
   // The baseline of the lag identity: the model about to be fine-tuned, in plain inference mode.
   r.evaluate_before = evaluate_inference(*model, loss_kind, x, y);
 
-  model->set_policy(Policy{strategy, config.model.batchnorm.semantics, config.model.batchnorm.momentum});
+  model->set_policy(Policy{strategy, config.model.batchnorm.momentum});
   auto optimizer = make_optimizer(ft.optimizer, model->parameters());
 
   const int64_t n = x.size(0);

@@ -130,7 +130,7 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
          "| evaluate before | lag identity |\n|---|---|---|---|---|---|\n";
   ojson strategies_json = ojson::array();
   for (const auto* s : strategies) {
-    const Policy policy{*s, config.model.batchnorm.semantics, config.model.batchnorm.momentum};
+    const Policy policy{*s, config.model.batchnorm.momentum};
     // Three copies of the model as fine-tuning starts it: plain inference (evaluate before),
     // inference under the policy (val_loss), training mode under the policy (loss).
     Model plain = prepare_model(*w.models[0], *s, cfg, &w.data);

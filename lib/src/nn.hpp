@@ -98,8 +98,7 @@ bool layer_selected(const LayerSelection& selection, size_t index, const std::st
 /// What a freezing strategy does to a model; applied now and after every train() call.
 struct Policy {
   StrategyConfig strategy;
-  BnSemantics semantics = BnSemantics::kKeras;
-  double base_momentum = 0.1;
+  double base_momentum = 0.1;  ///< the model's momentum, restored on unselected layers
   /// Sets modes, momentum, track_running_stats and requires_grad. Idempotent.
   void apply(ModelImpl& model) const;
 };

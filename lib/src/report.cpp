@@ -35,6 +35,14 @@ void compute_lag(StrategyResult& r) {
   r.lag_identity_holds = r.lag_relative <= kLagTolerance;
 }
 
+double quantile(const std::vector<double>& sorted, double q) {
+  // Linear interpolation between the closest ranks (numpy's default).
+  const double pos = q * static_cast<double>(sorted.size() - 1);
+  const auto lo = static_cast<size_t>(std::floor(pos));
+  const size_t hi = std::min(lo + 1, sorted.size() - 1);
+  return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - static_cast<double>(lo));
+}
+
 Stats describe(std::vector<double> v) {
   Stats s;
   s.n = v.size();
@@ -46,14 +54,8 @@ Stats describe(std::vector<double> v) {
   double ss = 0;
   for (double x : v) ss += (x - s.mean) * (x - s.mean);
   s.std = v.size() > 1 ? std::sqrt(ss / static_cast<double>(v.size() - 1)) : 0.0;
-  const auto quantile = [&](double q) {
-    const double pos = q * static_cast<double>(v.size() - 1);
-    const auto lo = static_cast<size_t>(std::floor(pos));
-    const size_t hi = std::min(lo + 1, v.size() - 1);
-    return v[lo] + (v[hi] - v[lo]) * (pos - static_cast<double>(lo));
-  };
-  s.median = quantile(0.5);
-  s.p90 = quantile(0.9);
+  s.median = quantile(v, 0.5);
+  s.p90 = quantile(v, 0.9);
   return s;
 }
 
@@ -264,12 +266,7 @@ std::string gap_script(const Config& c, const std::vector<StrategyResult>& runs,
     if (gaps.empty()) continue;
     std::vector<double> v = gaps;
     std::sort(v.begin(), v.end());
-    const auto q = [&](double p) {
-      const double pos = p * static_cast<double>(v.size() - 1);
-      const auto lo = static_cast<size_t>(std::floor(pos));
-      const size_t hi = std::min(lo + 1, v.size() - 1);
-      return v[lo] + (v[hi] - v[lo]) * (pos - static_cast<double>(lo));
-    };
+    const auto q = [&](double p) { return quantile(v, p); };
     box += std::to_string(x) + " " + fmt_double(q(0.1)) + " " + fmt_double(q(0.25)) + " " + fmt_double(q(0.5)) + " " +
            fmt_double(q(0.75)) + " " + fmt_double(q(0.9)) + " " + strat.name + "\n";
     for (size_t i = 0; i < gaps.size(); ++i)

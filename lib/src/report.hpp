@@ -17,6 +17,8 @@ struct Stats {
   double mean = 0, std = 0, median = 0, p90 = 0;  ///< std: sample (n - 1); p90: linear interpolation
 };
 Stats describe(std::vector<double> values);
+/// The q-quantile of non-empty sorted values, interpolated linearly (numpy's default).
+double quantile(const std::vector<double>& sorted, double q);
 
 /// One (grid point, strategy) group aggregated over seeds and samples (failed runs left out).
 struct Aggregate {

@@ -197,7 +197,7 @@ StrategyConfig frozen() {
 
 TEST(Policy, FrozenSurvivesTrainCallsAndIsIdempotent) {
   Model m(model_config(), 4, 2);
-  m->set_policy(Policy{frozen(), BnSemantics::kKeras, 0.01});
+  m->set_policy(Policy{frozen(), 0.01});
   for (int i = 0; i < 3; ++i) {
     m->train();  // the classic trap: this would put BatchNorm back into training mode
     for (const auto& bn : m->batchnorms()) {
@@ -221,7 +221,7 @@ TEST(Policy, LayerSelectionAndMomentumOverride) {
   s.layers.names = {"4"};
   s.momentum = 0.0;
   s.freeze_linear = 1;
-  m->set_policy(Policy{s, BnSemantics::kKeras, 0.01});
+  m->set_policy(Policy{s, 0.01});
   m->train();
   const auto bns = m->batchnorms();
   EXPECT_TRUE(bns[0]->is_training());
@@ -231,7 +231,7 @@ TEST(Policy, LayerSelectionAndMomentumOverride) {
   EXPECT_FALSE(m->linears()[0]->weight.requires_grad());
   EXPECT_TRUE(m->linears()[1]->weight.requires_grad());
   m->set_policy(std::nullopt);
-  m->set_policy(Policy{StrategyConfig{}, BnSemantics::kKeras, 0.01});  // back to "train": all restored
+  m->set_policy(Policy{StrategyConfig{}, 0.01});  // back to "train": all restored
   for (const auto& bn : m->batchnorms()) EXPECT_TRUE(bn->is_training() && bn->weight.requires_grad());
   EXPECT_TRUE(m->linears()[0]->weight.requires_grad());
 }
