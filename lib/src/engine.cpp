@@ -83,37 +83,26 @@ double evaluate_inference(ModelImpl& model, LossKind loss, const torch::Tensor& 
   return v;
 }
 
-double pretrain(ModelImpl& model, const Dataset& data, const Config& config, std::ostream& log,
-                int verbose) {
+double pretrain_loop(const Dataset& data, const Config& config, std::ostream& log, int verbose,
+                     const PretrainStep& train_step) {
   const auto& p = config.pretrain;
   const int64_t n = data.size();
   const int64_t steps_per_epoch = (n + p.batch_size - 1) / p.batch_size;
   const int64_t total_steps = steps_per_epoch * p.epochs;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(config.seed + 1);
-  auto optimizer = make_optimizer(p.optimizer, model.parameters());
-  model.set_dropout_seed(config.seed + 3);
   const bool tty = verbose > 0 && ::isatty(STDERR_FILENO) && &log == &std::cerr;
   const auto t0 = std::chrono::steady_clock::now();
-  model.train();
   double epoch_loss = 0;
   int64_t step = 0;
   for (int64_t epoch = 1; epoch <= p.epochs; ++epoch) {
     const auto perm = torch::randperm(n, gen, torch::kLong);
     double sum = 0;
     for (int64_t start = 0; start < n; start += p.batch_size) {
-      if (p.schedule == Schedule::kCosine) {
-        const double lr = p.optimizer.lr * 0.5 * (1 + std::cos(M_PI * step / total_steps));
-        for (auto& g : optimizer->param_groups()) g.options().set_lr(lr);
-      }
+      const double lr = p.schedule == Schedule::kCosine ? p.optimizer.lr * 0.5 * (1 + std::cos(M_PI * step / total_steps))
+                                                        : p.optimizer.lr;
       if (stop_requested()) throw Interrupted("interrupted during pretraining (epoch " + std::to_string(epoch) + ")");
       const auto idx = perm.slice(0, start, std::min(start + p.batch_size, n));
-      const auto xb = data.x.index_select(0, idx);
-      const auto yb = data.y.index_select(0, idx);
-      optimizer->zero_grad();
-      auto loss = compute_loss(config.model.loss, model.forward(xb), yb);
-      loss.backward();
-      optimizer->step();
-      const double v = loss.item<double>();
+      const double v = train_step(data.x.index_select(0, idx), data.y.index_select(0, idx), lr);
       if (!std::isfinite(v))
         throw std::runtime_error("pretraining diverged: loss is " + fmt_double(v) + " at epoch " +
                                  std::to_string(epoch) + ", step " + std::to_string(step + 1) +
@@ -142,6 +131,21 @@ double pretrain(ModelImpl& model, const Dataset& data, const Config& config, std
     }
   }
   return epoch_loss;
+}
+
+double pretrain(ModelImpl& model, const Dataset& data, const Config& config, std::ostream& log,
+                int verbose) {
+  auto optimizer = make_optimizer(config.pretrain.optimizer, model.parameters());
+  model.set_dropout_seed(config.seed + 3);
+  model.train();
+  return pretrain_loop(data, config, log, verbose, [&](const torch::Tensor& xb, const torch::Tensor& yb, double lr) {
+    for (auto& g : optimizer->param_groups()) g.options().set_lr(lr);
+    optimizer->zero_grad();
+    auto loss = compute_loss(config.model.loss, model.forward(xb), yb);
+    loss.backward();
+    optimizer->step();
+    return loss.item<double>();
+  });
 }
 
 void save_pretrained(const std::string& path, const ModelImpl& model, const Dataset& data,

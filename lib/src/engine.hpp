@@ -25,8 +25,18 @@ double evaluate(ModelImpl& model, LossKind loss, const torch::Tensor& x, const t
 double evaluate_inference(ModelImpl& model, LossKind loss, const torch::Tensor& x,
                           const torch::Tensor& y, double* accuracy = nullptr);
 
-/// Trains on the whole data set with shuffled mini-batches (seeded). Returns the last
-/// epoch's mean training loss.
+/// One pretraining step on a batch at learning rate `lr`; returns the batch's mean loss as
+/// computed before the update.
+using PretrainStep = std::function<double(const torch::Tensor& x, const torch::Tensor& y, double lr)>;
+
+/// The pretraining schedule both engines share: epochs of batches shuffled by a generator
+/// seeded with seed + 1, the cosine or constant learning rate, progress lines, divergence and
+/// interruption checks. Returns the last epoch's mean training loss.
+double pretrain_loop(const Dataset& data, const Config& config, std::ostream& log, int verbose,
+                     const PretrainStep& step);
+
+/// Trains on the whole data set with shuffled mini-batches (seeded), through torch::nn and
+/// autograd (the torch engine). Returns the last epoch's mean training loss.
 double pretrain(ModelImpl& model, const Dataset& data, const Config& config, std::ostream& log,
                 int verbose);
 

@@ -137,6 +137,8 @@ class ModelImpl : public torch::nn::Module {
   /// share_dropout_generator makes another model draw from the same stream.
   void set_dropout_seed(uint64_t seed);
   void share_dropout_generator(const ModelImpl& other);
+  /// The generator the dropout masks come from (its state moves as masks are drawn).
+  std::shared_ptr<at::Generator> dropout_generator() const { return dropout_generator_; }
 
   int64_t inputs() const { return inputs_; }
   int64_t outputs() const { return outputs_; }

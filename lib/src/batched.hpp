@@ -1,0 +1,59 @@
+// The batched engine: K single-sample fine-tunings at once, as one set of batched operations
+// on hand-written kernels (no autograd, no per-op dispatch), and pretraining on the same
+// kernels with BLAS for the matrix products. The torch engine (engine.hpp: torch::nn modules
+// and autograd) stays the reference; tests hold the two within 1e-5 at every curve point.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <iosfwd>
+#include <string>
+#include <vector>
+
+#include "bnlab/config.hpp"
+#include "bnlab/run.hpp"
+#include "engine.hpp"
+
+namespace bnlab {
+
+/// Why the batched engine cannot run `strategy` of `config` exactly as the torch engine
+/// would; "" when it can. (PyTorch-numerics BatchNorm on batch statistics with one row is
+/// an error the torch engine reports; that case stays with it.)
+std::string batched_unsupported(const Config& config, const StrategyConfig& strategy);
+
+/// Fine-tunes each of `samples` (row indices of `data`) on its own, from `pretrained`, under
+/// `strategy`, with `config.seed` and `config.finetune` (one grid point), exactly what
+/// finetune() does for each sample one after the other. Every lane has its own copy of every
+/// weight, BatchNorm buffer, gradient, optimizer state, best-epoch checkpoint and dropout
+/// generator (seeded with dropout_seed(seed, sample), drawn in forward order). Returns one
+/// result per sample, in order; a lane whose loss is not finite comes back `failed` with the
+/// torch engine's message while the other lanes go on. `on_epoch(lane, record)` sees every
+/// epoch of every lane. `finetuned`, when given (one sample only), receives the fine-tuned
+/// model as it ends (best weights loaded). `prepared`, when given, is prepare_model()'s result
+/// for this seed and strategy, reused instead of preparing again (it does not depend on the
+/// sample unless recalibration runs through dropout; then each lane is prepared on its own).
+std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const StrategyConfig& strategy,
+                                             const Config& config, const Dataset& data,
+                                             const std::vector<int64_t>& samples,
+                                             const std::function<void(size_t, const EpochRecord&)>& on_epoch = {},
+                                             Model* finetuned = nullptr, const ModelImpl* prepared = nullptr);
+
+/// pretrain() on the batched engine's kernels (one lane, rows = the batch): the same batches,
+/// learning-rate schedule, dropout masks and optimizer; sums in another order, so the weights
+/// agree with pretrain()'s to float rounding, not bit for bit. Returns the last epoch's loss.
+double pretrain_batched(ModelImpl& model, const Dataset& data, const Config& config, std::ostream& log, int verbose);
+
+/// The fit forward and backward of the batched engine on one lane holding `model`'s state with
+/// the rows of x, under `strategy`'s policy (nullptr: the model's defaults, as in pretraining).
+/// Returns the loss and, per trainable parameter (state-dict name), its gradient; the model is
+/// not changed. For tests against autograd.
+double batched_gradients(const ModelImpl& model, const StrategyConfig* strategy, double base_momentum, LossKind loss,
+                         const torch::Tensor& x, const torch::Tensor& y,
+                         std::vector<std::pair<std::string, torch::Tensor>>& grads);
+
+/// One single-sample fine-tuning step (forward, loss read, backward, update) repeated, for
+/// bench/bench_step.cpp: returns microseconds per step for `lanes` lanes stepping together.
+double benchmark_step(const ModelImpl& model, const StrategyConfig& strategy, const Config& config,
+                      const Dataset& data, int64_t lanes, int64_t steps);
+
+}  // namespace bnlab
