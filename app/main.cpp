@@ -105,6 +105,10 @@ int cmd_run(int argc, char** argv, Command command) {
     opts.add_options()
         ("j,jobs", "runs executed concurrently (default: all cores); results do not depend on it", cxxopts::value<int>())
         ("shard", "run only shard I of N of the study's runs, e.g. 2/8 (see bnlab merge)", cxxopts::value<std::string>())
+        ("engine", "auto | batched | torch: batched runs many samples as one set of batched kernels; torch is "
+                   "torch::nn + autograd, the reference (default auto = batched where it applies)",
+         cxxopts::value<std::string>()->default_value("auto"))
+        ("lanes", "batched engine: samples fine-tuned together per work item", cxxopts::value<int>()->default_value("32"))
         ("no-plots", "do not render curves.png/svg and gap_distribution.png/svg");
   }
   if (command == Command::kExplain) {
@@ -154,6 +158,8 @@ int cmd_run(int argc, char** argv, Command command) {
   ro.threads = threads;
   ro.verbose = verbose;
   ro.plots = args.count("no-plots") == 0;
+  ro.engine = args["engine"].as<std::string>();
+  ro.lanes = args["lanes"].as<int>();
   if (args.count("jobs")) {
     ro.jobs = args["jobs"].as<int>();
     if (ro.jobs < 1) return bad_input({"--jobs: must be >= 1, got " + std::to_string(ro.jobs)});

@@ -324,12 +324,16 @@ std::string metrics_lines(const StrategyResult& r) {
   return out;
 }
 
-void write_progress(const std::string& dir, const Config& c, const std::vector<StrategyResult>& runs, size_t planned) {
-  const auto aggs = aggregate(c, runs);
+void write_progress(const std::string& dir, const Config& c, const std::vector<StrategyResult>& runs, size_t planned,
+                    const std::function<bool()>& cancelled) {
+  const auto stop = [&] { return cancelled && cancelled(); };
   write_file_atomic(dir + "/curves.csv", curves_csv(c, runs));
+  if (stop()) return;
   std::string metrics;
   for (const auto& r : runs) metrics += metrics_lines(r);
   write_file_atomic(dir + "/metrics.jsonl", metrics);
+  if (stop()) return;
+  const auto aggs = aggregate(c, runs);
   ojson runs_json = ojson::array();
   for (const auto& r : runs) runs_json.push_back(run_json(r));
   ojson aggs_json = ojson::array();

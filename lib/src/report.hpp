@@ -3,6 +3,7 @@
 #pragma once
 
 #include <iosfwd>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -44,9 +45,11 @@ std::string keras_line(int64_t epoch, int64_t epochs, double loss, double val_lo
 std::string metrics_lines(const StrategyResult& run);
 
 /// Writes what a study has so far, each file atomically: curves.csv, metrics.jsonl and
-/// summary.json (with "complete" and "runs_planned"). Cheap enough to call as runs finish.
+/// summary.json (with "complete" and "runs_planned"). `cancelled`, when given, is asked
+/// between files: a true answer leaves the remaining files as they were (each file is complete
+/// either way; the caller is about to rewrite them all).
 void write_progress(const std::string& dir, const Config& config, const std::vector<StrategyResult>& runs,
-                    size_t planned);
+                    size_t planned, const std::function<bool()>& cancelled = {});
 
 /// write_progress, then summary.csv, summary.md and, when `plots`, curves.png/svg and (for
 /// studies with more than one run per strategy) gap_distribution.png/svg; every file

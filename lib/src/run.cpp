@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <ctime>
 #include <fstream>
@@ -22,6 +23,7 @@
 #include <thread>
 
 #include "bnlab/errors.hpp"
+#include "batched.hpp"
 #include "engine.hpp"
 #include "keras_io.hpp"
 #include "report.hpp"
@@ -177,8 +179,9 @@ void export_weights(const std::string& run_dir, const std::string& strategy, con
 std::string Workspace::pretrained_path(size_t i) const { return pick_file(dir, "pretrained", config, config.seeds[i]); }
 std::string Workspace::sample_path(size_t i) const { return pick_file(dir, "sample", config, config.seeds[i]); }
 
-Workspace open_workspace(const Config& config, const std::string& out_dir, bool force) {
+Workspace open_workspace(const Config& config, const std::string& out_dir, bool force, bool torch_engine) {
   Workspace w;
+  w.torch_engine = torch_engine;
   w.config = config;
   w.dir = out_dir.empty() ? "runs/" + config.name : out_dir;
   w.data = load_data(config);
@@ -208,7 +211,8 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
     c.seed = c.seeds[i];
     torch::manual_seed(c.seed);  // initialisation; pretraining itself uses its own generators
     w.models.push_back(build_model(c, w.data));
-    w.keys.push_back(pretrain_cache_key(c));
+    // The engines' pretrained weights agree to float rounding only, so each has its own cache key.
+    w.keys.push_back(pretrain_cache_key(c) + (torch_engine ? "-torch" : ""));
     if (!c.init_keras_h5.empty()) {
       import_keras_h5(c.init_keras_h5, *w.models.back());  // every seed starts from the user's Keras weights
       w.cache.push_back(CacheState::kLoaded);
@@ -239,7 +243,8 @@ void ensure_pretrained(Workspace& w, std::ostream& log, int verbose) {
     if (verbose > 0)
       log << "pretrained weights" << who
           << (w.cache[i] == CacheState::kStale ? ": cache key changed, pretraining again\n" : ": none cached, pretraining\n");
-    pretrain(*w.models[i], w.data, c, log, verbose);
+    if (w.torch_engine) pretrain(*w.models[i], w.data, c, log, verbose);
+    else pretrain_batched(*w.models[i], w.data, c, log, verbose);
     save_pretrained(path, *w.models[i], w.data, w.keys[i]);
     w.cache[i] = CacheState::kLoaded;
   }
@@ -253,8 +258,13 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   if (options.shard_count < 1 || options.shard_index < 1 || options.shard_index > options.shard_count)
     throw InputError("--shard: expected I/N with 1 <= I <= N, got " + std::to_string(options.shard_index) + "/" +
                      std::to_string(options.shard_count));
+  if (options.engine != "auto" && options.engine != "torch" && options.engine != "batched")
+    throw InputError("--engine: expected auto, batched or torch, got \"" + options.engine + "\"");
+  if (options.lanes < 1 || options.lanes > 100000)
+    throw InputError("--lanes: must be in [1, 100000], got " + std::to_string(options.lanes));
+  const bool torch_engine = options.engine == "torch";
   // Everything that can be wrong with the input is found before the first file is written.
-  Workspace w = open_workspace(input, options.out_dir, options.force);
+  Workspace w = open_workspace(input, options.out_dir, options.force, torch_engine);
   const Config& config = w.config;
   const std::string& dir = w.dir;
   const auto plan = plan_runs(config);
@@ -328,90 +338,196 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   std::mutex mu;
   Progress progress(todo.size(), verbose, log);
   const bool cls = config.model.loss == LossKind::kCrossEntropy;
-  auto last_flush = clock::now();
-  // Everything finished so far, in run order, written atomically: a crash or a kill leaves
-  // complete files describing complete runs.
-  const auto flush = [&] {
-    std::vector<StrategyResult> sofar;
-    for (size_t m = 0; m < mine.size(); ++m)
-      if (done[m]) sofar.push_back(results[m]);
-    write_progress(dir, config, sofar, mine.size());
-    last_flush = clock::now();
+  // Everything finished so far, in run order, rewritten atomically by a writer thread every
+  // `flush_interval` seconds, so a crash or a kill leaves complete files describing complete
+  // runs and the fine-tuning threads never wait for the disk.
+  std::condition_variable flush_cv;
+  bool flush_stop = false;
+  std::atomic<bool> flush_cancel{false};
+  size_t flushed = 0;
+  double flush_interval = 0.5;
+  std::thread writer([&] {
+    std::unique_lock<std::mutex> lock(mu);
+    while (true) {
+      flush_cv.wait_for(lock, std::chrono::duration<double>(flush_interval), [&] { return flush_stop; });
+      if (flush_stop) return;
+      if (finished == flushed) continue;
+      std::vector<StrategyResult> sofar;
+      for (size_t m = 0; m < mine.size(); ++m)
+        if (done[m]) sofar.push_back(results[m]);
+      flushed = finished;
+      lock.unlock();
+      const auto t0 = clock::now();
+      write_progress(dir, config, sofar, mine.size(), [&] { return flush_cancel.load(); });
+      const double took = std::chrono::duration<double>(clock::now() - t0).count();
+      lock.lock();
+      // Rewriting every finished run costs more as a study grows: keep it under a tenth of the time.
+      flush_interval = std::max(0.5, 10 * took);
+    }
+  });
+  // Stops and joins the writer on every way out of this scope, exceptions included.
+  const auto stop_writer = [&] {
+    flush_cancel = true;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      flush_stop = true;
+    }
+    flush_cv.notify_all();
+    if (writer.joinable()) writer.join();
   };
+  struct Finally {
+    std::function<void()> f;
+    ~Finally() { f(); }
+  } writer_guard{stop_writer};
 
   // One run per strategy: keep each strategy's fine-tuned (best) weights for `bnlab export`.
   const bool single_run = config.seeds.size() == 1 && config.finetune.samples.size() == 1 && config.grid.size() == 1;
-  const auto execute = [&](size_t m) {
-    const RunKey& key = mine[m];
+  const auto run_config = [&](const RunKey& key) {
     Config rc = config;
     rc.seed = config.seeds[key.seed];
     rc.finetune = config.grid[key.grid].finetune;
     rc.finetune.sample = config.finetune.samples[key.sample];
-    const auto& strategy = config.strategies[key.strategy];
-    const auto x = w.data.x.narrow(0, rc.finetune.sample, 1), y = w.data.y.narrow(0, rc.finetune.sample, 1);
-    std::string text;
-    if (verbose >= 2) {
-      text += "\nstrategy " + strategy.name + (config.grid[key.grid].label.empty() ? "" : ", " + config.grid[key.grid].label);
-      if (config.seeds.size() > 1 || config.finetune.samples.size() > 1)
-        text += ", seed " + std::to_string(rc.seed) + ", sample " + std::to_string(rc.finetune.sample);
-      text += "\n";
-    }
+    return rc;
+  };
+  const auto header = [&](const RunKey& key) {
+    if (verbose < 2) return std::string();
+    std::string text = "\nstrategy " + config.strategies[key.strategy].name +
+                       (config.grid[key.grid].label.empty() ? "" : ", " + config.grid[key.grid].label);
+    if (config.seeds.size() > 1 || config.finetune.samples.size() > 1)
+      text += ", seed " + std::to_string(config.seeds[key.seed]) + ", sample " + std::to_string(config.finetune.samples[key.sample]);
+    return text + "\n";
+  };
+  const auto epoch_line = [&](const EpochRecord& e) {
+    return verbose >= 2 ? keras_line(e.epoch, e.epochs, e.loss, e.val_loss, cls ? &e.accuracy : nullptr, cls ? &e.val_accuracy : nullptr) + "\n"
+                        : std::string();
+  };
+  const auto footer = [&](const StrategyResult& r) {
+    if (r.failed) return "run failed: " + r.error + "\n";
+    if (verbose < 2) return std::string();
+    char buf[300];
+    std::snprintf(buf, sizeof buf, "evaluate before: %.4e  evaluate after (epoch %d weights): %.4e  lag identity: %s (residual %.4e)\n",
+                  r.evaluate_before, r.best_epoch, r.evaluate_after, r.lag_identity_holds ? "holds" : "broken", r.lag_residual);
+    return std::string(buf);
+  };
+  const auto failure = [](const std::exception& e) {
+    std::string what = e.what();
     StrategyResult r;
-    Model tuned{nullptr};
-    try {
-      r = finetune(*w.models[key.seed], strategy, x, y, rc,
-                   [&](const EpochRecord& e) {
-                     if (verbose >= 2)
-                       text += keras_line(e.epoch, e.epochs, e.loss, e.val_loss, cls ? &e.accuracy : nullptr,
-                                          cls ? &e.val_accuracy : nullptr) + "\n";
-                   },
-                   {}, &w.data, single_run ? &tuned : nullptr);
-      if (single_run) save_state(finetuned_path(dir, strategy.name), *tuned);
-      if (verbose >= 2) {
-        char buf[300];
-        std::snprintf(buf, sizeof buf, "evaluate before: %.4e  evaluate after (epoch %d weights): %.4e  lag identity: %s (residual %.4e)\n",
-                      r.evaluate_before, r.best_epoch, r.evaluate_after, r.lag_identity_holds ? "holds" : "broken", r.lag_residual);
-        text += buf;
-      }
-    } catch (const std::exception& e) {
-      std::string what = e.what();
-      what = what.substr(0, what.find("\nException raised from"));
-      r = StrategyResult{};
-      r.failed = true;
-      r.error = what;
-      text += "run failed: " + what + "\n";
-    }
-    r.name = strategy.name;
-    r.run = key.run;
-    r.grid = config.grid[key.grid].label;
-    r.seed = rc.seed;
-    r.sample = rc.finetune.sample;
+    r.failed = true;
+    r.error = what.substr(0, what.find("\nException raised from"));
+    return r;
+  };
+  const auto finish = [&](const std::vector<size_t>& ms, std::vector<StrategyResult>& rs, std::vector<std::string>& texts) {
     std::lock_guard<std::mutex> lock(mu);
-    results[m] = std::move(r);
-    console[m] = std::move(text);
-    done[m] = 1;
+    for (size_t i = 0; i < ms.size(); ++i) {
+      const RunKey& key = mine[ms[i]];
+      StrategyResult& r = rs[i];
+      r.name = config.strategies[key.strategy].name;
+      r.run = key.run;
+      r.grid = config.grid[key.grid].label;
+      r.seed = config.seeds[key.seed];
+      r.sample = config.finetune.samples[key.sample];
+      results[ms[i]] = std::move(r);
+      console[ms[i]] = std::move(texts[i]);
+      done[ms[i]] = 1;
+      progress.update(++finished);
+    }
     // The console reads in run order at any --jobs.
     while (next_print < todo.size() && done[todo[next_print]]) {
       if (verbose >= 2) log << console[todo[next_print]] << std::flush;
       console[todo[next_print]].clear();
       ++next_print;
     }
-    progress.update(++finished);
-    if (std::chrono::duration<double>(clock::now() - last_flush).count() >= 0.5) flush();
   };
+  // The torch engine: one run through torch::nn and autograd.
+  const auto execute_torch = [&](size_t m) {
+    const RunKey& key = mine[m];
+    const Config rc = run_config(key);
+    const auto& strategy = config.strategies[key.strategy];
+    const auto x = w.data.x.narrow(0, rc.finetune.sample, 1), y = w.data.y.narrow(0, rc.finetune.sample, 1);
+    std::vector<std::string> text{header(key)};
+    std::vector<StrategyResult> r(1);
+    Model tuned{nullptr};
+    try {
+      r[0] = finetune(*w.models[key.seed], strategy, x, y, rc, [&](const EpochRecord& e) { text[0] += epoch_line(e); }, {},
+                      &w.data, single_run ? &tuned : nullptr);
+      if (single_run) save_state(finetuned_path(dir, strategy.name), *tuned);
+    } catch (const std::exception& e) {
+      r[0] = failure(e);
+    }
+    text[0] += footer(r[0]);
+    finish({m}, r, text);
+  };
+  // What each (seed, strategy) fine-tunes from (recalibrated, folded, FrozenBatchNorm1d), made
+  // once for all its samples and grid points: it depends on neither.
+  std::map<std::pair<size_t, size_t>, Model> prepared;
+  std::mutex prepared_mu;
+  const auto prepared_for = [&](const RunKey& key, const Config& rc) {
+    std::lock_guard<std::mutex> lock(prepared_mu);
+    auto it = prepared.find({key.seed, key.strategy});
+    if (it == prepared.end())
+      it = prepared.emplace(std::make_pair(key.seed, key.strategy), prepare_model(*w.models[key.seed], config.strategies[key.strategy], rc, &w.data)).first;
+    return it->second;
+  };
+  // The batched engine: runs of one grid point, strategy and seed, each sample a lane.
+  const auto execute_batched = [&](const std::vector<size_t>& ms) {
+    const RunKey& key = mine[ms.front()];
+    const Config rc = run_config(key);
+    const auto& strategy = config.strategies[key.strategy];
+    std::vector<int64_t> samples;
+    std::vector<std::string> text;
+    for (size_t m : ms) {
+      samples.push_back(config.finetune.samples[mine[m].sample]);
+      text.push_back(header(mine[m]));
+    }
+    std::vector<StrategyResult> rs;
+    Model tuned{nullptr};
+    try {
+      const Model ready = prepared_for(key, rc);
+      rs = finetune_batched(*w.models[key.seed], strategy, rc, w.data, samples,
+                            [&](size_t lane, const EpochRecord& e) { text[lane] += epoch_line(e); },
+                            single_run ? &tuned : nullptr, ready.get());
+      if (single_run) save_state(finetuned_path(dir, strategy.name), *tuned);
+    } catch (const std::exception& e) {
+      rs.assign(ms.size(), failure(e));
+    }
+    for (size_t i = 0; i < ms.size(); ++i) text[i] += footer(rs[i]);
+    finish(ms, rs, text);
+  };
+  // Work items: the batched engine takes consecutive runs that differ only by sample (the plan
+  // orders samples innermost), up to `lanes` at a time; the torch engine takes one run.
+  std::vector<std::vector<size_t>> items;
+  std::vector<char> engine_of;  // per item: 1 batched, 0 torch
+  for (size_t m : todo) {
+    const RunKey& k = mine[m];
+    const bool batched = !torch_engine && batched_unsupported(config, config.strategies[k.strategy]).empty();
+    if (batched && !items.empty() && engine_of[items.size() - 1] && items.back().size() < static_cast<size_t>(options.lanes)) {
+      const RunKey& f = mine[items.back().front()];
+      if (f.grid == k.grid && f.strategy == k.strategy && f.seed == k.seed) {
+        items.back().push_back(m);
+        continue;
+      }
+    }
+    items.push_back({m});
+    engine_of.push_back(batched);
+  }
+  for (size_t i = 0; i < items.size(); ++i) (engine_of[i] ? result.batched_runs : result.torch_runs) += items[i].size();
 
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
-  const size_t jobs = std::max<size_t>(1, std::min<size_t>(todo.size(), options.jobs > 0 ? static_cast<size_t>(options.jobs) : hw));
+  const size_t jobs = std::max<size_t>(1, std::min<size_t>(items.size(), options.jobs > 0 ? static_cast<size_t>(options.jobs) : hw));
   {
     std::atomic<size_t> next{0};
     const auto worker = [&] {
-      for (size_t i = next++; i < todo.size() && !stop_requested(); i = next++) execute(todo[i]);
+      for (size_t i = next++; i < items.size() && !stop_requested(); i = next++) {
+        if (engine_of[i]) execute_batched(items[i]);
+        else execute_torch(items[i].front());
+      }
     };
     std::vector<std::thread> pool;
     for (size_t j = 1; j < jobs; ++j) pool.emplace_back(worker);
     worker();
     for (auto& th : pool) th.join();
   }
+  stop_writer();
   result.finetune_seconds = since(t);
   std::vector<StrategyResult> finished_runs;
   for (size_t m = 0; m < mine.size(); ++m)
@@ -428,6 +544,8 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
                  {"seeds", config.seeds},
                  {"threads", torch::get_num_threads()},
                  {"jobs", jobs},
+                 {"engine", {{"requested", options.engine}, {"lanes", options.lanes}, {"batched_runs", result.batched_runs},
+                             {"torch_runs", result.torch_runs}}},
                  {"shard", std::to_string(options.shard_index) + "/" + std::to_string(options.shard_count)},
                  {"runs", mine.size()},
                  {"finished_runs", finished_runs.size()},

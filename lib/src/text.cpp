@@ -1,6 +1,10 @@
 // Small string, path and file helpers shared by the library.
 #include "text.hpp"
 
+#include <cctype>
+#include <charconv>
+#include <cmath>
+
 #include "bnlab/errors.hpp"
 
 #include <dirent.h>
@@ -67,9 +71,18 @@ std::string did_you_mean(const std::string& word, const std::vector<std::string>
 
 std::string fmt_double(double v) {
   char buf[64];
-  for (int precision = 1; precision <= 17; ++precision) {
+  int precision = 1;
+  if (std::isfinite(v)) {
+    // The fewest significant digits that read back as v: std::to_chars finds them directly
+    // (the shortest round trip); %g then writes them in the usual notation.
+    char digits[64];
+    const auto res = std::to_chars(digits, digits + sizeof digits, v, std::chars_format::scientific);
+    precision = 0;
+    for (const char* p = digits; p < res.ptr && *p != 'e'; ++p) precision += std::isdigit(static_cast<unsigned char>(*p)) ? 1 : 0;
+  }
+  for (; precision <= 17; ++precision) {
     std::snprintf(buf, sizeof buf, "%.*g", precision, v);
-    if (std::strtod(buf, nullptr) == v) break;
+    if (!std::isfinite(v) || std::strtod(buf, nullptr) == v) break;
   }
   return buf;
 }

@@ -19,6 +19,7 @@ struct Workspace {
   std::vector<std::string> keys;          ///< pretraining cache key per seed
   std::vector<CacheState> cache;
   bool imported = false;                  ///< weights came from init.keras_h5, not pretraining
+  bool torch_engine = false;              ///< pretrain through torch::nn/autograd instead of the batched engine
   /// pretrained.pt / sample.pt for one seed; pretrained_seed<S>.pt / sample_seed<S>.pt for several.
   std::string pretrained_path(size_t seed_index) const;
   std::string sample_path(size_t seed_index) const;
@@ -26,8 +27,8 @@ struct Workspace {
 
 /// Loads the data, resolves and checks the samples, checks the run directory, builds each
 /// seed's model and loads its cached weights when they match. Writes nothing; bad input
-/// throws InputError.
-Workspace open_workspace(const Config& config, const std::string& out_dir, bool force);
+/// throws InputError. `torch_engine`: pretrain with the torch engine (its own cache key).
+Workspace open_workspace(const Config& config, const std::string& out_dir, bool force, bool torch_engine = false);
 
 /// Creates the run directory and pretrains (then caches) every seed whose cache missed.
 void ensure_pretrained(Workspace& w, std::ostream& log, int verbose);

@@ -17,6 +17,11 @@ struct RunOptions {
   int jobs = 0;                        ///< runs executed concurrently; 0 = all cores
   int shard_index = 1;                 ///< with shard_count: run only runs r with r % count == index - 1
   int shard_count = 1;
+  /// "auto": the batched engine wherever it reproduces the torch engine (every preset except
+  /// PyTorch-numerics BatchNorm on one row's batch statistics), else torch; "batched" is the
+  /// same; "torch": torch::nn and autograd for everything (the reference).
+  std::string engine = "auto";
+  int lanes = 32;                      ///< batched engine: samples fine-tuned together per work item
   bool plots = true;                   ///< render curves.png/svg (and the gap distribution) with gnuplot
   std::vector<std::string> argv;       ///< recorded in manifest.json
 };
@@ -57,6 +62,8 @@ struct RunResult {
   std::vector<StrategyResult> runs;    ///< this shard's finished runs, in run order
   size_t failed = 0;                   ///< runs that failed (the others completed)
   size_t planned = 0;                  ///< runs of this shard
+  size_t batched_runs = 0;             ///< runs the batched engine fine-tuned
+  size_t torch_runs = 0;               ///< runs the torch engine fine-tuned
   size_t resumed = 0;                  ///< runs taken from an earlier, interrupted invocation
   bool interrupted = false;            ///< stopped by request_stop(); rerun to resume
 };
