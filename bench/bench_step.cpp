@@ -1,5 +1,6 @@
-// Micro-benchmark: one single-sample fine-tuning step (forward + backward + SGD update) of the
-// seed_repro model, as bnlab's engine runs it. Prints microseconds per step. Not a test.
+// Micro-benchmark: one single-sample fine-tuning step (forward, loss read, backward, update) of
+// a config's model, through each engine. Prints `step_us ENGINE PRESET LANES MICROSECONDS` lines
+// (for lanes > 1: microseconds per lane-step). Not a test.
 // Usage: bench_step CONFIG [STEPS]
 #include <torch/torch.h>
 
@@ -8,6 +9,7 @@
 #include <cstdlib>
 #include <iostream>
 
+#include "batched.hpp"
 #include "bnlab/config.hpp"
 #include "engine.hpp"
 
@@ -25,6 +27,7 @@ int main(int argc, char** argv) {
   for (const char* preset : {"frozen", "train"}) {
     bnlab::StrategyConfig s = bnlab::parse_config(std::string(R"({"name": "b", "strategies": [")") + preset + "\"]}", "b")
                                   .strategies.front();
+    // The torch engine: torch::nn modules, autograd, torch::optim.
     bnlab::Model m = bnlab::clone_model(*model, c);
     m->set_policy(bnlab::Policy{s, c.model.batchnorm.momentum});
     auto opt = bnlab::make_optimizer(c.finetune.optimizer, m->parameters());
@@ -41,7 +44,31 @@ int main(int argc, char** argv) {
     const auto t0 = std::chrono::steady_clock::now();
     for (int i = 0; i < steps; ++i) step();
     const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / steps;
-    std::printf("step_us %s %.2f\n", preset, us);
+    std::printf("step_us torch %s 1 %.3f\n", preset, us);
+    // The batched engine: one lane (a single-sample run), and 32 lanes (a study's work item).
+    for (int64_t lanes : {1, 32}) {
+      const double lane_us = bnlab::benchmark_step(*model, s, c, data, lanes, lanes == 1 ? steps * 20 : steps) / lanes;
+      std::printf("step_us batched %s %lld %.3f\n", preset, static_cast<long long>(lanes), lane_us);
+    }
   }
+  // The engine alone on a study's work: every preset, 1000 samples in work items of 32 lanes.
+  const std::vector<std::string> presets = {"train", "freeze_affine", "momentum_zero", "freeze_affine_momentum_zero",
+                                            "eval", "frozen", "recalibrate_frozen", "fold", "batch_stats"};
+  double seconds = 0, prepare_seconds = 0;
+  for (const auto& name : presets) {
+    const auto s = bnlab::parse_config(R"({"name": "b", "strategies": [")" + name + "\"]}", "b").strategies.front();
+    const auto t0 = std::chrono::steady_clock::now();
+    bnlab::Model ready = bnlab::prepare_model(*model, s, c, &data);
+    const auto t1 = std::chrono::steady_clock::now();
+    for (int64_t first = 0; first < 1000; first += 32) {
+      std::vector<int64_t> samples;
+      for (int64_t i = first; i < std::min<int64_t>(first + 32, 1000); ++i) samples.push_back(i * 7);
+      bnlab::finetune_batched(*model, s, c, data, samples, {}, nullptr, ready.get());
+    }
+    prepare_seconds += std::chrono::duration<double>(t1 - t0).count();
+    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  std::printf("engine_sample_epochs_per_s %.0f (preparing the nine models: %.3f s of %.3f s)\n",
+              9000.0 * static_cast<double>(c.finetune.epochs) / seconds, prepare_seconds, seconds);
   return 0;
 }
