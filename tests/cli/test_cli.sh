@@ -109,6 +109,13 @@ check ckpt_force 0 "none cached, pretraining" -- "$bin" run "$src/configs/smoke/
 check nan_run 1 "run(s) failed" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/nan" --set 'grid={"optimizer.lr": [1e-6, 1e3]}' --verbose 1
 check bad_shard 2 "--shard: expected I/N" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/sh" --shard 3/2
 check bad_jobs 2 "--jobs: must be >= 1" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/sh" --jobs 0
+check bad_engine 2 "--engine: expected auto, batched or torch, got \"gpu\"" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/eng" --engine gpu
+check bad_lanes 2 "--lanes: must be in [1, 100000], got 0" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/eng" --lanes 0
+if [ -e "$tmp/eng" ]; then echo "FAIL bad_engine/bad_lanes wrote $tmp/eng"; failed=$((failed+1)); else passed=$((passed+1)); fi
+check engine_torch 0 "" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/eng_t" --engine torch --verbose 0 --no-plots
+check engine_recorded 0 '"torch_runs": 2' -- cat "$tmp/eng_t/manifest.json"
+check engine_default 0 "" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/eng_b" --lanes 1 --verbose 0 --no-plots
+check engine_default_recorded 0 '"batched_runs": 2' -- cat "$tmp/eng_b/manifest.json"
 check merge_missing 2 "no config.resolved.json" -- "$bin" merge "$tmp/nothing" -o "$tmp/m"
 check check_missing 2 "no summary.json here" -- "$bin" check "$tmp/nothing" --golden "$tmp/good.pt"
 
