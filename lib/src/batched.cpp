@@ -348,8 +348,7 @@ class Net {
         kernels::gemm(X, scratch_.data(), Y, rows_now_, l.in, l.out, bias);
         continue;
       }
-      for (int64_t r = 0; r < rows_now_; ++r)
-        for (int64_t o = 0; o < l.out; ++o) Y[r * l.out + o] = kernels::dot(W + o * l.in, X + r * l.in, l.in) + bias[o];
+      for (int64_t r = 0; r < rows_now_; ++r) kernels::gemv(W, X + r * l.in, bias, Y + r * l.out, l.out, l.in);
     }
   }
 
@@ -373,32 +372,16 @@ class Net {
         continue;
       }
       if (l.trainable) {
-        float* dW = G(lane) + l.w;
         float* db = G(lane) + l.b;
         for (int64_t o = 0; o < l.out; ++o) {
-          float* row = dW + o * l.in;
           float s = 0.f;
           for (int64_t r = 0; r < rows_now_; ++r) s += Gy[r * l.out + o];
           db[o] = s;
-          const float g0 = Gy[o];
-          for (int64_t k = 0; k < l.in; ++k) row[k] = g0 * X[k];
-          for (int64_t r = 1; r < rows_now_; ++r) {
-            const float gr = Gy[r * l.out + o];
-            for (int64_t k = 0; k < l.in; ++k) row[k] += gr * X[r * l.in + k];
-          }
         }
+        for (int64_t r = 0; r < rows_now_; ++r) kernels::outer(Gy + r * l.out, X + r * l.in, G(lane) + l.w, l.out, l.in, r > 0);
       }
-      if (l.need_dx) {
-        for (int64_t r = 0; r < rows_now_; ++r) {
-          float* d = Dx + r * l.in;
-          std::fill(d, d + l.in, 0.f);
-          for (int64_t o = 0; o < l.out; ++o) {
-            const float go = Gy[r * l.out + o];
-            const float* w = W + o * l.in;
-            for (int64_t k = 0; k < l.in; ++k) d[k] += go * w[k];
-          }
-        }
-      }
+      if (l.need_dx)
+        for (int64_t r = 0; r < rows_now_; ++r) kernels::gemv_t(W, Gy + r * l.out, Dx + r * l.in, l.out, l.in);
     }
   }
 

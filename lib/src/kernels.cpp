@@ -81,15 +81,48 @@ void transpose(const float* A, float* At, int64_t rows, int64_t cols) {
         for (int64_t c = c0; c < std::min(cols, c0 + kBlock); ++c) At[c * rows + r] = A[r * cols + c];
 }
 
-BNLAB_CLONES
-float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+namespace {
+// Eight partial sums (lane j takes k = j mod 8), combined pairwise, then the tail: the order
+// every dot product here uses.
+inline float dot8(const float* a, const float* b, int64_t n) {
+  v8 acc{};
   int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[k + j] * b[k + j];
+  for (; k + 8 <= n; k += 8) acc += load8(a + k) * load8(b + k);
   float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   for (; k < n; ++k) s += a[k] * b[k];
   return s;
+}
+}  // namespace
+
+BNLAB_CLONES
+float dot(const float* a, const float* b, int64_t n) { return dot8(a, b, n); }
+
+BNLAB_CLONES
+void gemv(const float* W, const float* x, const float* bias, float* y, int64_t out, int64_t in) {
+  for (int64_t o = 0; o < out; ++o) y[o] = dot8(W + o * in, x, in) + (bias ? bias[o] : 0.f);
+}
+
+BNLAB_CLONES
+void outer(const float* g, const float* x, float* dW, int64_t out, int64_t in, bool accumulate) {
+  for (int64_t o = 0; o < out; ++o) {
+    float* row = dW + o * in;
+    const float go = g[o];
+    if (accumulate) {
+      for (int64_t k = 0; k < in; ++k) row[k] += go * x[k];
+    } else {
+      for (int64_t k = 0; k < in; ++k) row[k] = go * x[k];
+    }
+  }
+}
+
+BNLAB_CLONES
+void gemv_t(const float* W, const float* g, float* dx, int64_t out, int64_t in) {
+  for (int64_t k = 0; k < in; ++k) dx[k] = 0.f;
+  for (int64_t o = 0; o < out; ++o) {
+    const float go = g[o];
+    const float* w = W + o * in;
+    for (int64_t k = 0; k < in; ++k) dx[k] += go * w[k];
+  }
 }
 
 }  // namespace bnlab::kernels

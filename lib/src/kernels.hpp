@@ -18,4 +18,13 @@ void transpose(const float* A, float* At, int64_t rows, int64_t cols);
 /// sum_k a[k] * b[k], in eight interleaved partial sums combined pairwise.
 float dot(const float* a, const float* b, int64_t n);
 
+/// y[o] = dot(W[o, :], x) + bias[o] for o < out; W is [out, in] row-major. The same sums as dot().
+void gemv(const float* W, const float* x, const float* bias, float* y, int64_t out, int64_t in);
+
+/// dW[o, k] = g[o] * x[k] (accumulate: +=), W-shaped [out, in].
+void outer(const float* g, const float* x, float* dW, int64_t out, int64_t in, bool accumulate);
+
+/// dx[k] = sum_o g[o] * W[o, k], o ascending from 0; W is [out, in] row-major.
+void gemv_t(const float* W, const float* g, float* dx, int64_t out, int64_t in);
+
 }  // namespace bnlab::kernels
