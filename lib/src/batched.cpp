@@ -709,12 +709,6 @@ std::vector<float> gather_rows(const torch::Tensor& t, const std::vector<int64_t
   return std::vector<float>(rows.data_ptr<float>(), rows.data_ptr<float>() + rows.numel());
 }
 
-std::string not_finite_message(const StrategyConfig& s, const Config& c, int64_t sample, int64_t epoch, double loss,
-                               double val_loss) {
-  return "strategy \"" + s.name + "\", seed " + std::to_string(c.seed) + ", sample " + std::to_string(sample) + ", epoch " +
-         std::to_string(epoch) + ": loss is not finite (loss " + fmt_double(loss) + ", val_loss " + fmt_double(val_loss) + ")";
-}
-
 }  // namespace
 
 std::string batched_unsupported(const Config& config, const StrategyConfig& strategy) {
@@ -808,22 +802,11 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
       if (!std::isfinite(rec.loss) || !std::isfinite(rec.val_loss)) {
         r = StrategyResult{};
         r.failed = true;
-        r.error = not_finite_message(strategy, config, samples[l], epoch, rec.loss, rec.val_loss);
+        r.error = not_finite_message(strategy.name, config.seed, samples[l], epoch, rec.loss, rec.val_loss);
         continue;
       }
-      r.loss.push_back(rec.loss);
-      r.val_loss.push_back(rec.val_loss);
-      if (classification) {
-        r.accuracy.push_back(rec.accuracy);
-        r.val_accuracy.push_back(rec.val_accuracy);
-      }
-      const double monitored = ft.monitor == Monitor::kLoss ? rec.loss : rec.val_loss;
-      if (!ft.save_best_only || monitored < best_value[l]) {
-        best_value[l] = std::min(best_value[l], monitored);
-        r.best_epoch = static_cast<int>(epoch);
-        // Only an export needs the weights themselves (see evaluate_after below).
-        if (finetuned != nullptr) net.snapshot(static_cast<int64_t>(l), best[l], true);
-      }
+      // Only an export needs the checkpoint's weights themselves (see evaluate_after below).
+      if (record_epoch(r, rec, ft, best_value[l]) && finetuned != nullptr) net.snapshot(static_cast<int64_t>(l), best[l], true);
       if (on_epoch) on_epoch(l, rec);
     }
   }

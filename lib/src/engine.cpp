@@ -227,6 +227,26 @@ void recalibrate(ModelImpl& model, const Dataset& data, int64_t batches, int64_t
   model.train(was_training);
 }
 
+std::string not_finite_message(const std::string& strategy, uint64_t seed, int64_t sample, int64_t epoch,
+                               double loss, double val_loss) {
+  return "strategy \"" + strategy + "\", seed " + std::to_string(seed) + ", sample " + std::to_string(sample) + ", epoch " +
+         std::to_string(epoch) + ": loss is not finite (loss " + fmt_double(loss) + ", val_loss " + fmt_double(val_loss) + ")";
+}
+
+bool record_epoch(StrategyResult& r, const EpochRecord& rec, const FinetuneConfig& ft, double& best_value) {
+  r.loss.push_back(rec.loss);
+  r.val_loss.push_back(rec.val_loss);
+  if (rec.classification) {
+    r.accuracy.push_back(rec.accuracy);
+    r.val_accuracy.push_back(rec.val_accuracy);
+  }
+  const double monitored = ft.monitor == Monitor::kLoss ? rec.loss : rec.val_loss;
+  if (ft.save_best_only && !(monitored < best_value)) return false;
+  best_value = std::min(best_value, monitored);
+  r.best_epoch = static_cast<int>(rec.epoch);
+  return true;
+}
+
 uint64_t dropout_seed(const Config& config) {
   return config.seed * 1000003ULL + static_cast<uint64_t>(config.finetune.sample);
 }
@@ -299,22 +319,8 @@ StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strat
     rec.accuracy = correct / static_cast<double>(n);
     rec.val_loss = evaluate_inference(*model, loss_kind, x, y, &rec.val_accuracy);
     if (!std::isfinite(rec.loss) || !std::isfinite(rec.val_loss))
-      throw std::runtime_error("strategy \"" + strategy.name + "\", seed " + std::to_string(config.seed) + ", sample " +
-                               std::to_string(config.finetune.sample) + ", epoch " + std::to_string(epoch) +
-                               ": loss is not finite (loss " + fmt_double(rec.loss) + ", val_loss " +
-                               fmt_double(rec.val_loss) + ")");
-    r.loss.push_back(rec.loss);
-    r.val_loss.push_back(rec.val_loss);
-    if (classification) {
-      r.accuracy.push_back(rec.accuracy);
-      r.val_accuracy.push_back(rec.val_accuracy);
-    }
-    const double monitored = ft.monitor == Monitor::kLoss ? rec.loss : rec.val_loss;
-    if (!ft.save_best_only || monitored < best_value) {
-      best_value = std::min(best_value, monitored);
-      r.best_epoch = static_cast<int>(epoch);
-      save();
-    }
+      throw std::runtime_error(not_finite_message(strategy.name, config.seed, config.finetune.sample, epoch, rec.loss, rec.val_loss));
+    if (record_epoch(r, rec, ft, best_value)) save();
     if (on_epoch) on_epoch(rec);
   }
   if (!best.empty()) {

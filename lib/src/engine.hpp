@@ -59,6 +59,15 @@ struct EpochRecord {
   bool classification = false;
 };
 
+/// The message of a run whose loss is not finite, the same from both engines.
+std::string not_finite_message(const std::string& strategy, uint64_t seed, int64_t sample, int64_t epoch,
+                               double loss, double val_loss);
+
+/// Keras' bookkeeping at the end of an epoch, shared by both engines: appends the epoch to the
+/// curves and applies ModelCheckpoint (`monitor`, `save_best_only`, lower is better) against
+/// `best_value`. Returns true when this epoch's weights become the checkpoint.
+bool record_epoch(StrategyResult& r, const EpochRecord& rec, const FinetuneConfig& ft, double& best_value);
+
 /// PreciseBN: sets the selected BatchNorm layers' running statistics to the exact average
 /// of the per-batch statistics of `batches` shuffled batches of `data` (momentum 1/k for the
 /// k-th batch, in train mode, no gradients). Other layers' buffers and every

@@ -88,38 +88,28 @@ void expect_gradients_match(const Trained& s, const StrategyConfig* strategy, in
   }
 }
 
-TEST(BatchedKernels, GradientsMatchAutogradKerasNll) {
-  const Trained s = trained("configs/smoke/keras_nll.json", {"pretrain.epochs=1"});
-  for (int64_t rows : {1, 3, 16}) {
+/// Every preset, and no policy, on each number of rows.
+void expect_gradients_match_everywhere(const Trained& s, std::initializer_list<int64_t> rows_list) {
+  for (int64_t rows : rows_list) {
     expect_gradients_match(s, nullptr, rows, "no policy");
     for (const auto& name : kAllPresets) {
       const auto st = preset(name);
       expect_gradients_match(s, &st, rows, name);
     }
   }
+}
+
+TEST(BatchedKernels, GradientsMatchAutogradKerasNll) {
+  expect_gradients_match_everywhere(trained("configs/smoke/keras_nll.json", {"pretrain.epochs=1"}), {1, 3, 16});
 }
 
 TEST(BatchedKernels, GradientsMatchAutogradTorchMseTanh) {
   // PyTorch numerics: batch statistics need at least two rows.
-  const Trained s = trained("configs/smoke/torch_mse.json", {"pretrain.epochs=1"});
-  for (int64_t rows : {2, 5, 32}) {
-    expect_gradients_match(s, nullptr, rows, "no policy");
-    for (const auto& name : kAllPresets) {
-      const auto st = preset(name);
-      expect_gradients_match(s, &st, rows, name);
-    }
-  }
+  expect_gradients_match_everywhere(trained("configs/smoke/torch_mse.json", {"pretrain.epochs=1"}), {2, 5, 32});
 }
 
 TEST(BatchedKernels, GradientsMatchAutogradCrossEntropyGeluDropout) {
-  const Trained s = trained("configs/smoke/classify.json", {"pretrain.epochs=1"});
-  for (int64_t rows : {1, 4, 24}) {
-    expect_gradients_match(s, nullptr, rows, "no policy");
-    for (const auto& name : kAllPresets) {
-      const auto st = preset(name);
-      expect_gradients_match(s, &st, rows, name);
-    }
-  }
+  expect_gradients_match_everywhere(trained("configs/smoke/classify.json", {"pretrain.epochs=1"}), {1, 4, 24});
 }
 
 // --- whole fine-tuning runs: every curve point of every preset ---------------------------------
