@@ -274,21 +274,24 @@ class Net {
     return out;
   }
 
-  /// Copies the state of `lane` to `dst` (params, buffers, counters) or back.
-  void snapshot(int64_t lane, std::vector<float>& dst, bool save) {
-    const auto pn = static_cast<size_t>(n_params_), bn = static_cast<size_t>(n_buffers_), cn = static_cast<size_t>(counters_);
+  /// A lane's whole state: parameters, buffers and num_batches_tracked counters.
+  struct Snapshot {
+    std::vector<float> values;
+    std::vector<int64_t> counts;
+  };
+  /// Copies the state of `lane` into `dst` (save) or back from it.
+  void snapshot(int64_t lane, Snapshot& dst, bool save) {
     float* p = params_.data() + lane * n_params_;
     float* b = buffers_.data() + lane * n_buffers_;
     int64_t* c = counts_.data() + lane * counters_;
     if (save) {
-      dst.resize(pn + bn + cn);
-      std::copy(p, p + pn, dst.begin());
-      std::copy(b, b + bn, dst.begin() + static_cast<std::ptrdiff_t>(pn));
-      for (size_t k = 0; k < cn; ++k) dst[pn + bn + k] = static_cast<float>(c[k]);
+      dst.values.assign(p, p + n_params_);
+      dst.values.insert(dst.values.end(), b, b + n_buffers_);
+      dst.counts.assign(c, c + counters_);
     } else {
-      std::copy(dst.begin(), dst.begin() + static_cast<std::ptrdiff_t>(pn), p);
-      std::copy(dst.begin() + static_cast<std::ptrdiff_t>(pn), dst.begin() + static_cast<std::ptrdiff_t>(pn + bn), b);
-      for (size_t k = 0; k < cn; ++k) c[k] = static_cast<int64_t>(dst[pn + bn + k]);
+      std::copy_n(dst.values.data(), n_params_, p);
+      std::copy_n(dst.values.data() + n_params_, n_buffers_, b);
+      std::copy_n(dst.counts.data(), counters_, c);
     }
   }
 
@@ -712,9 +715,12 @@ std::vector<float> gather_rows(const torch::Tensor& t, const std::vector<int64_t
 }  // namespace
 
 std::string batched_unsupported(const Config& config, const StrategyConfig& strategy) {
+  // The predicate config validation uses, so that anything validation lets through that the
+  // batched engine cannot do goes to the torch engine, which reports LibTorch's own error.
   const auto& bn = config.model.batchnorm;
-  if (bn.enabled && bn.semantics == BnSemantics::kTorch && !strategy.fold && strategy.bn_module != BnModule::kFrozen &&
-      (!strategy.track_running_stats || strategy.bn_mode == BnMode::kTrain))
+  const int64_t per_block = 3 + (config.model.dropout > 0 ? 1 : 0);
+  if (bn.enabled && bn.semantics == BnSemantics::kTorch &&
+      uses_batch_stats_in_fit(strategy, static_cast<int64_t>(config.model.hidden.size()), per_block))
     return "PyTorch-numerics BatchNorm on the batch statistics of one row (an error the torch engine reports)";
   return "";
 }
@@ -773,7 +779,7 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
   net.set_policy(&strategy, config.model.batchnorm.momentum);
   const bool steps = !net.trainable().empty();
   Optimizer optimizer(ft.optimizer, net);
-  std::vector<std::vector<float>> best(samples.size());
+  std::vector<Net::Snapshot> best(samples.size());
   std::vector<double> best_value(samples.size(), std::numeric_limits<double>::infinity());
   std::vector<double> val, val_correct;
   for (int64_t epoch = 1; epoch <= ft.epochs; ++epoch) {
@@ -818,7 +824,7 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
   // and the loss recomputed here too.
   if (finetuned != nullptr) {
     for (size_t l = 0; l < samples.size(); ++l)
-      if (!best[l].empty()) net.snapshot(static_cast<int64_t>(l), best[l], false);
+      if (!best[l].values.empty()) net.snapshot(static_cast<int64_t>(l), best[l], false);
     net.forward(Pass::kInfer, x.data(), 1);
     lane_losses(net, loss_kind, y.data(), 1, targets, false, values, nullptr);
   }
@@ -831,7 +837,7 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
     r.evaluate_after = finetuned != nullptr ? values[l] : r.val_loss[static_cast<size_t>(r.best_epoch - 1)];
     compute_lag(r);
   }
-  if (finetuned != nullptr) {
+  if (finetuned != nullptr && !results.front().failed) {  // the torch engine throws first: nothing to export
     Model tuned = strategy_architecture(config, strategy, source.inputs(), source.outputs());
     tuned->copy_state_from(source);
     net.store(0, *tuned);

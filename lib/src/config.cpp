@@ -587,23 +587,6 @@ void check_optimizer(const OptimizerConfig& o, const std::string& path, Problems
   if (!(o.eps > 0)) p.add(path + ".eps", "must be > 0, got " + fmt_double(o.eps));
 }
 
-/// Whether any BatchNorm layer computes batch statistics during fit under this strategy:
-/// the selected layers in train mode or without running stats, or layers left unselected
-/// (they keep the model's default, training mode).
-bool uses_batch_stats_in_fit(const StrategyConfig& s, int64_t bn_layers, int64_t per_block) {
-  if (s.fold) return false;
-  if (s.bn_module == BnModule::kFrozen && s.layers.all) return false;
-  if (s.bn_module != BnModule::kFrozen && (s.bn_mode == BnMode::kTrain || !s.track_running_stats)) return true;
-  if (s.layers.all) return false;
-  for (int64_t k = 0; k < bn_layers; ++k) {
-    const bool by_index = std::find(s.layers.indices.begin(), s.layers.indices.end(), k) != s.layers.indices.end();
-    const bool by_name = std::find(s.layers.names.begin(), s.layers.names.end(), std::to_string(k * per_block + 1)) !=
-                         s.layers.names.end();
-    if (!by_index && !by_name) return true;
-  }
-  return false;
-}
-
 void validate(const Config& c, Problems& p) {
   if (c.name.empty()) p.add("name", "missing: every experiment needs a name (it names the run directory)");
   if (c.name.find_first_of("/\\") != std::string::npos || c.name == "." || c.name == "..")
@@ -935,6 +918,23 @@ void resolve_samples(Config& c, int64_t n) {
     g.finetune.sample = f.sample;
     g.finetune.draw_count = 0;
   }
+}
+
+/// Whether any BatchNorm layer computes batch statistics during fit under this strategy:
+/// the selected layers in train mode or without running stats, or layers left unselected
+/// (they keep the model's default, training mode).
+bool uses_batch_stats_in_fit(const StrategyConfig& s, int64_t bn_layers, int64_t per_block) {
+  if (s.fold) return false;
+  if (s.bn_module == BnModule::kFrozen && s.layers.all) return false;
+  if (s.bn_module != BnModule::kFrozen && (s.bn_mode == BnMode::kTrain || !s.track_running_stats)) return true;
+  if (s.layers.all) return false;
+  for (int64_t k = 0; k < bn_layers; ++k) {
+    const bool by_index = std::find(s.layers.indices.begin(), s.layers.indices.end(), k) != s.layers.indices.end();
+    const bool by_name = std::find(s.layers.names.begin(), s.layers.names.end(), std::to_string(k * per_block + 1)) !=
+                         s.layers.names.end();
+    if (!by_index && !by_name) return true;
+  }
+  return false;
 }
 
 std::string pretrain_cache_key(const Config& c) {

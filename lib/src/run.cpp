@@ -14,9 +14,12 @@
 #include <condition_variable>
 #include <cstdio>
 #include <ctime>
+#include <exception>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -179,6 +182,11 @@ void export_weights(const std::string& run_dir, const std::string& strategy, con
 std::string Workspace::pretrained_path(size_t i) const { return pick_file(dir, "pretrained", config, config.seeds[i]); }
 std::string Workspace::sample_path(size_t i) const { return pick_file(dir, "sample", config, config.seeds[i]); }
 
+std::string workspace_cache_key(const Config& config, bool torch_engine) {
+  // Each engine has its own key, and weights cached before the batched engine are not reused.
+  return pretrain_cache_key(config) + (torch_engine ? "-torch" : "-batched");
+}
+
 Workspace open_workspace(const Config& config, const std::string& out_dir, bool force, bool torch_engine) {
   Workspace w;
   w.torch_engine = torch_engine;
@@ -211,8 +219,7 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
     c.seed = c.seeds[i];
     torch::manual_seed(c.seed);  // initialisation; pretraining itself uses its own generators
     w.models.push_back(build_model(c, w.data));
-    // The engines' pretrained weights agree to float rounding only, so each has its own cache key.
-    w.keys.push_back(pretrain_cache_key(c) + (torch_engine ? "-torch" : ""));
+    w.keys.push_back(workspace_cache_key(c, torch_engine));
     if (!c.init_keras_h5.empty()) {
       import_keras_h5(c.init_keras_h5, *w.models.back());  // every seed starts from the user's Keras weights
       w.cache.push_back(CacheState::kLoaded);
@@ -344,6 +351,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   std::condition_variable flush_cv;
   bool flush_stop = false;
   std::atomic<bool> flush_cancel{false};
+  std::exception_ptr writer_error;  // a failed write (disk full, directory gone), rethrown below
   size_t flushed = 0;
   double flush_interval = 0.5;
   std::thread writer([&] {
@@ -358,7 +366,13 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
       flushed = finished;
       lock.unlock();
       const auto t0 = clock::now();
-      write_progress(dir, config, sofar, mine.size(), [&] { return flush_cancel.load(); });
+      try {
+        write_progress(dir, config, sofar, mine.size(), [&] { return flush_cancel.load(); });
+      } catch (...) {
+        lock.lock();
+        writer_error = std::current_exception();
+        return;
+      }
       const double took = std::chrono::duration<double>(clock::now() - t0).count();
       lock.lock();
       // Rewriting every finished run costs more as a study grows: keep it under a tenth of the time.
@@ -458,15 +472,22 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
     finish({m}, r, text);
   };
   // What each (seed, strategy) fine-tunes from (recalibrated, folded, FrozenBatchNorm1d), made
-  // once for all its samples and grid points: it depends on neither.
-  std::map<std::pair<size_t, size_t>, Model> prepared;
-  std::mutex prepared_mu;
-  const auto prepared_for = [&](const RunKey& key, const Config& rc) {
-    std::lock_guard<std::mutex> lock(prepared_mu);
-    auto it = prepared.find({key.seed, key.strategy});
-    if (it == prepared.end())
-      it = prepared.emplace(std::make_pair(key.seed, key.strategy), prepare_model(*w.models[key.seed], config.strategies[key.strategy], rc, &w.data)).first;
-    return it->second;
+  // once for all its samples and grid points (it depends on neither), by whichever thread needs
+  // it first; others preparing other strategies meanwhile are not held up. Recalibration
+  // through dropout depends on the sample: then the engine prepares each lane itself.
+  struct Prepared {
+    std::once_flag once;
+    Model model{nullptr};
+  };
+  std::map<std::pair<size_t, size_t>, std::unique_ptr<Prepared>> prepared;
+  for (size_t m : todo) prepared.emplace(std::make_pair(mine[m].seed, mine[m].strategy), nullptr);
+  for (auto& entry : prepared) entry.second = std::make_unique<Prepared>();
+  const auto prepared_for = [&](const RunKey& key, const Config& rc) -> const ModelImpl* {
+    const auto& strategy = config.strategies[key.strategy];
+    if (strategy.recalibrate > 0 && config.model.dropout > 0) return nullptr;
+    Prepared& p = *prepared.at({key.seed, key.strategy});
+    std::call_once(p.once, [&] { p.model = prepare_model(*w.models[key.seed], strategy, rc, &w.data); });
+    return p.model.get();
   };
   // The batched engine: runs of one grid point, strategy and seed, each sample a lane.
   const auto execute_batched = [&](const std::vector<size_t>& ms) {
@@ -482,11 +503,10 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
     std::vector<StrategyResult> rs;
     Model tuned{nullptr};
     try {
-      const Model ready = prepared_for(key, rc);
       rs = finetune_batched(*w.models[key.seed], strategy, rc, w.data, samples,
                             [&](size_t lane, const EpochRecord& e) { text[lane] += epoch_line(e); },
-                            single_run ? &tuned : nullptr, ready.get());
-      if (single_run) save_state(finetuned_path(dir, strategy.name), *tuned);
+                            single_run ? &tuned : nullptr, prepared_for(key, rc));
+      if (single_run && tuned) save_state(finetuned_path(dir, strategy.name), *tuned);  // none when the run failed
     } catch (const std::exception& e) {
       rs.assign(ms.size(), failure(e));
     }
@@ -516,18 +536,28 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   const size_t jobs = std::max<size_t>(1, std::min<size_t>(items.size(), options.jobs > 0 ? static_cast<size_t>(options.jobs) : hw));
   {
     std::atomic<size_t> next{0};
+    std::atomic<bool> abandon{false};
+    std::exception_ptr worker_error;  // what escaped a work item (runs' own failures do not)
     const auto worker = [&] {
-      for (size_t i = next++; i < items.size() && !stop_requested(); i = next++) {
-        if (engine_of[i]) execute_batched(items[i]);
-        else execute_torch(items[i].front());
+      try {
+        for (size_t i = next++; i < items.size() && !stop_requested() && !abandon; i = next++) {
+          if (engine_of[i]) execute_batched(items[i]);
+          else execute_torch(items[i].front());
+        }
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!worker_error) worker_error = std::current_exception();
+        abandon = true;
       }
     };
     std::vector<std::thread> pool;
     for (size_t j = 1; j < jobs; ++j) pool.emplace_back(worker);
     worker();
     for (auto& th : pool) th.join();
+    if (worker_error) std::rethrow_exception(worker_error);  // the writer guard stops the writer
   }
   stop_writer();
+  if (writer_error) std::rethrow_exception(writer_error);
   result.finetune_seconds = since(t);
   std::vector<StrategyResult> finished_runs;
   for (size_t m = 0; m < mine.size(); ++m)

@@ -218,6 +218,7 @@ void merge_shards(const std::vector<std::string>& dirs, const std::string& out_d
   Config config;
   std::string resolved_text;
   std::map<size_t, StrategyResult> runs;
+  std::string cache_keys, keys_from;
   for (const auto& d : dirs) {
     const std::string path = d + "/config.resolved.json";
     if (::access(path.c_str(), R_OK) != 0) throw InputError(d + ": no config.resolved.json; is it a bnlab run directory?");
@@ -228,6 +229,23 @@ void merge_shards(const std::vector<std::string>& dirs, const std::string& out_d
     } else if (text != resolved_text) {
       throw InputError(d + ": belongs to a different experiment or settings than " + dirs.front() +
                        " (config.resolved.json differs); merge only shards of one study");
+    }
+    // Shards must start from the same weights: the same pretraining settings and engine.
+    const std::string manifest = d + "/manifest.json";
+    if (::access(manifest.c_str(), R_OK) == 0) {
+      std::string keys;
+      try {
+        keys = ojson::parse(read_file(manifest)).at("cache_keys").dump();
+      } catch (const std::exception&) {
+        throw InputError(manifest + ": unreadable or without \"cache_keys\"; rerun that shard");
+      }
+      if (cache_keys.empty()) {
+        cache_keys = keys;
+        keys_from = d;
+      } else if (keys != cache_keys) {
+        throw InputError(d + ": its pretrained weights differ from " + keys_from + "'s (cache keys " + keys + " vs " +
+                         cache_keys + ": other pretraining settings or another --engine); merge only shards of one study run the same way");
+      }
     }
     for (auto& r : read_runs(d + "/summary.json")) {
       const auto it = runs.find(r.run);

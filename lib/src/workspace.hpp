@@ -25,6 +25,10 @@ struct Workspace {
   std::string sample_path(size_t seed_index) const;
 };
 
+/// The key pretrained.pt is cached under: pretrain_cache_key() plus the engine that pretrains
+/// ("-batched" or "-torch"), whose weights differ beyond rounding after many Adam steps.
+std::string workspace_cache_key(const Config& config, bool torch_engine);
+
 /// Loads the data, resolves and checks the samples, checks the run directory, builds each
 /// seed's model and loads its cached weights when they match. Writes nothing; bad input
 /// throws InputError. `torch_engine`: pretrain with the torch engine (its own cache key).

@@ -17,6 +17,7 @@
 #include "bnlab/errors.hpp"
 #include "bnlab/run.hpp"
 #include "engine.hpp"
+#include "workspace.hpp"
 #include "support.hpp"
 #include "text.hpp"
 
@@ -327,7 +328,7 @@ TEST(Explain, PredictsWhatFineTuningThenShows) {
   const auto data = load_data(c);
   torch::manual_seed(c.seed);
   Model m = build_model(c, data);
-  ASSERT_EQ(load_pretrained(eo.out_dir + "/pretrained.pt", *m, pretrain_cache_key(c)), CacheState::kLoaded);
+  ASSERT_EQ(load_pretrained(eo.out_dir + "/pretrained.pt", *m, workspace_cache_key(c, false)), CacheState::kLoaded);
   const auto x = data.x.narrow(0, c.finetune.sample, 1), y = data.y.narrow(0, c.finetune.sample, 1);
   for (size_t i = 0; i < c.strategies.size(); ++i) {
     const auto& e = j["strategies"][i];

@@ -89,6 +89,21 @@ TEST(Tools, GoldenCheckAndMergeOnHandMadeRunDirectories) {
   write_file_atomic(base + "/bad.json", "{\"format\": \"something else\"}");
   EXPECT_THROW(check_golden(base + "/m", base + "/bad.json", CheckOptions{}, out), InputError);
   EXPECT_THROW(merge_shards({base + "/s0"}, base + "/m2", false, false, log), InputError);  // runs missing
+  // Shards pretrained alike (the same cache keys in manifest.json) merge; shards pretrained by
+  // another engine or with other settings are refused, naming both key sets.
+  write_file_atomic(base + "/s0/manifest.json", R"({"cache_keys": ["abc-batched"]})");
+  write_file_atomic(base + "/s1/manifest.json", R"({"cache_keys": ["abc-batched"]})");
+  merge_shards({base + "/s0", base + "/s1"}, base + "/m3", false, false, log);
+  EXPECT_EQ(read_runs(base + "/m3/summary.json").size(), runs.size());
+  write_file_atomic(base + "/s1/manifest.json", R"({"cache_keys": ["abc-torch"]})");
+  try {
+    merge_shards({base + "/s0", base + "/s1"}, base + "/m4", false, false, log);
+    ADD_FAILURE() << "shards with different cache keys were merged";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("abc-torch"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("another --engine"), std::string::npos) << e.what();
+  }
+  EXPECT_NE(::access((base + "/m4/summary.json").c_str(), F_OK), 0) << "a refused merge wrote results";
 }
 
 TEST(Tools, AtomicWriteLeavesNoTemporary) {

@@ -157,6 +157,11 @@ std::string to_json(const Config& config);
 /// throws InputError when the draw or an index does not fit.
 void resolve_samples(Config& config, int64_t data_size);
 
+/// Whether any BatchNorm layer computes batch statistics during fit under this strategy
+/// (selected layers in train mode or without running statistics, or layers it leaves
+/// unselected); `per_block` is the number of modules per hidden layer (3, or 4 with dropout).
+bool uses_batch_stats_in_fit(const StrategyConfig& strategy, int64_t bn_layers, int64_t per_block);
+
 /// Hash of the settings that determine pretrained weights (seed, data, model, pretrain).
 std::string pretrain_cache_key(const Config& config);
 
