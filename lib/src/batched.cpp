@@ -782,7 +782,12 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
   std::vector<Net::Snapshot> best(samples.size());
   std::vector<double> best_value(samples.size(), std::numeric_limits<double>::infinity());
   std::vector<double> val, val_correct;
+  EpochRecord rec;  // what every lane shares is set once, not per lane and epoch
+  rec.strategy = strategy.name;
+  rec.epochs = ft.epochs;
+  rec.classification = classification;
   for (int64_t epoch = 1; epoch <= ft.epochs; ++epoch) {
+    rec.epoch = epoch;
     net.forward(Pass::kFit, x.data(), 1);
     lane_losses(net, loss_kind, y.data(), 1, targets, steps, values, classification ? &correct : nullptr);
     if (steps) {
@@ -794,11 +799,6 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
     for (size_t l = 0; l < samples.size(); ++l) {
       auto& r = results[l];
       if (r.failed) continue;
-      EpochRecord rec;
-      rec.strategy = strategy.name;
-      rec.epoch = epoch;
-      rec.epochs = ft.epochs;
-      rec.classification = classification;
       rec.loss = values[l];
       rec.val_loss = val[l];
       if (classification) {

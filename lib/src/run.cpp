@@ -349,15 +349,14 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   // `flush_interval` seconds, so a crash or a kill leaves complete files describing complete
   // runs and the fine-tuning threads never wait for the disk.
   std::condition_variable flush_cv;
-  bool flush_stop = false;
-  std::atomic<bool> flush_cancel{false};
+  std::atomic<bool> flush_stop{false};  // set under `mu` (the wait's predicate), read by write_progress without it
   std::exception_ptr writer_error;  // a failed write (disk full, directory gone), rethrown below
   size_t flushed = 0;
   double flush_interval = 0.5;
   std::thread writer([&] {
     std::unique_lock<std::mutex> lock(mu);
     while (true) {
-      flush_cv.wait_for(lock, std::chrono::duration<double>(flush_interval), [&] { return flush_stop; });
+      flush_cv.wait_for(lock, std::chrono::duration<double>(flush_interval), [&] { return flush_stop.load(); });
       if (flush_stop) return;
       if (finished == flushed) continue;
       std::vector<StrategyResult> sofar;
@@ -367,7 +366,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
       lock.unlock();
       const auto t0 = clock::now();
       try {
-        write_progress(dir, config, sofar, mine.size(), [&] { return flush_cancel.load(); });
+        write_progress(dir, config, sofar, mine.size(), [&] { return flush_stop.load(); });
       } catch (...) {
         lock.lock();
         writer_error = std::current_exception();
@@ -381,7 +380,6 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   });
   // Stops and joins the writer on every way out of this scope, exceptions included.
   const auto stop_writer = [&] {
-    flush_cancel = true;
     {
       std::lock_guard<std::mutex> lock(mu);
       flush_stop = true;
@@ -515,22 +513,24 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   };
   // Work items: the batched engine takes consecutive runs that differ only by sample (the plan
   // orders samples innermost), up to `lanes` at a time; the torch engine takes one run.
-  std::vector<std::vector<size_t>> items;
-  std::vector<char> engine_of;  // per item: 1 batched, 0 torch
+  struct Item {
+    bool batched;
+    std::vector<size_t> runs;  // indices into `mine`
+  };
+  std::vector<Item> items;
   for (size_t m : todo) {
     const RunKey& k = mine[m];
     const bool batched = !torch_engine && batched_unsupported(config, config.strategies[k.strategy]).empty();
-    if (batched && !items.empty() && engine_of[items.size() - 1] && items.back().size() < static_cast<size_t>(options.lanes)) {
-      const RunKey& f = mine[items.back().front()];
+    (batched ? result.batched_runs : result.torch_runs) += 1;
+    if (batched && !items.empty() && items.back().batched && items.back().runs.size() < static_cast<size_t>(options.lanes)) {
+      const RunKey& f = mine[items.back().runs.front()];
       if (f.grid == k.grid && f.strategy == k.strategy && f.seed == k.seed) {
-        items.back().push_back(m);
+        items.back().runs.push_back(m);
         continue;
       }
     }
-    items.push_back({m});
-    engine_of.push_back(batched);
+    items.push_back({batched, {m}});
   }
-  for (size_t i = 0; i < items.size(); ++i) (engine_of[i] ? result.batched_runs : result.torch_runs) += items[i].size();
 
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
   const size_t jobs = std::max<size_t>(1, std::min<size_t>(items.size(), options.jobs > 0 ? static_cast<size_t>(options.jobs) : hw));
@@ -541,8 +541,8 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
     const auto worker = [&] {
       try {
         for (size_t i = next++; i < items.size() && !stop_requested() && !abandon; i = next++) {
-          if (engine_of[i]) execute_batched(items[i]);
-          else execute_torch(items[i].front());
+          if (items[i].batched) execute_batched(items[i].runs);
+          else execute_torch(items[i].runs.front());
         }
       } catch (...) {
         std::lock_guard<std::mutex> lock(mu);
