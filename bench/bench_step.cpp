@@ -12,6 +12,7 @@
 #include "batched.hpp"
 #include "bnlab/config.hpp"
 #include "engine.hpp"
+#include "optimizers.hpp"
 
 int main(int argc, char** argv) {
   if (argc < 2) {
@@ -28,8 +29,8 @@ int main(int argc, char** argv) {
     bnlab::StrategyConfig s = bnlab::parse_config(std::string(R"({"name": "b", "strategies": [")") + preset + "\"]}", "b")
                                   .strategies.front();
     // The torch engine: torch::nn modules, autograd, torch::optim.
-    bnlab::Model m = bnlab::clone_model(*model, c);
-    m->set_policy(bnlab::Policy{s, c.model.batchnorm.momentum});
+    bnlab::Model m = bnlab::clone_model(*model);
+    m->set_policy(bnlab::Policy{s});
     auto opt = bnlab::make_optimizer(c.finetune.optimizer, m->parameters());
     const auto x = data.x.narrow(0, 0, 1), y = data.y.narrow(0, 0, 1);
     m->train();

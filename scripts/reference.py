@@ -3,10 +3,11 @@
 
 Usage:  /usr/bin/python3 scripts/reference.py RUN_DIR [--tol 1e-5]
 
-From RUN_DIR it reads config.resolved.json, the pretrained weights (pretrained.pt or
+From RUN_DIR it reads config.resolved.json, architecture.json (the module list), the pretrained weights (pretrained.pt or
 pretrained_seed<S>.pt), the samples (sample.pt or sample_seed<S>.pt) and curves.csv. For every
-(grid point, strategy, seed, sample) it rebuilds the network from the state dict with plain
-tensor ops (F.linear, its own Keras/Torch BatchNorm, FrozenBatchNorm, dropout drawn from
+(grid point, strategy, seed, sample) it rebuilds the network from the recorded layer list and the
+state dict with plain tensor ops (F.linear, its own Keras/Torch BatchNorm, FrozenBatchNorm, the
+activations through torch.nn.functional, dropout drawn from
 Generator(S*1000003 + i)); prepares it (PreciseBN recalibration over the regenerated pretraining
 data, folding, frozen BN modules); and fine-tunes it with Keras fit semantics (loss of the
 forward pass before each update, val_loss in inference mode with the strategy applied) using
@@ -14,7 +15,8 @@ torch.optim. It shares no code with bnlab. It prints max |diff| of loss and val_
 against curves.csv, and compares evaluate_before/evaluate_after with summary.json where it finds
 the run there. Extra checks: the regenerated data set reproduces sample.pt's rows (x_raw, x, y).
 Exit 0 if every diff <= tol, 1 otherwise, 2 on bad usage or missing/unreadable files.
-Also reads bnlab's older layout (`seed`, `finetune.sample`, no `grid` column, [1,F] sample.pt).
+Also reads bnlab's older layout (`seed`, `finetune.sample`, no `grid` column, [1,F] sample.pt, no
+architecture.json: the network then comes from the config's `model.hidden` shorthand).
 Integer `layers` are positions among the model's BatchNorm layers as built, also after some of them
 became FrozenBatchNorm (bn_module: frozen). Uses one intra-op thread, bnlab's default.
 """
@@ -33,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 LOG2PI = math.log(2.0 * math.pi)
-ACT = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu}
 
 
 def die(msg):
@@ -89,25 +90,54 @@ def csv_data(d, run_dir):
 
 
 # ---------------------------------------------------------------- model
-def build(cfg, sd):
-    """The Sequential's layers; a module's name is its position, as in torch.nn.Sequential."""
-    m, bnc = cfg["model"], cfg["model"]["batchnorm"]
+ACT = {"relu": lambda x, a: torch.relu(x), "tanh": lambda x, a: torch.tanh(x), "gelu": lambda x, a: F.gelu(x),
+       "sigmoid": lambda x, a: torch.sigmoid(x), "elu": lambda x, a: F.elu(x, alpha=a),
+       "leaky_relu": lambda x, a: F.leaky_relu(x, negative_slope=a), "silu": lambda x, a: F.silu(x),
+       "softplus": lambda x, a: F.softplus(x), "linear": lambda x, a: x}
+
+
+def recorded_layers(rd, cfg):
+    """The module list: architecture.json as bnlab records it, or, for older run directories, the
+    shorthand of their config (per width: Linear, BatchNorm if enabled, activation, Dropout if > 0)."""
+    path = os.path.join(rd, "architecture.json")
+    if os.path.isfile(path):
+        return load(path)["layers"]
+    m, b = cfg["model"], cfg["model"]["batchnorm"]
+    out = []
+    for h in list(m["hidden"]) + [None]:
+        out.append({"kind": "dense", "use_bias": True, "head": h is None})
+        if h is None:
+            break
+        if b["enabled"]:
+            out.append({"kind": "batchnorm", "eps": b["eps"], "momentum": b["momentum"], "center": b["affine"],
+                        "scale": b["affine"]})
+        out.append({"kind": "activation", "activation": m["activation"]})
+        if m["dropout"] > 0:
+            out.append({"kind": "dropout", "rate": m["dropout"]})
+    return out
+
+
+def build(arch, sd):
+    """Modules from the recorded list; a module's name is its position, as in torch.nn.Sequential."""
     layers = []
     par = lambda k: sd[f"{len(layers)}.{k}"].detach().clone().requires_grad_(True)  # noqa: E731
     buf = lambda k: sd[f"{len(layers)}.{k}"].detach().clone()  # noqa: E731
-    for h in list(m["hidden"]) + [None]:
-        layers.append(NS(kind="linear", w=par("weight"), b=par("bias")))
-        if h is None:
-            return layers
-        if bnc["enabled"]:
-            aff = bnc["affine"]
+    for a in arch:
+        kind = a["kind"]
+        if kind == "dense":
+            layers.append(NS(kind="linear", w=par("weight"), b=par("bias") if a["use_bias"] else None))
+        elif kind == "batchnorm":
             layers.append(NS(kind="bn", name=str(len(layers)), pos=sum(L.kind == "bn" for L in layers),
-                             eps=bnc["eps"], momentum=bnc["momentum"], track=True, force_eval=False,
-                             gamma=par("weight") if aff else None, beta=par("bias") if aff else None,
+                             eps=a["eps"], momentum=a["momentum"], base_m=a["momentum"], track=True, force_eval=False,
+                             gamma=par("weight") if a["scale"] else None, beta=par("bias") if a["center"] else None,
                              rm=buf("running_mean"), rv=buf("running_var"), nbt=buf("num_batches_tracked")))
-        layers.append(NS(kind="act"))
-        if m["dropout"] > 0:
-            layers.append(NS(kind="dropout", p=m["dropout"]))
+        elif kind == "activation":
+            layers.append(NS(kind="act", fn=ACT[a["activation"]], alpha=a.get("negative_slope", a.get("alpha", 0.0))))
+        elif kind == "dropout":
+            layers.append(NS(kind="dropout", p=a["rate"]))
+        else:
+            die(f"unknown layer kind {kind!r} in the recorded architecture")
+    return layers
 
 
 def bn_forward(L, x, training, semantics):
@@ -121,7 +151,9 @@ def bn_forward(L, x, training, semantics):
     var = (x - mean).square().mean(0)  # biased, also stored biased (Keras)
     out = (x - mean) * torch.rsqrt(var + L.eps)
     if L.gamma is not None:
-        out = out * L.gamma + L.beta
+        out = out * L.gamma
+    if L.beta is not None:
+        out = out + L.beta
     with torch.no_grad():
         L.rm.sub_((L.rm - mean) * L.momentum)
         L.rv.sub_((L.rv - var) * L.momentum)
@@ -138,7 +170,7 @@ def forward(layers, x, train, ctx):
             scale = L.gamma * torch.rsqrt(L.rv + L.eps)
             x = x * scale + (L.beta - L.rm * scale)
         elif L.kind == "act":
-            x = ACT[ctx.act](x)
+            x = L.fn(x, L.alpha)
         elif L.kind == "dropout" and train:
             mask = torch.empty_like(x).bernoulli_(1 - L.p, generator=ctx.gen)
             x = x * mask / (1 - L.p)
@@ -151,19 +183,20 @@ def selected(s, L):
     return sel == "all" or any(v == (L.pos if isinstance(v, int) else L.name) for v in sel)
 
 
-def apply_policy(layers, s, base_m):
+def apply_policy(layers, s):
     mom = 0.0 if s.get("running_stats") == "freeze" else s.get("momentum")
     nlin = 0
     for L in layers:
         if L.kind == "bn":
             sel = selected(s, L)
-            L.momentum = mom if sel and mom is not None else base_m
+            L.momentum = mom if sel and mom is not None else L.base_m
             L.track = s["track_running_stats"] if sel else True
             for p in (q for q in (L.gamma, L.beta) if q is not None):
                 p.requires_grad_(not sel or s["affine"] == "trainable")
             L.force_eval = sel and s["bn_mode"] == "eval"
         elif L.kind == "linear":
-            L.w.requires_grad_(nlin >= s["freeze_linear"]), L.b.requires_grad_(nlin >= s["freeze_linear"])
+            for p in (q for q in (L.w, L.b) if q is not None):
+                p.requires_grad_(nlin >= s["freeze_linear"])
             nlin += 1
 
 
@@ -196,19 +229,39 @@ def recalibrate(layers, s, ctx, x, batches, bs, seed):
 
 
 def fold(layers):
+    """A BatchNorm right after a Linear folds into it (W' = diag(s) W, b' = (b - mean) s + beta); one
+    right before a Linear folds into that one (W' = W diag(s), b' = b + W (beta - mean s))."""
+    def coeffs(L):
+        c = L.rm.shape[0]
+        gamma = L.gamma.detach().double() if L.gamma is not None else torch.ones(c, dtype=torch.float64)
+        beta = L.beta.detach().double() if L.beta is not None else torch.zeros(c, dtype=torch.float64)
+        return gamma / torch.sqrt(L.rv.double() + L.eps), beta, L.rm.double()
+
+    def wb(lin):
+        b = lin.b.detach().double() if lin.b is not None else torch.zeros(lin.w.shape[0], dtype=torch.float64)
+        return lin.w.detach().double(), b
+
     out = []
-    for L in layers:
-        if L.kind != "bn":
+    for L in layers:  # after a Linear (consecutive BatchNorms fold one after another)
+        if L.kind == "bn" and out and out[-1].kind == "linear":
+            (w, b), (scale, beta, mean) = wb(out[-1]), coeffs(L)
+            out[-1].w, out[-1].b = w * scale.unsqueeze(1), (b - mean) * scale + beta
+        else:
             out.append(L)
-            continue
-        lin = out[-1]
-        w, b = lin.w.detach().double(), lin.b.detach().double()
-        gamma = L.gamma.detach().double() if L.gamma is not None else torch.ones_like(b)
-        beta = L.beta.detach().double() if L.beta is not None else torch.zeros_like(b)
-        scale = gamma / torch.sqrt(L.rv.double() + L.eps)
-        lin.w = (w * scale.unsqueeze(1)).float().requires_grad_(True)
-        lin.b = ((b - L.rm.double()) * scale + beta).float().requires_grad_(True)
-    return out
+    res = []
+    for L in reversed(out):  # before a Linear
+        if L.kind == "bn":
+            if not res or res[-1].kind != "linear":
+                die(f"fold: BatchNorm {L.name} has no Linear beside it")
+            (w, b), (scale, beta, mean) = wb(res[-1]), coeffs(L)
+            res[-1].w, res[-1].b = w * scale.unsqueeze(0), b + w @ (beta - mean * scale)
+        else:
+            res.append(L)
+    res.reverse()
+    for L in res:
+        if L.kind == "linear" and L.w.dtype == torch.float64:
+            L.w, L.b = L.w.float().requires_grad_(True), L.b.float().requires_grad_(True)
+    return res
 
 
 def freeze_modules(layers, s):
@@ -219,14 +272,55 @@ def freeze_modules(layers, s):
         L.beta = L.beta.detach().clone() if L.beta is not None else torch.zeros_like(L.rm)
 
 
+class KerasRMSprop:
+    """Keras' RMSprop (keras/src/optimizers/rmsprop.py): v = rho v + (1 - rho) g^2, increment =
+    lr g / sqrt(v + eps) (centered: v - a^2 + eps), momentum m = momentum m + increment."""
+
+    def __init__(self, ps, o):
+        self.ps, self.o = ps, o
+        self.v = [torch.zeros_like(p) for p in ps]
+        self.a = [torch.zeros_like(p) for p in ps]
+        self.m = [torch.zeros_like(p) for p in ps]
+
+    def zero_grad(self):
+        for p in self.ps:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        o = self.o
+        for i, p in enumerate(self.ps):
+            if p.grad is None:
+                continue
+            g = p.grad
+            self.v[i] = o["rho"] * self.v[i] + (1 - o["rho"]) * g * g
+            den = self.v[i] + o["eps"]
+            if o["centered"]:
+                self.a[i] = o["rho"] * self.a[i] + (1 - o["rho"]) * g
+                den = self.v[i] - self.a[i] * self.a[i] + o["eps"]
+            inc = o["lr"] * g / torch.sqrt(den)
+            if o["momentum"] > 0:
+                self.m[i] = o["momentum"] * self.m[i] + inc
+                inc = self.m[i]
+            p.sub_(inc)
+
+
 def make_optimizer(o, ps):
     if not ps:
         return None
-    if o["name"] == "sgd":
+    name = o["name"]
+    if name == "sgd":
         return torch.optim.SGD(ps, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"],
                                weight_decay=o["weight_decay"])
-    cls = torch.optim.Adam if o["name"] == "adam" else torch.optim.AdamW
-    return cls(ps, lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"], weight_decay=o["weight_decay"])
+    if name in ("adam", "adamw"):
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        return cls(ps, lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"], weight_decay=o["weight_decay"])
+    if name == "rmsprop":
+        return torch.optim.RMSprop(ps, lr=o["lr"], alpha=o["alpha"], eps=o["eps"], weight_decay=o["weight_decay"],
+                                   momentum=o["momentum"], centered=o["centered"])
+    if name == "rmsprop_keras":
+        return KerasRMSprop(ps, o)
+    die(f"unknown optimizer {name!r}")
 
 
 def evaluate(layers, x, y, ctx):
@@ -234,10 +328,10 @@ def evaluate(layers, x, y, ctx):
         return float(loss_fn(ctx.loss, forward(layers, x, False, ctx), y))
 
 
-def run_one(cfg, ft, s, seed, i, ck, x, y, data_x):
+def run_one(cfg, arch, ft, s, seed, i, ck, x, y, data_x):
     m = cfg["model"]
-    layers = build(cfg, ck["state_dict"])
-    ctx = NS(semantics=m["batchnorm"]["semantics"], act=m["activation"], loss=m["loss"],
+    layers = build(arch, ck["state_dict"])
+    ctx = NS(semantics=m["batchnorm"]["semantics"], loss=m["loss"],
              gen=torch.Generator().manual_seed((int(seed) * 1000003 + int(i)) % 2**64))  # uint64 as in C++
     if s.get("recalibrate", 0) > 0:
         recalibrate(layers, s, ctx, data_x(), s["recalibrate"], cfg["pretrain"]["batch_size"], int(seed) + 2)
@@ -246,12 +340,12 @@ def run_one(cfg, ft, s, seed, i, ck, x, y, data_x):
     if s.get("bn_module", "batchnorm") == "frozen":
         freeze_modules(layers, s)
     r = NS(before=evaluate(layers, x, y, ctx), loss=[], val_loss=[])
-    apply_policy(layers, s, m["batchnorm"]["momentum"])
+    apply_policy(layers, s)
     opt = make_optimizer(ft["optimizer"], [p for p in params(layers) if p.requires_grad])
     n, bs = x.shape[0], ft["batch_size"]
     best, best_v = None, math.inf
     for _ in range(ft["epochs"]):
-        apply_policy(layers, s, m["batchnorm"]["momentum"])  # model.train() re-applies the strategy
+        apply_policy(layers, s)  # model.train() re-applies the strategy
         total = 0.0
         for start in range(0, n, bs):
             xb, yb = x[start:start + bs], y[start:start + bs]
@@ -335,6 +429,7 @@ def main():
             summary[(e.get("grid", ""), e.get("strategy", e.get("name")), e.get("seed", sj.get("seed")),
                      e.get("sample", sj.get("sample")))] = e
     d, seeds = cfg["data"], cfg.get("seeds", [cfg.get("seed", 0)])
+    arch = recorded_layers(rd, cfg)
     cache = []
 
     def dataset():  # (x_raw, y) of the whole pretraining set, or None for a CSV file not found
@@ -362,7 +457,7 @@ def main():
                 if i not in index:
                     die(f"sample {i} is not in sample{sfx}.pt (index {index})")
                 k = index.index(i)
-                r = run_one(cfg, ft, s, seed, i, ck, sx[k:k + 1], sy[k:k + 1], data_x)
+                r = run_one(cfg, arch, ft, s, seed, i, ck, sx[k:k + 1], sy[k:k + 1], data_x)
                 key = (label, s["name"], int(seed), int(i))
                 seen.add(key)
                 got = curves.get(key, {})

@@ -13,129 +13,76 @@
 #include <tuple>
 #include <stdexcept>
 
-#include "kernels.hpp"
+#include <map>
+
+#include "layer_kinds.hpp"
+#include "optimizers.hpp"
 #include "text.hpp"
 
 namespace bnlab {
 
 namespace {
 
-enum class Kind { kLinear, kBatchNorm, kFrozenBn, kRelu, kTanh, kGelu, kDropout };
-
-/// Which forward pass: the fit (training) forward under the policy; inference under the policy
-/// (what evaluate_inference runs on a model with a policy); inference with running statistics
-/// everywhere (a model without a policy, as evaluate_before and evaluate_pretrained see it).
-enum class Pass { kFit, kInfer, kPlain };
-
-struct Layer {
-  Kind kind = Kind::kLinear;
-  std::string name;
-  int64_t in = 0, out = 0;      ///< widths (equal except for Linear)
-  int64_t w = -1, b = -1;       ///< parameter offsets: Linear weight [out, in] and bias, BatchNorm gamma and beta
-  int64_t rm = -1, rv = -1;     ///< buffer offsets: running mean/var (FrozenBatchNorm1d: fw, fb too)
-  int64_t fw = -1, fb = -1;
-  int64_t counter = -1;         ///< BatchNorm: index of its num_batches_tracked
-  bool trainable = false;       ///< the layer's parameters get gradients and optimizer steps
-  bool need_dx = false;         ///< some trainable parameter sits before this layer
-  double eps = 0, momentum = 0, p = 0;
-  BnSemantics semantics = BnSemantics::kKeras;
-  bool fit_batch_stats = true;    ///< BatchNorm: batch statistics in the fit forward (train mode or not tracking)
-  bool infer_batch_stats = false; ///< ... and in inference (track_running_stats false: LibTorch's rule)
-  bool counts = true;             ///< num_batches_tracked counted by the fit forward (train mode and tracking)
-};
-
 /// A segment of the parameter block that the optimizer steps.
 struct Segment {
   int64_t offset, size;
 };
-
-/// Rows at or above which a lane's matrix products go through kernels::gemm (pretraining
-/// batches); below, matrix-vector loops need no transposed copies.
-constexpr int64_t kGemmRows = 8;
 
 torch::Tensor wrap(float* p, std::initializer_list<int64_t> sizes) {
   return torch::from_blob(p, sizes, torch::TensorOptions().dtype(torch::kFloat));
 }
 
 /// The network as flat arrays: lanes x (parameters, buffers, counters), plus the activations
-/// of the last forward pass that the backward pass needs.
+/// of the last forward pass that the backward pass needs. Every layer's state and kernels come
+/// from its kind's definition (layer_kinds.hpp); this class only lays out storage and runs them.
 class Net {
  public:
-  /// Reads the architecture of `model`; `shared`: every lane reads one copy of the state
+  /// Reads the layers of `model`; `shared`: every lane reads one copy of the state
   /// (inference only), else each lane has its own.
-  Net(const ModelImpl& model, int64_t lanes, int64_t rows, bool shared) : lanes_(lanes), rows_(rows), shared_(shared) {
-    const auto children = model.named_children();
-    int64_t width = model.inputs();
-    for (const auto& info : model.layers()) {
-      Layer l;
-      l.name = info.name;
-      l.in = width;
-      const auto& module = children[info.name];
-      if (info.kind == "linear") {
-        const auto& lin = *std::dynamic_pointer_cast<torch::nn::LinearImpl>(module);
-        l.kind = Kind::kLinear;
-        l.out = lin.weight.size(0);
-        l.w = take_param(l.out * l.in);
-        l.b = take_param(l.out);
-      } else if (info.kind == "batchnorm") {
-        const auto& bn = *std::dynamic_pointer_cast<BatchNormImpl>(module);
-        l.kind = Kind::kBatchNorm;
-        l.out = l.in;
-        if (bn.weight.defined()) {
-          l.w = take_param(l.out);
-          l.b = take_param(l.out);
-        }
-        l.rm = take_buffer(l.out);
-        l.rv = take_buffer(l.out);
-        l.counter = counters_++;
-        l.eps = bn.options.eps();
-        l.momentum = bn.options.momentum();
-        l.semantics = bn.options.semantics();
-      } else if (info.kind == "frozen_batchnorm") {
-        const auto& f = *std::dynamic_pointer_cast<FrozenBatchNormImpl>(module);
-        l.kind = Kind::kFrozenBn;
-        l.out = l.in;
-        l.fw = take_buffer(l.out);
-        l.fb = take_buffer(l.out);
-        l.rm = take_buffer(l.out);
-        l.rv = take_buffer(l.out);
-        l.eps = f.eps;
-      } else if (info.kind == "dropout") {
-        l.kind = Kind::kDropout;
-        l.out = l.in;
-        l.p = std::dynamic_pointer_cast<DropoutImpl>(module)->p;
-      } else {
-        l.kind = info.kind == "relu" ? Kind::kRelu : info.kind == "tanh" ? Kind::kTanh : Kind::kGelu;
-        l.out = l.in;
+  Net(const ModelImpl& model, int64_t lanes, int64_t rows, bool shared) {
+    store_.lanes = lanes;
+    store_.stride = rows;
+    store_.shared = shared;
+    int64_t max_width = model.inputs();
+    for (const auto& spec : model.layers()) {
+      BatchedLayer l;
+      l.spec = spec;
+      for (const auto& t : layer_kind(spec.kind).state(spec)) {
+        int64_t n = 1;
+        for (int64_t d : t.shape) n *= d;
+        const bool absent = t.where != StateTensor::kCounter && t.shape.empty();
+        int64_t& total = t.where == StateTensor::kParameter ? n_params_ : t.where == StateTensor::kBuffer ? n_buffers_ : n_counts_;
+        l.at.push_back(absent ? -1 : total);
+        if (!absent) total += n;
       }
-      width = l.out;
-      max_width_ = std::max(max_width_, width);
-      layers_.push_back(l);
+      layer_kind(spec.kind).allocate(l, lanes, rows);
+      max_width = std::max(max_width, spec.out);
+      layers_.push_back(std::move(l));
     }
-    outputs_ = width;
+    outputs_ = model.outputs();
     const int64_t copies = shared ? 1 : lanes;
     params_.assign(static_cast<size_t>(copies * n_params_), 0.f);
     buffers_.assign(static_cast<size_t>(copies * n_buffers_), 0.f);
-    counts_.assign(static_cast<size_t>(copies * counters_), 0);
-    for (const auto& l : layers_) acts_.emplace_back(static_cast<size_t>(lanes * rows * l.out));
-    xhat_.resize(layers_.size());
-    istd_.resize(layers_.size());
-    for (size_t i = 0; i < layers_.size(); ++i) {
-      if (layers_[i].kind == Kind::kBatchNorm) {
-        xhat_[i].resize(static_cast<size_t>(lanes * rows * layers_[i].out));
-        istd_[i].resize(static_cast<size_t>(lanes * layers_[i].out));
-      } else if (layers_[i].kind == Kind::kDropout) {
-        xhat_[i].resize(static_cast<size_t>(lanes * rows * layers_[i].out));  // the mask
-      }
-    }
-    ga_.resize(static_cast<size_t>(lanes * rows * max_width_));
+    counts_.assign(static_cast<size_t>(copies * n_counts_), 0);
+    for (const auto& l : layers_) acts_.emplace_back(static_cast<size_t>(lanes * rows * l.spec.out));
+    ga_.resize(static_cast<size_t>(lanes * rows * max_width));
     gb_.resize(ga_.size());
     if (!shared) grads_.assign(params_.size(), 0.f);
     generators_.resize(static_cast<size_t>(lanes));
-    set_policy(nullptr, 0);
+    store_.params = params_.data();
+    store_.grads = grads_.data();
+    store_.buffers = buffers_.data();
+    store_.counts = counts_.data();
+    store_.n_params = n_params_;
+    store_.n_buffers = n_buffers_;
+    store_.n_counts = n_counts_;
+    store_.generators = &generators_;
+    store_.scratch = &scratch_;
+    store_.stats = &stats_;
+    set_policy(nullptr);
   }
 
-  int64_t lanes() const { return lanes_; }
+  int64_t lanes() const { return store_.lanes; }
   int64_t outputs() const { return outputs_; }
   int64_t n_params() const { return n_params_; }
   const std::vector<Segment>& trainable() const { return trainable_; }
@@ -144,81 +91,60 @@ class Net {
   const float* output() const { return acts_.back().data(); }
   float* output_grad() { return ga_.data(); }  // where the loss writes dL/d(output)
 
-  /// Copies the state of `model` (same architecture) into `lane`.
+  /// Copies the state of `model` (same layers) into `lane`.
   void load(int64_t lane, const ModelImpl& model) { transfer(lane, const_cast<ModelImpl&>(model), true); }
   /// Writes `lane`'s state into `model`.
   void store(int64_t lane, ModelImpl& model) const { const_cast<Net*>(this)->transfer(lane, model, false); }
 
   /// Copies lane `from`'s state to every other lane.
   void replicate(int64_t from) {
-    for (int64_t lane = 0; lane < lanes_; ++lane) {
+    for (int64_t lane = 0; lane < store_.lanes; ++lane) {
       if (lane == from) continue;
       std::copy_n(params_.data() + from * n_params_, n_params_, params_.data() + lane * n_params_);
       std::copy_n(buffers_.data() + from * n_buffers_, n_buffers_, buffers_.data() + lane * n_buffers_);
-      std::copy_n(counts_.data() + from * counters_, counters_, counts_.data() + lane * counters_);
+      std::copy_n(counts_.data() + from * n_counts_, n_counts_, counts_.data() + lane * n_counts_);
     }
   }
 
   void set_generator(int64_t lane, std::shared_ptr<at::Generator> gen) { generators_[static_cast<size_t>(lane)] = std::move(gen); }
 
-  /// The policy as Policy::apply sets it (nullptr: the model's defaults, as in pretraining).
-  void set_policy(const StrategyConfig* s, double base_momentum) {
-    size_t bn_index = 0;
-    int64_t linear_index = 0;
-    for (auto& l : layers_) {
-      if (l.kind == Kind::kLinear) {
-        l.trainable = s == nullptr || linear_index >= s->freeze_linear;
-        ++linear_index;
-      } else if (l.kind == Kind::kBatchNorm || l.kind == Kind::kFrozenBn) {
-        // Positions count FrozenBatchNorm1d layers too, as ModelImpl::batchnorm_positions does.
-        const bool selected = s != nullptr && layer_selected(s->layers, bn_index, l.name);
-        ++bn_index;
-        if (l.kind == Kind::kFrozenBn) continue;
-        const bool eval_mode = selected && s->bn_mode == BnMode::kEval;
-        const bool track = selected ? s->track_running_stats : true;
-        l.momentum = selected && s->momentum ? *s->momentum : (s == nullptr ? l.momentum : base_momentum);
-        l.trainable = l.w >= 0 && (!selected || s->affine_trainable);
-        l.fit_batch_stats = !eval_mode || !track;
-        l.infer_batch_stats = !track;
-        l.counts = !eval_mode && track;
-      }
-    }
+  /// The strategy's resolution of every layer (nullptr: the model's defaults, as in pretraining),
+  /// the same one Policy::apply reads.
+  void set_policy(const StrategyConfig* s) {
+    std::vector<LayerSpec> specs;
+    for (const auto& l : layers_) specs.push_back(l.spec);
+    const auto modes = resolve_modes(specs, s);
     trainable_.clear();
     bool below = false;
-    for (auto& l : layers_) {
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      auto& l = layers_[i];
+      l.mode = modes[i];
       l.need_dx = below;
-      if (l.trainable) {
-        const int64_t size = l.kind == Kind::kLinear ? l.out * l.in + l.out : 2 * l.out;
-        if (!trainable_.empty() && trainable_.back().offset + trainable_.back().size == l.w) trainable_.back().size += size;
-        else trainable_.push_back({l.w, size});
-        below = true;
+      if (!l.mode.trainable) continue;
+      // A layer's parameters are contiguous: one segment from its first to its last.
+      int64_t first = -1, end = -1;
+      const auto state = layer_kind(l.spec.kind).state(l.spec);
+      for (size_t t = 0; t < state.size(); ++t) {
+        if (state[t].where != StateTensor::kParameter || l.at[t] < 0) continue;
+        int64_t n = 1;
+        for (int64_t d : state[t].shape) n *= d;
+        if (first < 0) first = l.at[t];
+        end = l.at[t] + n;
       }
+      if (first < 0) continue;
+      if (!trainable_.empty() && trainable_.back().offset + trainable_.back().size == first) trainable_.back().size += end - first;
+      else trainable_.push_back({first, end - first});
+      below = true;
     }
   }
 
   /// Forward pass of every lane over `rows` rows (<= the capacity); x is [lanes][rows][in].
   void forward(Pass pass, const float* x, int64_t rows) {
-    rows_now_ = rows;
+    store_.rows = rows;
     const float* in = x;
     for (size_t i = 0; i < layers_.size(); ++i) {
-      const Layer& l = layers_[i];
       float* out = acts_[i].data();
-      switch (l.kind) {
-        case Kind::kLinear: linear_forward(l, in, out); break;
-        case Kind::kBatchNorm: batchnorm_forward(i, pass, in, out); break;
-        case Kind::kFrozenBn: frozen_forward(l, in, out); break;
-        case Kind::kRelu:
-          for (int64_t k = 0, n = lanes_ * rows_ * l.out; k < n; ++k) out[k] = in[k] > 0.f ? in[k] : 0.f;
-          break;
-        case Kind::kTanh:
-          for (int64_t k = 0, n = lanes_ * rows_ * l.out; k < n; ++k) out[k] = std::tanh(in[k]);
-          break;
-        case Kind::kGelu:
-          for (int64_t k = 0, n = lanes_ * rows_ * l.out; k < n; ++k)
-            out[k] = in[k] * 0.5f * (1.f + std::erf(in[k] * static_cast<float>(M_SQRT1_2)));
-          break;
-        case Kind::kDropout: dropout_forward(i, pass, in, out); break;
-      }
+      layer_kind(layers_[i].spec.kind).forward(store_, layers_[i], pass, in, out);
       in = out;
     }
   }
@@ -229,35 +155,10 @@ class Net {
     float* g = ga_.data();
     float* next = gb_.data();
     for (size_t i = layers_.size(); i-- > 0;) {
-      const Layer& l = layers_[i];
+      const BatchedLayer& l = layers_[i];
+      if (!l.need_dx && !l.mode.trainable) break;
       const float* in = i == 0 ? x : acts_[i - 1].data();
-      const bool dx = l.need_dx;
-      if (!dx && !l.trainable) break;
-      switch (l.kind) {
-        case Kind::kLinear: linear_backward(l, in, g, next); break;
-        case Kind::kBatchNorm: batchnorm_backward(i, in, g, next); break;
-        case Kind::kFrozenBn: frozen_backward(l, g, next); break;
-        case Kind::kRelu:
-          for (int64_t k = 0, n = lanes_ * rows_ * l.out; k < n; ++k) next[k] = acts_[i][k] > 0.f ? g[k] : 0.f;
-          break;
-        case Kind::kTanh:
-          for (int64_t k = 0, n = lanes_ * rows_ * l.out; k < n; ++k) next[k] = g[k] * (1.f - acts_[i][k] * acts_[i][k]);
-          break;
-        case Kind::kGelu:
-          for (int64_t k = 0, n = lanes_ * rows_ * l.out; k < n; ++k) {
-            const float v = in[k];
-            const float cdf = 0.5f * (1.f + std::erf(v * static_cast<float>(M_SQRT1_2)));
-            const float pdf = std::exp(-0.5f * v * v) * static_cast<float>(M_2_SQRTPI * M_SQRT1_2 * 0.5);
-            next[k] = g[k] * (cdf + v * pdf);
-          }
-          break;
-        case Kind::kDropout: {
-          const float* mask = xhat_[i].data();
-          const float keep = static_cast<float>(1 - l.p);
-          for (int64_t k = 0, n = lanes_ * rows_ * l.out; k < n; ++k) next[k] = g[k] / keep * mask[k];
-          break;
-        }
-      }
+      layer_kind(l.spec.kind).backward(store_, l, in, acts_[i].data(), g, next);
       std::swap(g, next);
     }
   }
@@ -266,10 +167,11 @@ class Net {
   std::vector<std::tuple<std::string, int64_t, std::vector<int64_t>>> trainable_tensors() const {
     std::vector<std::tuple<std::string, int64_t, std::vector<int64_t>>> out;
     for (const auto& l : layers_) {
-      if (!l.trainable) continue;
-      if (l.kind == Kind::kLinear) out.emplace_back(l.name + ".weight", l.w, std::vector<int64_t>{l.out, l.in});
-      else out.emplace_back(l.name + ".weight", l.w, std::vector<int64_t>{l.out});
-      out.emplace_back(l.name + ".bias", l.b, std::vector<int64_t>{l.out});
+      if (!l.mode.trainable) continue;
+      const auto state = layer_kind(l.spec.kind).state(l.spec);
+      for (size_t t = 0; t < state.size(); ++t)
+        if (state[t].where == StateTensor::kParameter && l.at[t] >= 0)
+          out.emplace_back(l.spec.name + "." + state[t].name, l.at[t], state[t].shape);
     }
     return out;
   }
@@ -283,284 +185,53 @@ class Net {
   void snapshot(int64_t lane, Snapshot& dst, bool save) {
     float* p = params_.data() + lane * n_params_;
     float* b = buffers_.data() + lane * n_buffers_;
-    int64_t* c = counts_.data() + lane * counters_;
+    int64_t* c = counts_.data() + lane * n_counts_;
     if (save) {
       dst.values.assign(p, p + n_params_);
       dst.values.insert(dst.values.end(), b, b + n_buffers_);
-      dst.counts.assign(c, c + counters_);
+      dst.counts.assign(c, c + n_counts_);
     } else {
       std::copy_n(dst.values.data(), n_params_, p);
       std::copy_n(dst.values.data() + n_params_, n_buffers_, b);
-      std::copy_n(dst.counts.data(), counters_, c);
+      std::copy_n(dst.counts.data(), n_counts_, c);
     }
   }
 
  private:
-  int64_t take_param(int64_t n) { return (n_params_ += n) - n; }
-  int64_t take_buffer(int64_t n) { return (n_buffers_ += n) - n; }
-  float* P(int64_t lane) { return params_.data() + (shared_ ? 0 : lane * n_params_); }
-  float* B(int64_t lane) { return buffers_.data() + (shared_ ? 0 : lane * n_buffers_); }
-  float* G(int64_t lane) { return grads_.data() + lane * n_params_; }
-
+  /// Moves every state tensor by its state-dict name, as the kind's state() lists it.
   void transfer(int64_t lane, ModelImpl& model, bool in) {
     torch::NoGradGuard no_grad;
-    const auto children = model.named_children();
-    const auto move = [&](const torch::Tensor& t, float* p) {
-      auto view = wrap(p, {t.numel()});
-      if (in) view.copy_(t.reshape({-1}));
-      else t.view({-1}).copy_(view);
-    };
+    std::map<std::string, torch::Tensor> tensors;
+    for (const auto& p : model.named_parameters()) tensors[p.key()] = p.value();
+    for (const auto& b : model.named_buffers()) tensors[b.key()] = b.value();
     for (const auto& l : layers_) {
-      const auto& module = children[l.name];
-      float* p = P(lane);
-      float* b = B(lane);
-      if (l.kind == Kind::kLinear) {
-        const auto& lin = *std::dynamic_pointer_cast<torch::nn::LinearImpl>(module);
-        move(lin.weight, p + l.w);
-        move(lin.bias, p + l.b);
-      } else if (l.kind == Kind::kBatchNorm) {
-        const auto& bn = *std::dynamic_pointer_cast<BatchNormImpl>(module);
-        if (l.w >= 0) {
-          move(bn.weight, p + l.w);
-          move(bn.bias, p + l.b);
-        }
-        move(bn.running_mean, b + l.rm);
-        move(bn.running_var, b + l.rv);
-        int64_t& count = counts_[static_cast<size_t>((shared_ ? 0 : lane) * counters_ + l.counter)];
-        if (in) count = bn.num_batches_tracked.item<int64_t>();
-        else bn.num_batches_tracked.fill_(count);
-      } else if (l.kind == Kind::kFrozenBn) {
-        const auto& f = *std::dynamic_pointer_cast<FrozenBatchNormImpl>(module);
-        move(f.weight, b + l.fw);
-        move(f.bias, b + l.fb);
-        move(f.running_mean, b + l.rm);
-        move(f.running_var, b + l.rv);
-      }
-    }
-  }
-
-  void linear_forward(const Layer& l, const float* in, float* out) {
-    for (int64_t lane = 0; lane < lanes_; ++lane) {
-      const float* W = P(lane) + l.w;
-      const float* bias = P(lane) + l.b;
-      const float* X = in + lane * rows_ * l.in;
-      float* Y = out + lane * rows_ * l.out;
-      if (rows_now_ >= kGemmRows) {
-        scratch_.resize(static_cast<size_t>(l.in * l.out));
-        kernels::transpose(W, scratch_.data(), l.out, l.in);
-        kernels::gemm(X, scratch_.data(), Y, rows_now_, l.in, l.out, bias);
-        continue;
-      }
-      for (int64_t r = 0; r < rows_now_; ++r) kernels::gemv(W, X + r * l.in, bias, Y + r * l.out, l.out, l.in);
-    }
-  }
-
-  void linear_backward(const Layer& l, const float* in, const float* g, float* dx) {
-    for (int64_t lane = 0; lane < lanes_; ++lane) {
-      const float* W = P(lane) + l.w;
-      const float* X = in + lane * rows_ * l.in;
-      const float* Gy = g + lane * rows_ * l.out;
-      float* Dx = dx + lane * rows_ * l.in;
-      if (rows_now_ >= kGemmRows) {
-        if (l.trainable) {
-          scratch_.resize(static_cast<size_t>(rows_now_ * l.out));
-          kernels::transpose(Gy, scratch_.data(), rows_now_, l.out);
-          kernels::gemm(scratch_.data(), X, G(lane) + l.w, l.out, rows_now_, l.in, nullptr);
-          float* db = G(lane) + l.b;
-          std::fill(db, db + l.out, 0.f);
-          for (int64_t r = 0; r < rows_now_; ++r)
-            for (int64_t o = 0; o < l.out; ++o) db[o] += Gy[r * l.out + o];
-        }
-        if (l.need_dx) kernels::gemm(Gy, W, Dx, rows_now_, l.out, l.in, nullptr);
-        continue;
-      }
-      if (l.trainable) {
-        float* db = G(lane) + l.b;
-        for (int64_t o = 0; o < l.out; ++o) {
-          float s = 0.f;
-          for (int64_t r = 0; r < rows_now_; ++r) s += Gy[r * l.out + o];
-          db[o] = s;
-        }
-        for (int64_t r = 0; r < rows_now_; ++r) kernels::outer(Gy + r * l.out, X + r * l.in, G(lane) + l.w, l.out, l.in, r > 0);
-      }
-      if (l.need_dx)
-        for (int64_t r = 0; r < rows_now_; ++r) kernels::gemv_t(W, Gy + r * l.out, Dx + r * l.in, l.out, l.in);
-    }
-  }
-
-  bool uses_batch_stats(const Layer& l, Pass pass) const {
-    return pass == Pass::kFit ? l.fit_batch_stats : pass == Pass::kInfer ? l.infer_batch_stats : false;
-  }
-
-  void batchnorm_forward(size_t i, Pass pass, const float* in, float* out) {
-    const Layer& l = layers_[i];
-    const int64_t C = l.out, n = rows_now_;
-    const bool batch = uses_batch_stats(l, pass);
-    const float eps = static_cast<float>(l.eps);
-    for (int64_t lane = 0; lane < lanes_; ++lane) {
-      const float* X = in + lane * rows_ * C;
-      float* Y = out + lane * rows_ * C;
-      const float* gamma = l.w >= 0 ? P(lane) + l.w : nullptr;
-      const float* beta = l.w >= 0 ? P(lane) + l.b : nullptr;
-      float* rm = B(lane) + l.rm;
-      float* rv = B(lane) + l.rv;
-      float* istd = istd_[i].data() + lane * C;
-      if (!batch) {
-        // Inference: alpha = gamma / sqrt(running_var + eps), y = x * alpha + (beta - mean * alpha).
-        for (int64_t c = 0; c < C; ++c) {
-          istd[c] = 1.f / std::sqrt(rv[c] + eps);
-          const float alpha = gamma ? gamma[c] * istd[c] : istd[c];
-          const float shift = (beta ? beta[c] : 0.f) - rm[c] * alpha;
-          for (int64_t r = 0; r < n; ++r) Y[r * C + c] = X[r * C + c] * alpha + shift;
-        }
-        continue;
-      }
-      // Batch statistics: mean and biased variance over the rows (with one row, x - mean is
-      // exactly 0 and every unit outputs beta, as in Keras).
-      float* xhat = xhat_[i].data() + lane * rows_ * C;
-      float* mean = ga_stats(C, 0);
-      float* var = ga_stats(C, 1);
-      std::fill(mean, mean + C, 0.f);
-      std::fill(var, var + C, 0.f);
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t c = 0; c < C; ++c) mean[c] += X[r * C + c];
-      for (int64_t c = 0; c < C; ++c) mean[c] /= static_cast<float>(n);
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t c = 0; c < C; ++c) {
-          const float d = X[r * C + c] - mean[c];
-          var[c] += d * d;
-        }
-      for (int64_t c = 0; c < C; ++c) {
-        var[c] /= static_cast<float>(n);
-        istd[c] = 1.f / std::sqrt(var[c] + eps);
-      }
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t c = 0; c < C; ++c) {
-          const float h = (X[r * C + c] - mean[c]) * istd[c];
-          xhat[r * C + c] = h;
-          Y[r * C + c] = gamma ? h * gamma[c] + beta[c] : h;
-        }
-      const float m = static_cast<float>(l.momentum);
-      if (l.semantics == BnSemantics::kKeras) {
-        for (int64_t c = 0; c < C; ++c) {
-          rm[c] -= (rm[c] - mean[c]) * m;
-          rv[c] -= (rv[c] - var[c]) * m;
-        }
-      } else {
-        const float unbias = static_cast<float>(n) / static_cast<float>(n - 1);
-        for (int64_t c = 0; c < C; ++c) {
-          rm[c] = m * mean[c] + (1.f - m) * rm[c];
-          rv[c] = m * var[c] * unbias + (1.f - m) * rv[c];
-        }
-      }
-      if (pass == Pass::kFit && l.counts) ++counts_[static_cast<size_t>(lane * counters_ + l.counter)];
-    }
-  }
-
-  void batchnorm_backward(size_t i, const float* in, const float* g, float* dx) {
-    const Layer& l = layers_[i];
-    const int64_t C = l.out, n = rows_now_;
-    const bool batch = l.fit_batch_stats;
-    for (int64_t lane = 0; lane < lanes_; ++lane) {
-      const float* X = in + lane * rows_ * C;
-      const float* Gy = g + lane * rows_ * C;
-      float* Dx = dx + lane * rows_ * C;
-      const float* gamma = l.w >= 0 ? P(lane) + l.w : nullptr;
-      const float* rm = B(lane) + l.rm;
-      const float* istd = istd_[i].data() + lane * C;
-      const float* xhat = xhat_[i].data() + lane * rows_ * C;
-      float* sum_g = ga_stats(C, 0);
-      float* sum_gx = ga_stats(C, 1);
-      std::fill(sum_g, sum_g + C, 0.f);
-      std::fill(sum_gx, sum_gx + C, 0.f);
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t c = 0; c < C; ++c) {
-          const float h = batch ? xhat[r * C + c] : (X[r * C + c] - rm[c]) * istd[c];
-          sum_g[c] += Gy[r * C + c];
-          sum_gx[c] += Gy[r * C + c] * h;
-        }
-      if (l.trainable) {
-        std::copy(sum_gx, sum_gx + C, G(lane) + l.w);
-        std::copy(sum_g, sum_g + C, G(lane) + l.b);
-      }
-      if (!l.need_dx) continue;
-      for (int64_t c = 0; c < C; ++c) {
-        const float s = gamma ? gamma[c] : 1.f;
-        if (!batch) {
-          for (int64_t r = 0; r < n; ++r) Dx[r * C + c] = Gy[r * C + c] * s * istd[c];
+      const auto state = layer_kind(l.spec.kind).state(l.spec);
+      for (size_t t = 0; t < state.size(); ++t) {
+        if (l.at[t] < 0) continue;
+        const std::string name = l.spec.name + "." + state[t].name;
+        const auto it = tensors.find(name);
+        TORCH_CHECK(it != tensors.end(), "batched engine: the model has no tensor ", name);
+        const torch::Tensor& tensor = it->second;
+        if (state[t].where == StateTensor::kCounter) {
+          int64_t& count = store_.C(lane)[l.at[t]];
+          if (in) count = tensor.item<int64_t>();
+          else tensor.fill_(count);
           continue;
         }
-        // d/dx of (x - mean) * istd with batch statistics: istd * (dh - mean(dh) - h * mean(dh * h)).
-        const float mean_dh = sum_g[c] * s / static_cast<float>(n);
-        const float mean_dhh = sum_gx[c] * s / static_cast<float>(n);
-        for (int64_t r = 0; r < n; ++r) {
-          const float dh = Gy[r * C + c] * s;
-          Dx[r * C + c] = istd[c] * (dh - mean_dh - xhat[r * C + c] * mean_dhh);
-        }
+        float* base = state[t].where == StateTensor::kParameter ? store_.P(lane) : store_.B(lane);
+        auto view = wrap(base + l.at[t], {tensor.numel()});
+        if (in) view.copy_(tensor.reshape({-1}));
+        else tensor.view({-1}).copy_(view);
       }
     }
   }
 
-  void frozen_forward(const Layer& l, const float* in, float* out) {
-    const int64_t C = l.out;
-    const float eps = static_cast<float>(l.eps);
-    for (int64_t lane = 0; lane < lanes_; ++lane) {
-      const float* b = B(lane);
-      const float* X = in + lane * rows_ * C;
-      float* Y = out + lane * rows_ * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const float scale = b[l.fw + c] * (1.f / std::sqrt(b[l.rv + c] + eps));
-        const float shift = b[l.fb + c] - b[l.rm + c] * scale;
-        for (int64_t r = 0; r < rows_now_; ++r) Y[r * C + c] = X[r * C + c] * scale + shift;
-      }
-    }
-  }
-
-  void frozen_backward(const Layer& l, const float* g, float* dx) {
-    const int64_t C = l.out;
-    const float eps = static_cast<float>(l.eps);
-    for (int64_t lane = 0; lane < lanes_; ++lane) {
-      const float* b = B(lane);
-      for (int64_t c = 0; c < C; ++c) {
-        const float scale = b[l.fw + c] * (1.f / std::sqrt(b[l.rv + c] + eps));
-        for (int64_t r = 0; r < rows_now_; ++r) dx[(lane * rows_ + r) * C + c] = g[(lane * rows_ + r) * C + c] * scale;
-      }
-    }
-  }
-
-  void dropout_forward(size_t i, Pass pass, const float* in, float* out) {
-    const Layer& l = layers_[i];
-    const int64_t n = lanes_ * rows_ * l.out;
-    if (pass != Pass::kFit || l.p == 0) {
-      std::copy(in, in + n, out);
-      return;
-    }
-    const float keep = static_cast<float>(1 - l.p);
-    for (int64_t lane = 0; lane < lanes_; ++lane) {
-      float* mask = xhat_[i].data() + lane * rows_ * l.out;
-      // The same draw as bnlab::Dropout: bernoulli_(1 - p) on a [rows, width] tensor from the lane's generator.
-      auto& gen = generators_[static_cast<size_t>(lane)];
-      TORCH_CHECK(gen != nullptr, "batched engine: lane ", lane, " has no dropout generator");
-      wrap(mask, {rows_now_, l.out}).bernoulli_(1 - l.p, *gen);
-      const float* X = in + lane * rows_ * l.out;
-      float* Y = out + lane * rows_ * l.out;
-      for (int64_t k = 0; k < rows_now_ * l.out; ++k) Y[k] = X[k] * mask[k] / keep;
-    }
-  }
-
-  /// Scratch for per-channel statistics (two vectors of `C`).
-  float* ga_stats(int64_t C, int which) {
-    if (static_cast<int64_t>(stats_.size()) < 2 * C) stats_.resize(static_cast<size_t>(2 * C));
-    return stats_.data() + which * C;
-  }
-
-  int64_t lanes_, rows_, rows_now_ = 0;
-  bool shared_;
-  std::vector<Layer> layers_;
-  int64_t n_params_ = 0, n_buffers_ = 0, counters_ = 0, outputs_ = 0, max_width_ = 0;
+  LaneStore store_;
+  std::vector<BatchedLayer> layers_;
+  int64_t n_params_ = 0, n_buffers_ = 0, n_counts_ = 0, outputs_ = 0;
   std::vector<float> params_, buffers_, grads_;
   std::vector<int64_t> counts_;
-  std::vector<std::vector<float>> acts_, xhat_, istd_;
+  std::vector<std::vector<float>> acts_;
   std::vector<float> ga_, gb_, stats_, scratch_;
   std::vector<Segment> trainable_;
   std::vector<std::shared_ptr<at::Generator>> generators_;
@@ -635,20 +306,15 @@ void lane_losses(Net& net, LossKind kind, const float* y, int64_t rows, int64_t 
   }
 }
 
-/// torch::optim's SGD, Adam and AdamW update rules, element by element, over the trainable
-/// segments of every lane (the same float operations in the same order as those classes).
+/// The registry's update of the configured optimizer over the trainable segments of every
+/// lane, with its state slots laid out like the parameters.
 class Optimizer {
  public:
-  Optimizer(const OptimizerConfig& c, Net& net) : c_(c), net_(net) {
-    const size_t n = net.params().size();
-    if (c.kind != OptimizerKind::kSgd) {
-      m_.assign(n, 0.f);
-      v_.assign(n, 0.f);
-    } else if (c.momentum != 0) {
-      m_.assign(n, 0.f);
-    }
+  Optimizer(const OptimizerConfig& c, Net& net) : c_(c), def_(optimizer_kind(c.kind)), net_(net), lr_(c.lr) {
+    slots_.assign(static_cast<size_t>(def_.slots(c)), std::vector<float>(net.params().size(), 0.f));
+    ptrs_.resize(slots_.size());
   }
-  void set_lr(double lr) { c_.lr = lr; }
+  void set_lr(double lr) { lr_ = lr; }
   void step() {
     ++step_;
     const int64_t P = net_.n_params();
@@ -657,52 +323,18 @@ class Optimizer {
     for (int64_t lane = 0; lane < net_.lanes(); ++lane)
       for (const auto& s : net_.trainable()) {
         const int64_t off = lane * P + s.offset;
-        update(params + off, grads + off, m_.empty() ? nullptr : m_.data() + off, v_.empty() ? nullptr : v_.data() + off, s.size);
+        for (size_t k = 0; k < slots_.size(); ++k) ptrs_[k] = slots_[k].data() + off;
+        def_.update(c_, lr_, step_, params + off, grads + off, ptrs_.data(), s.size);
       }
   }
 
  private:
-  void update(float* p, const float* g, float* m, float* v, int64_t n) {
-    const float wd = static_cast<float>(c_.weight_decay);
-    if (c_.kind == OptimizerKind::kSgd) {
-      const float lr = static_cast<float>(-c_.lr);
-      const float mom = static_cast<float>(c_.momentum);
-      for (int64_t k = 0; k < n; ++k) {
-        float d = g[k];
-        if (c_.weight_decay != 0) d = d + wd * p[k];
-        if (c_.momentum != 0) {
-          m[k] = step_ == 1 ? d : m[k] * mom + d;
-          d = c_.nesterov ? d + mom * m[k] : m[k];
-        }
-        p[k] = p[k] + lr * d;
-      }
-      return;
-    }
-    const double bc1 = 1 - std::pow(c_.beta1, static_cast<double>(step_));
-    const double bc2 = 1 - std::pow(c_.beta2, static_cast<double>(step_));
-    const float b1 = static_cast<float>(c_.beta1), b2 = static_cast<float>(c_.beta2);
-    const float a1 = static_cast<float>(1 - c_.beta1), a2 = static_cast<float>(1 - c_.beta2);
-    const float sqrt_bc2 = static_cast<float>(std::sqrt(bc2)), eps = static_cast<float>(c_.eps);
-    const float step_size = static_cast<float>(-(c_.lr / bc1));
-    const bool adamw = c_.kind == OptimizerKind::kAdamW;
-    const float decay = static_cast<float>(1 - c_.lr * c_.weight_decay);
-    for (int64_t k = 0; k < n; ++k) {
-      float grad = g[k];
-      if (adamw) {
-        if (c_.weight_decay != 0) p[k] = p[k] * decay;
-      } else if (c_.weight_decay != 0) {
-        grad = grad + wd * p[k];
-      }
-      m[k] = m[k] * b1 + a1 * grad;
-      v[k] = v[k] * b2 + a2 * (grad * grad);
-      const float denom = std::sqrt(v[k]) / sqrt_bc2 + eps;
-      p[k] = p[k] + step_size * (m[k] / denom);
-    }
-  }
-
   OptimizerConfig c_;
+  const OptimizerDef& def_;
   Net& net_;
-  std::vector<float> m_, v_;
+  double lr_;
+  std::vector<std::vector<float>> slots_;
+  std::vector<float*> ptrs_;
   int64_t step_ = 0;
 };
 
@@ -717,10 +349,7 @@ std::vector<float> gather_rows(const torch::Tensor& t, const std::vector<int64_t
 std::string batched_unsupported(const Config& config, const StrategyConfig& strategy) {
   // The predicate config validation uses, so that anything validation lets through that the
   // batched engine cannot do goes to the torch engine, which reports LibTorch's own error.
-  const auto& bn = config.model.batchnorm;
-  const int64_t per_block = 3 + (config.model.dropout > 0 ? 1 : 0);
-  if (bn.enabled && bn.semantics == BnSemantics::kTorch &&
-      uses_batch_stats_in_fit(strategy, static_cast<int64_t>(config.model.hidden.size()), per_block))
+  if (config.model.batchnorm.semantics == BnSemantics::kTorch && uses_batch_stats_in_fit(config.model.layers, strategy))
     return "PyTorch-numerics BatchNorm on the batch statistics of one row (an error the torch engine reports)";
   return "";
 }
@@ -753,7 +382,7 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
 
   // The model the strategy fine-tunes. It is the same for every sample unless recalibration
   // runs through dropout, whose masks come from the sample's own generator.
-  const bool per_lane = strategy.recalibrate > 0 && config.model.dropout > 0;
+  const bool per_lane = strategy.recalibrate > 0 && count_kind(config.model.layers, LayerKind::kDropout) > 0;
   Config lane_config = config;
   lane_config.finetune.sample = samples.front();
   Model own{nullptr};
@@ -776,7 +405,7 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
   lane_losses(net, loss_kind, y.data(), 1, targets, false, values, nullptr);
   for (int64_t l = 0; l < L; ++l) results[static_cast<size_t>(l)].evaluate_before = values[static_cast<size_t>(l)];
 
-  net.set_policy(&strategy, config.model.batchnorm.momentum);
+  net.set_policy(&strategy);
   const bool steps = !net.trainable().empty();
   Optimizer optimizer(ft.optimizer, net);
   std::vector<Net::Snapshot> best(samples.size());
@@ -841,7 +470,7 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
     Model tuned = strategy_architecture(config, strategy, source.inputs(), source.outputs());
     tuned->copy_state_from(source);
     net.store(0, *tuned);
-    tuned->set_policy(Policy{strategy, config.model.batchnorm.momentum});
+    tuned->set_policy(Policy{strategy});
     *finetuned = tuned;
   }
   return results;
@@ -870,7 +499,7 @@ double pretrain_batched(ModelImpl& model, const Dataset& data, const Config& con
   return loss;
 }
 
-double batched_gradients(const ModelImpl& model, const StrategyConfig* strategy, double base_momentum, LossKind loss,
+double batched_gradients(const ModelImpl& model, const StrategyConfig* strategy, LossKind loss,
                          const torch::Tensor& x, const torch::Tensor& y,
                          std::vector<std::pair<std::string, torch::Tensor>>& grads) {
   const int64_t rows = x.size(0);
@@ -879,7 +508,7 @@ double batched_gradients(const ModelImpl& model, const StrategyConfig* strategy,
   auto gen = std::make_shared<at::Generator>(at::make_generator<at::CPUGeneratorImpl>(0));
   *gen = model.dropout_generator()->clone();
   net.set_generator(0, gen);
-  net.set_policy(strategy, base_momentum);
+  net.set_policy(strategy);
   const auto xs = x.to(torch::kFloat).contiguous(), ys = y.to(torch::kFloat).contiguous();
   std::vector<double> values;
   net.forward(Pass::kFit, xs.data_ptr<float>(), rows);
@@ -903,7 +532,7 @@ double benchmark_step(const ModelImpl& model, const StrategyConfig& strategy, co
     net.set_generator(l, std::make_shared<at::Generator>(at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(l))));
     samples.push_back(l);
   }
-  net.set_policy(&strategy, config.model.batchnorm.momentum);
+  net.set_policy(&strategy);
   Optimizer optimizer(config.finetune.optimizer, net);
   const std::vector<float> x = gather_rows(data.x, samples), y = gather_rows(data.y, samples);
   std::vector<double> values;

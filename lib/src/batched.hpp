@@ -47,7 +47,7 @@ double pretrain_batched(ModelImpl& model, const Dataset& data, const Config& con
 /// the rows of x, under `strategy`'s policy (nullptr: the model's defaults, as in pretraining).
 /// Returns the loss and, per trainable parameter (state-dict name), its gradient; the model is
 /// not changed. For tests against autograd.
-double batched_gradients(const ModelImpl& model, const StrategyConfig* strategy, double base_momentum, LossKind loss,
+double batched_gradients(const ModelImpl& model, const StrategyConfig* strategy, LossKind loss,
                          const torch::Tensor& x, const torch::Tensor& y,
                          std::vector<std::pair<std::string, torch::Tensor>>& grads);
 

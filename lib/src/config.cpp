@@ -59,15 +59,21 @@ struct Problems {
 template <class E>
 using EnumTable = std::vector<std::pair<const char*, E>>;
 
-const EnumTable<Activation> kActivations = {
-    {"relu", Activation::kRelu}, {"tanh", Activation::kTanh}, {"gelu", Activation::kGelu}};
+const EnumTable<Activation> kActivations = [] {
+  EnumTable<Activation> t;
+  for (Activation a : all_activations()) t.emplace_back(activation_name(a), a);
+  return t;
+}();
 const EnumTable<LossKind> kLosses = {{"gaussian_nll", LossKind::kGaussianNll},
                                      {"mse", LossKind::kMse},
                                      {"cross_entropy", LossKind::kCrossEntropy}};
 const EnumTable<BnSemantics> kSemantics = {{"keras", BnSemantics::kKeras},
                                            {"torch", BnSemantics::kTorch}};
-const EnumTable<OptimizerKind> kOptimizers = {
-    {"sgd", OptimizerKind::kSgd}, {"adam", OptimizerKind::kAdam}, {"adamw", OptimizerKind::kAdamW}};
+const EnumTable<OptimizerKind> kOptimizers = {{"sgd", OptimizerKind::kSgd},
+                                              {"adam", OptimizerKind::kAdam},
+                                              {"adamw", OptimizerKind::kAdamW},
+                                              {"rmsprop", OptimizerKind::kRmsprop},
+                                              {"rmsprop_keras", OptimizerKind::kRmspropKeras}};
 const EnumTable<Schedule> kSchedules = {{"constant", Schedule::kConstant},
                                         {"cosine", Schedule::kCosine}};
 const EnumTable<Monitor> kMonitors = {{"loss", Monitor::kLoss}, {"val_loss", Monitor::kValLoss}};
@@ -224,16 +230,36 @@ void read_optimizer(ObjectReader& parent, const std::string& key, OptimizerConfi
   if (j == nullptr) return;
   ObjectReader r(j, parent.child_path(key), problems);
   r.get_enum("name", kOptimizers, o.kind);
-  if (o.kind == OptimizerKind::kAdamW) o.weight_decay = 0.01;  // torch's AdamW default
+  // Each framework's defaults: torch's AdamW decays 0.01; Keras' RMSprop has rho 0.9, eps 1e-7.
+  if (o.kind == OptimizerKind::kAdamW) o.weight_decay = 0.01;
+  if (o.kind == OptimizerKind::kRmspropKeras) o.alpha = 0.9, o.eps = 1e-7;
   r.get("lr", o.lr);
-  r.get("weight_decay", o.weight_decay);
-  if (o.kind == OptimizerKind::kSgd) {
-    r.get("momentum", o.momentum);
-    r.get("nesterov", o.nesterov);
-  } else {
-    r.get("beta1", o.beta1);
-    r.get("beta2", o.beta2);
-    r.get("eps", o.eps);
+  switch (o.kind) {
+    case OptimizerKind::kSgd:
+      r.get("weight_decay", o.weight_decay);
+      r.get("momentum", o.momentum);
+      r.get("nesterov", o.nesterov);
+      break;
+    case OptimizerKind::kAdam:
+    case OptimizerKind::kAdamW:
+      r.get("weight_decay", o.weight_decay);
+      r.get("beta1", o.beta1);
+      r.get("beta2", o.beta2);
+      r.get("eps", o.eps);
+      break;
+    case OptimizerKind::kRmsprop:
+      r.get("weight_decay", o.weight_decay);
+      r.get("alpha", o.alpha);
+      r.get("eps", o.eps);
+      r.get("momentum", o.momentum);
+      r.get("centered", o.centered);
+      break;
+    case OptimizerKind::kRmspropKeras:
+      r.get("rho", o.alpha);
+      r.get("eps", o.eps);
+      r.get("momentum", o.momentum);
+      r.get("centered", o.centered);
+      break;
   }
   r.finish();
 }
@@ -475,6 +501,158 @@ void read_grid(ObjectReader& top, const json& root, Config& c, Problems& problem
   }
 }
 
+/// An activation named at `key` of `r`, with the parameter it takes as a sibling key
+/// (leaky_relu: negative_slope, required since the frameworks' defaults differ; elu: alpha).
+void read_activation(ObjectReader& r, const std::string& key, LayerSpec& a, Problems& problems) {
+  a.kind = LayerKind::kActivation;
+  r.get_enum(key, kActivations, a.activation);
+  if (a.activation == Activation::kLeakyRelu) {
+    if (!r.has("negative_slope"))
+      problems.add(r.child_path(key), "leaky_relu needs its \"negative_slope\" beside it (PyTorch's default is 0.01, Keras 2's 0.3, Keras 3's 0.2)");
+    r.get("negative_slope", a.alpha);
+    if (!std::isfinite(a.alpha)) problems.add(r.child_path("negative_slope"), "must be a finite number");
+  } else if (a.activation == Activation::kElu) {
+    a.alpha = 1.0;  // the same default in Keras and PyTorch
+    r.get("alpha", a.alpha);
+    if (!(a.alpha > 0) || !std::isfinite(a.alpha)) problems.add(r.child_path("alpha"), "must be > 0, got " + fmt_double(a.alpha));
+  }
+}
+
+void check_batchnorm_numbers(const LayerSpec& b, const std::string& path, Problems& problems) {
+  if (!(b.eps > 0) || !std::isfinite(b.eps)) problems.add(path + ".eps", "must be > 0, got " + fmt_double(b.eps));
+  if (!(b.momentum >= 0 && b.momentum <= 1))
+    problems.add(path + ".momentum", "must be in [0, 1] (PyTorch convention: the weight of the new batch; Keras' momentum m is 1 - m here), got " +
+                                         fmt_double(b.momentum));
+}
+
+void check_dropout(double rate, const std::string& path, Problems& problems) {
+  if (!(rate >= 0 && rate < 1)) problems.add(path, "must be in [0, 1), got " + fmt_double(rate));
+}
+
+/// One element of model.layers: exactly one kind key, and the options of that kind.
+void read_layer(const json& e, const std::string& path, const BatchNormConfig& bn, std::vector<LayerSpec>& out,
+                Problems& problems) {
+  static const std::vector<std::string> kKinds = {"dense", "batchnorm", "activation", "dropout"};
+  if (!e.is_object()) {
+    problems.add(path, std::string("expected a layer object such as {\"dense\": 64}, got ") + json_type(e) + " " + shown(e));
+    return;
+  }
+  std::vector<std::string> kinds;
+  for (const auto& k : kKinds)
+    if (e.contains(k)) kinds.push_back(k);
+  if (kinds.size() != 1) {
+    if (!kinds.empty()) {
+      problems.add(path, "names " + std::to_string(kinds.size()) + " layer kinds (" + join(kinds, ", ") + "); give one layer per element");
+      return;
+    }
+    const std::string first = e.empty() ? std::string() : e.begin().key();
+    problems.add(path, "names no layer kind" + (first.empty() ? std::string() : did_you_mean(first, kKinds)) +
+                           "; each layer is one of {\"dense\": units}, {\"batchnorm\": {...}}, {\"activation\": name}, {\"dropout\": rate}");
+    return;
+  }
+  ObjectReader r(&e, path, problems);
+  LayerSpec l;
+  const std::string& kind = kinds.front();
+  if (kind == "dense") {
+    l.kind = LayerKind::kDense;
+    r.get("dense", l.units);
+    if (l.units < 1) problems.add(r.child_path("dense"), "the number of units must be >= 1, got " + std::to_string(l.units));
+    r.get("use_bias", l.use_bias);
+    out.push_back(l);
+    if (r.has("activation")) {  // Keras' Dense(units, activation=...): a Linear, then the activation module
+      LayerSpec a;
+      read_activation(r, "activation", a, problems);
+      a.fused = true;
+      if (a.activation != Activation::kLinear) out.push_back(a);  // Keras' default: no activation at all
+    }
+  } else if (kind == "batchnorm") {
+    l.kind = LayerKind::kBatchNorm;
+    l.eps = bn.eps;
+    l.momentum = bn.momentum;
+    l.scale = l.center = bn.affine;
+    l.semantics = bn.semantics;
+    ObjectReader b(r.find("batchnorm"), r.child_path("batchnorm"), problems);
+    b.get("eps", l.eps);
+    b.get("momentum", l.momentum);
+    if (b.has("affine") && (b.has("center") || b.has("scale")))
+      problems.add(r.child_path("batchnorm"), "give either affine or center/scale, not both");
+    bool affine = bn.affine;
+    b.get("affine", affine);
+    if (b.has("affine")) l.scale = l.center = affine;
+    b.get("center", l.center);
+    b.get("scale", l.scale);
+    b.finish();
+    check_batchnorm_numbers(l, r.child_path("batchnorm"), problems);
+    out.push_back(l);
+  } else if (kind == "activation") {
+    read_activation(r, "activation", l, problems);
+    out.push_back(l);
+  } else {
+    l.kind = LayerKind::kDropout;
+    r.get("dropout", l.rate);
+    check_dropout(l.rate, r.child_path("dropout"), problems);
+    out.push_back(l);
+  }
+  r.finish();
+}
+
+void read_model(const json* j, ModelConfig& m, Problems& problems) {
+  ObjectReader r(j, "model", problems);
+  r.get_enum("loss", kLosses, m.loss);
+  const bool listed = r.has("layers");
+  ObjectReader b(r.find("batchnorm"), "model.batchnorm", problems);
+  auto& bn = m.batchnorm;
+  bool enabled = true;
+  if (!listed) b.get("enabled", enabled);
+  else if (b.find("enabled")) problems.add("model.batchnorm.enabled", "with model.layers, BatchNorm layers are listed where they stand; drop \"enabled\"");
+  b.get_enum("semantics", kSemantics, bn.semantics);
+  // Defaults follow the chosen framework: Keras eps 1e-3, momentum 0.99 (= 0.01 here);
+  // PyTorch eps 1e-5, momentum 0.1.
+  bn.eps = bn.semantics == BnSemantics::kKeras ? 1e-3 : 1e-5;
+  bn.momentum = bn.semantics == BnSemantics::kKeras ? 0.01 : 0.1;
+  b.get("eps", bn.eps);
+  b.get("momentum", bn.momentum);
+  b.get("affine", bn.affine);
+  b.finish();
+  LayerSpec defaults;
+  defaults.eps = bn.eps;
+  defaults.momentum = bn.momentum;
+  check_batchnorm_numbers(defaults, "model.batchnorm", problems);
+  if (listed) {
+    for (const char* key : {"hidden", "activation", "dropout", "negative_slope", "alpha"})
+      if (r.find(key)) problems.add(r.child_path(key), "give either model.layers or the shorthand (hidden, activation, dropout), not both");
+    const json* list = r.find("layers");
+    m.layers.clear();
+    if (!list->is_array()) {
+      r.type_error("layers", "an array of layers such as [{\"dense\": 64}, {\"batchnorm\": {}}, {\"activation\": \"relu\"}]", *list);
+    } else {
+      for (size_t i = 0; i < list->size(); ++i)
+        read_layer((*list)[i], "model.layers[" + std::to_string(i) + "]", bn, m.layers, problems);
+    }
+    LayerSpec head;
+    head.kind = LayerKind::kDense;
+    head.head = true;
+    m.layers.push_back(head);
+    name_layers(m.layers);
+  } else {
+    std::vector<int64_t> hidden = {64, 64};
+    r.get("hidden", hidden);
+    for (size_t i = 0; i < hidden.size(); ++i)
+      if (hidden[i] < 1) problems.add("model.hidden[" + std::to_string(i) + "]", "must be >= 1, got " + std::to_string(hidden[i]));
+    if (hidden.empty() && enabled)
+      problems.add("model.hidden", "is empty, so there is no hidden Linear for BatchNorm to follow; add a width or set model.batchnorm.enabled false");
+    LayerSpec act;
+    act.activation = Activation::kRelu;
+    read_activation(r, "activation", act, problems);
+    double dropout = 0;
+    r.get("dropout", dropout);
+    check_dropout(dropout, "model.dropout", problems);
+    r.find("layers");
+    m.layers = shorthand_layers(hidden, act.activation, dropout, enabled, bn, act.alpha);
+  }
+  r.finish();
+}
+
 void read_config(const json& root, Config& c, Problems& problems) {
   ObjectReader top(&root, "", problems);
   top.get("name", c.name);
@@ -520,27 +698,7 @@ void read_config(const json& root, Config& c, Problems& problems) {
     if (c.data.source == "synthetic") r.get("standardize", c.data.standardize);
     r.finish();
   }
-  {
-    const json* j = top.find("model");
-    ObjectReader r(j, "model", problems);
-    r.get("hidden", c.model.hidden);
-    r.get_enum("activation", kActivations, c.model.activation);
-    r.get("dropout", c.model.dropout);
-    r.get_enum("loss", kLosses, c.model.loss);
-    ObjectReader b(r.find("batchnorm"), "model.batchnorm", problems);
-    auto& bn = c.model.batchnorm;
-    b.get("enabled", bn.enabled);
-    b.get_enum("semantics", kSemantics, bn.semantics);
-    // Defaults follow the chosen framework: Keras eps 1e-3, momentum 0.99 (= 0.01 here);
-    // PyTorch eps 1e-5, momentum 0.1.
-    bn.eps = bn.semantics == BnSemantics::kKeras ? 1e-3 : 1e-5;
-    bn.momentum = bn.semantics == BnSemantics::kKeras ? 0.01 : 0.1;
-    b.get("eps", bn.eps);
-    b.get("momentum", bn.momentum);
-    b.get("affine", bn.affine);
-    b.finish();
-    r.finish();
-  }
+  read_model(top.find("model"), c.model, problems);
   {
     ObjectReader r(top.find("pretrain"), "pretrain", problems);
     r.get("epochs", c.pretrain.epochs);
@@ -585,6 +743,8 @@ void check_optimizer(const OptimizerConfig& o, const std::string& path, Problems
   if (!(o.beta1 >= 0 && o.beta1 < 1)) p.add(path + ".beta1", "must be in [0, 1), got " + fmt_double(o.beta1));
   if (!(o.beta2 >= 0 && o.beta2 < 1)) p.add(path + ".beta2", "must be in [0, 1), got " + fmt_double(o.beta2));
   if (!(o.eps > 0)) p.add(path + ".eps", "must be > 0, got " + fmt_double(o.eps));
+  if (!(o.alpha >= 0 && o.alpha < 1))
+    p.add(path + (o.kind == OptimizerKind::kRmspropKeras ? ".rho" : ".alpha"), "must be in [0, 1), got " + fmt_double(o.alpha));
 }
 
 void validate(const Config& c, Problems& p) {
@@ -617,16 +777,8 @@ void validate(const Config& c, Problems& p) {
   if (c.model.loss == LossKind::kCrossEntropy && d.source == "csv" && d.target_columns.size() > 1)
     p.add("data.target_columns", "cross_entropy takes one target column of class labels");
 
-  if (c.model.hidden.empty() && c.model.batchnorm.enabled)
-    p.add("model.hidden", "is empty, so there is no hidden Linear for BatchNorm to follow; add a width or set model.batchnorm.enabled false");
-  for (size_t i = 0; i < c.model.hidden.size(); ++i)
-    if (c.model.hidden[i] < 1) p.add("model.hidden[" + std::to_string(i) + "]", "must be >= 1, got " + std::to_string(c.model.hidden[i]));
-  if (!(c.model.dropout >= 0 && c.model.dropout < 1)) p.add("model.dropout", "must be in [0, 1), got " + fmt_double(c.model.dropout));
   const auto& bn = c.model.batchnorm;
-  if (!(bn.eps > 0)) p.add("model.batchnorm.eps", "must be > 0, got " + fmt_double(bn.eps));
-  if (!(bn.momentum >= 0 && bn.momentum <= 1))
-    p.add("model.batchnorm.momentum", "must be in [0, 1] (PyTorch convention: the weight of the new batch; Keras' momentum m is 1 - m here), got " + fmt_double(bn.momentum));
-
+  const auto& layers = c.model.layers;
   const auto check_loop = [&](const std::string& path, int64_t epochs, int64_t batch) {
     if (epochs < 1) p.add(path + ".epochs", "must be >= 1, got " + std::to_string(epochs));
     if (epochs > 1000000) p.add(path + ".epochs", "must be <= 1000000, got " + std::to_string(epochs));
@@ -646,7 +798,9 @@ void validate(const Config& c, Problems& p) {
     if (seeds.size() != c.seeds.size()) p.add("seeds", "lists a seed more than once");
   }
 
-  const bool torch_bn = bn.enabled && bn.semantics == BnSemantics::kTorch;
+  const int64_t bn_layers = count_kind(layers, LayerKind::kBatchNorm);
+  const int64_t dense_layers = count_kind(layers, LayerKind::kDense);
+  const bool torch_bn = bn_layers > 0 && bn.semantics == BnSemantics::kTorch;
   if (torch_bn && c.pretrain.batch_size == 1)
     p.add("pretrain.batch_size", "1 gives batches of ONE sample, which PyTorch BatchNorm refuses in training mode; use >= 2");
   else if (torch_bn && d.source == "synthetic" && c.pretrain.batch_size > 1 && d.samples % c.pretrain.batch_size == 1)
@@ -655,9 +809,10 @@ void validate(const Config& c, Problems& p) {
 
   if (c.strategies.empty()) p.add("strategies", "is empty: list at least one strategy, e.g. [\"train\", \"frozen\"]");
   std::set<std::string> seen;
-  // Module names follow the Sequential layout: Linear, BatchNorm, activation[, Dropout] per hidden layer.
-  const int64_t per = 3 + (c.model.dropout > 0 ? 1 : 0);
-  const int64_t bn_layers = bn.enabled ? static_cast<int64_t>(c.model.hidden.size()) : 0;
+  std::vector<std::string> bn_names;
+  for (const auto& l : layers)
+    if (l.kind == LayerKind::kBatchNorm) bn_names.push_back(l.name);
+  const std::string no_bn = "the model has no BatchNorm layer";
   for (size_t i = 0; i < c.strategies.size(); ++i) {
     const auto& s = c.strategies[i];
     const std::string path = "strategies[" + std::to_string(i) + "]";
@@ -665,33 +820,34 @@ void validate(const Config& c, Problems& p) {
     if (!seen.insert(s.name).second) p.add(path, "duplicate strategy name \"" + s.name + "\"; give each strategy its own \"name\"");
     if (s.momentum && !(*s.momentum >= 0 && *s.momentum <= 1))
       p.add(path + ".momentum", "must be in [0, 1], got " + fmt_double(*s.momentum));
-    if (s.freeze_linear < 0 || s.freeze_linear > static_cast<int64_t>(c.model.hidden.size()) + 1)
-      p.add(path + ".freeze_linear", "must be in [0, " + std::to_string(c.model.hidden.size() + 1) +
-                                         "] (the model has that many Linear layers), got " + std::to_string(s.freeze_linear));
+    if (s.freeze_linear < 0 || s.freeze_linear > dense_layers)
+      p.add(path + ".freeze_linear", "must be in [0, " + std::to_string(dense_layers) +
+                                         "] (the model has that many Linear layers, the head included), got " + std::to_string(s.freeze_linear));
     if (s.recalibrate < 0 || s.recalibrate > 100000)
       p.add(path + ".recalibrate", "must be a number of batches in [0, 100000], got " + std::to_string(s.recalibrate));
-    if (s.recalibrate > 0 && bn_layers == 0)
-      p.add(path + ".recalibrate", "there is no BatchNorm to recalibrate (model.batchnorm.enabled is false)");
-    if (s.fold && bn_layers == 0)
-      p.add(path + ".fold", "there is no BatchNorm to fold (model.batchnorm.enabled is false)");
+    if (s.recalibrate > 0 && bn_layers == 0) p.add(path + ".recalibrate", "there is nothing to recalibrate: " + no_bn);
+    if (s.fold && bn_layers == 0) p.add(path + ".fold", "there is nothing to fold: " + no_bn);
+    if (s.fold && bn_layers > 0) {
+      std::string why;
+      fold_plan(layers, &why);
+      if (!why.empty()) p.add(path + ".fold", why);
+    }
     if (s.fold && !s.layers.all)
       p.add(path + ".layers", "fold folds every BatchNorm; a layer selection does not apply to it");
     if (s.fold && s.bn_module == BnModule::kFrozen)
       p.add(path + ".bn_module", "fold removes the BatchNorm modules; there is nothing left to convert");
-    if (s.bn_module == BnModule::kFrozen && bn_layers == 0)
-      p.add(path + ".bn_module", "there is no BatchNorm to convert (model.batchnorm.enabled is false)");
+    if (s.bn_module == BnModule::kFrozen && bn_layers == 0) p.add(path + ".bn_module", "there is nothing to convert: " + no_bn);
     for (int64_t idx : s.layers.indices)
       if (idx < 0 || idx >= bn_layers)
         p.add(path + ".layers", "BatchNorm index " + std::to_string(idx) + " does not exist: the model has " +
-                                    std::to_string(bn_layers) + " BatchNorm layer(s), indices 0.." + std::to_string(bn_layers - 1));
-    for (const auto& name : s.layers.names) {
-      bool found = false;
-      for (int64_t k = 0; k < bn_layers; ++k)
-        if (name == std::to_string(k * per + 1)) found = true;
-      if (!found) p.add(path + ".layers", "no BatchNorm module is named \"" + name + "\"");
-    }
+                                    std::to_string(bn_layers) + " BatchNorm layer(s)" +
+                                    (bn_layers > 0 ? ", indices 0.." + std::to_string(bn_layers - 1) : std::string()));
+    for (const auto& name : s.layers.names)
+      if (std::find(bn_names.begin(), bn_names.end(), name) == bn_names.end())
+        p.add(path + ".layers", "no BatchNorm module is named \"" + name + "\"" + did_you_mean(name, bn_names) +
+                                    "; BatchNorm modules: " + (bn_names.empty() ? std::string("none") : join(bn_names, ", ")));
     // Fine-tuning data is one sample, so every fit batch holds exactly one row.
-    if (torch_bn && uses_batch_stats_in_fit(s, bn_layers, per))
+    if (torch_bn && uses_batch_stats_in_fit(layers, s))
       p.add(path, "strategy \"" + s.name + "\" runs BatchNorm in training mode on a batch of ONE sample, which PyTorch "
                   "semantics cannot do (the batch variance needs n >= 2: \"Expected more than 1 value per channel when "
                   "training\"). Use model.batchnorm.semantics \"keras\" to see what Keras does (every BN unit outputs beta), "
@@ -778,7 +934,6 @@ Config load_config(const std::string& path, const std::vector<std::string>& over
   return parse_config(buffer.str(), path, overrides, parent_dir(path));
 }
 
-const char* to_string(Activation a) { return enum_name(kActivations, a); }
 const char* to_string(LossKind l) { return enum_name(kLosses, l); }
 const char* to_string(BnSemantics s) { return enum_name(kSemantics, s); }
 const char* to_string(OptimizerKind o) { return enum_name(kOptimizers, o); }
@@ -788,14 +943,33 @@ const char* to_string(BnModule m) { return enum_name(kBnModules, m); }
 namespace {
 
 json optimizer_json(const OptimizerConfig& o) {
-  json j{{"name", to_string(o.kind)}, {"lr", o.lr}, {"weight_decay", o.weight_decay}};
-  if (o.kind == OptimizerKind::kSgd) {
-    j["momentum"] = o.momentum;
-    j["nesterov"] = o.nesterov;
-  } else {
-    j["beta1"] = o.beta1;
-    j["beta2"] = o.beta2;
-    j["eps"] = o.eps;
+  json j{{"name", to_string(o.kind)}, {"lr", o.lr}};
+  switch (o.kind) {
+    case OptimizerKind::kSgd:
+      j["weight_decay"] = o.weight_decay;
+      j["momentum"] = o.momentum;
+      j["nesterov"] = o.nesterov;
+      break;
+    case OptimizerKind::kAdam:
+    case OptimizerKind::kAdamW:
+      j["weight_decay"] = o.weight_decay;
+      j["beta1"] = o.beta1;
+      j["beta2"] = o.beta2;
+      j["eps"] = o.eps;
+      break;
+    case OptimizerKind::kRmsprop:
+      j["weight_decay"] = o.weight_decay;
+      j["alpha"] = o.alpha;
+      j["eps"] = o.eps;
+      j["momentum"] = o.momentum;
+      j["centered"] = o.centered;
+      break;
+    case OptimizerKind::kRmspropKeras:
+      j["rho"] = o.alpha;
+      j["eps"] = o.eps;
+      j["momentum"] = o.momentum;
+      j["centered"] = o.centered;
+      break;
   }
   return j;
 }
@@ -819,15 +993,48 @@ json data_json(const DataConfig& d) {
   return j;
 }
 
+/// The parameter an activation takes, under the key a config file gives it ("" for none).
+const char* activation_param(Activation a) {
+  return a == Activation::kLeakyRelu ? "negative_slope" : a == Activation::kElu ? "alpha" : "";
+}
+
+void put_activation(json& j, const LayerSpec& a) {
+  j["activation"] = activation_name(a.activation);
+  if (*activation_param(a.activation)) j[activation_param(a.activation)] = a.alpha;
+}
+
+/// model.layers as a config file writes it: the head left out (it is appended), a fused
+/// activation back inside its Dense; parsing this gives the same list.
+json layers_json(const std::vector<LayerSpec>& layers) {
+  json out = json::array();
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const LayerSpec& l = layers[i];
+    json j;
+    switch (l.kind) {
+      case LayerKind::kDense:
+        if (l.head) continue;
+        j = json{{"dense", l.units}, {"use_bias", l.use_bias}};
+        if (i + 1 < layers.size() && layers[i + 1].kind == LayerKind::kActivation && layers[i + 1].fused)
+          put_activation(j, layers[++i]);
+        break;
+      case LayerKind::kBatchNorm:
+      case LayerKind::kFrozenBatchNorm:
+        j = json{{"batchnorm", {{"eps", l.eps}, {"momentum", l.momentum}, {"center", l.center}, {"scale", l.scale}}}};
+        break;
+      case LayerKind::kActivation: put_activation(j, l); break;
+      case LayerKind::kDropout: j = json{{"dropout", l.rate}}; break;
+    }
+    out.push_back(j);
+  }
+  return out;
+}
+
 json model_json(const ModelConfig& m) {
   const auto& b = m.batchnorm;
-  return json{{"hidden", m.hidden},
-              {"activation", to_string(m.activation)},
-              {"dropout", m.dropout},
+  return json{{"layers", layers_json(m.layers)},
               {"loss", to_string(m.loss)},
               {"batchnorm",
-               {{"enabled", b.enabled}, {"semantics", to_string(b.semantics)}, {"eps", b.eps},
-                {"momentum", b.momentum}, {"affine", b.affine}}}};
+               {{"semantics", to_string(b.semantics)}, {"eps", b.eps}, {"momentum", b.momentum}, {"affine", b.affine}}}};
 }
 
 json pretrain_json(const PretrainConfig& p) {
@@ -920,23 +1127,6 @@ void resolve_samples(Config& c, int64_t n) {
   }
 }
 
-/// Whether any BatchNorm layer computes batch statistics during fit under this strategy:
-/// the selected layers in train mode or without running stats, or layers left unselected
-/// (they keep the model's default, training mode).
-bool uses_batch_stats_in_fit(const StrategyConfig& s, int64_t bn_layers, int64_t per_block) {
-  if (s.fold) return false;
-  if (s.bn_module == BnModule::kFrozen && s.layers.all) return false;
-  if (s.bn_module != BnModule::kFrozen && (s.bn_mode == BnMode::kTrain || !s.track_running_stats)) return true;
-  if (s.layers.all) return false;
-  for (int64_t k = 0; k < bn_layers; ++k) {
-    const bool by_index = std::find(s.layers.indices.begin(), s.layers.indices.end(), k) != s.layers.indices.end();
-    const bool by_name = std::find(s.layers.names.begin(), s.layers.names.end(), std::to_string(k * per_block + 1)) !=
-                         s.layers.names.end();
-    if (!by_index && !by_name) return true;
-  }
-  return false;
-}
-
 std::string pretrain_cache_key(const Config& c) {
   // The data file's size and mtime stand in for its content, so an edited CSV is not reused.
   json j{{"format", 1}, {"seed", c.seed}, {"data", data_json(c.data)},
@@ -945,6 +1135,42 @@ std::string pretrain_cache_key(const Config& c) {
   if (!c.init_keras_h5.empty())
     j["init"] = {{"keras_h5", c.init_keras_h5}, {"file", file_fingerprint(resolve_path(c.base_dir, c.init_keras_h5))}};
   return fnv1a_hex(j.dump());
+}
+
+std::string architecture_json(const std::vector<LayerSpec>& sized, BnSemantics semantics, LossKind loss) {
+  json layers = json::array();
+  for (const auto& l : sized) {
+    json j{{"name", l.name}, {"kind", layer_kind_name(l.kind)}, {"in", l.in}, {"out", l.out}};
+    switch (l.kind) {
+      case LayerKind::kDense:
+        j["use_bias"] = l.use_bias;
+        j["head"] = l.head;
+        break;
+      case LayerKind::kBatchNorm:
+      case LayerKind::kFrozenBatchNorm:
+        j["eps"] = l.eps;
+        j["momentum"] = l.momentum;
+        j["center"] = l.center;
+        j["scale"] = l.scale;
+        j["bn_index"] = l.bn_index;
+        break;
+      case LayerKind::kActivation:
+        put_activation(j, l);
+        j["fused"] = l.fused;
+        break;
+      case LayerKind::kDropout: j["rate"] = l.rate; break;
+    }
+    layers.push_back(j);
+  }
+  const std::string expr = pytorch_expression(sized);
+  json j{{"format", "bnlab.architecture/1"},
+         {"inputs", sized.empty() ? 0 : sized.front().in},
+         {"outputs", sized.empty() ? 0 : sized.back().out},
+         {"loss", to_string(loss)},
+         {"semantics", to_string(semantics)},
+         {"layers", layers},
+         {"pytorch", expr.empty() ? json(nullptr) : json(expr)}};
+  return j.dump(2) + "\n";
 }
 
 }  // namespace bnlab

@@ -12,6 +12,7 @@
 #include <ostream>
 
 #include "bnlab/errors.hpp"
+#include "optimizers.hpp"
 #include "text.hpp"
 
 namespace bnlab {
@@ -30,15 +31,11 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 Model build_model(const Config& config, const Dataset& data) {
   const int64_t out = head_width(config.model.loss, data.targets(), data.classes);
-  return Model(config.model, data.features(), out);
+  return Model(sized_layers(config.model.layers, data.features(), out));
 }
 
 Model strategy_architecture(const Config& config, const StrategyConfig& strategy, int64_t inputs, int64_t outputs) {
-  ModelConfig mc = config.model;
-  if (strategy.fold) mc.batchnorm.enabled = false;
-  Model m(mc, inputs, outputs);
-  if (strategy.bn_module == BnModule::kFrozen) m->freeze_batchnorm_modules(strategy.layers);
-  return m;
+  return Model(sized_layers(prepared_layers(config.model.layers, strategy), inputs, outputs));
 }
 
 void load_state(ModelImpl& model, const c10::impl::GenericDict& sd, const std::string& origin) {
@@ -60,8 +57,8 @@ void load_state(ModelImpl& model, const c10::impl::GenericDict& sd, const std::s
   for (const auto& [name, tensor] : targets) tensor.copy_(sd.at(name).toTensor());
 }
 
-Model clone_model(const ModelImpl& source, const Config& config) {
-  Model m(config.model, source.inputs(), source.outputs());
+Model clone_model(const ModelImpl& source) {
+  Model m(source.layers());
   m->copy_state_from(source);
   return m;
 }
@@ -139,7 +136,7 @@ double pretrain(ModelImpl& model, const Dataset& data, const Config& config, std
   model.set_dropout_seed(config.seed + 3);
   model.train();
   return pretrain_loop(data, config, log, verbose, [&](const torch::Tensor& xb, const torch::Tensor& yb, double lr) {
-    for (auto& g : optimizer->param_groups()) g.options().set_lr(lr);
+    optimizer->set_lr(lr);
     optimizer->zero_grad();
     auto loss = compute_loss(config.model.loss, model.forward(xb), yb);
     loss.backward();
@@ -191,7 +188,7 @@ CacheState load_pretrained(const std::string& path, ModelImpl& model, const std:
 void recalibrate(ModelImpl& model, const Dataset& data, int64_t batches, int64_t batch_size,
                  uint64_t seed, const LayerSelection& selection) {
   auto bns = model.batchnorms();
-  const auto names = model.batchnorm_names();
+  const auto specs = model.batchnorm_specs();
   std::vector<std::vector<torch::Tensor>> saved;
   std::vector<double> momenta;
   for (auto& bn : bns) {
@@ -219,7 +216,7 @@ void recalibrate(ModelImpl& model, const Dataset& data, int64_t batches, int64_t
   for (size_t i = 0; i < bns.size(); ++i) {
     bns[i]->options.momentum(momenta[i]);
     bns[i]->num_batches_tracked.copy_(saved[i][2]);
-    if (!layer_selected(selection, i, names[i])) {
+    if (!layer_selected(selection, specs[i])) {
       bns[i]->running_mean.copy_(saved[i][0]);
       bns[i]->running_var.copy_(saved[i][1]);
     }
@@ -253,13 +250,13 @@ uint64_t dropout_seed(const Config& config) {
 
 Model prepare_model(const ModelImpl& pretrained, const StrategyConfig& strategy, const Config& config,
                     const Dataset* data) {
-  Model model = clone_model(pretrained, config);
+  Model model = clone_model(pretrained);
   model->set_dropout_seed(dropout_seed(config));
   if (strategy.recalibrate > 0) {
     if (data == nullptr) throw std::runtime_error("strategy \"" + strategy.name + "\" recalibrates but no pretraining data was given");
     recalibrate(*model, *data, strategy.recalibrate, config.pretrain.batch_size, config.seed + 2, strategy.layers);
   }
-  if (strategy.fold) model = fold_batchnorm(*model, config.model);
+  if (strategy.fold) model = fold_batchnorm(*model);
   if (strategy.bn_module == BnModule::kFrozen) model->freeze_batchnorm_modules(strategy.layers);
   return model;
 }
@@ -275,14 +272,14 @@ StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strat
   StrategyResult r;
   r.name = strategy.name;
   {
-    Model untouched = clone_model(pretrained, config);
+    Model untouched = clone_model(pretrained);
     r.evaluate_pretrained = evaluate_inference(*untouched, loss_kind, x, y);
   }
   Model model = prepare_model(pretrained, strategy, config, data);
   // The baseline of the lag identity: the model about to be fine-tuned, in plain inference mode.
   r.evaluate_before = evaluate_inference(*model, loss_kind, x, y);
 
-  model->set_policy(Policy{strategy, config.model.batchnorm.momentum});
+  model->set_policy(Policy{strategy});
   auto optimizer = make_optimizer(ft.optimizer, model->parameters());
 
   const int64_t n = x.size(0);

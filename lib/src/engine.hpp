@@ -102,7 +102,7 @@ Model strategy_architecture(const Config& config, const StrategyConfig& strategy
 /// Copies a name -> tensor map into `model`; every tensor must be there with its shape.
 void load_state(ModelImpl& model, const c10::impl::GenericDict& state, const std::string& origin);
 
-/// A fresh model with the same architecture and a bit-for-bit copy of `source`'s state.
-Model clone_model(const ModelImpl& source, const Config& config);
+/// A fresh model with the same layers and a bit-for-bit copy of `source`'s state.
+Model clone_model(const ModelImpl& source);
 
 }  // namespace bnlab

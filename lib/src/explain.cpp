@@ -33,8 +33,8 @@ struct Trace {
 Trace trace(ModelImpl& model, const torch::Tensor& x) {
   Trace t;
   torch::NoGradGuard no_grad;
-  t.out = model.forward_observed(x, [&](const LayerInfo& layer, const torch::Tensor& in, const torch::Tensor& out) {
-    if (layer.kind != "batchnorm") return;
+  t.out = model.forward_observed(x, [&](const LayerSpec& layer, const torch::Tensor& in, const torch::Tensor& out) {
+    if (layer.kind != LayerKind::kBatchNorm) return;
     t.bn_in.push_back(in.clone());
     t.bn_out.push_back(out.clone());
   });
@@ -77,7 +77,7 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
 
   // Layers: the inference path (running statistics) against the training-mode path (batch
   // statistics of this one sample), each on a copy so no buffer of the real model moves.
-  Model inference = clone_model(*w.models[0], cfg);
+  Model inference = clone_model(*w.models[0]);
   inference->eval();
   const Trace inf = trace(*inference, x);
   ojson layers = ojson::array();
@@ -87,12 +87,13 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
          "|---|---|---|---|---|---|---|\n";
   Trace tr;
   if (keras && !inf.bn_in.empty()) {
-    Model training = clone_model(*w.models[0], cfg);
+    Model training = clone_model(*w.models[0]);
     training->train();
     tr = trace(*training, x);
   }
   const auto bns = inference->batchnorms();
-  const auto names = inference->batchnorm_names();
+  std::vector<std::string> names;
+  for (const auto& l : inference->batchnorm_specs()) names.push_back(l.name);
   for (size_t i = 0; i < bns.size(); ++i) {
     const auto& bn = *bns[i];
     ojson l{{"index", i}, {"module", names[i]}, {"running_mean", values(bn.running_mean)},
@@ -130,7 +131,7 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
          "| evaluate before | lag identity |\n|---|---|---|---|---|---|\n";
   ojson strategies_json = ojson::array();
   for (const auto* s : strategies) {
-    const Policy policy{*s, config.model.batchnorm.momentum};
+    const Policy policy{*s};
     // Three copies of the model as fine-tuning starts it: plain inference (evaluate before),
     // inference under the policy (val_loss), training mode under the policy (loss).
     Model plain = prepare_model(*w.models[0], *s, cfg, &w.data);

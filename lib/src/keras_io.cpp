@@ -9,6 +9,7 @@
 #include <map>
 
 #include "bnlab/errors.hpp"
+#include "layer_kinds.hpp"
 #include "text.hpp"
 
 namespace bnlab {
@@ -193,40 +194,43 @@ void import_keras_h5(const std::string& path, ModelImpl& model) {
   } else {
     throw InputError(path + ": neither a Keras 2 weights file (no layer_names) nor a Keras 3 .weights.h5 (no layers/)");
   }
+  // Weights-only files do not say where weightless layers stand, and Keras 3's list its layers
+  // grouped by kind: the i-th Dense goes to the i-th Linear, the i-th BatchNormalization to the
+  // i-th BatchNorm, each tensor as the kind's Keras mapping lists it.
   std::vector<const FileLayer*> dense, bn;
   for (const auto& l : layers) (l.dense ? dense : bn).push_back(&l);
-  auto lins = model.linears();
-  auto bns = model.batchnorms();
-  const auto names = model.batchnorm_names();
-  if (dense.size() != lins.size() || bn.size() != bns.size())
+  std::vector<size_t> model_dense, model_bn;
+  const auto& spec = model.layers();
+  for (size_t i = 0; i < spec.size(); ++i) {
+    if (spec[i].kind == LayerKind::kDense) model_dense.push_back(i);
+    if (spec[i].kind == LayerKind::kBatchNorm) model_bn.push_back(i);
+  }
+  if (dense.size() != model_dense.size() || bn.size() != model_bn.size())
     throw InputError(path + ": the file has " + std::to_string(dense.size()) + " Dense and " + std::to_string(bn.size()) +
-                     " BatchNormalization layers with weights; the model has " + std::to_string(lins.size()) + " Linear and " +
-                     std::to_string(bns.size()) + " BatchNorm layers (check model.hidden and model.batchnorm.enabled)");
-  for (size_t i = 0; i < dense.size(); ++i) {
-    const auto& l = *dense[i];
-    auto& lin = *lins[i];
-    const int64_t out = lin.weight.size(0), in = lin.weight.size(1);
-    if (l.vars.size() != (lin.bias.defined() ? 2u : 1u))
-      throw InputError(path + ": Dense layer \"" + l.name + "\" has " + std::to_string(l.vars.size()) + " weights, expected kernel and bias");
-    copy_into(lin.weight, l.vars[0], {in, out}, true, path, l.name, "Linear weight (as a Keras kernel [in, out])");
-    if (lin.bias.defined()) copy_into(lin.bias, l.vars[1], {out}, false, path, l.name, "Linear bias");
-  }
-  for (size_t i = 0; i < bn.size(); ++i) {
-    const auto& l = *bn[i];
-    auto& b = *bns[i];
-    const int64_t c = b.options.num_features();
-    const bool affine = b.weight.defined();
-    if (l.vars.size() != (affine ? 4u : 2u))
-      throw InputError(path + ": BatchNormalization layer \"" + l.name + "\" has " + std::to_string(l.vars.size()) + " weights; the model's BatchNorm " +
-                       names[i] + (affine ? " needs gamma, beta, moving_mean, moving_variance" : " (affine false) needs moving_mean, moving_variance"));
-    size_t k = 0;
-    if (affine) {
-      copy_into(b.weight, l.vars[k++], {c}, false, path, l.name, "BatchNorm weight (gamma)");
-      copy_into(b.bias, l.vars[k++], {c}, false, path, l.name, "BatchNorm bias (beta)");
+                     " BatchNormalization layers with weights; the model has " + std::to_string(model_dense.size()) + " Linear and " +
+                     std::to_string(model_bn.size()) + " BatchNorm layers (check model.layers)");
+  std::map<std::string, torch::Tensor> tensors;
+  for (const auto& [name, t] : state_dict(model)) tensors[name] = t;
+  const auto load = [&](const FileLayer& l, const LayerSpec& target) {
+    const auto weights = layer_kind(target.kind).keras_weights(target);
+    if (l.vars.size() != weights.size()) {
+      std::vector<std::string> names;
+      for (const auto& w : weights) names.emplace_back(w.keras);
+      throw InputError(path + ": " + layer_kind(target.kind).keras_class(target) + " layer \"" + l.name + "\" has " +
+                       std::to_string(l.vars.size()) + " weights; the model's layer " + target.name + " needs " +
+                       std::to_string(weights.size()) + " (" + join(names, ", ") + ")");
     }
-    copy_into(b.running_mean, l.vars[k++], {c}, false, path, l.name, "running_mean");
-    copy_into(b.running_var, l.vars[k++], {c}, false, path, l.name, "running_var");
-  }
+    for (size_t k = 0; k < weights.size(); ++k) {
+      const auto& t = tensors.at(target.name + "." + weights[k].tensor);
+      std::vector<int64_t> want(t.sizes().begin(), t.sizes().end());
+      if (weights[k].transpose) std::reverse(want.begin(), want.end());
+      copy_into(t, l.vars[k], want, weights[k].transpose, path, l.name,
+                "layer " + target.name + " " + weights[k].tensor + " (Keras " + weights[k].keras +
+                    (weights[k].transpose ? " [in, out]" : "") + ")");
+    }
+  };
+  for (size_t i = 0; i < dense.size(); ++i) load(*dense[i], spec[model_dense[i]]);
+  for (size_t i = 0; i < bn.size(); ++i) load(*bn[i], spec[model_bn[i]]);
 }
 
 void export_keras_h5(const std::string& path, const ModelImpl& model) {
@@ -260,37 +264,26 @@ void export_keras_h5(const std::string& path, const ModelImpl& model) {
         throw std::runtime_error("cannot write " + name + " to " + tmp);
     };
     std::vector<std::string> layer_names;
-    int dense_i = 0, bn_i = 0;
+    std::map<std::string, int> counters;  // Keras' names: snake-cased class plus a counter
     std::map<std::string, torch::Tensor> sd;
     for (const auto& [name, t] : state_dict(model)) sd[name] = t;
-    const auto get = [&](const std::string& name) { return sd.count(name) ? sd.at(name) : torch::Tensor(); };
     for (const auto& info : model.layers()) {
-      if (info.kind == "linear") {
-        const std::string name = dense_i == 0 ? "dense" : "dense_" + std::to_string(dense_i);
-        ++dense_i;
-        Handle g(H5Gcreate2(file.id, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
-        write_strings(g.id, "weight_names", {name + "/kernel:0", name + "/bias:0"});
-        write_array(g.id, name + "/kernel:0", get(info.name + ".weight").t());
-        write_array(g.id, name + "/bias:0", get(info.name + ".bias"));
-        layer_names.push_back(name);
-      } else if (info.kind == "batchnorm" || info.kind == "frozen_batchnorm") {
-        // FrozenBatchNorm1d keeps the same four tensors under the same names.
-        const std::string name = bn_i == 0 ? "batch_normalization" : "batch_normalization_" + std::to_string(bn_i);
-        ++bn_i;
-        Handle g(H5Gcreate2(file.id, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
-        std::vector<std::string> wn;
-        if (get(info.name + ".weight").defined()) {
-          wn = {name + "/gamma:0", name + "/beta:0"};
-          write_array(g.id, name + "/gamma:0", get(info.name + ".weight"));
-          write_array(g.id, name + "/beta:0", get(info.name + ".bias"));
-        }
-        wn.push_back(name + "/moving_mean:0");
-        wn.push_back(name + "/moving_variance:0");
-        write_array(g.id, name + "/moving_mean:0", get(info.name + ".running_mean"));
-        write_array(g.id, name + "/moving_variance:0", get(info.name + ".running_var"));
-        write_strings(g.id, "weight_names", wn);
-        layer_names.push_back(name);
+      const auto& kind = layer_kind(info.kind);
+      const auto weights = kind.keras_weights(info);
+      if (weights.empty()) continue;  // weightless layers are not in a save_weights file
+      const std::string stem = info.kind == LayerKind::kDense ? "dense" : "batch_normalization";
+      const int k = counters[stem]++;
+      const std::string name = k == 0 ? stem : stem + "_" + std::to_string(k);
+      Handle g(H5Gcreate2(file.id, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
+      std::vector<std::string> wn;
+      for (const auto& w : weights) {
+        const std::string dataset = name + "/" + w.keras + ":0";
+        const auto& t = sd.at(info.name + "." + w.tensor);
+        write_array(g.id, dataset, w.transpose ? t.t() : t);
+        wn.push_back(dataset);
       }
+      write_strings(g.id, "weight_names", wn);
+      layer_names.push_back(name);
     }
     write_strings(file.id, "layer_names", layer_names);
     write_strings(file.id, "backend", {"tensorflow"});

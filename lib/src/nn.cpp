@@ -6,6 +6,9 @@
 #include <algorithm>
 #include <cmath>
 
+#include "bnlab/errors.hpp"
+#include "layer_kinds.hpp"
+
 namespace bnlab {
 
 BatchNormImpl::BatchNormImpl(const BatchNormOptions& options_) : options(options_) { reset(); }
@@ -15,10 +18,8 @@ void BatchNormImpl::reset() {
   TORCH_CHECK(options.eps() > 0, "BatchNorm: eps must be > 0");
   TORCH_CHECK(options.momentum() >= 0 && options.momentum() <= 1, "BatchNorm: momentum must be in [0, 1]");
   const int64_t c = options.num_features();
-  if (options.affine()) {
-    weight = register_parameter("weight", torch::ones({c}));
-    bias = register_parameter("bias", torch::zeros({c}));
-  }
+  if (options.scale()) weight = register_parameter("weight", torch::ones({c}));
+  if (options.center()) bias = register_parameter("bias", torch::zeros({c}));
   if (options.track_running_stats()) {
     running_mean = register_buffer("running_mean", torch::zeros({c}));
     running_var = register_buffer("running_var", torch::ones({c}));
@@ -102,7 +103,9 @@ torch::Tensor BatchNormImpl::forward(const torch::Tensor& input) {
   // one sample x - mean is exactly 0, so the output is exactly beta and nothing is NaN.
   auto [mean, var] = batch_moments(input);
   auto out = (input - mean) * torch::rsqrt(var + options.eps());
-  if (options.affine()) out = out * weight + bias;
+  if (weight.defined() && bias.defined()) out = out * weight + bias;
+  else if (weight.defined()) out = out * weight;
+  else if (bias.defined()) out = out + bias;
   if (running_mean.defined()) {
     torch::NoGradGuard no_grad;
     const double m = options.momentum();
@@ -115,7 +118,7 @@ torch::Tensor BatchNormImpl::forward(const torch::Tensor& input) {
 
 void BatchNormImpl::pretty_print(std::ostream& stream) const {
   stream << "bnlab::BatchNorm1d(" << options.num_features() << ", eps=" << options.eps()
-         << ", momentum=" << options.momentum() << ", affine=" << options.affine()
+         << ", momentum=" << options.momentum() << ", scale=" << options.scale() << ", center=" << options.center()
          << ", track_running_stats=" << options.track_running_stats()
          << ", semantics=" << to_string(options.semantics()) << ")";
 }
@@ -127,40 +130,24 @@ torch::Tensor DropoutImpl::forward(const torch::Tensor& input) {
   return input * mask / (1 - p);
 }
 
-ModelImpl::ModelImpl(const ModelConfig& config, int64_t inputs, int64_t outputs)
-    : dropout_generator_(std::make_shared<at::Generator>(at::make_generator<at::CPUGeneratorImpl>(0))),
-      inputs_(inputs), outputs_(outputs) {
-  TORCH_CHECK(inputs > 0 && outputs > 0, "Model: inputs and outputs must be > 0");
-  const auto add = [this](const std::string& kind, torch::nn::AnyModule module) {
-    const std::string name = std::to_string(layers_.size());
-    register_module(name, module.ptr());
+torch::Tensor ActivationModuleImpl::forward(const torch::Tensor& input) { return activation_torch(activation, alpha, input); }
+
+void ActivationModuleImpl::pretty_print(std::ostream& stream) const {
+  stream << "bnlab::Activation(" << activation_name(activation);
+  if (activation == Activation::kLeakyRelu || activation == Activation::kElu) stream << ", " << alpha;
+  stream << ")";
+}
+
+ModelImpl::ModelImpl(std::vector<LayerSpec> layers)
+    : spec_(std::move(layers)),
+      dropout_generator_(std::make_shared<at::Generator>(at::make_generator<at::CPUGeneratorImpl>(0))) {
+  TORCH_CHECK(!spec_.empty() && spec_.front().in > 0 && spec_.back().out > 0, "Model: the layers must be sized");
+  for (size_t i = 0; i < spec_.size(); ++i) {
+    TORCH_CHECK(spec_[i].name == std::to_string(i), "Model: layer ", i, " is named \"", spec_[i].name, "\"");
+    auto module = layer_kind(spec_[i].kind).module(spec_[i], dropout_generator_);
+    register_module(spec_[i].name, module.ptr());
     layers_.push_back(std::move(module));
-    info_.push_back({name, kind});
-  };
-  int64_t width = inputs;
-  const auto& bn = config.batchnorm;
-  for (int64_t h : config.hidden) {
-    add("linear", torch::nn::AnyModule(torch::nn::Linear(width, h)));
-    if (bn.enabled) {
-      add("batchnorm", torch::nn::AnyModule(BatchNorm(BatchNormOptions(h)
-                                                          .eps(bn.eps)
-                                                          .momentum(bn.momentum)
-                                                          .affine(bn.affine)
-                                                          .semantics(bn.semantics))));
-    }
-    switch (config.activation) {
-      case Activation::kRelu: add("relu", torch::nn::AnyModule(torch::nn::ReLU())); break;
-      case Activation::kTanh: add("tanh", torch::nn::AnyModule(torch::nn::Tanh())); break;
-      case Activation::kGelu: add("gelu", torch::nn::AnyModule(torch::nn::GELU())); break;
-    }
-    if (config.dropout > 0) {
-      Dropout d(config.dropout);
-      d->generator = dropout_generator_;
-      add("dropout", torch::nn::AnyModule(d));
-    }
-    width = h;
   }
-  add("linear", torch::nn::AnyModule(torch::nn::Linear(width, outputs)));
 }
 
 torch::Tensor ModelImpl::forward(torch::Tensor x) {
@@ -171,7 +158,7 @@ torch::Tensor ModelImpl::forward(torch::Tensor x) {
 torch::Tensor ModelImpl::forward_observed(torch::Tensor x, const LayerObserver& observe) {
   for (size_t i = 0; i < layers_.size(); ++i) {
     auto y = layers_[i].forward(x);
-    observe(info_[i], x, y);
+    observe(spec_[i], x, y);
     x = std::move(y);
   }
   return x;
@@ -184,7 +171,7 @@ void ModelImpl::set_dropout_seed(uint64_t seed) {
 void ModelImpl::share_dropout_generator(const ModelImpl& other) {
   dropout_generator_ = other.dropout_generator_;
   for (size_t i = 0; i < layers_.size(); ++i)
-    if (info_[i].kind == "dropout") layers_[i].get<Dropout>()->generator = dropout_generator_;
+    if (spec_[i].kind == LayerKind::kDropout) layers_[i].get<Dropout>()->generator = dropout_generator_;
 }
 
 void ModelImpl::train(bool on) {
@@ -200,31 +187,21 @@ void ModelImpl::set_policy(std::optional<Policy> policy) {
 std::vector<BatchNorm> ModelImpl::batchnorms() const {
   std::vector<BatchNorm> out;
   for (size_t i = 0; i < layers_.size(); ++i)
-    if (info_[i].kind == "batchnorm") out.emplace_back(layers_[i].get<BatchNorm>());
+    if (spec_[i].kind == LayerKind::kBatchNorm) out.emplace_back(layers_[i].get<BatchNorm>());
   return out;
 }
 
-std::vector<int64_t> ModelImpl::batchnorm_positions() const {
-  std::vector<int64_t> out;
-  int64_t position = 0;
-  for (const auto& l : info_) {
-    if (l.kind == "batchnorm") out.push_back(position);
-    if (l.kind == "batchnorm" || l.kind == "frozen_batchnorm") ++position;
-  }
-  return out;
-}
-
-std::vector<std::string> ModelImpl::batchnorm_names() const {
-  std::vector<std::string> out;
-  for (const auto& l : info_)
-    if (l.kind == "batchnorm") out.push_back(l.name);
+std::vector<LayerSpec> ModelImpl::batchnorm_specs() const {
+  std::vector<LayerSpec> out;
+  for (const auto& l : spec_)
+    if (l.kind == LayerKind::kBatchNorm) out.push_back(l);
   return out;
 }
 
 std::vector<torch::nn::Linear> ModelImpl::linears() const {
   std::vector<torch::nn::Linear> out;
   for (size_t i = 0; i < layers_.size(); ++i)
-    if (info_[i].kind == "linear") out.emplace_back(layers_[i].get<torch::nn::Linear>());
+    if (spec_[i].kind == LayerKind::kDense) out.emplace_back(layers_[i].get<torch::nn::Linear>());
   return out;
 }
 
@@ -240,73 +217,94 @@ void ModelImpl::copy_state_from(const ModelImpl& other) {
   }
 }
 
-bool layer_selected(const LayerSelection& sel, size_t index, const std::string& name) {
-  return sel.all ||
-         std::find(sel.indices.begin(), sel.indices.end(), static_cast<int64_t>(index)) != sel.indices.end() ||
-         std::find(sel.names.begin(), sel.names.end(), name) != sel.names.end();
-}
-
 void ModelImpl::freeze_batchnorm_modules(const LayerSelection& selection) {
-  size_t bn_index = 0;
   for (size_t i = 0; i < layers_.size(); ++i) {
-    if (info_[i].kind != "batchnorm") continue;
-    if (layer_selected(selection, bn_index++, info_[i].name)) {
-      auto frozen = to_frozen(*layers_[i].get<BatchNorm>());
-      replace_module(info_[i].name, frozen.ptr());
-      layers_[i] = torch::nn::AnyModule(frozen);
-      info_[i].kind = "frozen_batchnorm";
-    }
+    if (spec_[i].kind != LayerKind::kBatchNorm || !layer_selected(selection, spec_[i])) continue;
+    auto frozen = to_frozen(*layers_[i].get<BatchNorm>());
+    replace_module(spec_[i].name, frozen.ptr());
+    layers_[i] = torch::nn::AnyModule(frozen);
+    spec_[i].kind = LayerKind::kFrozenBatchNorm;
   }
 }
 
-Model fold_batchnorm(const ModelImpl& model, const ModelConfig& config) {
-  ModelConfig plain = config;
-  plain.batchnorm.enabled = false;
-  Model folded(plain, model.inputs(), model.outputs());
+Model fold_batchnorm(const ModelImpl& model) {
+  const auto& src = model.layers();
+  std::string error;
+  const auto plan = fold_plan(src, &error);
+  if (!error.empty()) throw InputError("fold: " + error);
+  StrategyConfig fold;
+  fold.fold = true;
+  Model folded(sized_layers(prepared_layers(src, fold), model.inputs(), model.outputs()));
   folded->share_dropout_generator(model);
-  const auto src = model.linears();
-  const auto bns = model.batchnorms();
-  const auto dst = folded->linears();
-  TORCH_CHECK(src.size() == dst.size() && bns.size() + 1 == src.size(), "fold: expected one BatchNorm per hidden Linear");
-  torch::NoGradGuard no_grad;
+  // Every Linear's weight and bias in double, updated by each fold step in plan order.
+  std::vector<torch::Tensor> w(src.size()), b(src.size());
   for (size_t i = 0; i < src.size(); ++i) {
-    auto w = src[i]->weight.to(torch::kDouble), b = src[i]->bias.to(torch::kDouble);
-    if (i < bns.size()) {
-      const auto& bn = *bns[i];
-      const auto gamma = bn.weight.defined() ? bn.weight.to(torch::kDouble) : torch::ones_like(b);
-      const auto beta = bn.bias.defined() ? bn.bias.to(torch::kDouble) : torch::zeros_like(b);
-      const auto scale = gamma / torch::sqrt(bn.running_var.to(torch::kDouble) + bn.options.eps());
-      w = w * scale.unsqueeze(1);
-      b = (b - bn.running_mean.to(torch::kDouble)) * scale + beta;
+    if (src[i].kind != LayerKind::kDense) continue;
+    const auto& lin = *std::dynamic_pointer_cast<torch::nn::LinearImpl>(model.module_at(i));
+    w[i] = lin.weight.detach().to(torch::kDouble);
+    b[i] = lin.bias.defined() ? lin.bias.detach().to(torch::kDouble) : torch::zeros({src[i].out}, torch::kDouble);
+  }
+  torch::NoGradGuard no_grad;
+  for (const auto& step : plan) {
+    const auto& bn = *std::dynamic_pointer_cast<BatchNormImpl>(model.module_at(step.bn));
+    const int64_t c = src[step.bn].out;
+    const auto gamma = bn.weight.defined() ? bn.weight.to(torch::kDouble) : torch::ones({c}, torch::kDouble);
+    const auto beta = bn.bias.defined() ? bn.bias.to(torch::kDouble) : torch::zeros({c}, torch::kDouble);
+    const auto scale = gamma / torch::sqrt(bn.running_var.to(torch::kDouble) + bn.options.eps());
+    const auto mean = bn.running_mean.to(torch::kDouble);
+    auto& W = w[step.linear];
+    auto& B = b[step.linear];
+    if (step.into_next) {
+      B = B + torch::mv(W, beta - mean * scale);
+      W = W * scale.unsqueeze(0);
+    } else {
+      W = W * scale.unsqueeze(1);
+      B = (B - mean) * scale + beta;
     }
-    dst[i]->weight.copy_(w.to(torch::kFloat));
-    dst[i]->bias.copy_(b.to(torch::kFloat));
+  }
+  // Copy into the folded model: its layers are the source's minus the BatchNorms, in order.
+  size_t j = 0;
+  for (size_t i = 0; i < src.size(); ++i) {
+    if (src[i].kind == LayerKind::kBatchNorm) continue;
+    if (src[i].kind == LayerKind::kDense) {
+      auto& lin = *std::dynamic_pointer_cast<torch::nn::LinearImpl>(folded->module_at(j));
+      lin.weight.copy_(w[i].to(torch::kFloat));
+      lin.bias.copy_(b[i].to(torch::kFloat));
+    }
+    ++j;
   }
   return folded;
 }
 
 void Policy::apply(ModelImpl& model) const {
-  auto bns = model.batchnorms();
-  const auto names = model.batchnorm_names();
-  const auto positions = model.batchnorm_positions();
-  for (size_t i = 0; i < bns.size(); ++i) {
-    const bool selected = layer_selected(strategy.layers, static_cast<size_t>(positions[i]), names[i]);
-    auto& bn = *bns[i];
-    // Unselected layers are put back to the model's defaults, so applying is idempotent
-    // whatever state a previous policy left.
-    bn.options.momentum(selected && strategy.momentum ? *strategy.momentum : base_momentum);
-    bn.options.track_running_stats(selected ? strategy.track_running_stats : true);
-    const bool affine_grad = !selected || strategy.affine_trainable;
-    if (bn.weight.defined()) bn.weight.requires_grad_(affine_grad);
-    if (bn.bias.defined()) bn.bias.requires_grad_(affine_grad);
-    if (selected && strategy.bn_mode == BnMode::kEval) bn.eval();
-    else bn.train(model.is_training());
-  }
-  auto lins = model.linears();
-  for (size_t i = 0; i < lins.size(); ++i) {
-    const bool trainable = static_cast<int64_t>(i) >= strategy.freeze_linear;
-    lins[i]->weight.requires_grad_(trainable);
-    if (lins[i]->bias.defined()) lins[i]->bias.requires_grad_(trainable);
+  const auto& layers = model.layers();
+  const auto modes = resolve_modes(layers, &strategy);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const LayerMode& m = modes[i];
+    switch (layers[i].kind) {
+      case LayerKind::kDense: {
+        auto& lin = *std::dynamic_pointer_cast<torch::nn::LinearImpl>(model.module_at(i));
+        lin.weight.requires_grad_(m.trainable);
+        if (lin.bias.defined()) lin.bias.requires_grad_(m.trainable);
+        break;
+      }
+      case LayerKind::kBatchNorm: {
+        // Every field is set from the resolution, unselected layers back to the model's
+        // defaults, so applying is idempotent whatever state a previous policy left.
+        auto& bn = *std::dynamic_pointer_cast<BatchNormImpl>(model.module_at(i));
+        bn.options.momentum(m.momentum);
+        bn.options.track_running_stats(m.track_running_stats);
+        if (bn.weight.defined()) bn.weight.requires_grad_(m.trainable);
+        if (bn.bias.defined()) bn.bias.requires_grad_(m.trainable);
+        if (m.eval_mode) bn.eval();
+        else bn.train(model.is_training());
+        break;
+      }
+      case LayerKind::kFrozenBatchNorm:  // buffers only: nothing to train, the same in both modes
+      case LayerKind::kActivation:
+      case LayerKind::kDropout:
+        break;
+    }
   }
 }
 
@@ -344,26 +342,6 @@ torch::Tensor compute_loss(LossKind loss, const torch::Tensor& out, const torch:
 
 double accuracy(const torch::Tensor& out, const torch::Tensor& y) {
   return out.argmax(1).eq(class_labels(y)).to(torch::kDouble).mean().item<double>();
-}
-
-std::unique_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& c,
-                                                        const std::vector<torch::Tensor>& all) {
-  std::vector<torch::Tensor> params;
-  for (const auto& p : all)
-    if (p.requires_grad()) params.push_back(p);
-  if (params.empty()) return nullptr;  // everything frozen: nothing to step
-  switch (c.kind) {
-    case OptimizerKind::kSgd:
-      return std::make_unique<torch::optim::SGD>(
-          params, torch::optim::SGDOptions(c.lr).momentum(c.momentum).nesterov(c.nesterov).weight_decay(c.weight_decay));
-    case OptimizerKind::kAdam:
-      return std::make_unique<torch::optim::Adam>(
-          params, torch::optim::AdamOptions(c.lr).betas({c.beta1, c.beta2}).eps(c.eps).weight_decay(c.weight_decay));
-    case OptimizerKind::kAdamW:
-      return std::make_unique<torch::optim::AdamW>(
-          params, torch::optim::AdamWOptions(c.lr).betas({c.beta1, c.beta2}).eps(c.eps).weight_decay(c.weight_decay));
-  }
-  return nullptr;
 }
 
 std::vector<std::pair<std::string, torch::Tensor>> state_dict(const torch::nn::Module& m) {

@@ -13,14 +13,16 @@
 
 namespace bnlab {
 
-/// Options of BatchNorm, following torch::nn::BatchNormOptions with one addition: the
-/// numerics convention. momentum is always PyTorch's (weight of the new batch statistic).
+/// Options of BatchNorm, following torch::nn::BatchNormOptions with two additions: the
+/// numerics convention, and Keras' center/scale (beta and gamma) taken separately.
+/// momentum is always PyTorch's (weight of the new batch statistic).
 struct BatchNormOptions {
   /* implicit */ BatchNormOptions(int64_t num_features) : num_features_(num_features) {}
   TORCH_ARG(int64_t, num_features);
   TORCH_ARG(double, eps) = 1e-5;
   TORCH_ARG(double, momentum) = 0.1;
-  TORCH_ARG(bool, affine) = true;
+  TORCH_ARG(bool, scale) = true;   ///< a learnable gamma ("weight")
+  TORCH_ARG(bool, center) = true;  ///< a learnable beta ("bias")
   /// Mirrors LibTorch's module option: when false, the forward uses batch statistics in
   /// training AND eval mode, and still updates the buffers it has (LibTorch's own rule).
   TORCH_ARG(bool, track_running_stats) = true;
@@ -84,34 +86,37 @@ TORCH_MODULE(Dropout);
 /// Batch statistics as the Keras convention computes them: mean and biased variance over dim 0.
 std::pair<torch::Tensor, torch::Tensor> batch_moments(const torch::Tensor& x);
 
-/// One entry per layer of the network, in Sequential order.
-struct LayerInfo {
-  std::string name;   ///< "0", "1", ... as torch.nn.Sequential names children
-  std::string kind;   ///< "linear", "batchnorm", "relu", "tanh", "gelu", "dropout"
+/// The element-wise activation of a LayerSpec (kind activation) as a module without state.
+class ActivationModuleImpl : public torch::nn::Cloneable<ActivationModuleImpl> {
+ public:
+  ActivationModuleImpl(Activation a, double alpha) : activation(a), alpha(alpha) {}
+  void reset() override {}
+  torch::Tensor forward(const torch::Tensor& input);
+  void pretty_print(std::ostream& stream) const override;
+  Activation activation;
+  double alpha;
 };
+TORCH_MODULE(ActivationModule);
 
 class ModelImpl;
 
-/// Whether the BatchNorm at position `index` (among BatchNorm layers), named `name`, is selected.
-bool layer_selected(const LayerSelection& selection, size_t index, const std::string& name);
-
-/// What a freezing strategy does to a model; applied now and after every train() call.
+/// What a freezing strategy does to a model; applied now and after every train() call. It reads
+/// resolve_modes() on the model's own (prepared) layers.
 struct Policy {
   StrategyConfig strategy;
-  double base_momentum = 0.1;  ///< the model's momentum, restored on unselected layers
   /// Sets modes, momentum, track_running_stats and requires_grad. Idempotent.
   void apply(ModelImpl& model) const;
 };
 
-/// Dense/BatchNorm1d network: [Linear, BatchNorm?, activation, Dropout?] per hidden
-/// width, then a Linear head. Children are registered as "0", "1", ... exactly as
-/// torch.nn.Sequential would, so state dicts load in Python unchanged.
+/// The network a LayerSpec list describes, one module per entry, registered as "0", "1", ...
+/// exactly as torch.nn.Sequential would, so state dicts load in Python unchanged.
 class ModelImpl : public torch::nn::Module {
  public:
-  ModelImpl(const ModelConfig& config, int64_t inputs, int64_t outputs);
+  /// `layers`: sized (sized_layers); each module comes from its kind's definition (layer_kinds.hpp).
+  explicit ModelImpl(std::vector<LayerSpec> layers);
   torch::Tensor forward(torch::Tensor x);
   /// The same forward pass, telling `observe` each layer's input and output.
-  using LayerObserver = std::function<void(const LayerInfo&, const torch::Tensor& in, const torch::Tensor& out)>;
+  using LayerObserver = std::function<void(const LayerSpec&, const torch::Tensor& in, const torch::Tensor& out)>;
   torch::Tensor forward_observed(torch::Tensor x, const LayerObserver& observe);
 
   /// Module::train, then the policy again: a later train() cannot silently undo a freeze.
@@ -119,12 +124,13 @@ class ModelImpl : public torch::nn::Module {
   void set_policy(std::optional<Policy> policy);
   const std::optional<Policy>& policy() const { return policy_; }
 
-  const std::vector<LayerInfo>& layers() const { return info_; }
+  /// The resolved description of this network, one entry per module.
+  const std::vector<LayerSpec>& layers() const { return spec_; }
+  /// The module of layer i.
+  std::shared_ptr<torch::nn::Module> module_at(size_t i) const { return layers_[i].ptr(); }
   std::vector<BatchNorm> batchnorms() const;
-  /// For each of batchnorms(), its position among ALL BatchNorm layers, counting the ones
-  /// already replaced by FrozenBatchNorm1d, so a layer selection keeps pointing at the same layers.
-  std::vector<int64_t> batchnorm_positions() const;
-  std::vector<std::string> batchnorm_names() const;
+  /// The specs of batchnorms(), in the same order (names, bn_index, eps, momentum).
+  std::vector<LayerSpec> batchnorm_specs() const;
   std::vector<torch::nn::Linear> linears() const;
 
   /// Replaces the selected BatchNorm layers by FrozenBatchNorm1d modules with the same state.
@@ -140,22 +146,23 @@ class ModelImpl : public torch::nn::Module {
   /// The generator the dropout masks come from (its state moves as masks are drawn).
   std::shared_ptr<at::Generator> dropout_generator() const { return dropout_generator_; }
 
-  int64_t inputs() const { return inputs_; }
-  int64_t outputs() const { return outputs_; }
+  int64_t inputs() const { return spec_.front().in; }
+  int64_t outputs() const { return spec_.back().out; }
 
  private:
   std::vector<torch::nn::AnyModule> layers_;
-  std::vector<LayerInfo> info_;
+  std::vector<LayerSpec> spec_;
   std::optional<Policy> policy_;
   std::shared_ptr<at::Generator> dropout_generator_;
-  int64_t inputs_, outputs_;
 };
 TORCH_MODULE(Model);
 
-/// A model without BatchNorm whose inference output equals `model`'s: each BatchNorm is
-/// folded into the Linear before it, W' = W * s (per output row), b' = (b - mean) * s + beta,
-/// s = gamma / sqrt(running_var + eps), computed in double precision.
-Model fold_batchnorm(const ModelImpl& model, const ModelConfig& config);
+/// A model without BatchNorm whose inference output equals `model`'s, following fold_plan():
+/// a BatchNorm after a Linear folds into it, W' = diag(s) W, b' = (b - mean) s + beta; one
+/// before a Linear folds into that, W' = W diag(s), b' = b + W (beta - mean s); with
+/// s = gamma / sqrt(running_var + eps), in double precision. Throws InputError when a
+/// BatchNorm has no Linear beside it.
+Model fold_batchnorm(const ModelImpl& model);
 
 /// Width of the head for a loss: 2*targets (mean, log-variance) for gaussian_nll,
 /// targets for mse, classes for cross_entropy.
@@ -166,11 +173,6 @@ int64_t head_width(LossKind loss, int64_t targets, int64_t classes);
 torch::Tensor compute_loss(LossKind loss, const torch::Tensor& out, const torch::Tensor& y);
 /// Fraction of correct argmax predictions (cross_entropy only).
 double accuracy(const torch::Tensor& out, const torch::Tensor& y);
-
-/// Optimizer over the parameters that require grad (frozen ones are left out entirely);
-/// nullptr when nothing is trainable.
-std::unique_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& config,
-                                                        const std::vector<torch::Tensor>& params);
 
 /// Named state (parameters, then buffers) in state-dict order.
 std::vector<std::pair<std::string, torch::Tensor>> state_dict(const torch::nn::Module& m);

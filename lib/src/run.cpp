@@ -164,13 +164,19 @@ void export_weights(const std::string& run_dir, const std::string& strategy, con
   }
   if (!root.isGenericDict()) throw InputError(path + ": not a state dict");
   const auto sd = root.toGenericDict();
-  if (!sd.contains("0.weight")) throw InputError(path + ": no tensor \"0.weight\"");
-  const int64_t inputs = sd.at("0.weight").toTensor().size(1);
-  const size_t linears = config.model.hidden.size();
-  const int64_t per = (s->fold || !config.model.batchnorm.enabled ? 2 : 3) + (config.model.dropout > 0 ? 1 : 0);
-  const std::string head = std::to_string(static_cast<int64_t>(linears) * per) + ".weight";
-  if (!sd.contains(head)) throw InputError(path + ": no head tensor \"" + head + "\"");
-  Model m = strategy_architecture(config, *s, inputs, sd.at(head).toTensor().size(0));
+  // The widths come from the state dict: the first Linear's input is the data's width (the
+  // layers before it keep the width), the head's output the loss's.
+  const auto layers = prepared_layers(config.model.layers, *s);
+  std::string first, head;
+  for (const auto& l : layers)
+    if (l.kind == LayerKind::kDense) {
+      if (first.empty()) first = l.name + ".weight";
+      head = l.name + ".weight";
+    }
+  for (const auto& name : {first, head})
+    if (!sd.contains(name) || sd.at(name).toTensor().dim() != 2)
+      throw InputError(path + ": no Linear weight \"" + name + "\"; it does not hold the network of " + resolved);
+  Model m = strategy_architecture(config, *s, sd.at(first).toTensor().size(1), sd.at(head).toTensor().size(0));
   load_state(*m, sd, path);
   if (format == "keras-h5") {
     export_keras_h5(out, *m);
@@ -209,8 +215,8 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
       std::free(real);
     }
   }
-  const auto& bn = config.model.batchnorm;
-  if (bn.enabled && bn.semantics == BnSemantics::kTorch && w.data.size() % config.pretrain.batch_size == 1)
+  if (count_kind(config.model.layers, LayerKind::kBatchNorm) > 0 && config.model.batchnorm.semantics == BnSemantics::kTorch &&
+      w.data.size() % config.pretrain.batch_size == 1)
     throw InputError("pretrain.batch_size: " + std::to_string(config.pretrain.batch_size) + " leaves a last batch of ONE sample out of " +
                      std::to_string(w.data.size()) + " rows, which PyTorch BatchNorm refuses in training mode; pick another batch size");
   check_out_dir(w.dir, config, force);
@@ -287,6 +293,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   std::string old_resolved;
   if (::access((dir + "/config.resolved.json").c_str(), R_OK) == 0) old_resolved = read_file(dir + "/config.resolved.json");
   write_file_atomic(dir + "/config.resolved.json", to_json(config));
+  write_file_atomic(dir + "/architecture.json", architecture_json(w.models[0]->layers(), config.model.batchnorm.semantics, config.model.loss));
   const double data_seconds = since(t_start);
 
   auto t = clock::now();
@@ -482,7 +489,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   for (auto& entry : prepared) entry.second = std::make_unique<Prepared>();
   const auto prepared_for = [&](const RunKey& key, const Config& rc) -> const ModelImpl* {
     const auto& strategy = config.strategies[key.strategy];
-    if (strategy.recalibrate > 0 && config.model.dropout > 0) return nullptr;
+    if (strategy.recalibrate > 0 && count_kind(config.model.layers, LayerKind::kDropout) > 0) return nullptr;
     Prepared& p = *prepared.at({key.seed, key.strategy});
     std::call_once(p.once, [&] { p.model = prepare_model(*w.models[key.seed], strategy, rc, &w.data); });
     return p.model.get();

@@ -70,11 +70,11 @@ bad empty_name 'strategies[0].name: must not be empty' '{"name": "t", "strategie
 bad dup_name 'duplicate strategy name "frozen"' '{"name": "t", "strategies": ["frozen", "frozen"]}'
 bad layer 'BatchNorm index 7 does not exist: the model has 2 BatchNorm layer(s)' '{"name": "t", "strategies": [{"preset": "frozen", "name": "f", "layers": [7]}]}'
 bad preset 'valid presets: train, freeze_affine, momentum_zero' '{"name": "t", "strategies": ["freeze"]}'
-bad activation 'model.activation: unknown value "sigmoid"; valid values: relu, tanh, gelu' '{"name": "t", "model": {"activation": "sigmoid"}}'
+bad activation 'model.activation: unknown value "swish"; valid values: relu, tanh, gelu, sigmoid, elu, leaky_relu, silu, softplus, linear' '{"name": "t", "model": {"activation": "swish"}}'
 bad loss 'model.loss: unknown value "mae"; did you mean "mse"?; valid values: gaussian_nll, mse, cross_entropy' '{"name": "t", "model": {"loss": "mae"}}'
-bad optimizer 'pretrain.optimizer.name: unknown value "rmsprop"; valid values: sgd, adam, adamw' '{"name": "t", "pretrain": {"optimizer": {"name": "rmsprop"}}}'
+bad optimizer 'pretrain.optimizer.name: unknown value "lamb"; valid values: sgd, adam, adamw, rmsprop, rmsprop_keras' '{"name": "t", "pretrain": {"optimizer": {"name": "lamb"}}}'
 bad torch_one 'runs BatchNorm in training mode on a batch of ONE sample' '{"name": "t", "model": {"batchnorm": {"semantics": "torch"}}, "strategies": ["train"]}'
-bad fold_no_bn 'there is no BatchNorm to fold' '{"name": "t", "model": {"batchnorm": {"enabled": false}}, "strategies": ["fold"]}'
+bad fold_no_bn 'strategies[0].fold: there is nothing to fold: the model has no BatchNorm layer' '{"name": "t", "model": {"batchnorm": {"enabled": false}}, "strategies": ["fold"]}'
 bad number_overflow 'invalid JSON: number overflow' '{"name": "t", "seed": 1e999}'
 check config_is_dir 2 "is not a regular file" -- "$bin" run "$tmp"
 

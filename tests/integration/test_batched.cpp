@@ -51,20 +51,20 @@ Trained trained(const std::string& config_file, const std::vector<std::string>& 
 void expect_gradients_match(const Trained& s, const StrategyConfig* strategy, int64_t rows, const std::string& what) {
   SCOPED_TRACE(what + ", rows " + std::to_string(rows));
   const auto x = s.data.x.narrow(0, 3, rows), y = s.data.y.narrow(0, 3, rows);
-  Model m = clone_model(*s.pretrained, s.config);
+  Model m = clone_model(*s.pretrained);
   if (strategy) {
     Config c = s.config;
     m = prepare_model(*s.pretrained, *strategy, c, &s.data);
   }
   m->set_dropout_seed(99);
   std::vector<std::pair<std::string, torch::Tensor>> grads;
-  const double loss = batched_gradients(*m, strategy, s.config.model.batchnorm.momentum, s.config.model.loss, x, y, grads);
+  const double loss = batched_gradients(*m, strategy, s.config.model.loss, x, y, grads);
 
   // The reference: the same model, the same dropout stream, through torch::nn and autograd.
-  Model ref = strategy ? strategy_architecture(s.config, *strategy, m->inputs(), m->outputs()) : clone_model(*m, s.config);
+  Model ref = strategy ? strategy_architecture(s.config, *strategy, m->inputs(), m->outputs()) : clone_model(*m);
   ref->copy_state_from(*m);
   ref->set_dropout_seed(99);
-  if (strategy) ref->set_policy(Policy{*strategy, s.config.model.batchnorm.momentum});
+  if (strategy) ref->set_policy(Policy{*strategy});
   ref->train();
   auto ref_loss = compute_loss(s.config.model.loss, ref->forward(x), y);
   ref_loss.backward();
@@ -409,7 +409,7 @@ TEST(BatchedPretrain, OneStepMatchesTorchEngine) {
     const Dataset data = load_data(c);
     torch::manual_seed(c.seed);
     Model a = build_model(c, data);
-    Model b = clone_model(*a, c);
+    Model b = clone_model(*a);
     const double la = pretrain(*a, data, c, std::cerr, 0);
     const double lb = pretrain_batched(*b, data, c, std::cerr, 0);
     EXPECT_NEAR(la, lb, 1e-6 * std::max(1.0, std::abs(la))) << file;
@@ -432,7 +432,7 @@ TEST(BatchedPretrain, FullPretrainingAgreesWithTorchEngine) {
   const Dataset data = load_data(c);
   torch::manual_seed(c.seed);
   Model a = build_model(c, data);
-  Model b = clone_model(*a, c);
+  Model b = clone_model(*a);
   std::ostringstream la, lb;
   pretrain(*a, data, c, la, 0);
   pretrain_batched(*b, data, c, lb, 0);

@@ -13,6 +13,7 @@
 #include "engine.hpp"
 #include "keras_io.hpp"
 #include "support.hpp"
+#include "torch_support.hpp"
 #include "text.hpp"
 
 namespace {
@@ -85,19 +86,15 @@ TEST(Keras, ExportRoundTripsBitForBit) {
 }
 
 TEST(Keras, MismatchesNameLayerDatasetAndShapes) {
-  ModelConfig mc;
-  mc.hidden = {5, 4};
-  mc.batchnorm.semantics = BnSemantics::kKeras;
-  Model wrong(mc, 4, 1);
+  Model wrong = test::shorthand_model({5, 4}, 4, 1);
   try {
     import_keras_h5(source("tests/keras/fixtures/keras2.h5"), *wrong);
     FAIL() << "expected InputError";
   } catch (const InputError& e) {
-    EXPECT_NE(std::string(e.what()).find("layer \"dense_1\", dataset \"dense_1/dense_1/kernel:0\" has shape [5, 3] but the model's Linear weight (as a Keras kernel [in, out]) needs [5, 4]"),
+    EXPECT_NE(std::string(e.what()).find("layer \"dense_1\", dataset \"dense_1/dense_1/kernel:0\" has shape [5, 3] but the model's layer 3 weight (Keras kernel [in, out]) needs [5, 4]"),
               std::string::npos) << e.what();
   }
-  mc.hidden = {5};
-  Model fewer(mc, 4, 1);
+  Model fewer = test::shorthand_model({5}, 4, 1);
   try {
     import_keras_h5(source("tests/keras/fixtures/keras3.weights.h5"), *fewer);
     FAIL() << "expected InputError";

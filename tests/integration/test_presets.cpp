@@ -19,6 +19,7 @@
 #include "engine.hpp"
 #include "workspace.hpp"
 #include "support.hpp"
+#include "torch_support.hpp"
 #include "text.hpp"
 
 namespace {
@@ -191,7 +192,7 @@ TEST(Presets, TorchSemanticsMatchPythonPyTorch) {
   Dataset pre;
   pre.x = tensor(golden["pretrain_x"], {c.data.samples, f});
   const auto x = tensor(golden["x"], {4, f}), y = tensor(golden["y"], {4, t});
-  Model m(c.model, f, t);
+  Model m(sized_layers(c.model.layers, f, t));
   {
     torch::NoGradGuard g;
     for (auto& [name, p] : state_dict(*m)) {
@@ -246,7 +247,7 @@ TEST(FrozenBatchNorm, MatchesEvalBatchNormAndConvertsBack) {
     EXPECT_TRUE(torch::equal(got, want));
   // In a model: the selected layer is replaced, keeps its name, and the output is unchanged.
   const auto& f = keras_fixture();
-  Model m = clone_model(*f.pretrained, f.config);
+  Model m = clone_model(*f.pretrained);
   m->eval();
   const auto before = m->forward(f.data.x.narrow(0, 0, 8));
   LayerSelection only_second;
@@ -254,7 +255,7 @@ TEST(FrozenBatchNorm, MatchesEvalBatchNormAndConvertsBack) {
   only_second.indices = {1};
   m->freeze_batchnorm_modules(only_second);
   EXPECT_EQ(m->batchnorms().size(), 1u);
-  EXPECT_EQ(m->layers()[4].kind, "frozen_batchnorm");
+  EXPECT_EQ(m->layers()[4].kind, LayerKind::kFrozenBatchNorm);
   m->train();
   m->batchnorms()[0]->eval();
   EXPECT_LT((m->forward(f.data.x.narrow(0, 0, 8)) - before).abs().max().item<double>(), 1e-5);
@@ -262,9 +263,9 @@ TEST(FrozenBatchNorm, MatchesEvalBatchNormAndConvertsBack) {
 
 TEST(Fold, InferenceOutputEqualsTheUnfoldedModel) {
   const auto& f = keras_fixture();
-  Model m = clone_model(*f.pretrained, f.config);
+  Model m = clone_model(*f.pretrained);
   m->eval();
-  Model folded = fold_batchnorm(*m, f.config.model);
+  Model folded = fold_batchnorm(*m);
   folded->eval();
   const auto x = f.data.x.narrow(0, 0, 256);
   const auto diff = (m->forward(x) - folded->forward(x)).abs().max().item<double>();
@@ -276,11 +277,8 @@ TEST(Recalibrate, GivesTheTrueAverageOfBatchStatistics) {
   // the mean of the whole set; an exponential average (momentum 0.01) would be far from it.
   // One batch of the whole set gives its variance: biased under keras, unbiased under torch.
   for (auto sem : {BnSemantics::kKeras, BnSemantics::kTorch}) {
-    ModelConfig mc;
-    mc.hidden = {3, 3};
-    mc.batchnorm.semantics = sem;
     torch::manual_seed(9);
-    Model m(mc, 2, 1);
+    Model m = test::shorthand_model({3, 3}, 2, 1, sem);
     Dataset d;
     d.x = torch::randn({64, 2}) * 2 + 1;
     const auto h = m->linears()[0]->forward(d.x).detach();

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Interop: Python PyTorch (Debian's python3-torch) reads bnlab's run directory.
 
-It loads pretrained.pt and sample.pt with torch.load, rebuilds the same model as a plain
-torch.nn.Sequential, and recomputes the losses bnlab reported -- an implementation that
+It loads pretrained.pt and sample.pt with torch.load, rebuilds the model as a plain
+torch.nn.Sequential of PyTorch's own modules from the recorded layer list (architecture.json),
+also checks architecture.json's PyTorch expression, and recomputes the losses bnlab reported -- an implementation that
 shares no code with bnlab:
   * evaluate of the untouched pretrained weights (inference mode), within 1e-5;
   * for Keras semantics, the `train` strategy's first training loss: a batch of one in
     training mode makes every BatchNorm output its beta, so the network output is
-    head(act(beta_last)) whatever the input -- computed here by hand from the state dict.
+    the layers after the last BatchNorm applied to its beta, whatever the input -- computed
+    here by hand from the state dict.
 Usage: test_interop.py BNLAB_BINARY CONFIG
 """
 import json
@@ -35,24 +37,25 @@ def loss_fn(name, out, y):
     return torch.nn.functional.cross_entropy(out, y[:, 0].long())
 
 
-def activation(name):
-    return {"relu": torch.nn.ReLU(), "tanh": torch.nn.Tanh(), "gelu": torch.nn.GELU()}[name]
+def module(layer):
+    """One torch.nn module for one entry of architecture.json, from PyTorch's own classes."""
+    kind = layer["kind"]
+    if kind == "dense":
+        return torch.nn.Linear(layer["in"], layer["out"], bias=layer["use_bias"])
+    if kind == "batchnorm":
+        assert layer["center"] == layer["scale"], "BatchNorm1d has gamma and beta together or neither"
+        return torch.nn.BatchNorm1d(layer["out"], eps=layer["eps"], momentum=layer["momentum"], affine=layer["scale"])
+    if kind == "dropout":
+        return torch.nn.Dropout(layer["rate"])
+    name = layer["activation"]
+    return {"relu": torch.nn.ReLU(), "tanh": torch.nn.Tanh(), "gelu": torch.nn.GELU(), "sigmoid": torch.nn.Sigmoid(),
+            "silu": torch.nn.SiLU(), "softplus": torch.nn.Softplus(), "linear": torch.nn.Identity(),
+            "elu": torch.nn.ELU(alpha=layer.get("alpha", 1.0)),
+            "leaky_relu": torch.nn.LeakyReLU(negative_slope=layer.get("negative_slope", 0.0))}[name]
 
 
-def build(cfg, inputs, outputs):
-    m = cfg["model"]
-    bn = m["batchnorm"]
-    layers, width = [], inputs
-    for h in m["hidden"]:
-        layers.append(torch.nn.Linear(width, h))
-        if bn["enabled"]:
-            layers.append(torch.nn.BatchNorm1d(h, eps=bn["eps"], momentum=bn["momentum"], affine=bn["affine"]))
-        layers.append(activation(m["activation"]))
-        if m["dropout"] > 0:
-            layers.append(torch.nn.Dropout(m["dropout"]))
-        width = h
-    layers.append(torch.nn.Linear(width, outputs))
-    return torch.nn.Sequential(*layers)
+def build(arch):
+    return torch.nn.Sequential(*[module(layer) for layer in arch["layers"]])
 
 
 def main():
@@ -65,11 +68,17 @@ def main():
         summary = json.load(open(out + "/summary.json"))
         ckpt = torch.load(out + "/pretrained.pt")
         sample = torch.load(out + "/sample.pt")
+        arch = json.load(open(out + "/architecture.json"))
         sd = ckpt["state_dict"]
         x, y = sample["x"], sample["y"]
-        inputs, outputs = x.shape[1], sd[max(sd, key=lambda k: int(k.split(".")[0]))].shape[0]
-        model = build(cfg, inputs, outputs)
+        model = build(arch)
         model.load_state_dict(sd, strict=True)  # names and shapes must match exactly
+        # The PyTorch expression bnlab records builds the same modules.
+        if arch["pytorch"] is not None:
+            again = eval(arch["pytorch"], {"torch": torch})  # noqa: S307 (bnlab's own output, under test)
+            again.load_state_dict(sd, strict=True)
+            if [type(m) for m in again] != [type(m) for m in model]:
+                failures.append(f"architecture.json's pytorch expression builds {again}, the layer list {model}")
         model.eval()
         with torch.no_grad():
             ours = float(loss_fn(cfg["model"]["loss"], model(x), y))
@@ -83,15 +92,16 @@ def main():
             print(f"  {s['strategy']}: bnlab evaluate_pretrained {s['evaluate_pretrained']:.9g}  |diff| {diff:.3g}")
             if diff > TOL:
                 failures.append(f"{s['strategy']}: evaluate_pretrained {s['evaluate_pretrained']} vs python {ours}")
-        if cfg["model"]["batchnorm"]["semantics"] == "keras" and cfg["model"]["batchnorm"]["enabled"]:
+        bns = [i for i, m in enumerate(model) if isinstance(m, torch.nn.BatchNorm1d)]
+        if cfg["model"]["batchnorm"]["semantics"] == "keras" and bns:
             train = [s for s in summary["runs"] if s["strategy"] == "train"]
-            if train and cfg["model"]["dropout"] == 0:
-                bns = [i for i, l in enumerate(model) if isinstance(l, torch.nn.BatchNorm1d)]
-                h = model[bns[-1]].bias.detach().unsqueeze(0)  # last BN outputs beta
-                h = model[bns[-1] + 1](h)                      # its activation
+            after = list(model)[bns[-1] + 1:]
+            if train and not any(isinstance(m, (torch.nn.Dropout, torch.nn.BatchNorm1d)) for m in after):
                 with torch.no_grad():
-                    out_train = model[-1](h)                   # the head
-                    want = float(loss_fn(cfg["model"]["loss"], out_train, y))
+                    h = model[bns[-1]].bias.detach().unsqueeze(0)  # last BN outputs beta
+                    for m in after:                                # then what follows it, the head last
+                        h = m(h)
+                    want = float(loss_fn(cfg["model"]["loss"], h, y))
                 got = train[0]["loss"][0]
                 print(f"  train loss[1]: bnlab {got:.9g}  python (BN outputs beta) {want:.9g}")
                 if abs(got - want) > TOL * max(1.0, abs(want)):

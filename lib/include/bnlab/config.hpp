@@ -7,12 +7,14 @@
 #include <utility>
 #include <vector>
 
+#include "bnlab/layers.hpp"
+
 namespace bnlab {
 
-enum class Activation { kRelu, kTanh, kGelu };
 enum class LossKind { kGaussianNll, kMse, kCrossEntropy };
-enum class BnSemantics { kTorch, kKeras };
-enum class OptimizerKind { kSgd, kAdam, kAdamW };
+/// kRmsprop is PyTorch's (eps added to the root: g / (sqrt(v) + eps)); kRmspropKeras is Keras'
+/// (eps inside the root, lr inside the momentum: lr g / sqrt(v + eps)).
+enum class OptimizerKind { kSgd, kAdam, kAdamW, kRmsprop, kRmspropKeras };
 enum class Schedule { kConstant, kCosine };
 enum class Monitor { kLoss, kValLoss };
 enum class BnMode { kTrain, kEval };
@@ -21,14 +23,16 @@ enum class BnModule { kBatchNorm, kFrozen };
 /// Settings of an optimizer; fields that do not apply to the chosen kind are ignored
 /// and rejected by the parser when given.
 struct OptimizerConfig {
-  OptimizerKind kind = OptimizerKind::kSgd;  ///< "sgd" | "adam" | "adamw"
+  OptimizerKind kind = OptimizerKind::kSgd;  ///< "sgd" | "adam" | "adamw" | "rmsprop" | "rmsprop_keras"
   double lr = 1e-3;                          ///< learning rate, > 0
-  double momentum = 0.0;                     ///< sgd only, in [0, 1); default 0
+  double momentum = 0.0;                     ///< sgd, rmsprop, rmsprop_keras; in [0, 1); default 0
   bool nesterov = false;                     ///< sgd only; needs momentum > 0
-  double weight_decay = 0.0;                 ///< >= 0; default 0 (adamw: 0.01)
+  double weight_decay = 0.0;                 ///< >= 0; default 0 (adamw: 0.01); not rmsprop_keras
   double beta1 = 0.9;                        ///< adam/adamw, in [0, 1)
   double beta2 = 0.999;                      ///< adam/adamw, in [0, 1)
-  double eps = 1e-8;                         ///< adam/adamw, > 0
+  double eps = 1e-8;                         ///< adam/adamw/rmsprop 1e-8, rmsprop_keras 1e-7; > 0
+  double alpha = 0.99;                       ///< rmsprop: smoothing of the squared gradient (Keras' rho: 0.9), in [0, 1)
+  bool centered = false;                     ///< rmsprop, rmsprop_keras: divide by the gradient's estimated variance
 };
 
 struct DataConfig {
@@ -48,8 +52,9 @@ struct DataConfig {
   bool standardize = true;                     ///< standardize features with the data set's mean/std (all of it is pretraining data)
 };
 
+/// model.batchnorm: the numerics convention of every BatchNorm layer, and the settings a
+/// BatchNorm layer takes when it does not give its own.
 struct BatchNormConfig {
-  bool enabled = true;                        ///< a BatchNorm1d after each hidden Linear
   BnSemantics semantics = BnSemantics::kKeras;
   double eps = 1e-3;                          ///< default 1e-3 (keras) or 1e-5 (torch)
   double momentum = 0.01;                     ///< PyTorch convention; default 0.01 (keras) or 0.1 (torch)
@@ -57,12 +62,19 @@ struct BatchNormConfig {
 };
 
 struct ModelConfig {
-  std::vector<int64_t> hidden = {64, 64};     ///< widths of the hidden Linear layers
-  Activation activation = Activation::kRelu;
-  double dropout = 0.0;                       ///< dropout probability after each activation, [0, 1)
+  /// The network, resolved once from model.layers or the shorthand (hidden, activation,
+  /// dropout, batchnorm.enabled), with the output head appended, every layer named by its
+  /// Sequential position. Everything reads this; nothing re-derives positions.
+  std::vector<LayerSpec> layers;
   LossKind loss = LossKind::kGaussianNll;
   BatchNormConfig batchnorm;
 };
+
+/// The layers the shorthand describes: per width a Dense, a BatchNorm (when `batchnorm`), the
+/// activation and a Dropout (when dropout > 0); then the head; named. The default model is
+/// shorthand_layers({64, 64}, relu, 0, true, {}).
+std::vector<LayerSpec> shorthand_layers(const std::vector<int64_t>& hidden, Activation activation, double dropout,
+                                        bool batchnorm, const BatchNormConfig& bn, double alpha = 0);
 
 struct PretrainConfig {
   int64_t epochs = 5;
@@ -86,7 +98,7 @@ struct FinetuneConfig {
 };
 
 /// Which BatchNorm layers a strategy touches: all, or a list of positions among the
-/// BatchNorm layers (0 = first) and/or module names ("1", "4").
+/// BatchNorm layers (0 = first, LayerSpec::bn_index) and/or module names ("1", "4").
 struct LayerSelection {
   bool all = true;
   std::vector<int64_t> indices;
@@ -106,7 +118,7 @@ struct StrategyConfig {
   /// PreciseBN: before fine-tuning, set the selected layers' running statistics to the true
   /// average of per-batch statistics over this many pretraining batches; 0 = off.
   int64_t recalibrate = 0;
-  bool fold = false;                           ///< fold every BatchNorm into the preceding Linear
+  bool fold = false;                           ///< fold every BatchNorm into the Linear beside it (fold_plan)
   /// "batchnorm", or "frozen": replace the selected layers by FrozenBatchNorm1d (buffers only,
   /// x * scale + shift), the torchvision/detectron2 module, here for 1-D.
   BnModule bn_module = BnModule::kBatchNorm;
@@ -157,15 +169,43 @@ std::string to_json(const Config& config);
 /// throws InputError when the draw or an index does not fit.
 void resolve_samples(Config& config, int64_t data_size);
 
-/// Whether any BatchNorm layer computes batch statistics during fit under this strategy
-/// (selected layers in train mode or without running statistics, or layers it leaves
-/// unselected); `per_block` is the number of modules per hidden layer (3, or 4 with dropout).
-bool uses_batch_stats_in_fit(const StrategyConfig& strategy, int64_t bn_layers, int64_t per_block);
+/// Whether a strategy's layer selection picks this BatchNorm (by bn_index or module name).
+bool layer_selected(const LayerSelection& selection, const LayerSpec& layer);
+
+/// The layers a strategy fine-tunes: BatchNorms folded away (the Linear they fold into gains a
+/// bias), or selected ones converted to FrozenBatchNorm1d; renamed by position. Throws
+/// std::invalid_argument when fold has no plan (validation reports that first).
+std::vector<LayerSpec> prepared_layers(const std::vector<LayerSpec>& layers, const StrategyConfig& strategy);
+
+/// What a strategy does to one layer during fine-tuning: the one resolution that the torch
+/// policy, the batched engine, validation and explain read.
+struct LayerMode {
+  bool trainable = false;            ///< its parameters get gradients and optimizer steps
+  // BatchNorm (and FrozenBatchNorm1d, which has no parameters and ignores the rest)
+  bool selected = false;             ///< picked by the strategy's `layers`
+  bool eval_mode = false;            ///< module in eval mode during fit
+  bool track_running_stats = true;
+  bool fit_batch_stats = false;      ///< the fit forward normalises with batch statistics
+  bool infer_batch_stats = false;    ///< inference does too (track_running_stats false: LibTorch's rule)
+  bool counts = false;               ///< num_batches_tracked advances in the fit forward
+  double momentum = 0;               ///< of the running-statistics update in the fit forward
+};
+
+/// Per layer of `prepared` (prepared_layers' result), what `strategy` sets; nullptr: the
+/// model's own defaults in training mode (pretraining: everything trains, batch statistics).
+std::vector<LayerMode> resolve_modes(const std::vector<LayerSpec>& prepared, const StrategyConfig* strategy);
+
+/// Whether any BatchNorm computes batch statistics in the fit forward under this strategy.
+bool uses_batch_stats_in_fit(const std::vector<LayerSpec>& layers, const StrategyConfig& strategy);
+
+/// architecture.json: the sized network (inputs, outputs, every module's name, kind, widths and
+/// options, and a PyTorch expression that builds the same modules), so that Python rebuilds it
+/// without bnlab.
+std::string architecture_json(const std::vector<LayerSpec>& sized, BnSemantics semantics, LossKind loss);
 
 /// Hash of the settings that determine pretrained weights (seed, data, model, pretrain).
 std::string pretrain_cache_key(const Config& config);
 
-const char* to_string(Activation a);
 const char* to_string(LossKind l);
 const char* to_string(BnSemantics s);
 const char* to_string(OptimizerKind o);

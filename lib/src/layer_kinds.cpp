@@ -1,0 +1,467 @@
+// The layer-kind registry (see layer_kinds.hpp): one definition per kind, holding its state,
+// its torch module, its batched forward and backward kernels and its Keras mapping.
+#include "layer_kinds.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+#include "kernels.hpp"
+
+namespace bnlab {
+
+namespace {
+
+/// Rows at or above which a lane's matrix products go through kernels::gemm (pretraining
+/// batches); below, matrix-vector loops need no transposed copies.
+constexpr int64_t kGemmRows = 8;
+
+torch::Tensor wrap(float* p, std::initializer_list<int64_t> sizes) {
+  return torch::from_blob(p, sizes, torch::TensorOptions().dtype(torch::kFloat));
+}
+
+// ---------------------------------------------------------------------------------- Dense
+class DenseKind final : public LayerKindDef {
+ public:
+  std::vector<StateTensor> state(const LayerSpec& l) const override {
+    std::vector<StateTensor> s{{"weight", StateTensor::kParameter, {l.out, l.in}}};
+    if (l.use_bias) s.push_back({"bias", StateTensor::kParameter, {l.out}});
+    return s;
+  }
+  torch::nn::AnyModule module(const LayerSpec& l, const std::shared_ptr<at::Generator>&) const override {
+    return torch::nn::AnyModule(torch::nn::Linear(torch::nn::LinearOptions(l.in, l.out).bias(l.use_bias)));
+  }
+  void forward(const LaneStore& s, BatchedLayer& L, Pass, const float* in, float* out) const override {
+    const LayerSpec& l = L.spec;
+    for (int64_t lane = 0; lane < s.lanes; ++lane) {
+      const float* W = s.P(lane) + L.at[0];
+      const float* bias = l.use_bias ? s.P(lane) + L.at[1] : nullptr;
+      const float* X = in + lane * s.stride * l.in;
+      float* Y = out + lane * s.stride * l.out;
+      if (s.rows >= kGemmRows) {
+        s.scratch->resize(static_cast<size_t>(l.in * l.out));
+        kernels::transpose(W, s.scratch->data(), l.out, l.in);
+        kernels::gemm(X, s.scratch->data(), Y, s.rows, l.in, l.out, bias);
+        continue;
+      }
+      for (int64_t r = 0; r < s.rows; ++r) kernels::gemv(W, X + r * l.in, bias, Y + r * l.out, l.out, l.in);
+    }
+  }
+  void backward(const LaneStore& s, const BatchedLayer& L, const float* in, const float*, const float* g,
+                float* dx) const override {
+    const LayerSpec& l = L.spec;
+    const bool trainable = L.mode.trainable;
+    for (int64_t lane = 0; lane < s.lanes; ++lane) {
+      const float* W = s.P(lane) + L.at[0];
+      const float* X = in + lane * s.stride * l.in;
+      const float* Gy = g + lane * s.stride * l.out;
+      float* Dx = dx + lane * s.stride * l.in;
+      float* dW = s.G(lane) + L.at[0];
+      float* db = l.use_bias ? s.G(lane) + L.at[1] : nullptr;
+      if (s.rows >= kGemmRows) {
+        if (trainable) {
+          s.scratch->resize(static_cast<size_t>(s.rows * l.out));
+          kernels::transpose(Gy, s.scratch->data(), s.rows, l.out);
+          kernels::gemm(s.scratch->data(), X, dW, l.out, s.rows, l.in, nullptr);
+          if (db) {
+            std::fill(db, db + l.out, 0.f);
+            for (int64_t r = 0; r < s.rows; ++r)
+              for (int64_t o = 0; o < l.out; ++o) db[o] += Gy[r * l.out + o];
+          }
+        }
+        if (L.need_dx) kernels::gemm(Gy, W, Dx, s.rows, l.out, l.in, nullptr);
+        continue;
+      }
+      if (trainable) {
+        if (db)
+          for (int64_t o = 0; o < l.out; ++o) {
+            float sum = 0.f;
+            for (int64_t r = 0; r < s.rows; ++r) sum += Gy[r * l.out + o];
+            db[o] = sum;
+          }
+        for (int64_t r = 0; r < s.rows; ++r) kernels::outer(Gy + r * l.out, X + r * l.in, dW, l.out, l.in, r > 0);
+      }
+      if (L.need_dx)
+        for (int64_t r = 0; r < s.rows; ++r) kernels::gemv_t(W, Gy + r * l.out, Dx + r * l.in, l.out, l.in);
+    }
+  }
+  const char* keras_class(const LayerSpec&) const override { return "Dense"; }
+  std::vector<KerasWeight> keras_weights(const LayerSpec& l) const override {
+    std::vector<KerasWeight> w{{"kernel", "weight", true}};
+    if (l.use_bias) w.push_back({"bias", "bias", false});
+    return w;
+  }
+};
+
+// ------------------------------------------------------------------------------ BatchNorm
+/// Tensor positions in BatchNormKind::state(): gamma and beta exist only with scale/center.
+enum BnSlot { kGamma, kBeta, kMean, kVar, kCount };
+
+class BatchNormKind final : public LayerKindDef {
+ public:
+  std::vector<StateTensor> state(const LayerSpec& l) const override {
+    // Always five entries, so slots keep their positions; an absent one has an empty shape
+    // and no offset (BatchedLayer::at is -1 for it).
+    return {{"weight", StateTensor::kParameter, l.scale ? std::vector<int64_t>{l.out} : std::vector<int64_t>{}},
+            {"bias", StateTensor::kParameter, l.center ? std::vector<int64_t>{l.out} : std::vector<int64_t>{}},
+            {"running_mean", StateTensor::kBuffer, {l.out}},
+            {"running_var", StateTensor::kBuffer, {l.out}},
+            {"num_batches_tracked", StateTensor::kCounter, {}}};
+  }
+  torch::nn::AnyModule module(const LayerSpec& l, const std::shared_ptr<at::Generator>&) const override {
+    return torch::nn::AnyModule(BatchNorm(
+        BatchNormOptions(l.out).eps(l.eps).momentum(l.momentum).scale(l.scale).center(l.center).semantics(l.semantics)));
+  }
+  void allocate(BatchedLayer& L, int64_t lanes, int64_t stride) const override {
+    L.saved.resize(static_cast<size_t>(lanes * stride * L.spec.out));
+    L.saved_c.resize(static_cast<size_t>(lanes * L.spec.out));
+  }
+  static bool batch_stats(const BatchedLayer& L, Pass pass) {
+    return pass == Pass::kFit ? L.mode.fit_batch_stats : pass == Pass::kInfer ? L.mode.infer_batch_stats : false;
+  }
+  void forward(const LaneStore& s, BatchedLayer& L, Pass pass, const float* in, float* out) const override {
+    const int64_t C = L.spec.out, n = s.rows;
+    const bool batch = batch_stats(L, pass);
+    const float eps = static_cast<float>(L.spec.eps);
+    for (int64_t lane = 0; lane < s.lanes; ++lane) {
+      const float* X = in + lane * s.stride * C;
+      float* Y = out + lane * s.stride * C;
+      const float* gamma = L.at[kGamma] >= 0 ? s.P(lane) + L.at[kGamma] : nullptr;
+      const float* beta = L.at[kBeta] >= 0 ? s.P(lane) + L.at[kBeta] : nullptr;
+      float* rm = s.B(lane) + L.at[kMean];
+      float* rv = s.B(lane) + L.at[kVar];
+      float* istd = L.saved_c.data() + lane * C;
+      if (!batch) {
+        // Inference: alpha = gamma / sqrt(running_var + eps), y = x * alpha + (beta - mean * alpha).
+        for (int64_t c = 0; c < C; ++c) {
+          istd[c] = 1.f / std::sqrt(rv[c] + eps);
+          const float alpha = gamma ? gamma[c] * istd[c] : istd[c];
+          const float shift = (beta ? beta[c] : 0.f) - rm[c] * alpha;
+          for (int64_t r = 0; r < n; ++r) Y[r * C + c] = X[r * C + c] * alpha + shift;
+        }
+        continue;
+      }
+      // Batch statistics: mean and biased variance over the rows (with one row, x - mean is
+      // exactly 0 and every unit outputs beta, as in Keras).
+      float* xhat = L.saved.data() + lane * s.stride * C;
+      float* mean = s.stat(C, 0);
+      float* var = s.stat(C, 1);
+      std::fill(mean, mean + C, 0.f);
+      std::fill(var, var + C, 0.f);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t c = 0; c < C; ++c) mean[c] += X[r * C + c];
+      for (int64_t c = 0; c < C; ++c) mean[c] /= static_cast<float>(n);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t c = 0; c < C; ++c) {
+          const float d = X[r * C + c] - mean[c];
+          var[c] += d * d;
+        }
+      for (int64_t c = 0; c < C; ++c) {
+        var[c] /= static_cast<float>(n);
+        istd[c] = 1.f / std::sqrt(var[c] + eps);
+      }
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t c = 0; c < C; ++c) {
+          const float h = (X[r * C + c] - mean[c]) * istd[c];
+          xhat[r * C + c] = h;
+          float y = gamma ? h * gamma[c] : h;
+          if (beta) y = y + beta[c];
+          Y[r * C + c] = y;
+        }
+      const float m = static_cast<float>(L.mode.momentum);
+      if (L.spec.semantics == BnSemantics::kKeras) {
+        for (int64_t c = 0; c < C; ++c) {
+          rm[c] -= (rm[c] - mean[c]) * m;
+          rv[c] -= (rv[c] - var[c]) * m;
+        }
+      } else {
+        const float unbias = static_cast<float>(n) / static_cast<float>(n - 1);
+        for (int64_t c = 0; c < C; ++c) {
+          rm[c] = m * mean[c] + (1.f - m) * rm[c];
+          rv[c] = m * var[c] * unbias + (1.f - m) * rv[c];
+        }
+      }
+      if (pass == Pass::kFit && L.mode.counts) ++s.C(lane)[L.at[kCount]];
+    }
+  }
+  void backward(const LaneStore& s, const BatchedLayer& L, const float* in, const float*, const float* g,
+                float* dx) const override {
+    const int64_t C = L.spec.out, n = s.rows;
+    const bool batch = L.mode.fit_batch_stats;
+    for (int64_t lane = 0; lane < s.lanes; ++lane) {
+      const float* X = in + lane * s.stride * C;
+      const float* Gy = g + lane * s.stride * C;
+      float* Dx = dx + lane * s.stride * C;
+      const float* gamma = L.at[kGamma] >= 0 ? s.P(lane) + L.at[kGamma] : nullptr;
+      const float* rm = s.B(lane) + L.at[kMean];
+      const float* istd = L.saved_c.data() + lane * C;
+      const float* xhat = L.saved.data() + lane * s.stride * C;
+      float* sum_g = s.stat(C, 0);
+      float* sum_gx = s.stat(C, 1);
+      std::fill(sum_g, sum_g + C, 0.f);
+      std::fill(sum_gx, sum_gx + C, 0.f);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t c = 0; c < C; ++c) {
+          const float h = batch ? xhat[r * C + c] : (X[r * C + c] - rm[c]) * istd[c];
+          sum_g[c] += Gy[r * C + c];
+          sum_gx[c] += Gy[r * C + c] * h;
+        }
+      if (L.mode.trainable) {
+        if (L.at[kGamma] >= 0) std::copy(sum_gx, sum_gx + C, s.G(lane) + L.at[kGamma]);
+        if (L.at[kBeta] >= 0) std::copy(sum_g, sum_g + C, s.G(lane) + L.at[kBeta]);
+      }
+      if (!L.need_dx) continue;
+      for (int64_t c = 0; c < C; ++c) {
+        const float scale = gamma ? gamma[c] : 1.f;
+        if (!batch) {
+          for (int64_t r = 0; r < n; ++r) Dx[r * C + c] = Gy[r * C + c] * scale * istd[c];
+          continue;
+        }
+        // d/dx of (x - mean) * istd with batch statistics: istd * (dh - mean(dh) - h * mean(dh * h)).
+        const float mean_dh = sum_g[c] * scale / static_cast<float>(n);
+        const float mean_dhh = sum_gx[c] * scale / static_cast<float>(n);
+        for (int64_t r = 0; r < n; ++r) {
+          const float dh = Gy[r * C + c] * scale;
+          Dx[r * C + c] = istd[c] * (dh - mean_dh - xhat[r * C + c] * mean_dhh);
+        }
+      }
+    }
+  }
+  const char* keras_class(const LayerSpec&) const override { return "BatchNormalization"; }
+  std::vector<KerasWeight> keras_weights(const LayerSpec& l) const override {
+    std::vector<KerasWeight> w;
+    if (l.scale) w.push_back({"gamma", "weight", false});
+    if (l.center) w.push_back({"beta", "bias", false});
+    w.push_back({"moving_mean", "running_mean", false});
+    w.push_back({"moving_variance", "running_var", false});
+    return w;
+  }
+  bool selectable() const override { return true; }
+};
+
+// ----------------------------------------------------------------------- FrozenBatchNorm1d
+class FrozenBatchNormKind final : public LayerKindDef {
+ public:
+  std::vector<StateTensor> state(const LayerSpec& l) const override {
+    return {{"weight", StateTensor::kBuffer, {l.out}},
+            {"bias", StateTensor::kBuffer, {l.out}},
+            {"running_mean", StateTensor::kBuffer, {l.out}},
+            {"running_var", StateTensor::kBuffer, {l.out}}};
+  }
+  torch::nn::AnyModule module(const LayerSpec& l, const std::shared_ptr<at::Generator>&) const override {
+    return torch::nn::AnyModule(FrozenBatchNorm(l.out, l.eps));
+  }
+  void forward(const LaneStore& s, BatchedLayer& L, Pass, const float* in, float* out) const override {
+    const int64_t C = L.spec.out;
+    const float eps = static_cast<float>(L.spec.eps);
+    for (int64_t lane = 0; lane < s.lanes; ++lane) {
+      const float* b = s.B(lane);
+      const float* X = in + lane * s.stride * C;
+      float* Y = out + lane * s.stride * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const float scale = b[L.at[0] + c] * (1.f / std::sqrt(b[L.at[3] + c] + eps));
+        const float shift = b[L.at[1] + c] - b[L.at[2] + c] * scale;
+        for (int64_t r = 0; r < s.rows; ++r) Y[r * C + c] = X[r * C + c] * scale + shift;
+      }
+    }
+  }
+  void backward(const LaneStore& s, const BatchedLayer& L, const float*, const float*, const float* g,
+                float* dx) const override {
+    const int64_t C = L.spec.out;
+    const float eps = static_cast<float>(L.spec.eps);
+    for (int64_t lane = 0; lane < s.lanes; ++lane) {
+      const float* b = s.B(lane);
+      for (int64_t c = 0; c < C; ++c) {
+        const float scale = b[L.at[0] + c] * (1.f / std::sqrt(b[L.at[3] + c] + eps));
+        for (int64_t r = 0; r < s.rows; ++r) dx[(lane * s.stride + r) * C + c] = g[(lane * s.stride + r) * C + c] * scale;
+      }
+    }
+  }
+  // The same four tensors under the same names as a BatchNormalization layer.
+  const char* keras_class(const LayerSpec&) const override { return "BatchNormalization"; }
+  std::vector<KerasWeight> keras_weights(const LayerSpec&) const override {
+    return {{"gamma", "weight", false}, {"beta", "bias", false}, {"moving_mean", "running_mean", false},
+            {"moving_variance", "running_var", false}};
+  }
+  bool selectable() const override { return true; }
+};
+
+// ----------------------------------------------------------------------------- activations
+/// y = f(x) and dL/dx = g * f'(x) (from x and y) for n elements; every activation is one case
+/// of each switch, so a new one cannot fall through to another's formula.
+void activation_forward(Activation a, float alpha, const float* x, float* y, int64_t n) {
+  switch (a) {
+    case Activation::kLinear: std::copy(x, x + n, y); return;
+    case Activation::kRelu:
+      for (int64_t k = 0; k < n; ++k) y[k] = x[k] > 0.f ? x[k] : 0.f;
+      return;
+    case Activation::kTanh:
+      for (int64_t k = 0; k < n; ++k) y[k] = std::tanh(x[k]);
+      return;
+    case Activation::kGelu:
+      for (int64_t k = 0; k < n; ++k) y[k] = x[k] * 0.5f * (1.f + std::erf(x[k] * static_cast<float>(M_SQRT1_2)));
+      return;
+    case Activation::kSigmoid:
+      for (int64_t k = 0; k < n; ++k) y[k] = 1.f / (1.f + std::exp(-x[k]));
+      return;
+    case Activation::kElu:
+      for (int64_t k = 0; k < n; ++k) y[k] = x[k] > 0.f ? x[k] : alpha * std::expm1(x[k]);
+      return;
+    case Activation::kLeakyRelu:
+      for (int64_t k = 0; k < n; ++k) y[k] = x[k] > 0.f ? x[k] : x[k] * alpha;
+      return;
+    case Activation::kSilu:
+      for (int64_t k = 0; k < n; ++k) y[k] = x[k] / (1.f + std::exp(-x[k]));
+      return;
+    case Activation::kSoftplus:
+      // PyTorch's Softplus (beta 1, threshold 20): x itself above 20, where log1p(exp(x)) rounds to x.
+      for (int64_t k = 0; k < n; ++k) y[k] = x[k] > 20.f ? x[k] : std::log1p(std::exp(x[k]));
+      return;
+  }
+  throw std::logic_error("activation_forward: unregistered activation");
+}
+
+void activation_backward(Activation a, float alpha, const float* x, const float* y, const float* g, float* dx,
+                         int64_t n) {
+  switch (a) {
+    case Activation::kLinear: std::copy(g, g + n, dx); return;
+    case Activation::kRelu:
+      for (int64_t k = 0; k < n; ++k) dx[k] = y[k] > 0.f ? g[k] : 0.f;
+      return;
+    case Activation::kTanh:
+      for (int64_t k = 0; k < n; ++k) dx[k] = g[k] * (1.f - y[k] * y[k]);
+      return;
+    case Activation::kGelu:
+      for (int64_t k = 0; k < n; ++k) {
+        const float v = x[k];
+        const float cdf = 0.5f * (1.f + std::erf(v * static_cast<float>(M_SQRT1_2)));
+        const float pdf = std::exp(-0.5f * v * v) * static_cast<float>(M_2_SQRTPI * M_SQRT1_2 * 0.5);
+        dx[k] = g[k] * (cdf + v * pdf);
+      }
+      return;
+    case Activation::kSigmoid:
+      for (int64_t k = 0; k < n; ++k) dx[k] = g[k] * (y[k] * (1.f - y[k]));
+      return;
+    case Activation::kElu:
+      for (int64_t k = 0; k < n; ++k) dx[k] = x[k] > 0.f ? g[k] : g[k] * (y[k] + alpha);
+      return;
+    case Activation::kLeakyRelu:
+      for (int64_t k = 0; k < n; ++k) dx[k] = x[k] > 0.f ? g[k] : g[k] * alpha;
+      return;
+    case Activation::kSilu:
+      for (int64_t k = 0; k < n; ++k) {
+        const float sig = 1.f / (1.f + std::exp(-x[k]));
+        dx[k] = g[k] * (sig * (1.f + x[k] * (1.f - sig)));
+      }
+      return;
+    case Activation::kSoftplus:
+      for (int64_t k = 0; k < n; ++k) {
+        const float z = std::exp(x[k]);
+        dx[k] = x[k] > 20.f ? g[k] : g[k] * (z / (z + 1.f));
+      }
+      return;
+  }
+  throw std::logic_error("activation_backward: unregistered activation");
+}
+
+class ActivationKind final : public LayerKindDef {
+ public:
+  std::vector<StateTensor> state(const LayerSpec&) const override { return {}; }
+  torch::nn::AnyModule module(const LayerSpec& l, const std::shared_ptr<at::Generator>&) const override {
+    return torch::nn::AnyModule(ActivationModule(l.activation, l.alpha));
+  }
+  void forward(const LaneStore& s, BatchedLayer& L, Pass, const float* in, float* out) const override {
+    activation_forward(L.spec.activation, static_cast<float>(L.spec.alpha), in, out, s.lanes * s.stride * L.spec.out);
+  }
+  void backward(const LaneStore& s, const BatchedLayer& L, const float* in, const float* out, const float* g,
+                float* dx) const override {
+    activation_backward(L.spec.activation, static_cast<float>(L.spec.alpha), in, out, g, dx, s.lanes * s.stride * L.spec.out);
+  }
+  const char* keras_class(const LayerSpec&) const override { return "Activation"; }
+};
+
+// --------------------------------------------------------------------------------- Dropout
+class DropoutKind final : public LayerKindDef {
+ public:
+  std::vector<StateTensor> state(const LayerSpec&) const override { return {}; }
+  torch::nn::AnyModule module(const LayerSpec& l, const std::shared_ptr<at::Generator>& gen) const override {
+    Dropout d(l.rate);
+    d->generator = gen;
+    return torch::nn::AnyModule(d);
+  }
+  void allocate(BatchedLayer& L, int64_t lanes, int64_t stride) const override {
+    L.saved.resize(static_cast<size_t>(lanes * stride * L.spec.out));  // the mask
+  }
+  void forward(const LaneStore& s, BatchedLayer& L, Pass pass, const float* in, float* out) const override {
+    const int64_t W = L.spec.out;
+    if (pass != Pass::kFit || L.spec.rate == 0) {
+      std::copy(in, in + s.lanes * s.stride * W, out);
+      return;
+    }
+    const float keep = static_cast<float>(1 - L.spec.rate);
+    for (int64_t lane = 0; lane < s.lanes; ++lane) {
+      float* mask = L.saved.data() + lane * s.stride * W;
+      // The same draw as bnlab::Dropout: bernoulli_(1 - p) on a [rows, width] tensor from the lane's generator.
+      auto& gen = (*s.generators)[static_cast<size_t>(lane)];
+      TORCH_CHECK(gen != nullptr, "batched engine: lane ", lane, " has no dropout generator");
+      wrap(mask, {s.rows, W}).bernoulli_(1 - L.spec.rate, *gen);
+      const float* X = in + lane * s.stride * W;
+      float* Y = out + lane * s.stride * W;
+      for (int64_t k = 0; k < s.rows * W; ++k) Y[k] = X[k] * mask[k] / keep;
+    }
+  }
+  void backward(const LaneStore& s, const BatchedLayer& L, const float*, const float*, const float* g,
+                float* dx) const override {
+    const int64_t n = s.lanes * s.stride * L.spec.out;
+    if (L.spec.rate == 0) {
+      std::copy(g, g + n, dx);
+      return;
+    }
+    const float* mask = L.saved.data();
+    const float keep = static_cast<float>(1 - L.spec.rate);
+    for (int64_t k = 0; k < n; ++k) dx[k] = g[k] / keep * mask[k];
+  }
+  const char* keras_class(const LayerSpec&) const override { return "Dropout"; }
+};
+
+}  // namespace
+
+const LayerKindDef& layer_kind(LayerKind kind) {
+  static const DenseKind kDense;
+  static const BatchNormKind kBatchNorm;
+  static const FrozenBatchNormKind kFrozen;
+  static const ActivationKind kActivation;
+  static const DropoutKind kDropout;
+  switch (kind) {
+    case LayerKind::kDense: return kDense;
+    case LayerKind::kBatchNorm: return kBatchNorm;
+    case LayerKind::kFrozenBatchNorm: return kFrozen;
+    case LayerKind::kActivation: return kActivation;
+    case LayerKind::kDropout: return kDropout;
+  }
+  throw std::logic_error("layer_kind: unregistered kind");
+}
+
+const std::vector<LayerKind>& all_layer_kinds() {
+  static const std::vector<LayerKind> kAll = {LayerKind::kDense, LayerKind::kBatchNorm, LayerKind::kFrozenBatchNorm,
+                                              LayerKind::kActivation, LayerKind::kDropout};
+  return kAll;
+}
+
+torch::Tensor activation_torch(Activation a, double alpha, const torch::Tensor& x) {
+  namespace F = torch::nn::functional;
+  switch (a) {
+    case Activation::kLinear: return x;
+    case Activation::kRelu: return torch::relu(x);
+    case Activation::kTanh: return torch::tanh(x);
+    case Activation::kGelu: return torch::gelu(x);
+    case Activation::kSigmoid: return torch::sigmoid(x);
+    case Activation::kElu: return F::elu(x, F::ELUFuncOptions().alpha(alpha));
+    case Activation::kLeakyRelu: return F::leaky_relu(x, F::LeakyReLUFuncOptions().negative_slope(alpha));
+    case Activation::kSilu: return F::silu(x);
+    case Activation::kSoftplus: return F::softplus(x);
+  }
+  throw std::logic_error("activation_torch: unregistered activation");
+}
+
+}  // namespace bnlab

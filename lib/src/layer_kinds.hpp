@@ -1,0 +1,105 @@
+// The layer-kind registry: everything about one kind of layer in one definition (its state
+// tensors, its torch module, its batched-engine forward and backward, its Keras mapping,
+// whether strategies select it). Adding a kind means adding its definition in
+// layer_kinds.cpp and a case to layer_kind(); the generic tests run over every kind.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bnlab/config.hpp"
+#include "nn.hpp"
+
+namespace bnlab {
+
+/// Which forward pass the batched engine runs: the fit (training) forward under the policy;
+/// inference under the policy (what evaluate_inference runs on a model with a policy);
+/// inference with running statistics everywhere (a model without a policy).
+enum class Pass { kFit, kInfer, kPlain };
+
+/// One state tensor of a layer, in state-dict order within the layer.
+struct StateTensor {
+  enum Where { kParameter, kBuffer, kCounter };  ///< counter: an int64 buffer (num_batches_tracked)
+  std::string name;                               ///< "weight", "running_mean", ...
+  Where where;
+  std::vector<int64_t> shape;
+};
+
+/// One Keras weight of a layer, in the order Keras saves them, and the tensor it holds.
+struct KerasWeight {
+  const char* keras;   ///< "kernel", "gamma", ...
+  const char* tensor;  ///< the state tensor: "weight", ...
+  bool transpose;      ///< Keras' kernel is [in, out], PyTorch's weight [out, in]
+};
+
+/// The batched engine's storage, as every kind's kernels see it: `lanes` copies of a flat
+/// parameter block (and its gradients), a buffer block and int64 counters; activations are
+/// [lanes][stride rows][width] with `rows` rows in use.
+struct LaneStore {
+  int64_t lanes = 0, stride = 0, rows = 0;
+  bool shared = false;  ///< every lane reads copy 0 (inference on shared weights)
+  float* params = nullptr;
+  float* grads = nullptr;
+  float* buffers = nullptr;
+  int64_t* counts = nullptr;
+  int64_t n_params = 0, n_buffers = 0, n_counts = 0;
+  std::vector<std::shared_ptr<at::Generator>>* generators = nullptr;  ///< per lane (dropout)
+  std::vector<float>* scratch = nullptr;  ///< transposes for the GEMM path
+  std::vector<float>* stats = nullptr;    ///< per-channel sums
+  float* P(int64_t lane) const { return params + (shared ? 0 : lane * n_params); }
+  float* G(int64_t lane) const { return grads + lane * n_params; }
+  float* B(int64_t lane) const { return buffers + (shared ? 0 : lane * n_buffers); }
+  int64_t* C(int64_t lane) const { return counts + (shared ? 0 : lane * n_counts); }
+  /// Two per-channel scratch vectors of `c` floats.
+  float* stat(int64_t c, int which) const {
+    if (static_cast<int64_t>(stats->size()) < 2 * c) stats->resize(static_cast<size_t>(2 * c));
+    return stats->data() + which * c;
+  }
+};
+
+/// One layer in the batched engine: its spec, what the strategy does to it, where its state
+/// tensors sit (offset of each StateTensor in its block, in state() order) and what the
+/// backward pass needs from the forward pass.
+struct BatchedLayer {
+  LayerSpec spec;
+  LayerMode mode;
+  std::vector<int64_t> at;
+  bool need_dx = false;        ///< a trainable parameter sits below this layer
+  std::vector<float> saved;    ///< BatchNorm: x-hat; Dropout: the mask
+  std::vector<float> saved_c;  ///< BatchNorm: 1/sqrt(var + eps) per lane and channel
+};
+
+class LayerKindDef {
+ public:
+  virtual ~LayerKindDef() = default;
+  /// The layer's tensors with their shapes (what state_dict holds under "<name>.").
+  virtual std::vector<StateTensor> state(const LayerSpec& l) const = 0;
+  /// The torch module (the torch engine, the reference). `dropout_generator`: the model's.
+  virtual torch::nn::AnyModule module(const LayerSpec& l, const std::shared_ptr<at::Generator>& dropout_generator) const = 0;
+  /// Sizes the layer's saved activations for `lanes` x `stride` rows.
+  virtual void allocate(BatchedLayer&, int64_t /*lanes*/, int64_t /*stride*/) const {}
+  /// out = layer(in) for every lane over store.rows rows.
+  virtual void forward(const LaneStore& store, BatchedLayer& l, Pass pass, const float* in, float* out) const = 0;
+  /// From g = dL/d(out): the parameter gradients (when l.mode.trainable) and dx = dL/d(in)
+  /// (when l.need_dx), after a fit forward.
+  virtual void backward(const LaneStore& store, const BatchedLayer& l, const float* in, const float* out,
+                        const float* g, float* dx) const = 0;
+  /// Keras: the class name of the layer and its weights in file order.
+  virtual const char* keras_class(const LayerSpec& l) const = 0;
+  virtual std::vector<KerasWeight> keras_weights(const LayerSpec&) const { return {}; }
+  /// Strategies' `layers` select layers of this kind (BatchNorm).
+  virtual bool selectable() const { return false; }
+};
+
+/// The definition of a kind: an exhaustive switch, no default.
+const LayerKindDef& layer_kind(LayerKind kind);
+/// Every registered kind (what the generic tests iterate over).
+const std::vector<LayerKind>& all_layer_kinds();
+
+/// The activation as tensor ops (the torch engine) and as the batched kernels' loops.
+torch::Tensor activation_torch(Activation a, double alpha, const torch::Tensor& x);
+
+}  // namespace bnlab
