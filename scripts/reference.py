@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Independent Python re-implementation of bnlab's single-sample fine-tuning, checked against a run.
 
-Usage:  /usr/bin/python3 scripts/reference.py RUN_DIR [--tol 1e-5]
+Usage:  /usr/bin/python3 scripts/reference.py RUN_DIR [--tol 1e-5] [--relative]
 
 From RUN_DIR it reads config.resolved.json, architecture.json (the module list), the pretrained weights (pretrained.pt or
 pretrained_seed<S>.pt), the samples (sample.pt or sample_seed<S>.pt) and curves.csv. For every
@@ -381,13 +381,18 @@ def load(path):
         die(f"{path}: unreadable ({e})")
 
 
+RELATIVE = False  # --relative: |a - b| / max(|a|, 1e-6) instead of |a - b|
+
+
 def diff(a, b):
-    """|a - b| for bnlab's b: None (no such row) never matches; "" (non-finite) matches only a non-finite a."""
+    """|a - b| for bnlab's b (relative to |a| with --relative): None (no such row) never matches;
+    "" (non-finite) matches only a non-finite a."""
     if b is None:
         return math.inf
     if b == "" or not math.isfinite(a):
         return 0.0 if b == "" and not math.isfinite(a) else math.inf
-    return abs(a - float(b))
+    d = abs(a - float(b))
+    return d / max(abs(a), 1e-6) if RELATIVE else d
 
 
 def grid_points(cfg, rows):
@@ -414,7 +419,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run_dir")
     ap.add_argument("--tol", type=float, default=1e-5)
+    ap.add_argument("--relative", action="store_true", help="compare |a - b| / max(|a|, 1e-6) with --tol")
     a = ap.parse_args()
+    global RELATIVE
+    RELATIVE = a.relative
     torch.set_num_threads(1)  # bnlab's default --threads
     rd = a.run_dir
     cfg = load(os.path.join(rd, "config.resolved.json"))
@@ -477,7 +485,8 @@ def main():
         print(f"curves.csv run {key} has no counterpart in the config")
         worst = math.inf
     ok = worst <= a.tol
-    print(f"reference: {nruns} runs, max abs diff {worst:.3e} (tolerance {a.tol:g}): {'OK' if ok else 'FAIL'}")
+    what = "relative" if RELATIVE else "abs"
+    print(f"reference: {nruns} runs, max {what} diff {worst:.3e} (tolerance {a.tol:g}): {'OK' if ok else 'FAIL'}")
     sys.exit(0 if ok else 1)
 
 

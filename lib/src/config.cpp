@@ -540,6 +540,8 @@ void read_layer(const json& e, const std::string& path, const BatchNormConfig& b
   std::vector<std::string> kinds;
   for (const auto& k : kKinds)
     if (e.contains(k)) kinds.push_back(k);
+  // {"dense": 32, "activation": "tanh"} is one layer: Keras' Dense with a fused activation.
+  if (kinds.size() == 2 && kinds[0] == "dense" && kinds[1] == "activation") kinds.pop_back();
   if (kinds.size() != 1) {
     if (!kinds.empty()) {
       problems.add(path, "names " + std::to_string(kinds.size()) + " layer kinds (" + join(kinds, ", ") + "); give one layer per element");

@@ -80,32 +80,36 @@ def main():
             if [type(m) for m in again] != [type(m) for m in model]:
                 failures.append(f"architecture.json's pytorch expression builds {again}, the layer list {model}")
         model.eval()
+        index = torch.as_tensor(sample["index"]).reshape(-1).tolist()
+        row = {int(i): k for k, i in enumerate(index)}  # each run's sample is one row of sample.pt
         with torch.no_grad():
-            ours = float(loss_fn(cfg["model"]["loss"], model(x), y))
+            ours = [float(loss_fn(cfg["model"]["loss"], model(x[k:k + 1]), y[k:k + 1])) for k in range(len(index))]
             # sample.x is the standardized x_raw with the checkpoint's statistics
             std_x = (sample["x_raw"] - ckpt["x_mean"]) / ckpt["x_std"]
             if float((std_x - x).abs().max()) > 1e-6:
                 failures.append("sample.x is not (x_raw - x_mean) / x_std")
-        print(f"python evaluate: {ours:.9g}")
+        print(f"python evaluate: {', '.join(f'{v:.9g}' for v in ours)}")
         for s in summary["runs"]:
-            diff = abs(s["evaluate_pretrained"] - ours)
-            print(f"  {s['strategy']}: bnlab evaluate_pretrained {s['evaluate_pretrained']:.9g}  |diff| {diff:.3g}")
+            want = ours[row[int(s["sample"])]]
+            diff = abs(s["evaluate_pretrained"] - want)
+            print(f"  {s['strategy']}, sample {s['sample']}: bnlab evaluate_pretrained {s['evaluate_pretrained']:.9g}  |diff| {diff:.3g}")
             if diff > TOL:
-                failures.append(f"{s['strategy']}: evaluate_pretrained {s['evaluate_pretrained']} vs python {ours}")
+                failures.append(f"{s['strategy']}: evaluate_pretrained {s['evaluate_pretrained']} vs python {want}")
         bns = [i for i, m in enumerate(model) if isinstance(m, torch.nn.BatchNorm1d)]
         if cfg["model"]["batchnorm"]["semantics"] == "keras" and bns:
-            train = [s for s in summary["runs"] if s["strategy"] == "train"]
             after = list(model)[bns[-1] + 1:]
-            if train and not any(isinstance(m, (torch.nn.Dropout, torch.nn.BatchNorm1d)) for m in after):
-                with torch.no_grad():
-                    h = model[bns[-1]].bias.detach().unsqueeze(0)  # last BN outputs beta
-                    for m in after:                                # then what follows it, the head last
-                        h = m(h)
-                    want = float(loss_fn(cfg["model"]["loss"], h, y))
-                got = train[0]["loss"][0]
-                print(f"  train loss[1]: bnlab {got:.9g}  python (BN outputs beta) {want:.9g}")
-                if abs(got - want) > TOL * max(1.0, abs(want)):
-                    failures.append(f"train loss[1] {got} vs hand-derived {want}")
+            if not any(isinstance(m, (torch.nn.Dropout, torch.nn.BatchNorm1d)) for m in after):
+                for t in (s for s in summary["runs"] if s["strategy"] == "train"):
+                    k = row[int(t["sample"])]
+                    with torch.no_grad():
+                        h = model[bns[-1]].bias.detach().unsqueeze(0)  # last BN outputs beta
+                        for m in after:                                # then what follows it, the head last
+                            h = m(h)
+                        want = float(loss_fn(cfg["model"]["loss"], h, y[k:k + 1]))
+                    got = t["loss"][0]
+                    print(f"  train loss[1], sample {t['sample']}: bnlab {got:.9g}  python (BN outputs beta) {want:.9g}")
+                    if abs(got - want) > TOL * max(1.0, abs(want)):
+                        failures.append(f"train loss[1] {got} vs hand-derived {want}")
     if failures:
         print("FAILED:\n  " + "\n  ".join(failures))
         return 1
