@@ -161,6 +161,34 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
                                     {"max_output_difference", max_abs(out_train - out_eval)},
                                     {"lag_identity_holds", lag}});
   }
+  // What each strategy does to each BatchNorm, as the engines read it (resolve_modes).
+  out << "\n| strategy | BN module | fit forward normalises with | inference normalises with | running stats in fit "
+         "| gamma/beta | momentum |\n|---|---|---|---|---|---|---|\n";
+  for (size_t k = 0; k < strategies.size(); ++k) {
+    const auto* s = strategies[k];
+    const auto prepared = prepared_layers(cfg.model.layers, *s);
+    const auto modes = resolve_modes(prepared, s);
+    ojson per_layer = ojson::array();
+    for (size_t i = 0; i < prepared.size(); ++i) {
+      const auto& l = prepared[i];
+      if (l.kind != LayerKind::kBatchNorm && l.kind != LayerKind::kFrozenBatchNorm) continue;
+      const auto& m = modes[i];
+      const bool frozen_module = l.kind == LayerKind::kFrozenBatchNorm;
+      const std::string fit = frozen_module ? "running (FrozenBatchNorm1d)" : m.fit_batch_stats ? "batch" : "running";
+      const std::string infer = frozen_module ? "running (FrozenBatchNorm1d)" : m.infer_batch_stats ? "batch" : "running";
+      const bool updates = !frozen_module && m.fit_batch_stats && m.momentum > 0;
+      const std::string affine = frozen_module || !(l.scale || l.center) ? "none trainable" : m.trainable ? "trainable" : "frozen";
+      out << "| " << s->name << " | " << l.name << " | " << fit << " | " << infer << " | " << (updates ? "updated" : "unchanged")
+          << " | " << affine << " | " << (frozen_module ? std::string("-") : fmt("%g", m.momentum)) << " |\n";
+      per_layer.push_back(ojson{{"module", l.name}, {"bn_index", l.bn_index}, {"kind", layer_kind_name(l.kind)},
+                                {"selected", m.selected}, {"fit_batch_statistics", !frozen_module && m.fit_batch_stats},
+                                {"inference_batch_statistics", !frozen_module && m.infer_batch_stats},
+                                {"running_statistics_updated", updates}, {"affine", affine},
+                                {"momentum", frozen_module ? ojson(nullptr) : ojson(m.momentum)}});
+    }
+    if (per_layer.empty()) out << "| " << s->name << " | (none: folded into the Linear layers) | | | | | |\n";
+    strategies_json[k]["batchnorm_layers"] = per_layer;
+  }
   out << "\nIn training mode a BatchNorm normalises with the statistics of the batch. With one sample the batch\n"
          "variance is 0 and the batch mean is the sample itself, so (x - mean) is exactly 0 and the layer outputs\n"
          "beta whatever the input: the training loss measures a constant prediction. Inference normalises with\n"

@@ -200,3 +200,177 @@ TEST(Config, TorchRuleCountsUnselectedLayersAndBatchSizeOne) {
 }
 
 }  // namespace
+
+// --- model.layers: the one resolved layer list ------------------------------------------------
+
+namespace {
+
+std::string with_layers(const std::string& layers, const std::string& rest = R"("strategies": ["train", "frozen"])") {
+  return R"({"name": "t", "model": {"layers": )" + layers + "}, " + rest + "}";
+}
+
+TEST(Layers, AnyOrderAndBatchNormAnywhere) {
+  // The issue's example: BatchNorm on the inputs, after the activation, after a fused Dense.
+  const auto c = parse_config(with_layers(R"([{"batchnorm": {}}, {"dense": 64}, {"activation": "relu"},
+      {"batchnorm": {"eps": 0.01}}, {"dropout": 0.1}, {"dense": 32, "activation": "tanh"}, {"batchnorm": {}}])"), "c");
+  EXPECT_EQ(layout(c), "bn dense64 relu bn dropout dense32 tanh bn head");
+  const auto& l = c.model.layers;
+  for (size_t i = 0; i < l.size(); ++i) EXPECT_EQ(l[i].name, std::to_string(i)) << "Sequential positions";
+  EXPECT_EQ(l[0].bn_index, 0);
+  EXPECT_EQ(l[3].bn_index, 1);
+  EXPECT_EQ(l[7].bn_index, 2);
+  EXPECT_DOUBLE_EQ(l[3].eps, 0.01);
+  EXPECT_DOUBLE_EQ(l[0].eps, 1e-3);  // model.batchnorm's (Keras) default
+  EXPECT_TRUE(l[6].fused);
+  EXPECT_FALSE(l[2].fused);
+  EXPECT_TRUE(l[8].head);
+}
+
+TEST(Layers, ShorthandExpandsIntoTheSameList) {
+  const auto a = parse_config(R"({"name": "t", "model": {"hidden": [7, 5], "activation": "gelu", "dropout": 0.25}})", "c");
+  const auto b = parse_config(with_layers(R"([{"dense": 7}, {"batchnorm": {}}, {"activation": "gelu"}, {"dropout": 0.25},
+                                              {"dense": 5}, {"batchnorm": {}}, {"activation": "gelu"}, {"dropout": 0.25}])",
+                                          R"("strategies": ["train", "frozen"])"),
+                              "c");
+  EXPECT_EQ(layout(a), "dense7 bn gelu dropout dense5 bn gelu dropout head");
+  EXPECT_EQ(bnlab::to_json(a), bnlab::to_json(b));
+  EXPECT_EQ(bnlab::pretrain_cache_key(a), bnlab::pretrain_cache_key(b)) << "the same network, the same cache";
+  EXPECT_EQ(layout(parse_config(R"({"name": "t", "model": {"batchnorm": {"enabled": false}, "hidden": [3]}})", "c")),
+            "dense3 relu head");
+}
+
+TEST(Layers, ResolvedListRoundTrips) {
+  for (const char* name : {"bn_on_inputs", "bn_some_layers", "fused_dense_bn", "three_widths", "dropout_between", "torch_numerics"}) {
+    const auto c = bnlab::load_config(std::string(BNLAB_SOURCE_DIR) + "/configs/layouts/" + name + ".json");
+    const auto text = bnlab::to_json(c);
+    EXPECT_EQ(bnlab::to_json(parse_config(text, "resolved")), text) << name;
+  }
+}
+
+TEST(Layers, OptionsOfEachKind) {
+  const auto c = parse_config(with_layers(R"([{"dense": 4, "use_bias": false}, {"batchnorm": {"center": false, "momentum": 0.2}},
+      {"activation": "leaky_relu", "negative_slope": 0.05}, {"activation": "elu"}, {"dense": 3, "activation": "linear"},
+      {"batchnorm": {"affine": false}}])"), "c");
+  const auto& l = c.model.layers;
+  EXPECT_EQ(layout(c), "dense4nobias bn leaky_relu elu dense3 bn head") << "a fused linear activation adds no module";
+  EXPECT_FALSE(l[1].center);
+  EXPECT_TRUE(l[1].scale);
+  EXPECT_DOUBLE_EQ(l[1].momentum, 0.2);
+  EXPECT_DOUBLE_EQ(l[2].alpha, 0.05);
+  EXPECT_DOUBLE_EQ(l[3].alpha, 1.0);  // ELU's alpha: 1 in Keras and in PyTorch
+  EXPECT_FALSE(l[5].center || l[5].scale);
+}
+
+TEST(Layers, BadListsNameTheElement) {
+  const auto p = problems_of(with_layers(R"([{"dens": 4}, {"dense": 0}, {"dense": 3, "batchnorm": {}}, {"dropout": 1.0},
+      {"activation": "leaky_relu"}, {"batchnorm": {"eps": 0, "epss": 1}}, {"batchnorm": {"affine": true, "center": false}},
+      {"activation": "relu", "alpha": 2}, 7])"));
+  for (const char* needle :
+       {"model.layers[0]: names no layer kind; did you mean \"dense\"?", "model.layers[1].dense: the number of units must be >= 1, got 0",
+        "model.layers[2]: names 2 layer kinds (dense, batchnorm); give one layer per element",
+        "model.layers[3].dropout: must be in [0, 1), got 1", "model.layers[4].activation: leaky_relu needs its \"negative_slope\"",
+        "model.layers[5].batchnorm.eps: must be > 0, got 0", "model.layers[5].batchnorm.epss: unknown key; did you mean \"eps\"?",
+        "model.layers[6].batchnorm: give either affine or center/scale, not both", "model.layers[7].alpha: unknown key",
+        "model.layers[8]: expected a layer object such as {\"dense\": 64}, got an integer 7"})
+    EXPECT_NE(p.find(needle), std::string::npos) << needle << "\n" << p;
+  const auto both = problems_of(R"({"name": "t", "model": {"hidden": [3], "layers": [], "batchnorm": {"enabled": true}}})");
+  EXPECT_NE(both.find("model.hidden: give either model.layers or the shorthand"), std::string::npos) << both;
+  EXPECT_NE(both.find("model.batchnorm.enabled: with model.layers, BatchNorm layers are listed where they stand"), std::string::npos) << both;
+}
+
+TEST(Layers, StrategiesSelectByTheListsNamesAndIndices) {
+  const std::string net = R"([{"dense": 4}, {"activation": "relu"}, {"batchnorm": {}}, {"dense": 4}, {"batchnorm": {}}])";
+  EXPECT_NO_THROW(parse_config(with_layers(net, R"("strategies": [{"preset": "frozen", "name": "f", "layers": ["2", 1]}])"), "c"));
+  const auto p = problems_of(with_layers(net, R"("strategies": [{"preset": "frozen", "name": "f", "layers": ["1", 2]},
+                                                               {"preset": "train", "name": "g", "freeze_linear": 4}])"));
+  EXPECT_NE(p.find("no BatchNorm module is named \"1\"; did you mean \"2\"?; BatchNorm modules: 2, 4"), std::string::npos) << p;
+  EXPECT_NE(p.find("BatchNorm index 2 does not exist: the model has 2 BatchNorm layer(s), indices 0..1"), std::string::npos) << p;
+  EXPECT_NE(p.find("strategies[1].freeze_linear: must be in [0, 3]"), std::string::npos) << p;
+}
+
+TEST(Layers, FoldNeedsALinearBesideEachBatchNorm) {
+  // BatchNorm between two activations: nothing linear to fold it into.
+  const auto p = problems_of(with_layers(R"([{"dense": 4}, {"activation": "relu"}, {"batchnorm": {}}, {"activation": "tanh"}])",
+                                         R"("strategies": ["fold"])"));
+  EXPECT_NE(p.find("strategies[0].fold: BatchNorm \"2\" (after a activation layer) has no Linear directly before or after it"),
+            std::string::npos) << p;
+  EXPECT_NE(problems_of(with_layers(R"([{"dense": 4}, {"dropout": 0.5}, {"batchnorm": {}}, {"dropout": 0.5}])", R"("strategies": ["fold"])"))
+                .find("cannot be folded through"),
+            std::string::npos);
+  // On the inputs, after an activation, consecutive and last before the head: each has a Linear.
+  const auto c = parse_config(with_layers(R"([{"batchnorm": {}}, {"dense": 4}, {"batchnorm": {}}, {"batchnorm": {}},
+                                              {"activation": "relu"}, {"batchnorm": {}}])", R"("strategies": ["fold"])"), "c");
+  std::string error;
+  const auto plan = bnlab::fold_plan(c.model.layers, &error);
+  EXPECT_EQ(error, "");
+  ASSERT_EQ(plan.size(), 4u);
+  // Into the Linear before first, in order; then into the Linear after, nearest first.
+  EXPECT_EQ(plan[0].bn, 2u);
+  EXPECT_EQ(plan[1].bn, 3u);
+  EXPECT_EQ(plan[2].bn, 5u);
+  EXPECT_EQ(plan[3].bn, 0u);
+  EXPECT_FALSE(plan[0].into_next);
+  EXPECT_EQ(plan[2].linear, 6u) << "the BatchNorm last before the head folds into the head";
+  EXPECT_TRUE(plan[2].into_next && plan[3].into_next);
+  const auto folded = bnlab::prepared_layers(c.model.layers, c.strategies[0]);
+  std::string kinds;
+  for (const auto& l : folded) kinds += std::string(bnlab::layer_kind_name(l.kind)) + l.name + " ";
+  EXPECT_EQ(kinds, "dense0 activation1 dense2 ");
+}
+
+TEST(Layers, OneResolutionOfEachStrategyPerLayer) {
+  const auto c = parse_config(with_layers(R"([{"dense": 4}, {"batchnorm": {"momentum": 0.3}}, {"activation": "relu"},
+                                              {"dense": 4}, {"batchnorm": {}}])",
+                                          R"("strategies": ["train", "frozen", "momentum_zero", "batch_stats",
+                                              {"preset": "eval", "name": "second", "layers": [1], "freeze_linear": 1}])"),
+                              "c");
+  const auto modes = [&](size_t s) { return bnlab::resolve_modes(c.model.layers, &c.strategies[s]); };
+  auto m = modes(0);  // train: batch statistics, updates, its own momentum
+  EXPECT_TRUE(m[1].fit_batch_stats && m[1].counts && m[1].trainable && !m[1].infer_batch_stats);
+  EXPECT_DOUBLE_EQ(m[1].momentum, 0.3);
+  EXPECT_DOUBLE_EQ(m[4].momentum, 0.01);
+  m = modes(1);  // frozen
+  EXPECT_TRUE(!m[1].fit_batch_stats && !m[1].counts && !m[1].trainable && m[1].eval_mode);
+  EXPECT_TRUE(m[0].trainable && m[3].trainable && m[5].trainable);
+  m = modes(2);
+  EXPECT_DOUBLE_EQ(m[1].momentum, 0.0);
+  m = modes(3);  // batch_stats: batch statistics in inference too
+  EXPECT_TRUE(m[4].fit_batch_stats && m[4].infer_batch_stats);
+  m = modes(4);  // eval on the second BatchNorm only, first Linear frozen
+  EXPECT_TRUE(m[1].fit_batch_stats && !m[1].selected);
+  EXPECT_TRUE(!m[4].fit_batch_stats && m[4].selected && m[4].trainable);
+  EXPECT_FALSE(m[0].trainable);
+  EXPECT_TRUE(m[3].trainable);
+  EXPECT_TRUE(bnlab::uses_batch_stats_in_fit(c.model.layers, c.strategies[4]));
+  EXPECT_FALSE(bnlab::uses_batch_stats_in_fit(c.model.layers, c.strategies[1]));
+}
+
+TEST(Layers, TorchBatchOfOneRuleReadsTheResolution) {
+  const std::string net = R"([{"batchnorm": {}}, {"dense": 4}, {"activation": "relu"}, {"batchnorm": {}}])";
+  const auto torch_cfg = [&](const std::string& strategies) {
+    return R"({"name": "t", "model": {"batchnorm": {"semantics": "torch"}, "layers": )" + net + "}, " + strategies + "}";
+  };
+  EXPECT_NO_THROW(parse_config(torch_cfg(R"("strategies": ["eval", "frozen", "fold", {"preset": "frozen", "name": "m", "bn_module": "frozen"}])"), "c"));
+  const auto p = problems_of(torch_cfg(R"("strategies": [{"preset": "frozen", "name": "half", "layers": ["3"], "bn_module": "frozen"}])"));
+  EXPECT_NE(p.find("strategy \"half\" runs BatchNorm in training mode on a batch of ONE sample"), std::string::npos) << p;
+}
+
+TEST(Optimizers, EachFrameworksRmspropWithItsOwnKeysAndDefaults) {
+  const auto c = parse_config(R"({"name": "t", "finetune": {"optimizer": {"name": "rmsprop_keras", "lr": 0.01}},
+                                  "pretrain": {"optimizer": {"name": "rmsprop", "centered": true}}})", "c");
+  EXPECT_DOUBLE_EQ(c.finetune.optimizer.alpha, 0.9);  // Keras' rho
+  EXPECT_DOUBLE_EQ(c.finetune.optimizer.eps, 1e-7);
+  EXPECT_DOUBLE_EQ(c.pretrain.optimizer.alpha, 0.99);  // PyTorch's alpha
+  EXPECT_DOUBLE_EQ(c.pretrain.optimizer.eps, 1e-8);
+  EXPECT_TRUE(c.pretrain.optimizer.centered);
+  const auto p = problems_of(R"({"name": "t", "finetune": {"optimizer": {"name": "rmsprop_keras", "alpha": 0.9, "weight_decay": 0.1}},
+                                 "pretrain": {"optimizer": {"name": "rmsprop", "rho": 0.9, "beta1": 0.5}}})");
+  for (const char* needle : {"finetune.optimizer.alpha: unknown key", "finetune.optimizer.weight_decay: unknown key",
+                             "pretrain.optimizer.rho: unknown key", "pretrain.optimizer.beta1: unknown key"})
+    EXPECT_NE(p.find(needle), std::string::npos) << needle << "\n" << p;
+  EXPECT_NE(problems_of(R"({"name": "t", "finetune": {"optimizer": {"name": "rmsprop_keras", "rho": 1.0}}})")
+                .find("finetune.optimizer.rho: must be in [0, 1), got 1"),
+            std::string::npos);
+}
+
+}  // namespace
