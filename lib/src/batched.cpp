@@ -55,23 +55,41 @@ class Net {
         l.at.push_back(absent ? -1 : total);
         if (!absent) total += n;
       }
-      layer_kind(spec.kind).allocate(l, lanes, rows);
       max_width = std::max(max_width, spec.out);
       layers_.push_back(std::move(l));
     }
     outputs_ = model.outputs();
+    // Every float array in one arena (see Arena); the hottest pair, parameters and gradients, first.
     const int64_t copies = shared ? 1 : lanes;
-    params_.assign(static_cast<size_t>(copies * n_params_), 0.f);
-    buffers_.assign(static_cast<size_t>(copies * n_buffers_), 0.f);
+    param_floats_ = static_cast<size_t>(copies * n_params_);
+    const size_t p = arena_.reserve(copies * n_params_);
+    const size_t g = arena_.reserve(shared ? 0 : copies * n_params_);
+    const size_t b = arena_.reserve(copies * n_buffers_);
+    std::vector<size_t> act, saved, saved_c;
+    for (const auto& l : layers_) {
+      int64_t n = 0, n_c = 0;
+      layer_kind(l.spec.kind).saved_sizes(l.spec, lanes, rows, n, n_c);
+      act.push_back(arena_.reserve(lanes * rows * l.spec.out));
+      saved.push_back(arena_.reserve(n));
+      saved_c.push_back(arena_.reserve(n_c));
+    }
+    const size_t ga = arena_.reserve(lanes * rows * max_width), gb = arena_.reserve(lanes * rows * max_width);
+    arena_.allocate();
+    params_ = arena_.at(p);
+    grads_ = shared ? nullptr : arena_.at(g);
+    buffers_ = arena_.at(b);
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      acts_.push_back(arena_.at(act[i]));
+      layers_[i].saved = arena_.at(saved[i]);
+      layers_[i].saved_c = arena_.at(saved_c[i]);
+    }
+    ga_ = arena_.at(ga);
+    gb_ = arena_.at(gb);
     counts_.assign(static_cast<size_t>(copies * n_counts_), 0);
-    for (const auto& l : layers_) acts_.emplace_back(static_cast<size_t>(lanes * rows * l.spec.out));
-    ga_.resize(static_cast<size_t>(lanes * rows * max_width));
-    gb_.resize(ga_.size());
-    if (!shared) grads_.assign(params_.size(), 0.f);
     generators_.resize(static_cast<size_t>(lanes));
-    store_.params = params_.data();
-    store_.grads = grads_.data();
-    store_.buffers = buffers_.data();
+    store_.params = params_;
+    store_.grads = grads_;
+    store_.buffers = buffers_;
     store_.counts = counts_.data();
     store_.n_params = n_params_;
     store_.n_buffers = n_buffers_;
@@ -86,10 +104,11 @@ class Net {
   int64_t outputs() const { return outputs_; }
   int64_t n_params() const { return n_params_; }
   const std::vector<Segment>& trainable() const { return trainable_; }
-  std::vector<float>& params() { return params_; }
-  std::vector<float>& grads() { return grads_; }
-  const float* output() const { return acts_.back().data(); }
-  float* output_grad() { return ga_.data(); }  // where the loss writes dL/d(output)
+  float* params() { return params_; }
+  float* grads() { return grads_; }
+  size_t param_floats() const { return param_floats_; }  ///< of every lane together
+  const float* output() const { return acts_.back(); }
+  float* output_grad() { return ga_; }  // where the loss writes dL/d(output)
 
   /// Copies the state of `model` (same layers) into `lane`.
   void load(int64_t lane, const ModelImpl& model) { transfer(lane, const_cast<ModelImpl&>(model), true); }
@@ -100,8 +119,8 @@ class Net {
   void replicate(int64_t from) {
     for (int64_t lane = 0; lane < store_.lanes; ++lane) {
       if (lane == from) continue;
-      std::copy_n(params_.data() + from * n_params_, n_params_, params_.data() + lane * n_params_);
-      std::copy_n(buffers_.data() + from * n_buffers_, n_buffers_, buffers_.data() + lane * n_buffers_);
+      std::copy_n(params_ + from * n_params_, n_params_, params_ + lane * n_params_);
+      std::copy_n(buffers_ + from * n_buffers_, n_buffers_, buffers_ + lane * n_buffers_);
       std::copy_n(counts_.data() + from * n_counts_, n_counts_, counts_.data() + lane * n_counts_);
     }
   }
@@ -143,7 +162,7 @@ class Net {
     store_.rows = rows;
     const float* in = x;
     for (size_t i = 0; i < layers_.size(); ++i) {
-      float* out = acts_[i].data();
+      float* out = acts_[i];
       layer_kind(layers_[i].spec.kind).forward(store_, layers_[i], pass, in, out);
       in = out;
     }
@@ -152,13 +171,13 @@ class Net {
   /// Backward pass from output_grad() through the last forward (a fit pass); fills grads()
   /// for the trainable layers and stops below the lowest of them.
   void backward(const float* x) {
-    float* g = ga_.data();
-    float* next = gb_.data();
+    float* g = ga_;
+    float* next = gb_;
     for (size_t i = layers_.size(); i-- > 0;) {
       const BatchedLayer& l = layers_[i];
       if (!l.need_dx && !l.mode.trainable) break;
-      const float* in = i == 0 ? x : acts_[i - 1].data();
-      layer_kind(l.spec.kind).backward(store_, l, in, acts_[i].data(), g, next);
+      const float* in = i == 0 ? x : acts_[i - 1];
+      layer_kind(l.spec.kind).backward(store_, l, in, acts_[i], g, next);
       std::swap(g, next);
     }
   }
@@ -183,8 +202,8 @@ class Net {
   };
   /// Copies the state of `lane` into `dst` (save) or back from it.
   void snapshot(int64_t lane, Snapshot& dst, bool save) {
-    float* p = params_.data() + lane * n_params_;
-    float* b = buffers_.data() + lane * n_buffers_;
+    float* p = params_ + lane * n_params_;
+    float* b = buffers_ + lane * n_buffers_;
     int64_t* c = counts_.data() + lane * n_counts_;
     if (save) {
       dst.values.assign(p, p + n_params_);
@@ -229,10 +248,16 @@ class Net {
   LaneStore store_;
   std::vector<BatchedLayer> layers_;
   int64_t n_params_ = 0, n_buffers_ = 0, n_counts_ = 0, outputs_ = 0;
-  std::vector<float> params_, buffers_, grads_;
+  Arena arena_;
+  float* params_ = nullptr;
+  float* grads_ = nullptr;
+  float* buffers_ = nullptr;
+  size_t param_floats_ = 0;
   std::vector<int64_t> counts_;
-  std::vector<std::vector<float>> acts_;
-  std::vector<float> ga_, gb_, stats_, scratch_;
+  std::vector<float*> acts_;
+  float* ga_ = nullptr;
+  float* gb_ = nullptr;
+  std::vector<float> stats_, scratch_;
   std::vector<Segment> trainable_;
   std::vector<std::shared_ptr<at::Generator>> generators_;
 };
@@ -310,20 +335,24 @@ void lane_losses(Net& net, LossKind kind, const float* y, int64_t rows, int64_t 
 /// lane, with its state slots laid out like the parameters.
 class Optimizer {
  public:
-  Optimizer(const OptimizerConfig& c, Net& net) : c_(c), def_(optimizer_kind(c.kind)), net_(net), lr_(c.lr) {
-    slots_.assign(static_cast<size_t>(def_.slots(c)), std::vector<float>(net.params().size(), 0.f));
+  /// The slots take arena phases the parameters and gradients do not (the Net's start at 0).
+  Optimizer(const OptimizerConfig& c, Net& net) : c_(c), def_(optimizer_kind(c.kind)), net_(net), lr_(c.lr), arena_(4) {
+    std::vector<size_t> regions;
+    for (int k = 0; k < def_.slots(c); ++k) regions.push_back(arena_.reserve(static_cast<int64_t>(net.param_floats())));
+    arena_.allocate();
+    for (size_t r : regions) slots_.push_back(arena_.at(r));
     ptrs_.resize(slots_.size());
   }
   void set_lr(double lr) { lr_ = lr; }
   void step() {
     ++step_;
     const int64_t P = net_.n_params();
-    float* params = net_.params().data();
-    const float* grads = net_.grads().data();
+    float* params = net_.params();
+    const float* grads = net_.grads();
     for (int64_t lane = 0; lane < net_.lanes(); ++lane)
       for (const auto& s : net_.trainable()) {
         const int64_t off = lane * P + s.offset;
-        for (size_t k = 0; k < slots_.size(); ++k) ptrs_[k] = slots_[k].data() + off;
+        for (size_t k = 0; k < slots_.size(); ++k) ptrs_[k] = slots_[k] + off;
         def_.update(c_, lr_, step_, params + off, grads + off, ptrs_.data(), s.size);
       }
   }
@@ -333,7 +362,8 @@ class Optimizer {
   const OptimizerDef& def_;
   Net& net_;
   double lr_;
-  std::vector<std::vector<float>> slots_;
+  Arena arena_;
+  std::vector<float*> slots_;
   std::vector<float*> ptrs_;
   int64_t step_ = 0;
 };
@@ -516,7 +546,7 @@ double batched_gradients(const ModelImpl& model, const StrategyConfig* strategy,
   net.backward(xs.data_ptr<float>());
   grads.clear();
   for (const auto& [name, offset, shape] : net.trainable_tensors())
-    grads.emplace_back(name, wrap(net.grads().data() + offset, {std::accumulate(shape.begin(), shape.end(), int64_t{1},
+    grads.emplace_back(name, wrap(net.grads() + offset, {std::accumulate(shape.begin(), shape.end(), int64_t{1},
                                                                                 std::multiplies<int64_t>())})
                                  .clone()
                                  .view(shape));

@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
 #include <stdexcept>
 
 #include "kernels.hpp"
@@ -112,9 +115,9 @@ class BatchNormKind final : public LayerKindDef {
     return torch::nn::AnyModule(BatchNorm(
         BatchNormOptions(l.out).eps(l.eps).momentum(l.momentum).scale(l.scale).center(l.center).semantics(l.semantics)));
   }
-  void allocate(BatchedLayer& L, int64_t lanes, int64_t stride) const override {
-    L.saved.resize(static_cast<size_t>(lanes * stride * L.spec.out));
-    L.saved_c.resize(static_cast<size_t>(lanes * L.spec.out));
+  void saved_sizes(const LayerSpec& l, int64_t lanes, int64_t stride, int64_t& saved, int64_t& saved_c) const override {
+    saved = lanes * stride * l.out;
+    saved_c = lanes * l.out;
   }
   static bool batch_stats(const BatchedLayer& L, Pass pass) {
     return pass == Pass::kFit ? L.mode.fit_batch_stats : pass == Pass::kInfer ? L.mode.infer_batch_stats : false;
@@ -130,7 +133,7 @@ class BatchNormKind final : public LayerKindDef {
       const float* beta = L.at[kBeta] >= 0 ? s.P(lane) + L.at[kBeta] : nullptr;
       float* rm = s.B(lane) + L.at[kMean];
       float* rv = s.B(lane) + L.at[kVar];
-      float* istd = L.saved_c.data() + lane * C;
+      float* istd = L.saved_c + lane * C;
       if (!batch) {
         // Inference: alpha = gamma / sqrt(running_var + eps), y = x * alpha + (beta - mean * alpha).
         for (int64_t c = 0; c < C; ++c) {
@@ -143,7 +146,7 @@ class BatchNormKind final : public LayerKindDef {
       }
       // Batch statistics: mean and biased variance over the rows (with one row, x - mean is
       // exactly 0 and every unit outputs beta, as in Keras).
-      float* xhat = L.saved.data() + lane * s.stride * C;
+      float* xhat = L.saved + lane * s.stride * C;
       float* mean = s.stat(C, 0);
       float* var = s.stat(C, 1);
       std::fill(mean, mean + C, 0.f);
@@ -194,8 +197,8 @@ class BatchNormKind final : public LayerKindDef {
       float* Dx = dx + lane * s.stride * C;
       const float* gamma = L.at[kGamma] >= 0 ? s.P(lane) + L.at[kGamma] : nullptr;
       const float* rm = s.B(lane) + L.at[kMean];
-      const float* istd = L.saved_c.data() + lane * C;
-      const float* xhat = L.saved.data() + lane * s.stride * C;
+      const float* istd = L.saved_c + lane * C;
+      const float* xhat = L.saved + lane * s.stride * C;
       float* sum_g = s.stat(C, 0);
       float* sum_gx = s.stat(C, 1);
       std::fill(sum_g, sum_g + C, 0.f);
@@ -389,8 +392,9 @@ class DropoutKind final : public LayerKindDef {
     d->generator = gen;
     return torch::nn::AnyModule(d);
   }
-  void allocate(BatchedLayer& L, int64_t lanes, int64_t stride) const override {
-    L.saved.resize(static_cast<size_t>(lanes * stride * L.spec.out));  // the mask
+  void saved_sizes(const LayerSpec& l, int64_t lanes, int64_t stride, int64_t& saved, int64_t& saved_c) const override {
+    saved = lanes * stride * l.out;  // the mask
+    saved_c = 0;
   }
   void forward(const LaneStore& s, BatchedLayer& L, Pass pass, const float* in, float* out) const override {
     const int64_t W = L.spec.out;
@@ -400,7 +404,7 @@ class DropoutKind final : public LayerKindDef {
     }
     const float keep = static_cast<float>(1 - L.spec.rate);
     for (int64_t lane = 0; lane < s.lanes; ++lane) {
-      float* mask = L.saved.data() + lane * s.stride * W;
+      float* mask = L.saved + lane * s.stride * W;
       // The same draw as bnlab::Dropout: bernoulli_(1 - p) on a [rows, width] tensor from the lane's generator.
       auto& gen = (*s.generators)[static_cast<size_t>(lane)];
       TORCH_CHECK(gen != nullptr, "batched engine: lane ", lane, " has no dropout generator");
@@ -417,7 +421,7 @@ class DropoutKind final : public LayerKindDef {
       std::copy(g, g + n, dx);
       return;
     }
-    const float* mask = L.saved.data();
+    const float* mask = L.saved;
     const float keep = static_cast<float>(1 - L.spec.rate);
     for (int64_t k = 0; k < n; ++k) dx[k] = g[k] / keep * mask[k];
   }
@@ -440,6 +444,23 @@ const LayerKindDef& layer_kind(LayerKind kind) {
     case LayerKind::kDropout: return kDropout;
   }
   throw std::logic_error("layer_kind: unregistered kind");
+}
+
+size_t Arena::reserve(int64_t floats) {
+  constexpr size_t kPage = 1024, kStep = 128, kVisit = 5;  // in floats: 4 KiB, 512 bytes, 2560 bytes apart
+  const size_t phase = (static_cast<size_t>(phase_++) * kVisit % (kPage / kStep)) * kStep;
+  size_t start = end_ - end_ % kPage + phase;
+  if (start < end_) start += kPage;
+  offsets_.push_back(start);
+  end_ = start + static_cast<size_t>(std::max<int64_t>(floats, 0));
+  return offsets_.size() - 1;
+}
+
+void Arena::allocate() {
+  const size_t bytes = std::max<size_t>((end_ * sizeof(float) + 4095) / 4096 * 4096, 4096);
+  base_ = static_cast<float*>(std::aligned_alloc(4096, bytes));
+  if (base_ == nullptr) throw std::bad_alloc();
+  std::memset(base_, 0, bytes);
 }
 
 const std::vector<LayerKind>& all_layer_kinds() {

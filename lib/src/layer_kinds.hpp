@@ -6,6 +6,7 @@
 
 #include <torch/torch.h>
 
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -68,8 +69,8 @@ struct BatchedLayer {
   LayerMode mode;
   std::vector<int64_t> at;
   bool need_dx = false;        ///< a trainable parameter sits below this layer
-  std::vector<float> saved;    ///< BatchNorm: x-hat; Dropout: the mask
-  std::vector<float> saved_c;  ///< BatchNorm: 1/sqrt(var + eps) per lane and channel
+  float* saved = nullptr;      ///< BatchNorm: x-hat; Dropout: the mask ([lanes][stride][width])
+  float* saved_c = nullptr;    ///< BatchNorm: 1/sqrt(var + eps) per lane and channel
 };
 
 class LayerKindDef {
@@ -79,8 +80,11 @@ class LayerKindDef {
   virtual std::vector<StateTensor> state(const LayerSpec& l) const = 0;
   /// The torch module (the torch engine, the reference). `dropout_generator`: the model's.
   virtual torch::nn::AnyModule module(const LayerSpec& l, const std::shared_ptr<at::Generator>& dropout_generator) const = 0;
-  /// Sizes the layer's saved activations for `lanes` x `stride` rows.
-  virtual void allocate(BatchedLayer&, int64_t /*lanes*/, int64_t /*stride*/) const {}
+  /// How many floats of saved activations the layer needs for `lanes` x `stride` rows: per
+  /// element of its output (`saved`) and per lane and channel (`saved_c`); 0 for none.
+  virtual void saved_sizes(const LayerSpec&, int64_t /*lanes*/, int64_t /*stride*/, int64_t& saved, int64_t& saved_c) const {
+    saved = saved_c = 0;
+  }
   /// out = layer(in) for every lane over store.rows rows.
   virtual void forward(const LaneStore& store, BatchedLayer& l, Pass pass, const float* in, float* out) const = 0;
   /// From g = dL/d(out): the parameter gradients (when l.mode.trainable) and dx = dL/d(in)
@@ -96,6 +100,31 @@ class LayerKindDef {
 
 /// The definition of a kind: an exhaustive switch, no default.
 const LayerKindDef& layer_kind(LayerKind kind);
+
+/// One page-aligned, zeroed allocation cut into regions whose starts are spread over the 4 KiB
+/// page (phases 512 bytes apart, visited 2560 bytes apart), so that arrays a loop walks at the
+/// same index never sit a near-multiple of 4 KiB from each other. There a load waits on an
+/// unrelated earlier store to the same page offset (4K aliasing); measured on this machine,
+/// that cost a one-lane fine-tuning step 15 to 35% depending on where malloc put the arrays.
+/// `first_phase` lets a second arena (the optimizer's state) take the phases the first one's
+/// hottest regions do not use.
+class Arena {
+ public:
+  explicit Arena(int first_phase = 0) : phase_(first_phase) {}
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+  ~Arena() { std::free(base_); }
+  /// Reserves `floats` floats; returns the region's id, valid once allocate() ran.
+  size_t reserve(int64_t floats);
+  void allocate();
+  float* at(size_t region) const { return base_ + offsets_[region]; }
+
+ private:
+  int phase_;
+  std::vector<size_t> offsets_;
+  size_t end_ = 0;
+  float* base_ = nullptr;
+};
 /// Every registered kind (what the generic tests iterate over).
 const std::vector<LayerKind>& all_layer_kinds();
 

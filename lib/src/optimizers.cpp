@@ -32,14 +32,22 @@ class SgdDef final : public OptimizerDef {
     const float lr = static_cast<float>(-lr_d);
     const float mom = static_cast<float>(c.momentum);
     const float wd = static_cast<float>(c.weight_decay);
-    float* m = c.momentum != 0 ? slot[0] : nullptr;
+    // The common cases as loops without branches, so that they vectorize (this is the hottest
+    // loop of a fine-tuning step); the same float operations in the same order as the general one.
+    if (c.momentum == 0) {
+      if (c.weight_decay == 0) {
+        for (int64_t k = 0; k < n; ++k) p[k] = p[k] + lr * g[k];
+      } else {
+        for (int64_t k = 0; k < n; ++k) p[k] = p[k] + lr * (g[k] + wd * p[k]);
+      }
+      return;
+    }
+    float* m = slot[0];
     for (int64_t k = 0; k < n; ++k) {
       float d = g[k];
       if (c.weight_decay != 0) d = d + wd * p[k];
-      if (m) {
-        m[k] = step == 1 ? d : m[k] * mom + d;  // torch: the buffer starts as the first gradient
-        d = c.nesterov ? d + mom * m[k] : m[k];
-      }
+      m[k] = step == 1 ? d : m[k] * mom + d;  // torch: the buffer starts as the first gradient
+      d = c.nesterov ? d + mom * m[k] : m[k];
       p[k] = p[k] + lr * d;
     }
   }
