@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
+#include <stdexcept>
 
 #include "bnlab/errors.hpp"
 #include "text.hpp"
@@ -224,6 +225,42 @@ class ObjectReader {
   std::vector<std::string> known_;
 };
 
+/// The keys each optimizer takes after name and lr, in the order config.resolved.json writes
+/// them: the one place that says which settings belong to which optimizer.
+struct OptimizerField {
+  const char* key;
+  double OptimizerConfig::*number;
+  bool OptimizerConfig::*flag;
+};
+
+const std::vector<OptimizerField>& optimizer_fields(OptimizerKind kind) {
+  using O = OptimizerConfig;
+  static const std::vector<OptimizerField> kSgd = {
+      {"weight_decay", &O::weight_decay, nullptr}, {"momentum", &O::momentum, nullptr}, {"nesterov", nullptr, &O::nesterov}};
+  static const std::vector<OptimizerField> kAdam = {{"weight_decay", &O::weight_decay, nullptr},
+                                                    {"beta1", &O::beta1, nullptr},
+                                                    {"beta2", &O::beta2, nullptr},
+                                                    {"eps", &O::eps, nullptr}};
+  static const std::vector<OptimizerField> kRmsprop = {{"weight_decay", &O::weight_decay, nullptr},
+                                                       {"alpha", &O::alpha, nullptr},
+                                                       {"eps", &O::eps, nullptr},
+                                                       {"momentum", &O::momentum, nullptr},
+                                                       {"centered", nullptr, &O::centered}};
+  // Keras' name for the smoothing is rho; Keras 3's weight_decay is another (decoupled) rule, not offered.
+  static const std::vector<OptimizerField> kRmspropKeras = {{"rho", &O::alpha, nullptr},
+                                                            {"eps", &O::eps, nullptr},
+                                                            {"momentum", &O::momentum, nullptr},
+                                                            {"centered", nullptr, &O::centered}};
+  switch (kind) {
+    case OptimizerKind::kSgd: return kSgd;
+    case OptimizerKind::kAdam:
+    case OptimizerKind::kAdamW: return kAdam;
+    case OptimizerKind::kRmsprop: return kRmsprop;
+    case OptimizerKind::kRmspropKeras: return kRmspropKeras;
+  }
+  throw std::logic_error("optimizer_fields: unregistered optimizer");
+}
+
 void read_optimizer(ObjectReader& parent, const std::string& key, OptimizerConfig& o,
                     Problems& problems) {
   const json* j = parent.find(key);
@@ -234,32 +271,9 @@ void read_optimizer(ObjectReader& parent, const std::string& key, OptimizerConfi
   if (o.kind == OptimizerKind::kAdamW) o.weight_decay = 0.01;
   if (o.kind == OptimizerKind::kRmspropKeras) o.alpha = 0.9, o.eps = 1e-7;
   r.get("lr", o.lr);
-  switch (o.kind) {
-    case OptimizerKind::kSgd:
-      r.get("weight_decay", o.weight_decay);
-      r.get("momentum", o.momentum);
-      r.get("nesterov", o.nesterov);
-      break;
-    case OptimizerKind::kAdam:
-    case OptimizerKind::kAdamW:
-      r.get("weight_decay", o.weight_decay);
-      r.get("beta1", o.beta1);
-      r.get("beta2", o.beta2);
-      r.get("eps", o.eps);
-      break;
-    case OptimizerKind::kRmsprop:
-      r.get("weight_decay", o.weight_decay);
-      r.get("alpha", o.alpha);
-      r.get("eps", o.eps);
-      r.get("momentum", o.momentum);
-      r.get("centered", o.centered);
-      break;
-    case OptimizerKind::kRmspropKeras:
-      r.get("rho", o.alpha);
-      r.get("eps", o.eps);
-      r.get("momentum", o.momentum);
-      r.get("centered", o.centered);
-      break;
+  for (const auto& f : optimizer_fields(o.kind)) {
+    if (f.number) r.get(f.key, o.*f.number);
+    else r.get(f.key, o.*f.flag);
   }
   r.finish();
 }
@@ -946,32 +960,9 @@ namespace {
 
 json optimizer_json(const OptimizerConfig& o) {
   json j{{"name", to_string(o.kind)}, {"lr", o.lr}};
-  switch (o.kind) {
-    case OptimizerKind::kSgd:
-      j["weight_decay"] = o.weight_decay;
-      j["momentum"] = o.momentum;
-      j["nesterov"] = o.nesterov;
-      break;
-    case OptimizerKind::kAdam:
-    case OptimizerKind::kAdamW:
-      j["weight_decay"] = o.weight_decay;
-      j["beta1"] = o.beta1;
-      j["beta2"] = o.beta2;
-      j["eps"] = o.eps;
-      break;
-    case OptimizerKind::kRmsprop:
-      j["weight_decay"] = o.weight_decay;
-      j["alpha"] = o.alpha;
-      j["eps"] = o.eps;
-      j["momentum"] = o.momentum;
-      j["centered"] = o.centered;
-      break;
-    case OptimizerKind::kRmspropKeras:
-      j["rho"] = o.alpha;
-      j["eps"] = o.eps;
-      j["momentum"] = o.momentum;
-      j["centered"] = o.centered;
-      break;
+  for (const auto& f : optimizer_fields(o.kind)) {
+    if (f.number) j[f.key] = o.*f.number;
+    else j[f.key] = o.*f.flag;
   }
   return j;
 }

@@ -149,7 +149,11 @@ std::vector<FoldStep> fold_plan(const std::vector<LayerSpec>& layers, std::strin
       continue;
     }
     if (error != nullptr) {
-      const std::string before = i == 0 ? "the inputs" : std::string("a ") + layer_kind_name(layers[i - 1].kind) + " layer";
+      const LayerKind prev = i == 0 ? LayerKind::kBatchNorm : layers[i - 1].kind;
+      const std::string before = i == 0                             ? "the inputs"
+                                 : prev == LayerKind::kActivation ? std::string("an activation")
+                                 : prev == LayerKind::kDropout    ? std::string("a Dropout")
+                                                                  : std::string("a ") + layer_kind_name(prev);
       *error = "BatchNorm \"" + layers[i].name + "\" (after " + before +
                ") has no Linear directly before or after it to fold into; an activation or Dropout in between "
                "cannot be folded through";

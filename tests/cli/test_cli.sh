@@ -74,6 +74,8 @@ bad activation 'model.activation: unknown value "swish"; valid values: relu, tan
 bad loss 'model.loss: unknown value "mae"; did you mean "mse"?; valid values: gaussian_nll, mse, cross_entropy' '{"name": "t", "model": {"loss": "mae"}}'
 bad optimizer 'pretrain.optimizer.name: unknown value "lamb"; valid values: sgd, adam, adamw, rmsprop, rmsprop_keras' '{"name": "t", "pretrain": {"optimizer": {"name": "lamb"}}}'
 bad torch_one 'runs BatchNorm in training mode on a batch of ONE sample' '{"name": "t", "model": {"batchnorm": {"semantics": "torch"}}, "strategies": ["train"]}'
+bad layers_kind 'model.layers[1]: names no layer kind; did you mean "dense"?' '{"name": "t", "model": {"layers": [{"dense": 4}, {"dens": 3}]}}'
+bad fold_between 'strategies[0].fold: BatchNorm "2" (after an activation) has no Linear directly before or after it' '{"name": "t", "model": {"layers": [{"dense": 4}, {"activation": "relu"}, {"batchnorm": {}}, {"activation": "tanh"}]}, "strategies": ["fold"]}'
 bad fold_no_bn 'strategies[0].fold: there is nothing to fold: the model has no BatchNorm layer' '{"name": "t", "model": {"batchnorm": {"enabled": false}}, "strategies": ["fold"]}'
 bad number_overflow 'invalid JSON: number overflow' '{"name": "t", "seed": 1e999}'
 check config_is_dir 2 "is not a regular file" -- "$bin" run "$tmp"

@@ -15,6 +15,7 @@
 #include "bnlab/config.hpp"
 #include "engine.hpp"
 #include "support.hpp"
+#include "torch_support.hpp"
 
 namespace {
 
@@ -70,23 +71,9 @@ void expect_gradients_match(const Trained& s, const StrategyConfig* strategy, in
   ref_loss.backward();
   EXPECT_NEAR(loss, ref_loss.item<double>(), 1e-6 * std::max(1.0, std::abs(loss)));
 
-  // Float rounding is relative to the size of the backward signal, so the tolerance scales with
-  // the largest gradient anywhere in the model. (With two rows, PyTorch-numerics BatchNorm
-  // outputs +-1 whatever its input, and what reaches the layers below it is rounding noise.)
-  std::map<std::string, torch::Tensor> expected;
-  double scale = 1e-6;
-  for (const auto& p : ref->named_parameters())
-    if (p.value().requires_grad()) {
-      expected[p.key()] = p.value().grad();
-      scale = std::max(scale, p.value().grad().abs().max().item<double>());
-    }
-  ASSERT_EQ(grads.size(), expected.size()) << "the batched engine trains another set of parameters";
-  for (const auto& [name, g] : grads) {
-    ASSERT_TRUE(expected.count(name)) << name;
-    const auto& e = expected[name];
-    ASSERT_EQ(g.sizes(), e.sizes()) << name;
-    EXPECT_LE((g - e).abs().max().item<double>(), 1e-5 * scale) << name << ": largest gradient in the model " << scale;
-  }
+  // (With two rows, PyTorch-numerics BatchNorm outputs +-1 whatever its input, and what reaches
+  // the layers below it is rounding noise: the tolerance scales with the largest gradient.)
+  test::expect_gradients_equal(*ref, grads);
 }
 
 /// Every preset, and no policy, on each number of rows.

@@ -292,7 +292,7 @@ TEST(Layers, FoldNeedsALinearBesideEachBatchNorm) {
   // BatchNorm between two activations: nothing linear to fold it into.
   const auto p = problems_of(with_layers(R"([{"dense": 4}, {"activation": "relu"}, {"batchnorm": {}}, {"activation": "tanh"}])",
                                          R"("strategies": ["fold"])"));
-  EXPECT_NE(p.find("strategies[0].fold: BatchNorm \"2\" (after a activation layer) has no Linear directly before or after it"),
+  EXPECT_NE(p.find("strategies[0].fold: BatchNorm \"2\" (after an activation) has no Linear directly before or after it"),
             std::string::npos) << p;
   EXPECT_NE(problems_of(with_layers(R"([{"dense": 4}, {"dropout": 0.5}, {"batchnorm": {}}, {"dropout": 0.5}])", R"("strategies": ["fold"])"))
                 .find("cannot be folded through"),
