@@ -126,7 +126,7 @@ int cmd_run(int argc, char** argv, Command command) {
   }
   std::vector<std::string> overrides;
   if (args.count("set")) overrides = args["set"].as<std::vector<std::string>>();
-  const bnlab::Config config = bnlab::load_config(args["config"].as<std::string>(), overrides);
+  const bnlab::Config config = bnlab::load_config(args["config"].as<std::string>(), overrides, bnlab::read_keras_model_config);
   if (validate_only) {
     std::cout << bnlab::to_json(config);
     return bnlab::kExitOk;

@@ -669,7 +669,61 @@ void read_model(const json* j, ModelConfig& m, Problems& problems) {
   r.finish();
 }
 
-void read_config(const json& root, Config& c, Problems& problems) {
+/// The model of an init.keras file: its architecture becomes model.layers, or, when the config
+/// describes a model too, must agree with it layer by layer.
+void apply_keras_architecture(const json& root, Config& c, KerasConfigReader reader, Problems& problems) {
+  if (c.init_keras.empty() || reader == nullptr) return;
+  std::string text;
+  KerasArchitecture arch;
+  const std::string path = resolve_path(c.base_dir, c.init_keras);
+  try {
+    text = reader(path);
+    if (text.empty()) return;  // weights only: the config's model says what the network is
+    arch = keras_architecture(text, path, c.model.batchnorm);
+  } catch (const InputError& e) {
+    problems.list.push_back(e.what());
+    return;
+  }
+  const json* model = root.contains("model") && root["model"].is_object() ? &root["model"] : nullptr;
+  const bool described = model != nullptr && (model->contains("layers") || model->contains("hidden") ||
+                                               model->contains("activation") || model->contains("dropout"));
+  if (described) {
+    const auto& mine = c.model.layers;
+    const auto describe = [](const LayerSpec& l) {
+      std::string d = layer_kind_name(l.kind);
+      if (l.kind == LayerKind::kDense) d += l.head ? " (the head)" : " " + std::to_string(l.units);
+      if (l.kind == LayerKind::kActivation) d += std::string(" ") + activation_name(l.activation);
+      return d;
+    };
+    if (mine.size() != arch.layers.size())
+      problems.add("model", "describes " + std::to_string(mine.size()) + " modules, " + path + " " +
+                                std::to_string(arch.layers.size()) + "; drop model.layers to take the file's architecture");
+    for (size_t i = 0; i < std::min(mine.size(), arch.layers.size()); ++i) {
+      const LayerSpec &a = mine[i], &b = arch.layers[i];
+      std::string why;
+      if (a.kind != b.kind || (a.kind == LayerKind::kActivation && a.activation != b.activation)) why = "is " + describe(a) + " here, " + describe(b);
+      else if (a.kind == LayerKind::kDense && !a.head && a.units != b.units) why = "has " + std::to_string(a.units) + " units here, " + std::to_string(b.units);
+      else if (a.kind == LayerKind::kDense && a.use_bias != b.use_bias) why = "differs in use_bias";
+      else if (a.kind == LayerKind::kBatchNorm && std::abs(a.eps - b.eps) > 1e-12 * std::max(1.0, b.eps)) why = "has eps " + fmt_double(a.eps) + " here, " + fmt_double(b.eps);
+      else if (a.kind == LayerKind::kBatchNorm && std::abs(a.momentum - b.momentum) > 1e-9) why = "has momentum " + fmt_double(a.momentum) + " here, " + fmt_double(b.momentum) + " (PyTorch's convention)";
+      else if (a.kind == LayerKind::kBatchNorm && (a.center != b.center || a.scale != b.scale)) why = "differs in center/scale";
+      else if (a.kind == LayerKind::kActivation && a.alpha != b.alpha) why = "has slope/alpha " + fmt_double(a.alpha) + " here, " + fmt_double(b.alpha);
+      else if (a.kind == LayerKind::kDropout && a.rate != b.rate) why = "has rate " + fmt_double(a.rate) + " here, " + fmt_double(b.rate);
+      if (!why.empty())
+        problems.add("model", "module " + a.name + " " + why + " in " + path + " (Keras layer \"" + arch.keras_name[i] +
+                                  "\"); bnlab never loads weights into another architecture");
+    }
+  } else {
+    c.model.layers = arch.layers;
+  }
+  c.keras_names = arch.keras_name;
+  c.keras_weight_keys = arch.weights_key;
+  c.keras_trainable = arch.trainable;
+  c.keras_inputs = arch.inputs;
+  c.keras_head_units = arch.layers.back().units;
+}
+
+void read_config(const json& root, Config& c, Problems& problems, KerasConfigReader keras) {
   ObjectReader top(&root, "", problems);
   top.get("name", c.name);
   if (top.has("seed") && top.has("seeds")) problems.add("seeds", "give either seed or seeds, not both");
@@ -726,9 +780,12 @@ void read_config(const json& root, Config& c, Problems& problems) {
   read_finetune(top.find("finetune"), "finetune", c.finetune, problems, /*in_grid=*/false);
   if (const json* init = top.find("init")) {
     ObjectReader r(init, "init", problems);
-    r.get("keras_h5", c.init_keras_h5);
+    if (r.has("keras") && r.has("keras_h5")) problems.add("init", "give either keras or its synonym keras_h5, not both");
+    r.get("keras_h5", c.init_keras);
+    r.get("keras", c.init_keras);
     r.finish();
   }
+  apply_keras_architecture(root, c, keras, problems);
   read_grid(top, root, c, problems);
   if (const json* s = top.find("strategies")) {
     if (!s->is_array()) {
@@ -912,7 +969,7 @@ const std::vector<std::string>& preset_names() {
 }
 
 Config parse_config(const std::string& text, const std::string& origin,
-                    const std::vector<std::string>& overrides, const std::string& base_dir) {
+                    const std::vector<std::string>& overrides, const std::string& base_dir, KerasConfigReader keras) {
   Problems problems{origin, {}};
   json root;
   try {
@@ -933,13 +990,13 @@ Config parse_config(const std::string& text, const std::string& origin,
   for (const auto& o : overrides) apply_override(root, o, problems);
   Config c;
   c.base_dir = base_dir;
-  read_config(root, c, problems);
+  read_config(root, c, problems, keras);
   validate(c, problems);
   if (!problems.list.empty()) throw InputError(problems.list);
   return c;
 }
 
-Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
+Config load_config(const std::string& path, const std::vector<std::string>& overrides, KerasConfigReader keras) {
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
     throw InputError(path + ": is not a regular file; expected a JSON config file");
@@ -947,7 +1004,7 @@ Config load_config(const std::string& path, const std::vector<std::string>& over
   if (!in) throw InputError(path + ": cannot read the config file (" + errno_text() + ")");
   std::stringstream buffer;
   buffer << in.rdbuf();
-  return parse_config(buffer.str(), path, overrides, parent_dir(path));
+  return parse_config(buffer.str(), path, overrides, parent_dir(path), keras);
 }
 
 const char* to_string(LossKind l) { return enum_name(kLosses, l); }
@@ -1079,7 +1136,7 @@ std::string to_json(const Config& c) {
            {"monitor", enum_name(kMonitors, c.finetune.monitor)},
            {"save_best_only", c.finetune.save_best_only}}},
          {"grid", json::parse(c.grid_json)},
-         {"init", c.init_keras_h5.empty() ? json::object() : json{{"keras_h5", c.init_keras_h5}}},
+         {"init", c.init_keras.empty() ? json::object() : json{{"keras", c.init_keras}}},
          {"strategies", strategies}};
   return j.dump(2) + "\n";
 }
@@ -1125,8 +1182,8 @@ std::string pretrain_cache_key(const Config& c) {
   json j{{"format", 1}, {"seed", c.seed}, {"data", data_json(c.data)},
          {"model", model_json(c.model)}, {"pretrain", pretrain_json(c.pretrain)}};
   if (c.data.source == "csv") j["data"]["file"] = file_fingerprint(resolve_path(c.base_dir, c.data.path));
-  if (!c.init_keras_h5.empty())
-    j["init"] = {{"keras_h5", c.init_keras_h5}, {"file", file_fingerprint(resolve_path(c.base_dir, c.init_keras_h5))}};
+  if (!c.init_keras.empty())
+    j["init"] = {{"keras", c.init_keras}, {"file", file_fingerprint(resolve_path(c.base_dir, c.init_keras))}};
   return fnv1a_hex(j.dump());
 }
 
@@ -1164,6 +1221,258 @@ std::string architecture_json(const std::vector<LayerSpec>& sized, BnSemantics s
          {"layers", layers},
          {"pytorch", expr.empty() ? json(nullptr) : json(expr)}};
   return j.dump(2) + "\n";
+}
+
+}  // namespace bnlab
+
+// ---------------------------------------------------------------------------------------------
+// Keras model configs: the architecture a Keras file carries, as bnlab's layer list.
+
+namespace bnlab {
+
+namespace {
+
+/// snake_case of a Keras class name, as Keras 3 names weight groups: BatchNormalization ->
+/// batch_normalization, ReLU -> re_lu, LeakyReLU -> leaky_re_lu.
+std::string snake_case(const std::string& name) {
+  std::string out;
+  for (size_t i = 0; i < name.size(); ++i) {
+    const char c = name[i];
+    const bool upper = std::isupper(static_cast<unsigned char>(c)) != 0;
+    if (upper && i > 0) {
+      const bool prev_lower = std::islower(static_cast<unsigned char>(name[i - 1])) != 0;
+      const bool next_lower = i + 1 < name.size() && std::islower(static_cast<unsigned char>(name[i + 1])) != 0;
+      if (prev_lower || (next_lower && std::isupper(static_cast<unsigned char>(name[i - 1])))) out += '_';
+    }
+    out += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  }
+  return out;
+}
+
+/// A Keras activation name as bnlab's, or false ("swish" is Keras' other name for silu).
+bool keras_activation(const std::string& name, Activation& a) {
+  if (name == "swish") {
+    a = Activation::kSilu;
+    return true;
+  }
+  return activation_from_name(name, a);
+}
+
+/// The names a layer entry takes its input from (Keras 2 and Keras 3 inbound_nodes forms);
+/// `nodes` counts the calls of the layer (a shared layer has several).
+std::vector<std::string> inbound_names(const json& entry, size_t& nodes) {
+  std::vector<std::string> out;
+  nodes = 0;
+  const auto it = entry.find("inbound_nodes");
+  if (it == entry.end() || !it->is_array()) return out;
+  nodes = it->size();
+  std::function<void(const json&)> collect = [&](const json& j) {
+    if (j.is_object()) {
+      if (j.value("class_name", "") == "__keras_tensor__" && j.contains("config") && j["config"].contains("keras_history") &&
+          j["config"]["keras_history"].is_array() && !j["config"]["keras_history"].empty() &&
+          j["config"]["keras_history"][0].is_string())
+        out.push_back(j["config"]["keras_history"][0].get<std::string>());
+      else
+        for (const auto& v : j) collect(v);
+    } else if (j.is_array()) {
+      // Keras 2: [[["name", node, tensor, {kwargs}], ...]]
+      if (j.size() >= 3 && j[0].is_string() && j[1].is_number()) out.push_back(j[0].get<std::string>());
+      else
+        for (const auto& v : j) collect(v);
+    }
+  };
+  collect(*it);
+  return out;
+}
+
+/// The input width from an InputLayer config or a layer's batch_input_shape / batch_shape.
+int64_t input_width(const json& cfg) {
+  for (const char* key : {"batch_input_shape", "batch_shape"}) {
+    const auto it = cfg.find(key);
+    if (it != cfg.end() && it->is_array() && it->size() == 2 && (*it)[1].is_number_integer()) return (*it)[1].get<int64_t>();
+  }
+  return 0;
+}
+
+}  // namespace
+
+KerasArchitecture keras_architecture(const std::string& text, const std::string& origin, const BatchNormConfig& bn) {
+  json root;
+  try {
+    root = json::parse(text);
+  } catch (const json::exception& e) {
+    throw InputError(origin + ": the model config is not valid JSON (" + std::string(e.what()) + ")");
+  }
+  const auto fail = [&](const std::string& what) { throw InputError(origin + ": " + what); };
+  if (!root.is_object() || !root.contains("class_name") || !root.contains("config") || !root["config"].is_object())
+    fail("the model config has no class_name/config; is this a Keras model file?");
+  const std::string cls = root["class_name"].is_string() ? root["class_name"].get<std::string>() : "";
+  if (cls != "Sequential" && cls != "Functional" && cls != "Model")
+    fail("the model is a " + cls + "; bnlab reads Sequential models and Functional models that are a single chain");
+  const json& layers = root["config"]["layers"];
+  if (!layers.is_array()) fail("the model config lists no layers");
+  // The layer entries in chain order.
+  std::vector<const json*> chain;
+  const auto name_of = [](const json& e) {
+    if (e.contains("name") && e["name"].is_string()) return e["name"].get<std::string>();
+    if (e.contains("config") && e["config"].is_object() && e["config"].contains("name") && e["config"]["name"].is_string())
+      return e["config"]["name"].get<std::string>();
+    return std::string();
+  };
+  if (cls == "Sequential") {
+    for (const auto& e : layers) chain.push_back(&e);
+  } else {
+    std::map<std::string, std::vector<const json*>> consumers;
+    const json* input = nullptr;
+    for (const auto& e : layers) {
+      size_t nodes = 0;
+      const auto from = inbound_names(e, nodes);
+      const std::string name = name_of(e);
+      if (e.value("class_name", "") == "InputLayer") {
+        if (input != nullptr) fail("the model has more than one input (\"" + name_of(*input) + "\", \"" + name + "\"); bnlab reads a single chain");
+        input = &e;
+        continue;
+      }
+      if (nodes > 1) fail("layer \"" + name + "\" (" + e.value("class_name", "") + ") is called " + std::to_string(nodes) + " times; bnlab reads a single chain");
+      if (from.size() != 1)
+        fail("layer \"" + name + "\" (" + e.value("class_name", "") + ") takes " + std::to_string(from.size()) +
+             " inputs (" + join(from, ", ") + "); bnlab reads a single chain, not a branching model");
+      consumers[from.front()].push_back(&e);
+    }
+    if (input == nullptr) fail("the Functional model has no InputLayer");
+    chain.push_back(input);
+    for (std::string at = name_of(*input);;) {
+      const auto it = consumers.find(at);
+      if (it == consumers.end()) break;
+      if (it->second.size() > 1) {
+        std::vector<std::string> names;
+        for (const auto* e : it->second) names.push_back(name_of(*e));
+        fail("layer \"" + at + "\" feeds " + std::to_string(names.size()) + " layers (" + join(names, ", ") +
+             "): the model branches; bnlab reads a single chain");
+      }
+      chain.push_back(it->second.front());
+      at = name_of(*it->second.front());
+    }
+    if (chain.size() != layers.size()) fail("some layers are not on the chain from the input to the output; bnlab reads a single chain");
+  }
+
+  KerasArchitecture arch;
+  std::map<std::string, int> counters;  // Keras 3 weight groups: snake_case class + per-class counter
+  const auto add = [&](LayerSpec l, const std::string& name, const std::string& key, bool trainable) {
+    arch.layers.push_back(std::move(l));
+    arch.keras_name.push_back(name);
+    arch.weights_key.push_back(key);
+    arch.trainable.push_back(trainable);
+  };
+  for (const json* ep : chain) {
+    const json& e = *ep;
+    const std::string lcls = e.value("class_name", "");
+    const json cfg = e.contains("config") && e["config"].is_object() ? e["config"] : json::object();
+    const std::string name = name_of(e);
+    const std::string where = "layer \"" + name + "\" (" + lcls + ")";
+    const bool trainable = cfg.value("trainable", true);
+    const int k = counters[snake_case(lcls)]++;
+    const std::string key = k == 0 ? snake_case(lcls) : snake_case(lcls) + "_" + std::to_string(k);
+    const auto number = [&](const char* field, double fallback) {
+      const auto it = cfg.find(field);
+      if (it == cfg.end() || it->is_null()) return fallback;
+      if (!it->is_number()) fail(where + ": \"" + field + "\" is not a number");
+      return it->get<double>();
+    };
+    const auto flag = [&](const char* field, bool fallback) {
+      const auto it = cfg.find(field);
+      if (it == cfg.end()) return fallback;
+      if (!it->is_boolean()) fail(where + ": \"" + field + "\" is not a boolean");
+      return it->get<bool>();
+    };
+    const auto activation_layer = [&](const std::string& act, double alpha) {
+      LayerSpec a;
+      a.kind = LayerKind::kActivation;
+      if (!keras_activation(act, a.activation))
+        fail(where + ": activation \"" + act + "\" is not one bnlab has (" + join([] {
+               std::vector<std::string> n;
+               for (Activation x : all_activations()) n.emplace_back(activation_name(x));
+               return n;
+             }(), ", ") + ")");
+      a.alpha = a.activation == Activation::kElu ? (alpha > 0 ? alpha : 1.0) : a.activation == Activation::kLeakyRelu ? alpha : 0.0;
+      return a;
+    };
+    if (lcls == "InputLayer") {
+      arch.inputs = input_width(cfg);
+      if (arch.inputs == 0) fail(where + ": the input shape is not [batch, features]");
+      continue;
+    }
+    if (arch.inputs == 0) arch.inputs = input_width(cfg);
+    if (lcls == "Dense") {
+      LayerSpec d;
+      d.kind = LayerKind::kDense;
+      d.units = static_cast<int64_t>(number("units", 0));
+      if (d.units < 1) fail(where + ": units must be >= 1");
+      d.use_bias = flag("use_bias", true);
+      add(d, name, key, trainable);
+      const std::string act = cfg.value("activation", std::string("linear"));
+      if (act != "linear") {
+        // Keras 3's leaky_relu activation function has slope 0.2; the fused form takes no parameter.
+        LayerSpec a = activation_layer(act, act == "leaky_relu" ? 0.2 : 1.0);
+        a.fused = true;
+        add(a, name, "", trainable);
+      }
+    } else if (lcls == "BatchNormalization") {
+      const auto axis = cfg.find("axis");
+      const bool feature_axis = axis == cfg.end() ||
+                                (axis->is_number_integer() && (axis->get<int64_t>() == -1 || axis->get<int64_t>() == 1)) ||
+                                (axis->is_array() && axis->size() == 1 && (*axis)[0].is_number_integer() &&
+                                 ((*axis)[0].get<int64_t>() == -1 || (*axis)[0].get<int64_t>() == 1));
+      if (!feature_axis) fail(where + ": axis " + axis->dump() + " is not the feature axis (-1); bnlab's BatchNorm1d normalises each feature over the batch");
+      if (flag("renorm", false)) fail(where + ": renorm is not supported");
+      LayerSpec b;
+      b.kind = LayerKind::kBatchNorm;
+      b.semantics = bn.semantics;
+      b.eps = number("epsilon", 1e-3);
+      b.momentum = 1.0 - number("momentum", 0.99);  // Keras' weight of the old value -> PyTorch's of the new batch
+      b.center = flag("center", true);
+      b.scale = flag("scale", true);
+      add(b, name, key, trainable);
+    } else if (lcls == "Activation") {
+      add(activation_layer(cfg.value("activation", std::string("linear")), 0.0), name, key, trainable);
+      if (arch.layers.back().activation == Activation::kLinear) {
+        arch.layers.pop_back(), arch.keras_name.pop_back(), arch.weights_key.pop_back(), arch.trainable.pop_back();
+        LayerSpec identity;
+        identity.kind = LayerKind::kActivation;
+        identity.activation = Activation::kLinear;
+        add(identity, name, key, trainable);
+      }
+    } else if (lcls == "ReLU") {
+      const double slope = number("negative_slope", 0.0);
+      if (!cfg.value("max_value", json()).is_null() || number("threshold", 0.0) != 0)
+        fail(where + ": max_value or threshold is set; bnlab's ReLU has neither");
+      add(activation_layer(slope != 0 ? "leaky_relu" : "relu", slope), name, key, trainable);
+    } else if (lcls == "LeakyReLU") {
+      // Keras 3 calls the slope negative_slope (default 0.3), Keras 2 alpha (default 0.3).
+      const double slope = cfg.contains("negative_slope") ? number("negative_slope", 0.3) : number("alpha", 0.3);
+      add(activation_layer("leaky_relu", slope), name, key, trainable);
+    } else if (lcls == "ELU") {
+      add(activation_layer("elu", number("alpha", 1.0)), name, key, trainable);
+    } else if (lcls == "Dropout") {
+      LayerSpec p;
+      p.kind = LayerKind::kDropout;
+      p.rate = number("rate", 0.0);
+      if (!(p.rate >= 0 && p.rate < 1)) fail(where + ": rate must be in [0, 1)");
+      add(p, name, key, trainable);
+    } else {
+      fail(where + ": bnlab builds Dense, BatchNormalization, Activation, ReLU, LeakyReLU, ELU and Dropout layers, not " + lcls);
+    }
+  }
+  // The last Dense is the head: nothing but a Dense may follow the network's body.
+  size_t last = arch.layers.size();
+  while (last > 0 && arch.layers[last - 1].kind != LayerKind::kDense) --last;
+  if (last == 0) fail("the model has no Dense layer to be its output head");
+  if (last != arch.layers.size())
+    fail("the model ends in layer \"" + arch.keras_name[last] + "\", after its last Dense \"" + arch.keras_name[last - 1] +
+         "\"; bnlab's output head is a plain Dense (the loss applies its own output transform)");
+  arch.layers[last - 1].head = true;
+  name_layers(arch.layers);
+  return arch;
 }
 
 }  // namespace bnlab

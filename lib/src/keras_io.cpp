@@ -2,8 +2,10 @@
 #include "keras_io.hpp"
 
 #include <hdf5.h>
+#include <zip.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <functional>
 #include <map>
@@ -176,6 +178,136 @@ void copy_into(const torch::Tensor& target, const Array& a, const std::vector<in
   target.copy_(t);
 }
 
+/// Copies one file layer's weights into the model's layer `target`, each tensor as the kind's
+/// Keras mapping lists it; a count or shape that does not fit is an InputError.
+void load_layer(ModelImpl& model, const FileLayer& l, const LayerSpec& target, const std::string& path) {
+  std::map<std::string, torch::Tensor> tensors;
+  for (const auto& [name, t] : state_dict(model)) tensors[name] = t;
+  const auto weights = layer_kind(target.kind).keras_weights(target);
+  if (l.vars.size() != weights.size()) {
+    std::vector<std::string> names;
+    for (const auto& w : weights) names.emplace_back(w.keras);
+    throw InputError(path + ": " + layer_kind(target.kind).keras_class(target) + " layer \"" + l.name + "\" has " +
+                     std::to_string(l.vars.size()) + " weights; the model's layer " + target.name + " needs " +
+                     std::to_string(weights.size()) + " (" + join(names, ", ") + ")");
+  }
+  for (size_t k = 0; k < weights.size(); ++k) {
+    const auto& t = tensors.at(target.name + "." + weights[k].tensor);
+    std::vector<int64_t> want(t.sizes().begin(), t.sizes().end());
+    if (weights[k].transpose) std::reverse(want.begin(), want.end());
+    copy_into(t, l.vars[k], want, weights[k].transpose, path, l.name,
+              "layer " + target.name + " " + weights[k].tensor + " (Keras " + weights[k].keras +
+                  (weights[k].transpose ? " [in, out]" : "") + ")");
+  }
+}
+
+/// Whether the file starts like a zip archive (a Keras 3 .keras file).
+bool is_zip(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return false;
+  char magic[4] = {0, 0, 0, 0};
+  const size_t n = std::fread(magic, 1, 4, f);
+  std::fclose(f);
+  return n == 4 && magic[0] == 'P' && magic[1] == 'K' && magic[2] == 3 && magic[3] == 4;
+}
+
+/// One entry of a zip archive, read with libzip.
+std::string zip_entry(const std::string& path, const char* entry) {
+  int error = 0;
+  zip_t* archive = zip_open(path.c_str(), ZIP_RDONLY, &error);
+  if (archive == nullptr) {
+    zip_error_t e;
+    zip_error_init_with_code(&e, error);
+    const std::string why = zip_error_strerror(&e);
+    zip_error_fini(&e);
+    throw InputError(path + ": not a readable .keras file (zip: " + why + ")");
+  }
+  zip_stat_t st;
+  zip_stat_init(&st);
+  if (zip_stat(archive, entry, 0, &st) != 0 || (st.valid & ZIP_STAT_SIZE) == 0) {
+    zip_close(archive);
+    throw InputError(path + ": the .keras archive has no " + entry + "; is it a Keras 3 model file?");
+  }
+  if (st.size > (uint64_t{1} << 32)) {
+    zip_close(archive);
+    throw InputError(path + ": " + entry + " is larger than 4 GiB");
+  }
+  std::string data(static_cast<size_t>(st.size), '\0');
+  zip_file_t* file = zip_fopen(archive, entry, 0);
+  const zip_int64_t got = file != nullptr ? zip_fread(file, data.data(), st.size) : -1;
+  if (file != nullptr) zip_fclose(file);
+  zip_close(archive);
+  if (got != static_cast<zip_int64_t>(st.size)) throw InputError(path + ": cannot read " + entry + " from the .keras archive");
+  return data;
+}
+
+/// An HDF5 file opened from bytes in memory (model.weights.h5 of a .keras archive).
+hid_t open_image(const std::string& bytes) {
+  Handle fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+  H5Pset_fapl_core(fapl.id, 1 << 16, 0);
+  H5Pset_file_image(fapl.id, const_cast<char*>(bytes.data()), bytes.size());
+  return H5Fopen("model.weights.h5", H5F_ACC_RDONLY, fapl.id);
+}
+
+}  // namespace
+
+std::string read_keras_model_config(const std::string& path) {
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  if (is_zip(path)) return zip_entry(path, "config.json");
+  if (H5Fis_hdf5(path.c_str()) <= 0) throw InputError(path + ": neither a Keras HDF5 file nor a .keras archive (or missing)");
+  Handle file(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
+  if (!file) throw InputError(path + ": cannot open the HDF5 file");
+  if (H5Aexists(file.id, "model_config") > 0) {
+    const auto v = read_string_attr(file.id, "model_config");
+    return v.empty() ? std::string() : v.front();
+  }
+  // Attributes over 64 KiB are split into model_config0, model_config1, ... (legacy_h5_format.py).
+  std::string joined;
+  for (int i = 0; H5Aexists(file.id, ("model_config" + std::to_string(i)).c_str()) > 0; ++i)
+    for (const auto& part : read_string_attr(file.id, ("model_config" + std::to_string(i)).c_str())) joined += part;
+  return joined;  // "" for a weights-only file
+}
+
+void import_keras_model(const std::string& path, ModelImpl& model, const std::vector<std::string>& keras_name,
+                        const std::vector<std::string>& weights_key) {
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  const auto& spec = model.layers();
+  TORCH_CHECK(keras_name.size() == spec.size() && weights_key.size() == spec.size(), "import_keras_model: one name per module");
+  const bool keras3 = is_zip(path);
+  std::string image;
+  if (keras3) image = zip_entry(path, "model.weights.h5");
+  Handle file(keras3 ? open_image(image) : H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
+  if (!file) throw InputError(path + ": cannot open the weights" + std::string(keras3 ? " (model.weights.h5 in the archive)" : ""));
+  if (!keras3 && H5Lexists(file.id, "model_weights", H5P_DEFAULT) <= 0)
+    throw InputError(path + ": has a model config but no model_weights group");
+  for (size_t i = 0; i < spec.size(); ++i) {
+    if (layer_kind(spec[i].kind).keras_weights(spec[i]).empty()) continue;
+    FileLayer l;
+    l.name = keras3 ? weights_key[i] : keras_name[i];
+    if (keras3) {
+      // Keras 3 addresses a layer's weights by its class and counter, in the config's order.
+      const std::string vars = "layers/" + weights_key[i] + "/vars";
+      if (H5Lexists(file.id, "layers", H5P_DEFAULT) <= 0 || H5Lexists(file.id, ("layers/" + weights_key[i]).c_str(), H5P_DEFAULT) <= 0)
+        throw InputError(path + ": model.weights.h5 has no layers/" + weights_key[i] + " for layer \"" + keras_name[i] + "\"");
+      for (int k = 0;; ++k) {
+        const std::string ds = vars + "/" + std::to_string(k);
+        if (H5Lexists(file.id, vars.c_str(), H5P_DEFAULT) <= 0 || H5Lexists(file.id, ds.c_str(), H5P_DEFAULT) <= 0) break;
+        l.vars.push_back(read_dataset(file.id, ds, path + ": layer \"" + keras_name[i] + "\""));
+      }
+    } else {
+      const std::string group = "model_weights/" + keras_name[i];
+      if (H5Lexists(file.id, group.c_str(), H5P_DEFAULT) <= 0)
+        throw InputError(path + ": model_weights has no group for layer \"" + keras_name[i] + "\"");
+      Handle g(H5Gopen2(file.id, group.c_str(), H5P_DEFAULT), H5Gclose);
+      for (const auto& w : read_string_attr(g.id, "weight_names"))
+        l.vars.push_back(read_dataset(file.id, group + "/" + w, path + ": layer \"" + keras_name[i] + "\""));
+    }
+    load_layer(model, l, spec[i], path);
+  }
+}
+
+namespace {
+
 }  // namespace
 
 void import_keras_h5(const std::string& path, ModelImpl& model) {
@@ -209,28 +341,8 @@ void import_keras_h5(const std::string& path, ModelImpl& model) {
     throw InputError(path + ": the file has " + std::to_string(dense.size()) + " Dense and " + std::to_string(bn.size()) +
                      " BatchNormalization layers with weights; the model has " + std::to_string(model_dense.size()) + " Linear and " +
                      std::to_string(model_bn.size()) + " BatchNorm layers (check model.layers)");
-  std::map<std::string, torch::Tensor> tensors;
-  for (const auto& [name, t] : state_dict(model)) tensors[name] = t;
-  const auto load = [&](const FileLayer& l, const LayerSpec& target) {
-    const auto weights = layer_kind(target.kind).keras_weights(target);
-    if (l.vars.size() != weights.size()) {
-      std::vector<std::string> names;
-      for (const auto& w : weights) names.emplace_back(w.keras);
-      throw InputError(path + ": " + layer_kind(target.kind).keras_class(target) + " layer \"" + l.name + "\" has " +
-                       std::to_string(l.vars.size()) + " weights; the model's layer " + target.name + " needs " +
-                       std::to_string(weights.size()) + " (" + join(names, ", ") + ")");
-    }
-    for (size_t k = 0; k < weights.size(); ++k) {
-      const auto& t = tensors.at(target.name + "." + weights[k].tensor);
-      std::vector<int64_t> want(t.sizes().begin(), t.sizes().end());
-      if (weights[k].transpose) std::reverse(want.begin(), want.end());
-      copy_into(t, l.vars[k], want, weights[k].transpose, path, l.name,
-                "layer " + target.name + " " + weights[k].tensor + " (Keras " + weights[k].keras +
-                    (weights[k].transpose ? " [in, out]" : "") + ")");
-    }
-  };
-  for (size_t i = 0; i < dense.size(); ++i) load(*dense[i], spec[model_dense[i]]);
-  for (size_t i = 0; i < bn.size(); ++i) load(*bn[i], spec[model_bn[i]]);
+  for (size_t i = 0; i < dense.size(); ++i) load_layer(model, *dense[i], spec[model_dense[i]], path);
+  for (size_t i = 0; i < bn.size(); ++i) load_layer(model, *bn[i], spec[model_bn[i]], path);
 }
 
 void export_keras_h5(const std::string& path, const ModelImpl& model) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "nn.hpp"
 
@@ -14,6 +15,13 @@ namespace bnlab {
 /// the dataset and both shapes. Reads both the Keras 2 layout (a "layer_names" attribute, one
 /// group per layer with "weight_names") and the Keras 3 layout (layers/<name>/vars/<i>).
 void import_keras_h5(const std::string& path, ModelImpl& model);
+
+/// Loads a Keras model file's weights into `model`, whose layers came from that file's config
+/// (keras_architecture): each module by its Keras layer, `keras_name` (Keras 2:
+/// model_weights/<name>) or `weights_key` (Keras 3: layers/<class_counter>/vars/<i>), never by
+/// sorting names. Any missing layer, count or shape that does not fit is an InputError.
+void import_keras_model(const std::string& path, ModelImpl& model, const std::vector<std::string>& keras_name,
+                        const std::vector<std::string>& weights_key);
 
 /// Writes `model`'s weights as a Keras 2 HDF5 weights file (what save_weights writes), atomically.
 void export_keras_h5(const std::string& path, const ModelImpl& model);

@@ -200,12 +200,25 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
   w.dir = out_dir.empty() ? "runs/" + config.name : out_dir;
   w.data = load_data(config);
   resolve_samples(w.config, w.data.size());
-  if (!config.init_keras_h5.empty()) {
-    char* real = ::realpath(resolve_path(config.base_dir, config.init_keras_h5).c_str(), nullptr);
+  if (!config.init_keras.empty()) {
+    char* real = ::realpath(resolve_path(config.base_dir, config.init_keras).c_str(), nullptr);
     if (real == nullptr)
-      throw InputError("init.keras_h5: " + resolve_path(config.base_dir, config.init_keras_h5) + ": cannot read the file (" + errno_text() + ")");
-    w.config.init_keras_h5 = real;
+      throw InputError("init.keras: " + resolve_path(config.base_dir, config.init_keras) + ": cannot read the file (" + errno_text() + ")");
+    w.config.init_keras = real;
     std::free(real);
+    if (config.keras_names.empty() && !read_keras_model_config(w.config.init_keras).empty())
+      throw std::logic_error("init.keras: the config was parsed without reading " + w.config.init_keras +
+                             "'s architecture (load_config needs read_keras_model_config)");
+    // The file's input width and head must fit the data and the loss.
+    const int64_t head = head_width(config.model.loss, w.data.targets(), w.data.classes);
+    if (config.keras_inputs > 0 && config.keras_inputs != w.data.features())
+      throw InputError("init.keras: " + w.config.init_keras + " takes " + std::to_string(config.keras_inputs) +
+                       " input features, the data has " + std::to_string(w.data.features()) + " (data.feature_columns picks them)");
+    if (config.keras_head_units > 0 && config.keras_head_units != head)
+      throw InputError("init.keras: the last Dense of " + w.config.init_keras + " (\"" + config.keras_names.back() + "\") has " +
+                       std::to_string(config.keras_head_units) + " units, but model.loss " + to_string(config.model.loss) + " needs " +
+                       std::to_string(head) + (config.model.loss == LossKind::kGaussianNll ? " (a mean and a log-variance per target)"
+                                               : config.model.loss == LossKind::kMse ? " (one per target)" : " (one per class)"));
   }
   if (config.data.source == "csv") {
     // The resolved config names the file absolutely, so it still points at it from the run directory.
@@ -226,8 +239,9 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
     torch::manual_seed(c.seed);  // initialisation; pretraining itself uses its own generators
     w.models.push_back(build_model(c, w.data));
     w.keys.push_back(workspace_cache_key(c, torch_engine));
-    if (!c.init_keras_h5.empty()) {
-      import_keras_h5(c.init_keras_h5, *w.models.back());  // every seed starts from the user's Keras weights
+    if (!c.init_keras.empty()) {  // every seed starts from the user's Keras weights
+      if (c.keras_names.empty()) import_keras_h5(c.init_keras, *w.models.back());
+      else import_keras_model(c.init_keras, *w.models.back(), c.keras_names, c.keras_weight_keys);
       w.cache.push_back(CacheState::kLoaded);
       w.imported = true;
       continue;
@@ -245,7 +259,9 @@ void ensure_pretrained(Workspace& w, std::ostream& log, int verbose) {
     const std::string path = w.pretrained_path(i);
     const std::string who = w.models.size() > 1 ? " (seed " + std::to_string(c.seed) + ")" : "";
     if (w.imported) {
-      if (verbose > 0) log << "weights" << who << ": imported from " << c.init_keras_h5 << "\n";
+      if (verbose > 0)
+        log << "weights" << who << ": imported from " << c.init_keras
+            << (c.keras_names.empty() ? " (weights only: layers matched by kind and order)" : " (architecture and weights)") << "\n";
       save_pretrained(path, *w.models[i], w.data, w.keys[i]);  // so Python and the reference see them too
       continue;
     }

@@ -42,12 +42,27 @@ data = rng.normal(0, 1, (6, 4)).astype(f32)
 target = rng.normal(0, 1, (6, 1)).astype(f32)
 
 
+def model_config():
+    """The architecture as Keras 2's model.save() records it (the model_config root attribute)."""
+    layers = [{"class_name": "InputLayer", "config": {"batch_input_shape": [None, 4], "name": "dense_input"}}]
+    for i, (k, _) in enumerate(dense):
+        layers.append({"class_name": "Dense", "config": {"name": "dense" if i == 0 else f"dense_{i}", "units": int(k.shape[1]),
+                                                         "activation": "linear", "use_bias": True, "trainable": True}})
+        if i < 2:
+            layers.append({"class_name": "BatchNormalization",
+                           "config": {"name": "batch_normalization" if i == 0 else f"batch_normalization_{i}", "axis": -1,
+                                      "momentum": MOM, "epsilon": EPS, "center": True, "scale": True, "trainable": True}})
+            layers.append({"class_name": "ReLU", "config": {"name": f"re_lu_{i}", "max_value": None, "negative_slope": 0.0,
+                                                            "threshold": 0.0, "trainable": True}})
+    return json.dumps({"class_name": "Sequential", "config": {"name": "sequential", "layers": layers}})
+
+
 def write_keras2(path, under_model_weights=False):
     with h5py.File(path, "w") as top:
         # model.save() puts the same layout under model_weights/, next to the model's config.
         f = top.create_group("model_weights") if under_model_weights else top
         if under_model_weights:
-            top.attrs["model_config"] = b'{"class_name": "Sequential"}'
+            top.attrs["model_config"] = model_config().encode()
         names = []
         for i, (k, b) in enumerate(dense):
             n = "dense" if i == 0 else f"dense_{i}"

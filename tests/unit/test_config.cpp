@@ -374,3 +374,106 @@ TEST(Optimizers, EachFrameworksRmspropWithItsOwnKeysAndDefaults) {
 }
 
 }  // namespace
+
+// --- Keras model configs -----------------------------------------------------------------------
+
+namespace {
+
+std::string keras_layout(const bnlab::KerasArchitecture& a) {
+  std::string out;
+  for (const auto& l : a.layers) {
+    if (!out.empty()) out += " ";
+    switch (l.kind) {
+      case bnlab::LayerKind::kDense: out += (l.head ? "head" : "dense") + std::to_string(l.units); break;
+      case bnlab::LayerKind::kBatchNorm: out += "bn"; break;
+      case bnlab::LayerKind::kFrozenBatchNorm: out += "frozen"; break;
+      case bnlab::LayerKind::kActivation: out += bnlab::activation_name(l.activation); break;
+      case bnlab::LayerKind::kDropout: out += "dropout"; break;
+    }
+  }
+  return out;
+}
+
+std::string keras_problem(const std::string& text) {
+  try {
+    bnlab::keras_architecture(text, "m.h5", {});
+  } catch (const InputError& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "accepted: " << text;
+  return "";
+}
+
+TEST(KerasConfig, Keras2SequentialWithFusedActivationAndBatchNormAfterIt) {
+  const auto a = bnlab::keras_architecture(R"({"class_name": "Sequential", "config": {"name": "s", "layers": [
+      {"class_name": "InputLayer", "config": {"batch_input_shape": [null, 6], "name": "dense_input"}},
+      {"class_name": "Dense", "config": {"name": "dense", "units": 16, "activation": "relu", "use_bias": true}},
+      {"class_name": "BatchNormalization", "config": {"name": "batch_normalization", "axis": [1], "momentum": 0.9,
+                                                     "epsilon": 0.01, "center": false, "scale": true, "trainable": false}},
+      {"class_name": "LeakyReLU", "config": {"name": "leaky_re_lu", "alpha": 0.1}},
+      {"class_name": "Dropout", "config": {"name": "dropout", "rate": 0.25}},
+      {"class_name": "Dense", "config": {"name": "dense_1", "units": 1, "activation": "linear", "use_bias": false}}]}})",
+                                           "m.h5", {});
+  EXPECT_EQ(keras_layout(a), "dense16 relu bn leaky_relu dropout head1");
+  EXPECT_EQ(a.inputs, 6);
+  const auto& bn = a.layers[2];
+  EXPECT_NEAR(bn.momentum, 0.1, 1e-12) << "Keras' 0.9 is PyTorch's 0.1";
+  EXPECT_DOUBLE_EQ(bn.eps, 0.01);
+  EXPECT_FALSE(bn.center);
+  EXPECT_TRUE(bn.scale);
+  EXPECT_TRUE(a.layers[1].fused);
+  EXPECT_DOUBLE_EQ(a.layers[3].alpha, 0.1);
+  EXPECT_FALSE(a.layers[5].use_bias);
+  EXPECT_EQ(a.keras_name[1], "dense") << "the fused activation belongs to its Dense";
+  EXPECT_FALSE(a.trainable[2]);
+  EXPECT_EQ(a.weights_key[2], "batch_normalization");
+  EXPECT_EQ(a.layers[5].name, "5");
+}
+
+TEST(KerasConfig, Keras3FunctionalChainAndWeightKeysInLayerOrder) {
+  std::string layers = R"({"class_name": "InputLayer", "config": {"batch_shape": [null, 3], "name": "in"}, "name": "in", "inbound_nodes": []})";
+  std::string prev = "in";
+  for (int i = 0; i < 11; ++i) {
+    const std::string name = "d" + std::to_string(i);
+    layers += R"(, {"class_name": "Dense", "config": {"name": ")" + name + R"(", "units": )" + std::to_string(i == 10 ? 1 : 4) +
+              R"(, "activation": ")" + (i == 10 ? "linear" : "tanh") + R"("}, "name": ")" + name +
+              R"(", "inbound_nodes": [{"args": [{"class_name": "__keras_tensor__", "config": {"keras_history": [")" + prev +
+              R"(", 0, 0]}}], "kwargs": {}}]})";
+    prev = name;
+  }
+  const auto a = bnlab::keras_architecture(R"({"module": "keras", "class_name": "Functional", "config": {"layers": [)" + layers + "]}}",
+                                           "m.keras", {});
+  EXPECT_EQ(a.layers.size(), 21u);
+  EXPECT_EQ(a.inputs, 3);
+  EXPECT_EQ(a.weights_key.back(), "dense_10") << "Keras 3 names weight groups by class and counter";
+  EXPECT_EQ(a.weights_key[2], "dense_1");
+  EXPECT_TRUE(a.layers.back().head);
+}
+
+TEST(KerasConfig, WhatBnlabCannotBuildIsNamed) {
+  EXPECT_NE(keras_problem(R"({"class_name": "Sequential", "config": {"layers": [{"class_name": "Dense", "config": {"name": "d", "units": 3}},
+      {"class_name": "LayerNormalization", "config": {"name": "layer_normalization"}}, {"class_name": "Dense", "config": {"name": "o", "units": 1}}]}})")
+                .find("m.h5: layer \"layer_normalization\" (LayerNormalization): bnlab builds Dense, BatchNormalization"),
+            std::string::npos);
+  EXPECT_NE(keras_problem(R"({"class_name": "Sequential", "config": {"layers": [{"class_name": "Dense", "config": {"name": "d", "units": 3}},
+      {"class_name": "BatchNormalization", "config": {"name": "bn", "axis": 0}}, {"class_name": "Dense", "config": {"name": "o", "units": 1}}]}})")
+                .find("layer \"bn\" (BatchNormalization): axis 0 is not the feature axis"),
+            std::string::npos);
+  EXPECT_NE(keras_problem(R"({"class_name": "Sequential", "config": {"layers": [{"class_name": "Dense", "config": {"name": "o", "units": 1}},
+      {"class_name": "Activation", "config": {"name": "a", "activation": "sigmoid"}}]}})")
+                .find("the model ends in layer \"a\", after its last Dense \"o\""),
+            std::string::npos);
+  const std::string t = R"({"class_name": "__keras_tensor__", "config": {"keras_history": ["in", 0, 0]}})";
+  EXPECT_NE(keras_problem(R"({"class_name": "Functional", "config": {"layers": [
+      {"class_name": "InputLayer", "config": {"batch_shape": [null, 3]}, "name": "in", "inbound_nodes": []},
+      {"class_name": "Dense", "config": {"name": "a", "units": 2}, "name": "a", "inbound_nodes": [{"args": [)" + t + R"(]}]},
+      {"class_name": "Dense", "config": {"name": "b", "units": 2}, "name": "b", "inbound_nodes": [{"args": [)" + t + R"(]}]}]}})")
+                .find("layer \"in\" feeds 2 layers (a, b): the model branches"),
+            std::string::npos);
+  EXPECT_NE(keras_problem(R"({"class_name": "Sequential", "config": {"layers": [{"class_name": "Dense", "config": {"name": "d", "units": 3, "activation": "mish"}},
+      {"class_name": "Dense", "config": {"name": "o", "units": 1}}]}})")
+                .find("layer \"d\" (Dense): activation \"mish\" is not one bnlab has"),
+            std::string::npos);
+}
+
+}  // namespace

@@ -138,7 +138,14 @@ struct Config {
   std::string grid_json = "{}";                ///< the grid as written: finetune path -> values
   std::vector<GridPoint> grid;                 ///< expanded grid; one unlabeled point without a grid
   std::string base_dir;                        ///< directory of the config file, for relative paths
-  std::string init_keras_h5;                   ///< init.keras_h5: import these Keras weights instead of pretraining
+  std::string init_keras;                      ///< init.keras (or its synonym init.keras_h5): start from the user's Keras file instead of pretraining
+  /// When init.keras carries a model config, per module of model.layers: the Keras layer it
+  /// comes from, Keras 3's weight group, and that layer's trainable flag; the input width and
+  /// the last Dense's units the file gives (checked against the data and the loss). Empty for a
+  /// weights-only file, whose layers come from the config's model.
+  std::vector<std::string> keras_names, keras_weight_keys;
+  std::vector<bool> keras_trainable;
+  int64_t keras_inputs = 0, keras_head_units = 0;
   DataConfig data;
   ModelConfig model;
   PretrainConfig pretrain;
@@ -152,15 +159,28 @@ inline constexpr int64_t kDefaultRecalibrateBatches = 100;
 /// Names of the presets a strategy may start from, in documentation order.
 const std::vector<std::string>& preset_names();
 
+/// Reads the model config a Keras file carries (JSON text, "" for a weights-only file); the
+/// library's is read_keras_model_config (keras_io.hpp). Injected so that config parsing stays
+/// free of HDF5 and zip; without one, init.keras is not opened while parsing.
+using KerasConfigReader = std::string (*)(const std::string& path);
+
+/// The model config a Keras file carries, as JSON text: the model_config attribute of a Keras 2
+/// model.save() HDF5 file (split attributes joined), config.json of a Keras 3 .keras archive
+/// (read with libzip); "" for a weights-only file. A file of neither kind is an InputError.
+/// Defined with the Keras file code (keras_io.cpp), which links HDF5 and libzip.
+std::string read_keras_model_config(const std::string& path);
+
 /// Parses a config file, applies `--set path=value` overrides (path in dots, value as JSON
 /// or a bare string), fills defaults and validates. Throws InputError listing every problem.
-Config load_config(const std::string& path,
-                   const std::vector<std::string>& overrides = {});
+/// With `keras`, an init.keras file's architecture becomes model.layers (or is checked
+/// against the config's own model) before validation.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides = {},
+                   KerasConfigReader keras = nullptr);
 
 /// Same from JSON text; `origin` names the source in messages.
 Config parse_config(const std::string& text, const std::string& origin,
                     const std::vector<std::string>& overrides = {},
-                    const std::string& base_dir = ".");
+                    const std::string& base_dir = ".", KerasConfigReader keras = nullptr);
 
 /// Every value of the config, defaults included, as pretty JSON (config.resolved.json).
 std::string to_json(const Config& config);
@@ -202,6 +222,20 @@ bool uses_batch_stats_in_fit(const std::vector<LayerSpec>& layers, const Strateg
 /// options, and a PyTorch expression that builds the same modules), so that Python rebuilds it
 /// without bnlab.
 std::string architecture_json(const std::vector<LayerSpec>& sized, BnSemantics semantics, LossKind loss);
+
+/// The network a Keras model config describes (the model_config attribute of a Keras 2
+/// model.save() file, config.json of a Keras 3 .keras file): Sequential models and Functional
+/// models that are a single chain, of Dense, BatchNormalization (feature axis), Activation,
+/// ReLU, LeakyReLU, ELU and Dropout layers; the last Dense is the head. Momentum is converted
+/// to PyTorch's convention. Anything else throws InputError naming the layer and its class.
+struct KerasArchitecture {
+  std::vector<LayerSpec> layers;         ///< named; the last Dense marked as the head
+  std::vector<std::string> keras_name;   ///< per module: the Keras layer it comes from
+  std::vector<std::string> weights_key;  ///< per module: Keras 3's weight group ("dense_3"), "" for a fused activation
+  std::vector<bool> trainable;           ///< per module: that Keras layer's trainable flag
+  int64_t inputs = 0;                    ///< the input width the file gives, 0 if none
+};
+KerasArchitecture keras_architecture(const std::string& json_text, const std::string& origin, const BatchNormConfig& bn);
 
 /// Hash of the settings that determine pretrained weights (seed, data, model, pretrain).
 std::string pretrain_cache_key(const Config& config);
