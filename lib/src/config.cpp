@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <functional>
@@ -805,6 +806,15 @@ void read_config(const json& root, Config& c, Problems& problems, KerasConfigRea
       c.strategies.push_back(sc);
     }
   }
+  // Strategies may select BatchNorm layers by their Keras names ("batch_normalization_1") when
+  // the architecture came from a Keras file; they become module names here.
+  for (auto& s : c.strategies)
+    for (auto& name : s.layers.names)
+      for (size_t i = 0; i < c.keras_names.size() && i < c.model.layers.size(); ++i)
+        if (name == c.keras_names[i] && c.model.layers[i].kind == LayerKind::kBatchNorm && name != c.model.layers[i].name) {
+          name = c.model.layers[i].name;
+          break;
+        }
   top.finish();
 }
 
@@ -1232,6 +1242,12 @@ namespace bnlab {
 
 namespace {
 
+std::string fmt_printf(const char* format, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, format, v);
+  return buf;
+}
+
 /// snake_case of a Keras class name, as Keras 3 names weight groups: BatchNormalization ->
 /// batch_normalization, ReLU -> re_lu, LeakyReLU -> leaky_re_lu.
 std::string snake_case(const std::string& name) {
@@ -1429,7 +1445,9 @@ KerasArchitecture keras_architecture(const std::string& text, const std::string&
       b.kind = LayerKind::kBatchNorm;
       b.semantics = bn.semantics;
       b.eps = number("epsilon", 1e-3);
-      b.momentum = 1.0 - number("momentum", 0.99);  // Keras' weight of the old value -> PyTorch's of the new batch
+      // Keras' weight of the old value -> PyTorch's of the new batch, to 15 digits so that 0.99
+      // reads back as 0.01 rather than 0.010000000000000009.
+      b.momentum = std::stod(fmt_printf("%.15g", 1.0 - number("momentum", 0.99)));
       b.center = flag("center", true);
       b.scale = flag("scale", true);
       add(b, name, key, trainable);
@@ -1473,6 +1491,57 @@ KerasArchitecture keras_architecture(const std::string& text, const std::string&
   arch.layers[last - 1].head = true;
   name_layers(arch.layers);
   return arch;
+}
+
+}  // namespace bnlab
+
+namespace bnlab {
+
+std::string keras_json(const Config& c) {
+  if (c.keras_names.empty()) return "";
+  json layers = json::array();
+  std::vector<std::string> frozen_bn, frozen_bn_shown;
+  int64_t dense = 0, frozen_dense = 0;
+  bool prefix = true;
+  for (size_t i = 0; i < c.model.layers.size(); ++i) {
+    const LayerSpec& l = c.model.layers[i];
+    const bool trainable = c.keras_trainable[i];
+    layers.push_back(json{{"module", l.name}, {"kind", layer_kind_name(l.kind)}, {"keras_layer", c.keras_names[i]},
+                          {"trainable", trainable}});
+    if (l.kind == LayerKind::kBatchNorm && !trainable) {
+      frozen_bn.push_back(l.name);
+      frozen_bn_shown.push_back("\"" + c.keras_names[i] + "\" (module " + l.name + ")");
+    }
+    if (l.kind == LayerKind::kDense) {
+      if (!trainable && frozen_dense == dense) ++frozen_dense;
+      else if (!trainable) prefix = false;
+      ++dense;
+    }
+  }
+  // What Keras' fit() does with the file as saved (TF 2 / Keras 3): a BatchNormalization with
+  // trainable false runs in inference mode with gamma and beta frozen; a Dense with trainable
+  // false is not updated.
+  json strategy{{"name", "as_saved"}};
+  std::string why;
+  if (frozen_bn.empty()) {
+    strategy["preset"] = "train";
+    why = "every BatchNormalization is trainable: fit() normalises with batch statistics (the preset train)";
+  } else {
+    strategy["preset"] = "frozen";
+    strategy["layers"] = frozen_bn;
+    why = "BatchNormalization layer(s) " + join(frozen_bn_shown, ", ") +
+          " have trainable false: since TF 2.0 fit() runs them in inference mode with gamma and beta frozen (the preset frozen on those layers)";
+  }
+  if (frozen_dense > 0) {
+    strategy["freeze_linear"] = frozen_dense;
+    why += "; the first " + std::to_string(frozen_dense) + " Dense layer(s) have trainable false (freeze_linear)";
+  }
+  json as_saved{{"strategy", strategy}, {"explanation", why}};
+  if (!prefix) {
+    as_saved["strategy"] = nullptr;
+    as_saved["explanation"] = why + "; but Dense layers with trainable false that are not the first ones cannot be expressed by freeze_linear";
+  }
+  return json{{"file", c.init_keras}, {"layers", layers}, {"as_saved", as_saved}}.dump(2) + "\n";
 }
 
 }  // namespace bnlab

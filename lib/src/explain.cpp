@@ -189,14 +189,22 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
     if (per_layer.empty()) out << "| " << s->name << " | (none: folded into the Linear layers) | | | | | |\n";
     strategies_json[k]["batchnorm_layers"] = per_layer;
   }
+  ojson keras_file;
+  if (!cfg.keras_names.empty()) {
+    keras_file = ojson::parse(keras_json(cfg));
+    out << "\nKeras file " << cfg.init_keras << " as saved: " << keras_file["as_saved"]["explanation"].get<std::string>() << ".\n";
+    if (!keras_file["as_saved"]["strategy"].is_null())
+      out << "To fine-tune as Keras' fit() would: \"strategies\": [" << keras_file["as_saved"]["strategy"].dump() << "]\n";
+  }
   out << "\nIn training mode a BatchNorm normalises with the statistics of the batch. With one sample the batch\n"
          "variance is 0 and the batch mean is the sample itself, so (x - mean) is exactly 0 and the layer outputs\n"
          "beta whatever the input: the training loss measures a constant prediction. Inference normalises with\n"
          "the running statistics and sees the real input. A strategy closes the gap only if its training-mode\n"
          "forward pass is the inference forward pass; then Keras' loss trails val_loss by exactly one epoch.\n";
-  const ojson result{{"experiment", config.name}, {"sample", sample},
+  ojson result{{"experiment", config.name}, {"sample", sample},
                      {"semantics", to_string(config.model.batchnorm.semantics)},
                      {"layers", layers}, {"strategies", strategies_json}};
+  if (!keras_file.is_null()) result["keras"] = keras_file;
   const std::string text = result.dump(2) + "\n";
   write_file_atomic(w.dir + "/explain.json", text);
   if (options.verbose > 0) log << "explain.json written to " << w.dir << "\n";

@@ -309,6 +309,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   std::string old_resolved;
   if (::access((dir + "/config.resolved.json").c_str(), R_OK) == 0) old_resolved = read_file(dir + "/config.resolved.json");
   write_file_atomic(dir + "/config.resolved.json", to_json(config));
+  if (!config.keras_names.empty()) write_file_atomic(dir + "/keras.json", keras_json(config));
   write_file_atomic(dir + "/architecture.json", architecture_json(w.models[0]->layers(), config.model.batchnorm.semantics, config.model.loss));
   const double data_seconds = since(t_start);
 

@@ -237,6 +237,13 @@ struct KerasArchitecture {
 };
 KerasArchitecture keras_architecture(const std::string& json_text, const std::string& origin, const BatchNormConfig& bn);
 
+/// keras.json for a run whose architecture came from a Keras file ("" otherwise): every module
+/// with its Keras layer and trainable flag, and the strategy that reproduces what Keras' fit()
+/// does with the file as saved (BatchNormalization with trainable false: inference mode and
+/// frozen gamma/beta, the preset frozen on those layers; leading Dense layers with trainable
+/// false: freeze_linear), with an explanation.
+std::string keras_json(const Config& config);
+
 /// Hash of the settings that determine pretrained weights (seed, data, model, pretrain).
 std::string pretrain_cache_key(const Config& config);
 
