@@ -1545,3 +1545,76 @@ std::string keras_json(const Config& c) {
 }
 
 }  // namespace bnlab
+
+namespace bnlab {
+
+KerasExport keras_export_plan(const std::vector<LayerSpec>& sized) {
+  KerasExport plan;
+  json layers = json::array();
+  layers.push_back(json{{"class_name", "InputLayer"},
+                        {"config", {{"batch_input_shape", {nullptr, sized.empty() ? 0 : sized.front().in}}, {"dtype", "float32"},
+                                    {"name", "input_1"}}}});
+  std::map<std::string, int> counters;
+  const auto name_for = [&](const std::string& stem) {
+    const int k = counters[stem]++;
+    return k == 0 ? stem : stem + "_" + std::to_string(k);
+  };
+  const auto keras_activation_name = [](Activation a) {
+    return a == Activation::kSilu ? std::string("swish") : std::string(activation_name(a));  // swish: both Keras 2 and 3
+  };
+  for (size_t i = 0; i < sized.size(); ++i) {
+    const LayerSpec& l = sized[i];
+    json entry;
+    int weights = -1;
+    std::string name;
+    switch (l.kind) {
+      case LayerKind::kDense: {
+        name = name_for("dense");
+        std::string act = "linear";
+        if (i + 1 < sized.size() && sized[i + 1].kind == LayerKind::kActivation && sized[i + 1].fused &&
+            sized[i + 1].activation != Activation::kLeakyRelu && sized[i + 1].activation != Activation::kElu)
+          act = keras_activation_name(sized[++i].activation);
+        entry = json{{"class_name", "Dense"},
+                     {"config", {{"name", name}, {"trainable", true}, {"dtype", "float32"}, {"units", l.out}, {"activation", act},
+                                 {"use_bias", l.use_bias}}}};
+        weights = static_cast<int>(l.kind == LayerKind::kDense ? (act == "linear" ? i : i - 1) : i);
+        break;
+      }
+      case LayerKind::kBatchNorm:
+      case LayerKind::kFrozenBatchNorm:
+        // FrozenBatchNorm1d is what TF 2 makes of a BatchNormalization with trainable false.
+        name = name_for("batch_normalization");
+        entry = json{{"class_name", "BatchNormalization"},
+                     {"config", {{"name", name}, {"trainable", l.kind == LayerKind::kBatchNorm}, {"dtype", "float32"}, {"axis", -1},
+                                 {"momentum", std::stod(fmt_printf("%.15g", 1.0 - l.momentum))}, {"epsilon", l.eps},
+                                 {"center", l.kind == LayerKind::kFrozenBatchNorm || l.center},
+                                 {"scale", l.kind == LayerKind::kFrozenBatchNorm || l.scale}}}};
+        weights = static_cast<int>(i);
+        break;
+      case LayerKind::kActivation:
+        if (l.activation == Activation::kLeakyRelu) {
+          name = name_for("leaky_re_lu");
+          entry = json{{"class_name", "LeakyReLU"}, {"config", {{"name", name}, {"trainable", true}, {"alpha", l.alpha}}}};
+        } else if (l.activation == Activation::kElu) {
+          name = name_for("elu");
+          entry = json{{"class_name", "ELU"}, {"config", {{"name", name}, {"trainable", true}, {"alpha", l.alpha}}}};
+        } else {
+          name = name_for("activation");
+          entry = json{{"class_name", "Activation"},
+                       {"config", {{"name", name}, {"trainable", true}, {"activation", keras_activation_name(l.activation)}}}};
+        }
+        break;
+      case LayerKind::kDropout:
+        name = name_for("dropout");
+        entry = json{{"class_name", "Dropout"}, {"config", {{"name", name}, {"trainable", true}, {"rate", l.rate}}}};
+        break;
+    }
+    layers.push_back(entry);
+    plan.layer_names.push_back(name);
+    plan.module_of_layer.push_back(weights);
+  }
+  plan.model_config = json{{"class_name", "Sequential"}, {"config", {{"name", "sequential"}, {"layers", layers}}}}.dump();
+  return plan;
+}
+
+}  // namespace bnlab

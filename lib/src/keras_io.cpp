@@ -356,7 +356,7 @@ void export_keras_h5(const std::string& path, const ModelImpl& model) {
     const auto write_strings = [](hid_t obj, const char* name, const std::vector<std::string>& values) {
       size_t width = 1;
       for (const auto& v : values) width = std::max(width, v.size());
-      std::vector<char> buf(width * values.size(), '\0');
+      std::vector<char> buf(std::max<size_t>(1, width * values.size()), '\0');
       for (size_t i = 0; i < values.size(); ++i) std::copy(values[i].begin(), values[i].end(), buf.begin() + static_cast<long>(i * width));
       Handle type(H5Tcopy(H5T_C_S1), H5Tclose);
       H5Tset_size(type.id, width);
@@ -375,29 +375,38 @@ void export_keras_h5(const std::string& path, const ModelImpl& model) {
       if (!ds || H5Dwrite(ds.id, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, c.data_ptr<float>()) < 0)
         throw std::runtime_error("cannot write " + name + " to " + tmp);
     };
-    std::vector<std::string> layer_names;
-    std::map<std::string, int> counters;  // Keras' names: snake-cased class plus a counter
+    // A model.save() file: the architecture in model_config, every layer (weightless ones too)
+    // under model_weights/ with its weight_names, datasets at model_weights/<layer>/<layer>/<w>:0.
+    const KerasExport plan = keras_export_plan(model.layers());
+    {
+      Handle type(H5Tcopy(H5T_C_S1), H5Tclose);
+      H5Tset_size(type.id, H5T_VARIABLE);
+      Handle space(H5Screate(H5S_SCALAR), H5Sclose);
+      Handle attr(H5Acreate2(file.id, "model_config", type.id, space.id, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+      const char* text = plan.model_config.c_str();
+      if (!attr || H5Awrite(attr.id, type.id, &text) < 0) throw std::runtime_error("cannot write model_config to " + tmp);
+    }
+    Handle weights_group(H5Gcreate2(file.id, "model_weights", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
     std::map<std::string, torch::Tensor> sd;
     for (const auto& [name, t] : state_dict(model)) sd[name] = t;
-    for (const auto& info : model.layers()) {
-      const auto& kind = layer_kind(info.kind);
-      const auto weights = kind.keras_weights(info);
-      if (weights.empty()) continue;  // weightless layers are not in a save_weights file
-      const std::string stem = info.kind == LayerKind::kDense ? "dense" : "batch_normalization";
-      const int k = counters[stem]++;
-      const std::string name = k == 0 ? stem : stem + "_" + std::to_string(k);
-      Handle g(H5Gcreate2(file.id, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
+    for (size_t k = 0; k < plan.layer_names.size(); ++k) {
+      const std::string& name = plan.layer_names[k];
+      Handle g(H5Gcreate2(weights_group.id, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
       std::vector<std::string> wn;
-      for (const auto& w : weights) {
-        const std::string dataset = name + "/" + w.keras + ":0";
-        const auto& t = sd.at(info.name + "." + w.tensor);
-        write_array(g.id, dataset, w.transpose ? t.t() : t);
-        wn.push_back(dataset);
+      if (plan.module_of_layer[k] >= 0) {
+        const LayerSpec& info = model.layers()[static_cast<size_t>(plan.module_of_layer[k])];
+        for (const auto& w : layer_kind(info.kind).keras_weights(info)) {
+          const std::string dataset = name + "/" + w.keras + ":0";
+          const auto& t = sd.at(info.name + "." + w.tensor);
+          write_array(g.id, dataset, w.transpose ? t.t() : t);
+          wn.push_back(dataset);
+        }
       }
       write_strings(g.id, "weight_names", wn);
-      layer_names.push_back(name);
     }
-    write_strings(file.id, "layer_names", layer_names);
+    write_strings(weights_group.id, "layer_names", plan.layer_names);
+    write_strings(weights_group.id, "backend", {"tensorflow"});
+    write_strings(weights_group.id, "keras_version", {"2.15.0"});
     write_strings(file.id, "backend", {"tensorflow"});
     write_strings(file.id, "keras_version", {"2.15.0"});
   }

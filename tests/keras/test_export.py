@@ -2,9 +2,11 @@
 """Exported Keras weights, read back the way a Keras user's tooling would (h5py + numpy).
 
 Runs bnlab on the Keras 2 fixture, exports every strategy with `bnlab export --format keras-h5`,
-reads each file with h5py following the Keras 2 layout (layer_names, weight_names), evaluates the
-sample with numpy in Keras inference semantics (epsilon 1e-3), and requires the loss to equal
-bnlab's evaluate_after for that strategy (its best weights) within 1e-5.
+reads each file with h5py as a Keras 2 model.save() file (the architecture from its model_config,
+the weights from model_weights/ by layer_names and weight_names), evaluates the sample with numpy
+in Keras inference semantics, and requires the loss to equal bnlab's evaluate_after for that
+strategy (its best weights) within 1e-5. Then it imports each exported file again through
+init.keras and requires the same tensors, bit for bit.
 Usage: test_export.py BNLAB_BINARY SOURCE_DIR
 """
 import json
@@ -15,6 +17,7 @@ import tempfile
 
 import h5py
 import numpy as np
+import torch
 
 BIN, SRC = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
 FIX = os.path.join(SRC, "tests/keras/fixtures")
@@ -35,22 +38,46 @@ with tempfile.TemporaryDirectory() as tmp:
     rows = np.loadtxt(os.path.join(FIX, "data.csv"), delimiter=",", skiprows=1, dtype=np.float32)
     x, y = rows[:1, :4], rows[:1, 4:]
     summary = json.load(open(tmp + "/run/summary.json"))
-    for run in summary["runs"]:
+    for run in summary["runs"]:  # noqa: C901
         out = f"{tmp}/{run['strategy']}.h5"
         subprocess.run([BIN, "export", tmp + "/run", "--strategy", run["strategy"], "--format", "keras-h5", "-o", out], check=True)
         with h5py.File(out) as f:
+            # The architecture from the exported file's own model_config, the weights from model_weights/.
             h = x
-            names = [n.decode() for n in f.attrs["layer_names"]]
-            for i, name in enumerate(names):
-                g = f[name]
+            layers = json.loads(f.attrs["model_config"])["config"]["layers"]
+            mw = f["model_weights"]
+            names = [n.decode() for n in mw.attrs["layer_names"]]
+            if names != [l["config"]["name"] for l in layers if l["class_name"] != "InputLayer"]:
+                failures.append(f"{run['strategy']}: layer_names {names} do not follow model_config")
+            for layer in layers:
+                cls, c = layer["class_name"], layer["config"]
+                if cls == "InputLayer":
+                    continue
+                g = mw[c["name"]]
                 w = {n.decode().split("/")[-1].split(":")[0]: np.array(g[n.decode()]) for n in g.attrs["weight_names"]}
-                if "kernel" in w:
-                    h = h @ w["kernel"] + w["bias"]
-                    followed_by_bn = i + 1 < len(names) and names[i + 1].startswith("batch_normalization")
-                    if i + 1 < len(names) and not followed_by_bn:
-                        h = np.maximum(h, 0)  # folded model: Dense then the model's ReLU
-                else:  # BatchNormalization in inference mode, then the model's ReLU
-                    h = np.maximum((h - w["moving_mean"]) / np.sqrt(w["moving_variance"] + EPS) * w["gamma"] + w["beta"], 0)
+                if cls == "Dense":
+                    h = h @ w["kernel"] + (w["bias"] if c["use_bias"] else 0)
+                    h = {"linear": lambda v: v, "relu": lambda v: np.maximum(v, 0)}[c["activation"]](h)
+                elif cls == "BatchNormalization":  # inference mode
+                    h = (h - w["moving_mean"]) / np.sqrt(w["moving_variance"] + c["epsilon"])
+                    h = h * w.get("gamma", 1) + w.get("beta", 0)
+                elif cls == "Activation" and c["activation"] == "relu":
+                    h = np.maximum(h, 0)
+                else:
+                    failures.append(f"{run['strategy']}: unexpected layer {cls} {c}")
+        # The round trip: the exported file imported again holds the same tensors, bit for bit.
+        back = dict(config, name="keras_export_back", init={"keras": out}, strategies=["frozen"])
+        back.pop("model")
+        back["model"] = {"loss": "mse"}
+        json.dump(back, open(os.path.join(tmp, "back.json"), "w"))
+        subprocess.run([BIN, "run", os.path.join(tmp, "back.json"), "--out", f"{tmp}/back_{run['strategy']}", "--verbose", "0",
+                        "--no-plots"], check=True)
+        tuned = torch.load(f"{tmp}/run/finetuned_{run['strategy']}.pt")
+        again = torch.load(f"{tmp}/back_{run['strategy']}/pretrained.pt")["state_dict"]
+        float_names = sorted(k for k in tuned if not k.endswith("num_batches_tracked"))
+        if sorted(k for k in again if not k.endswith("num_batches_tracked")) != float_names or \
+                not all(torch.equal(tuned[k], again[k]) for k in float_names):
+            failures.append(f"{run['strategy']}: import(export) does not give back the same tensors")
         loss = float(np.mean((h.astype(np.float64) - y) ** 2))
         diff = abs(loss - run["evaluate_after"])
         print(f"{run['strategy']}: numpy on exported Keras file {loss:.9g}, bnlab evaluate_after {run['evaluate_after']:.9g}, |diff| {diff:.2g}")

@@ -237,6 +237,17 @@ struct KerasArchitecture {
 };
 KerasArchitecture keras_architecture(const std::string& json_text, const std::string& origin, const BatchNormConfig& bn);
 
+/// How a network is written as a Keras 2 model.save() file: its model_config (a Sequential
+/// of Dense with fused activations, BatchNormalization, Activation/LeakyReLU/ELU, Dropout; a
+/// FrozenBatchNorm1d as a BatchNormalization with trainable false), the Keras layer names in
+/// order, and for each Keras layer the module whose weights it holds (-1: none).
+struct KerasExport {
+  std::string model_config;
+  std::vector<std::string> layer_names;
+  std::vector<int> module_of_layer;
+};
+KerasExport keras_export_plan(const std::vector<LayerSpec>& sized);
+
 /// keras.json for a run whose architecture came from a Keras file ("" otherwise): every module
 /// with its Keras layer and trainable flag, and the strategy that reproduces what Keras' fit()
 /// does with the file as saved (BatchNormalization with trainable false: inference mode and
