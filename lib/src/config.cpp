@@ -1453,13 +1453,6 @@ KerasArchitecture keras_architecture(const std::string& text, const std::string&
       add(b, name, key, trainable);
     } else if (lcls == "Activation") {
       add(activation_layer(cfg.value("activation", std::string("linear")), 0.0), name, key, trainable);
-      if (arch.layers.back().activation == Activation::kLinear) {
-        arch.layers.pop_back(), arch.keras_name.pop_back(), arch.weights_key.pop_back(), arch.trainable.pop_back();
-        LayerSpec identity;
-        identity.kind = LayerKind::kActivation;
-        identity.activation = Activation::kLinear;
-        add(identity, name, key, trainable);
-      }
     } else if (lcls == "ReLU") {
       const double slope = number("negative_slope", 0.0);
       if (!cfg.value("max_value", json()).is_null() || number("threshold", 0.0) != 0)
@@ -1570,6 +1563,7 @@ KerasExport keras_export_plan(const std::vector<LayerSpec>& sized) {
     switch (l.kind) {
       case LayerKind::kDense: {
         name = name_for("dense");
+        weights = static_cast<int>(i);
         std::string act = "linear";
         if (i + 1 < sized.size() && sized[i + 1].kind == LayerKind::kActivation && sized[i + 1].fused &&
             sized[i + 1].activation != Activation::kLeakyRelu && sized[i + 1].activation != Activation::kElu)
@@ -1577,7 +1571,6 @@ KerasExport keras_export_plan(const std::vector<LayerSpec>& sized) {
         entry = json{{"class_name", "Dense"},
                      {"config", {{"name", name}, {"trainable", true}, {"dtype", "float32"}, {"units", l.out}, {"activation", act},
                                  {"use_bias", l.use_bias}}}};
-        weights = static_cast<int>(l.kind == LayerKind::kDense ? (act == "linear" ? i : i - 1) : i);
         break;
       }
       case LayerKind::kBatchNorm:

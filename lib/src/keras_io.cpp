@@ -180,9 +180,15 @@ void copy_into(const torch::Tensor& target, const Array& a, const std::vector<in
 
 /// Copies one file layer's weights into the model's layer `target`, each tensor as the kind's
 /// Keras mapping lists it; a count or shape that does not fit is an InputError.
-void load_layer(ModelImpl& model, const FileLayer& l, const LayerSpec& target, const std::string& path) {
-  std::map<std::string, torch::Tensor> tensors;
-  for (const auto& [name, t] : state_dict(model)) tensors[name] = t;
+using Tensors = std::map<std::string, torch::Tensor>;
+
+Tensors tensors_of(const ModelImpl& model) {
+  Tensors out;
+  for (const auto& [name, t] : state_dict(model)) out[name] = t;
+  return out;
+}
+
+void load_layer(const Tensors& tensors, const FileLayer& l, const LayerSpec& target, const std::string& path) {
   const auto weights = layer_kind(target.kind).keras_weights(target);
   if (l.vars.size() != weights.size()) {
     std::vector<std::string> names;
@@ -280,6 +286,7 @@ void import_keras_model(const std::string& path, ModelImpl& model, const std::ve
   if (!file) throw InputError(path + ": cannot open the weights" + std::string(keras3 ? " (model.weights.h5 in the archive)" : ""));
   if (!keras3 && H5Lexists(file.id, "model_weights", H5P_DEFAULT) <= 0)
     throw InputError(path + ": has a model config but no model_weights group");
+  const Tensors tensors = tensors_of(model);
   for (size_t i = 0; i < spec.size(); ++i) {
     if (layer_kind(spec[i].kind).keras_weights(spec[i]).empty()) continue;
     FileLayer l;
@@ -302,7 +309,7 @@ void import_keras_model(const std::string& path, ModelImpl& model, const std::ve
       for (const auto& w : read_string_attr(g.id, "weight_names"))
         l.vars.push_back(read_dataset(file.id, group + "/" + w, path + ": layer \"" + keras_name[i] + "\""));
     }
-    load_layer(model, l, spec[i], path);
+    load_layer(tensors, l, spec[i], path);
   }
 }
 
@@ -341,8 +348,9 @@ void import_keras_h5(const std::string& path, ModelImpl& model) {
     throw InputError(path + ": the file has " + std::to_string(dense.size()) + " Dense and " + std::to_string(bn.size()) +
                      " BatchNormalization layers with weights; the model has " + std::to_string(model_dense.size()) + " Linear and " +
                      std::to_string(model_bn.size()) + " BatchNorm layers (check model.layers)");
-  for (size_t i = 0; i < dense.size(); ++i) load_layer(model, *dense[i], spec[model_dense[i]], path);
-  for (size_t i = 0; i < bn.size(); ++i) load_layer(model, *bn[i], spec[model_bn[i]], path);
+  const Tensors tensors = tensors_of(model);
+  for (size_t i = 0; i < dense.size(); ++i) load_layer(tensors, *dense[i], spec[model_dense[i]], path);
+  for (size_t i = 0; i < bn.size(); ++i) load_layer(tensors, *bn[i], spec[model_bn[i]], path);
 }
 
 void export_keras_h5(const std::string& path, const ModelImpl& model) {
@@ -387,8 +395,7 @@ void export_keras_h5(const std::string& path, const ModelImpl& model) {
       if (!attr || H5Awrite(attr.id, type.id, &text) < 0) throw std::runtime_error("cannot write model_config to " + tmp);
     }
     Handle weights_group(H5Gcreate2(file.id, "model_weights", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
-    std::map<std::string, torch::Tensor> sd;
-    for (const auto& [name, t] : state_dict(model)) sd[name] = t;
+    const Tensors sd = tensors_of(model);
     for (size_t k = 0; k < plan.layer_names.size(); ++k) {
       const std::string& name = plan.layer_names[k];
       Handle g(H5Gcreate2(weights_group.id, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);

@@ -99,17 +99,25 @@ class AdamDef final : public OptimizerDef {
   bool decoupled_;
 };
 
+/// Both RMSprops keep the squared-gradient average, the gradient average (centered) and the
+/// momentum buffer, in that order, each only when used.
+struct RmspropSlots {
+  float *square, *mean, *momentum;
+  RmspropSlots(const OptimizerConfig& c, float* const* slot)
+      : square(slot[0]), mean(c.centered ? slot[1] : nullptr), momentum(c.momentum > 0 ? slot[c.centered ? 2 : 1] : nullptr) {}
+  static int count(const OptimizerConfig& c) { return 1 + (c.centered ? 1 : 0) + (c.momentum > 0 ? 1 : 0); }
+};
+
 // -------------------------------------------------------------------------- RMSprop (PyTorch)
 /// square_avg = alpha sa + (1 - alpha) g^2; avg = sqrt(sa [- ga^2]) + eps;
 /// momentum: buf = momentum buf + g / avg, p -= lr buf; else p -= lr g / avg.
 class RmspropDef final : public OptimizerDef {
  public:
-  int slots(const OptimizerConfig& c) const override { return 1 + (c.centered ? 1 : 0) + (c.momentum > 0 ? 1 : 0); }
+  int slots(const OptimizerConfig& c) const override { return RmspropSlots::count(c); }
   void update(const OptimizerConfig& c, double lr_d, int64_t, float* p, const float* g, float* const* slot,
               int64_t n) const override {
-    float* sa = slot[0];
-    float* ga = c.centered ? slot[1] : nullptr;
-    float* buf = c.momentum > 0 ? slot[c.centered ? 2 : 1] : nullptr;
+    const RmspropSlots s(c, slot);
+    float *sa = s.square, *ga = s.mean, *buf = s.momentum;
     const float alpha = static_cast<float>(c.alpha), one_minus = static_cast<float>(1 - c.alpha);
     const float eps = static_cast<float>(c.eps), lr = static_cast<float>(lr_d);
     const float wd = static_cast<float>(c.weight_decay), mom = static_cast<float>(c.momentum);
@@ -189,12 +197,11 @@ class KerasRmsprop final : public TorchOptimizer {
 
 class RmspropKerasDef final : public OptimizerDef {
  public:
-  int slots(const OptimizerConfig& c) const override { return 1 + (c.centered ? 1 : 0) + (c.momentum > 0 ? 1 : 0); }
+  int slots(const OptimizerConfig& c) const override { return RmspropSlots::count(c); }
   void update(const OptimizerConfig& c, double lr_d, int64_t, float* p, const float* g, float* const* slot,
               int64_t n) const override {
-    float* v = slot[0];
-    float* a = c.centered ? slot[1] : nullptr;
-    float* m = c.momentum > 0 ? slot[c.centered ? 2 : 1] : nullptr;
+    const RmspropSlots s(c, slot);
+    float *v = s.square, *a = s.mean, *m = s.momentum;
     const float rho = static_cast<float>(c.alpha), one_minus = static_cast<float>(1 - c.alpha);
     const float eps = static_cast<float>(c.eps), lr = static_cast<float>(lr_d), mom = static_cast<float>(c.momentum);
     for (int64_t k = 0; k < n; ++k) {
