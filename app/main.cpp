@@ -51,7 +51,8 @@ constexpr const char* kUsage =
     "  golden RUN_DIR -o FILE              write a golden file of every curve point and summary figure\n"
     "  check RUN_DIR --golden FILE         compare with a golden file; exit 1 and print a diff on mismatch\n"
     "  merge DIR... -o DIR                 combine the shard directories of one study\n"
-    "  export RUN_DIR --strategy NAME --format keras-h5|torch -o FILE   fine-tuned weights for Keras or PyTorch\n"
+    "  export RUN_DIR --strategy NAME --format keras-h5|torch [--as state_dict|checkpoint|torchscript] -o FILE\n"
+    "                                              fine-tuned weights for Keras or PyTorch\n"
     "\n"
     "  bnlab <command> --help   options of a command\n"
     "  bnlab --version\n";
@@ -126,7 +127,7 @@ int cmd_run(int argc, char** argv, Command command) {
   }
   std::vector<std::string> overrides;
   if (args.count("set")) overrides = args["set"].as<std::vector<std::string>>();
-  const bnlab::Config config = bnlab::load_config(args["config"].as<std::string>(), overrides, bnlab::read_keras_model_config);
+  const bnlab::Config config = bnlab::load_config(args["config"].as<std::string>(), overrides, bnlab::model_file_readers());
   if (validate_only) {
     std::cout << bnlab::to_json(config);
     return bnlab::kExitOk;
@@ -201,7 +202,8 @@ int cmd_tool(int argc, char** argv, const std::string& name) {
   if (name == "export") {
     opts.add_options()
         ("strategy", "the strategy whose fine-tuned (best) weights to export", cxxopts::value<std::string>())
-        ("format", "keras-h5 (Keras 2 HDF5 weights) or torch (torch.load-able state dict)", cxxopts::value<std::string>());
+        ("format", "keras-h5 (Keras 2 model.save() HDF5) or torch", cxxopts::value<std::string>())
+        ("as", "with --format torch: state_dict (default), checkpoint or torchscript", cxxopts::value<std::string>());
   }
   opts.parse_positional({"dirs"});
   opts.positional_help(name == "merge" ? "SHARD_DIR..." : "RUN_DIR");
@@ -228,7 +230,8 @@ int cmd_tool(int argc, char** argv, const std::string& name) {
   if (name == "export") {
     if (!args.count("strategy") || !args.count("format") || !args.count("out"))
       return bad_input({"bnlab export: needs --strategy NAME, --format keras-h5|torch and -o FILE"});
-    bnlab::export_weights(dirs[0], args["strategy"].as<std::string>(), args["format"].as<std::string>(), args["out"].as<std::string>());
+    bnlab::export_weights(dirs[0], args["strategy"].as<std::string>(), args["format"].as<std::string>(), args["out"].as<std::string>(),
+                          args.count("as") ? args["as"].as<std::string>() : "");
     std::cerr << "exported " << args["strategy"].as<std::string>() << " to " << args["out"].as<std::string>() << "\n";
     return bnlab::kExitOk;
   }

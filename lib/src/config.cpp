@@ -613,12 +613,13 @@ void read_layer(const json& e, const std::string& path, const BatchNormConfig& b
   r.finish();
 }
 
-void read_model(const json* j, ModelConfig& m, Problems& problems) {
+void read_model(const json* j, ModelConfig& m, Problems& problems, BnSemantics default_semantics) {
   ObjectReader r(j, "model", problems);
   r.get_enum("loss", kLosses, m.loss);
   const bool listed = r.has("layers");
   ObjectReader b(r.find("batchnorm"), "model.batchnorm", problems);
   auto& bn = m.batchnorm;
+  bn.semantics = default_semantics;
   bool enabled = true;
   if (!listed) b.get("enabled", enabled);
   else if (b.find("enabled")) problems.add("model.batchnorm.enabled", "with model.layers, BatchNorm layers are listed where they stand; drop \"enabled\"");
@@ -670,8 +671,68 @@ void read_model(const json* j, ModelConfig& m, Problems& problems) {
   r.finish();
 }
 
-/// The model of an init.keras file: its architecture becomes model.layers, or, when the config
-/// describes a model too, must agree with it layer by layer.
+/// A network a user's file describes (Keras model config, TorchScript Sequential) against the
+/// config: the file's becomes model.layers, or, when the config describes a model too, must agree
+/// with it module by module; `origin(i)` names the file's module i in messages. Returns false
+/// when it does not agree.
+template <typename Origin>
+bool take_file_architecture(const json& root, Config& c, const std::vector<LayerSpec>& theirs, const std::string& path,
+                            const std::string& drop_hint, Origin origin, Problems& problems) {
+  const json* model = root.contains("model") && root["model"].is_object() ? &root["model"] : nullptr;
+  const bool described = model != nullptr && (model->contains("layers") || model->contains("hidden") ||
+                                               model->contains("activation") || model->contains("dropout"));
+  const size_t before = problems.list.size();
+  // An explicit model.batchnorm eps/momentum/affine is a statement about the file's layers too.
+  const json* bn = model != nullptr && model->contains("batchnorm") && (*model)["batchnorm"].is_object() ? &(*model)["batchnorm"] : nullptr;
+  if (!described && bn != nullptr) {
+    for (size_t i = 0; i < theirs.size(); ++i) {
+      const LayerSpec& b = theirs[i];
+      if (b.kind != LayerKind::kBatchNorm) continue;
+      const auto& mb = c.model.batchnorm;
+      if (bn->contains("eps") && std::abs(mb.eps - b.eps) > 1e-12 * std::max(1.0, b.eps))
+        problems.add("model.batchnorm.eps", "is " + fmt_double(mb.eps) + ", but " + origin(i) + " of " + path + " has eps " + fmt_double(b.eps) +
+                                               "; drop it to take the file's");
+      if (bn->contains("momentum") && std::abs(mb.momentum - b.momentum) > 1e-9)
+        problems.add("model.batchnorm.momentum", "is " + fmt_double(mb.momentum) + ", but " + origin(i) + " of " + path + " has momentum " +
+                                                    fmt_double(b.momentum) + " (PyTorch's convention); drop it to take the file's");
+      if (bn->contains("affine") && (mb.affine != b.scale || mb.affine != b.center))
+        problems.add("model.batchnorm.affine", std::string("is ") + (mb.affine ? "true" : "false") + ", but " + origin(i) + " of " + path +
+                                                  " differs; drop it to take the file's");
+    }
+  }
+  if (!described) {
+    if (problems.list.size() != before) return false;
+    c.model.layers = theirs;
+    return true;
+  }
+  const auto& mine = c.model.layers;
+  const auto describe = [](const LayerSpec& l) {
+    std::string d = layer_kind_name(l.kind);
+    if (l.kind == LayerKind::kDense) d += l.head ? " (the head)" : " " + std::to_string(l.units);
+    if (l.kind == LayerKind::kActivation) d += std::string(" ") + activation_name(l.activation);
+    return d;
+  };
+  if (mine.size() != theirs.size())
+    problems.add("model", "describes " + std::to_string(mine.size()) + " modules, " + path + " " +
+                              std::to_string(theirs.size()) + "; " + drop_hint);
+  for (size_t i = 0; i < std::min(mine.size(), theirs.size()); ++i) {
+    const LayerSpec &a = mine[i], &b = theirs[i];
+    std::string why;
+    if (a.kind != b.kind || (a.kind == LayerKind::kActivation && a.activation != b.activation)) why = "is " + describe(a) + " here, " + describe(b);
+    else if (a.kind == LayerKind::kDense && !a.head && a.units != b.units) why = "has " + std::to_string(a.units) + " units here, " + std::to_string(b.units);
+    else if (a.kind == LayerKind::kDense && a.use_bias != b.use_bias) why = "differs in use_bias";
+    else if (a.kind == LayerKind::kBatchNorm && std::abs(a.eps - b.eps) > 1e-12 * std::max(1.0, b.eps)) why = "has eps " + fmt_double(a.eps) + " here, " + fmt_double(b.eps);
+    else if (a.kind == LayerKind::kBatchNorm && std::abs(a.momentum - b.momentum) > 1e-9) why = "has momentum " + fmt_double(a.momentum) + " here, " + fmt_double(b.momentum) + " (PyTorch's convention)";
+    else if (a.kind == LayerKind::kBatchNorm && (a.center != b.center || a.scale != b.scale)) why = "differs in center/scale";
+    else if (a.kind == LayerKind::kActivation && a.alpha != b.alpha) why = "has slope/alpha " + fmt_double(a.alpha) + " here, " + fmt_double(b.alpha);
+    else if (a.kind == LayerKind::kDropout && a.rate != b.rate) why = "has rate " + fmt_double(a.rate) + " here, " + fmt_double(b.rate);
+    if (!why.empty())
+      problems.add("model", "module " + a.name + " " + why + " in " + path + " (" + origin(i) + "); bnlab never loads weights into another architecture");
+  }
+  return problems.list.size() == before;
+}
+
+/// The model of an init.keras file.
 void apply_keras_architecture(const json& root, Config& c, KerasConfigReader reader, Problems& problems) {
   if (c.init_keras.empty() || reader == nullptr) return;
   std::string text;
@@ -685,46 +746,40 @@ void apply_keras_architecture(const json& root, Config& c, KerasConfigReader rea
     problems.list.push_back(e.what());
     return;
   }
-  const json* model = root.contains("model") && root["model"].is_object() ? &root["model"] : nullptr;
-  const bool described = model != nullptr && (model->contains("layers") || model->contains("hidden") ||
-                                               model->contains("activation") || model->contains("dropout"));
-  if (described) {
-    const auto& mine = c.model.layers;
-    const auto describe = [](const LayerSpec& l) {
-      std::string d = layer_kind_name(l.kind);
-      if (l.kind == LayerKind::kDense) d += l.head ? " (the head)" : " " + std::to_string(l.units);
-      if (l.kind == LayerKind::kActivation) d += std::string(" ") + activation_name(l.activation);
-      return d;
-    };
-    if (mine.size() != arch.layers.size())
-      problems.add("model", "describes " + std::to_string(mine.size()) + " modules, " + path + " " +
-                                std::to_string(arch.layers.size()) + "; drop model.layers to take the file's architecture");
-    for (size_t i = 0; i < std::min(mine.size(), arch.layers.size()); ++i) {
-      const LayerSpec &a = mine[i], &b = arch.layers[i];
-      std::string why;
-      if (a.kind != b.kind || (a.kind == LayerKind::kActivation && a.activation != b.activation)) why = "is " + describe(a) + " here, " + describe(b);
-      else if (a.kind == LayerKind::kDense && !a.head && a.units != b.units) why = "has " + std::to_string(a.units) + " units here, " + std::to_string(b.units);
-      else if (a.kind == LayerKind::kDense && a.use_bias != b.use_bias) why = "differs in use_bias";
-      else if (a.kind == LayerKind::kBatchNorm && std::abs(a.eps - b.eps) > 1e-12 * std::max(1.0, b.eps)) why = "has eps " + fmt_double(a.eps) + " here, " + fmt_double(b.eps);
-      else if (a.kind == LayerKind::kBatchNorm && std::abs(a.momentum - b.momentum) > 1e-9) why = "has momentum " + fmt_double(a.momentum) + " here, " + fmt_double(b.momentum) + " (PyTorch's convention)";
-      else if (a.kind == LayerKind::kBatchNorm && (a.center != b.center || a.scale != b.scale)) why = "differs in center/scale";
-      else if (a.kind == LayerKind::kActivation && a.alpha != b.alpha) why = "has slope/alpha " + fmt_double(a.alpha) + " here, " + fmt_double(b.alpha);
-      else if (a.kind == LayerKind::kDropout && a.rate != b.rate) why = "has rate " + fmt_double(a.rate) + " here, " + fmt_double(b.rate);
-      if (!why.empty())
-        problems.add("model", "module " + a.name + " " + why + " in " + path + " (Keras layer \"" + arch.keras_name[i] +
-                                  "\"); bnlab never loads weights into another architecture");
-    }
-  } else {
-    c.model.layers = arch.layers;
-  }
+  take_file_architecture(root, c, arch.layers, path, "drop model.layers to take the file's architecture",
+                         [&](size_t i) { return "Keras layer \"" + arch.keras_name[i] + "\""; }, problems);
   c.keras_names = arch.keras_name;
   c.keras_weight_keys = arch.weights_key;
   c.keras_trainable = arch.trainable;
-  c.keras_inputs = arch.inputs;
-  c.keras_head_units = arch.layers.back().units;
+  c.init_inputs = arch.inputs;
+  c.init_head_units = arch.layers.back().units;
 }
 
-void read_config(const json& root, Config& c, Problems& problems, KerasConfigReader keras) {
+/// The model of an init.torch file: a TorchScript Sequential's modules; a state dict's network
+/// is the config's (its tensors are checked against it when the network is built).
+void apply_torch_architecture(const json& root, Config& c, TorchModelReader reader, Problems& problems) {
+  if (c.init_torch.empty() || reader == nullptr) return;
+  const std::string path = resolve_path(c.base_dir, c.init_torch);
+  TorchFileModel file;
+  try {
+    file = reader(path);
+  } catch (const InputError& e) {
+    problems.list.push_back(e.what());
+    return;
+  }
+  if (file.form != "torchscript") return;
+  if (!c.init_key.empty() || !c.init_prefix.empty())
+    problems.add(c.init_key.empty() ? "init.prefix" : "init.key", "applies to a state dict or checkpoint; " + path +
+                                                                     " is a TorchScript module, whose tensors are named by its own submodules");
+  for (auto& l : file.layers) l.semantics = c.model.batchnorm.semantics;
+  take_file_architecture(root, c, file.layers, path, "drop model.layers to take the TorchScript module's",
+                         [&](size_t i) { return "submodule \"" + file.layers[i].name + "\", " + file.types[i]; }, problems);
+  c.torch_types = file.types;
+  c.init_inputs = file.inputs;
+  c.init_head_units = file.layers.back().units;
+}
+
+void read_config(const json& root, Config& c, Problems& problems, const ModelFileReaders& readers) {
   ObjectReader top(&root, "", problems);
   top.get("name", c.name);
   if (top.has("seed") && top.has("seeds")) problems.add("seeds", "give either seed or seeds, not both");
@@ -769,7 +824,22 @@ void read_config(const json& root, Config& c, Problems& problems, KerasConfigRea
     if (c.data.source == "synthetic") r.get("standardize", c.data.standardize);
     r.finish();
   }
-  read_model(top.find("model"), c.model, problems);
+  if (const json* init = top.find("init")) {
+    ObjectReader r(init, "init", problems);
+    if (r.has("keras") && r.has("keras_h5")) problems.add("init", "give either keras or its synonym keras_h5, not both");
+    r.get("keras_h5", c.init_keras);
+    r.get("keras", c.init_keras);
+    r.get("torch", c.init_torch);
+    r.get("key", c.init_key);
+    r.get("prefix", c.init_prefix);
+    r.finish();
+    if (!c.init_keras.empty() && !c.init_torch.empty())
+      problems.add("init", "names both a Keras file (keras) and a PyTorch file (torch); the weights come from one of them");
+    if (c.init_torch.empty() && (r.has("key") || r.has("prefix")))
+      problems.add(r.has("key") ? "init.key" : "init.prefix", "applies to a PyTorch checkpoint; give init.torch too");
+  }
+  // A PyTorch file's BatchNorm layers follow PyTorch's numerics unless the config says otherwise.
+  read_model(top.find("model"), c.model, problems, c.init_torch.empty() ? BnSemantics::kKeras : BnSemantics::kTorch);
   {
     ObjectReader r(top.find("pretrain"), "pretrain", problems);
     r.get("epochs", c.pretrain.epochs);
@@ -779,14 +849,8 @@ void read_config(const json& root, Config& c, Problems& problems, KerasConfigRea
     r.finish();
   }
   read_finetune(top.find("finetune"), "finetune", c.finetune, problems, /*in_grid=*/false);
-  if (const json* init = top.find("init")) {
-    ObjectReader r(init, "init", problems);
-    if (r.has("keras") && r.has("keras_h5")) problems.add("init", "give either keras or its synonym keras_h5, not both");
-    r.get("keras_h5", c.init_keras);
-    r.get("keras", c.init_keras);
-    r.finish();
-  }
-  apply_keras_architecture(root, c, keras, problems);
+  apply_keras_architecture(root, c, readers.keras, problems);
+  apply_torch_architecture(root, c, readers.torch, problems);
   read_grid(top, root, c, problems);
   if (const json* s = top.find("strategies")) {
     if (!s->is_array()) {
@@ -979,7 +1043,7 @@ const std::vector<std::string>& preset_names() {
 }
 
 Config parse_config(const std::string& text, const std::string& origin,
-                    const std::vector<std::string>& overrides, const std::string& base_dir, KerasConfigReader keras) {
+                    const std::vector<std::string>& overrides, const std::string& base_dir, const ModelFileReaders& readers) {
   Problems problems{origin, {}};
   json root;
   try {
@@ -1000,13 +1064,13 @@ Config parse_config(const std::string& text, const std::string& origin,
   for (const auto& o : overrides) apply_override(root, o, problems);
   Config c;
   c.base_dir = base_dir;
-  read_config(root, c, problems, keras);
+  read_config(root, c, problems, readers);
   validate(c, problems);
   if (!problems.list.empty()) throw InputError(problems.list);
   return c;
 }
 
-Config load_config(const std::string& path, const std::vector<std::string>& overrides, KerasConfigReader keras) {
+Config load_config(const std::string& path, const std::vector<std::string>& overrides, const ModelFileReaders& readers) {
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
     throw InputError(path + ": is not a regular file; expected a JSON config file");
@@ -1014,10 +1078,15 @@ Config load_config(const std::string& path, const std::vector<std::string>& over
   if (!in) throw InputError(path + ": cannot read the config file (" + errno_text() + ")");
   std::stringstream buffer;
   buffer << in.rdbuf();
-  return parse_config(buffer.str(), path, overrides, parent_dir(path), keras);
+  return parse_config(buffer.str(), path, overrides, parent_dir(path), readers);
 }
 
 const char* to_string(LossKind l) { return enum_name(kLosses, l); }
+
+const std::vector<std::string>& torch_checkpoint_keys() {
+  static const std::vector<std::string> keys = {"state_dict", "model_state_dict", "model"};
+  return keys;
+}
 const char* to_string(BnSemantics s) { return enum_name(kSemantics, s); }
 const char* to_string(OptimizerKind o) { return enum_name(kOptimizers, o); }
 const char* to_string(BnMode m) { return enum_name(kBnModes, m); }
@@ -1097,6 +1166,15 @@ json model_json(const ModelConfig& m) {
                {{"semantics", to_string(b.semantics)}, {"eps", b.eps}, {"momentum", b.momentum}, {"affine", b.affine}}}};
 }
 
+json init_json(const Config& c) {
+  if (!c.init_keras.empty()) return json{{"keras", c.init_keras}};
+  if (c.init_torch.empty()) return json::object();
+  json j{{"torch", c.init_torch}};
+  if (!c.init_key.empty()) j["key"] = c.init_key;
+  if (!c.init_prefix.empty()) j["prefix"] = c.init_prefix;
+  return j;
+}
+
 json pretrain_json(const PretrainConfig& p) {
   return json{{"epochs", p.epochs},
               {"batch_size", p.batch_size},
@@ -1146,7 +1224,7 @@ std::string to_json(const Config& c) {
            {"monitor", enum_name(kMonitors, c.finetune.monitor)},
            {"save_best_only", c.finetune.save_best_only}}},
          {"grid", json::parse(c.grid_json)},
-         {"init", c.init_keras.empty() ? json::object() : json{{"keras", c.init_keras}}},
+         {"init", init_json(c)},
          {"strategies", strategies}};
   return j.dump(2) + "\n";
 }
@@ -1192,8 +1270,11 @@ std::string pretrain_cache_key(const Config& c) {
   json j{{"format", 1}, {"seed", c.seed}, {"data", data_json(c.data)},
          {"model", model_json(c.model)}, {"pretrain", pretrain_json(c.pretrain)}};
   if (c.data.source == "csv") j["data"]["file"] = file_fingerprint(resolve_path(c.base_dir, c.data.path));
-  if (!c.init_keras.empty())
-    j["init"] = {{"keras", c.init_keras}, {"file", file_fingerprint(resolve_path(c.base_dir, c.init_keras))}};
+  const std::string& init_file = c.init_keras.empty() ? c.init_torch : c.init_keras;
+  if (!init_file.empty()) {
+    j["init"] = init_json(c);
+    j["init"]["file"] = file_fingerprint(resolve_path(c.base_dir, init_file));
+  }
   return fnv1a_hex(j.dump());
 }
 

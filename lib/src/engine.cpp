@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <map>
+#include <set>
 #include <cmath>
 #include <cstdio>
 #include <iomanip>
@@ -38,23 +40,52 @@ Model strategy_architecture(const Config& config, const StrategyConfig& strategy
   return Model(sized_layers(prepared_layers(config.model.layers, strategy), inputs, outputs));
 }
 
-void load_state(ModelImpl& model, const c10::impl::GenericDict& sd, const std::string& origin) {
+void load_state(ModelImpl& model, const std::vector<std::pair<std::string, torch::Tensor>>& state, const std::string& origin,
+                const std::string& hint) {
   torch::NoGradGuard no_grad;
   const auto targets = state_dict(model);
+  std::map<std::string, torch::Tensor> given;
   std::vector<std::string> problems;
+  for (const auto& [name, t] : state)
+    if (!given.emplace(name, t).second) problems.push_back(origin + ": tensor \"" + name + "\" appears twice");
+  std::set<std::string> wanted;
   for (const auto& [name, tensor] : targets) {
-    if (!sd.contains(name)) {
+    wanted.insert(name);
+    const auto it = given.find(name);
+    if (it == given.end()) {
       problems.push_back(origin + ": no tensor \"" + name + "\" (the model expects " + shape_text(tensor.sizes()) + ")");
       continue;
     }
-    const auto src = sd.at(name).toTensor();
+    const auto& src = it->second;
     if (src.sizes() != tensor.sizes())
       problems.push_back(origin + ": tensor \"" + name + "\" has shape " + shape_text(src.sizes()) + " but the model needs " + shape_text(tensor.sizes()));
+    else if (src.scalar_type() != tensor.scalar_type())
+      problems.push_back(origin + ": tensor \"" + name + "\" is " + std::string(c10::toString(src.scalar_type())) + ", the model's is " +
+                         c10::toString(tensor.scalar_type()) + " (bnlab computes in float32: save model.float()'s state)");
   }
-  if (sd.size() != targets.size() && problems.empty())
-    problems.push_back(origin + ": holds " + std::to_string(sd.size()) + " tensors, the model has " + std::to_string(targets.size()));
-  if (!problems.empty()) throw InputError(problems);
-  for (const auto& [name, tensor] : targets) tensor.copy_(sd.at(name).toTensor());
+  for (const auto& [name, t] : state)
+    if (wanted.count(name) == 0)
+      problems.push_back(origin + ": tensor \"" + name + "\" " + shape_text(t.sizes()) + " is not in the model (its tensors: " +
+                         targets.front().first + " ... " + targets.back().first + ")");
+  if (!problems.empty()) {
+    if (!hint.empty()) problems.insert(problems.begin(), origin + ": " + hint);
+    if (problems.size() > 12) {
+      const size_t more = problems.size() - 10;
+      problems.resize(10);
+      problems.push_back("... and " + std::to_string(more) + " more");
+    }
+    throw InputError(problems);
+  }
+  for (const auto& [name, tensor] : targets) tensor.copy_(given.at(name));
+}
+
+void load_state(ModelImpl& model, const c10::impl::GenericDict& sd, const std::string& origin) {
+  std::vector<std::pair<std::string, torch::Tensor>> state;
+  for (const auto& e : sd) {
+    if (!e.key().isString() || !e.value().isTensor()) throw InputError(origin + ": not a state dict (an entry is not a named tensor)");
+    state.emplace_back(e.key().toStringRef(), e.value().toTensor());
+  }
+  load_state(model, state, origin);
 }
 
 Model clone_model(const ModelImpl& source) {

@@ -101,6 +101,11 @@ Model strategy_architecture(const Config& config, const StrategyConfig& strategy
 
 /// Copies a name -> tensor map into `model`; every tensor must be there with its shape.
 void load_state(ModelImpl& model, const c10::impl::GenericDict& state, const std::string& origin);
+/// The same from named tensors: each of the model's tensors must be there once, with its shape
+/// and dtype; a missing, extra, mis-shaped or mis-typed tensor is an InputError naming it (all of
+/// them, then `hint` when given); nothing is copied unless every tensor fits.
+void load_state(ModelImpl& model, const std::vector<std::pair<std::string, torch::Tensor>>& state, const std::string& origin,
+                const std::string& hint = "");
 
 /// A fresh model with the same layers and a bit-for-bit copy of `source`'s state.
 Model clone_model(const ModelImpl& source);

@@ -2,7 +2,6 @@
 #include "keras_io.hpp"
 
 #include <hdf5.h>
-#include <zip.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -10,6 +9,7 @@
 #include <functional>
 #include <map>
 
+#include "archive.hpp"
 #include "bnlab/errors.hpp"
 #include "layer_kinds.hpp"
 #include "text.hpp"
@@ -207,44 +207,9 @@ void load_layer(const Tensors& tensors, const FileLayer& l, const LayerSpec& tar
   }
 }
 
-/// Whether the file starts like a zip archive (a Keras 3 .keras file).
-bool is_zip(const std::string& path) {
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (f == nullptr) return false;
-  char magic[4] = {0, 0, 0, 0};
-  const size_t n = std::fread(magic, 1, 4, f);
-  std::fclose(f);
-  return n == 4 && magic[0] == 'P' && magic[1] == 'K' && magic[2] == 3 && magic[3] == 4;
-}
-
-/// One entry of a zip archive, read with libzip.
+/// One entry of a Keras 3 .keras archive.
 std::string zip_entry(const std::string& path, const char* entry) {
-  int error = 0;
-  zip_t* archive = zip_open(path.c_str(), ZIP_RDONLY, &error);
-  if (archive == nullptr) {
-    zip_error_t e;
-    zip_error_init_with_code(&e, error);
-    const std::string why = zip_error_strerror(&e);
-    zip_error_fini(&e);
-    throw InputError(path + ": not a readable .keras file (zip: " + why + ")");
-  }
-  zip_stat_t st;
-  zip_stat_init(&st);
-  if (zip_stat(archive, entry, 0, &st) != 0 || (st.valid & ZIP_STAT_SIZE) == 0) {
-    zip_close(archive);
-    throw InputError(path + ": the .keras archive has no " + entry + "; is it a Keras 3 model file?");
-  }
-  if (st.size > (uint64_t{1} << 32)) {
-    zip_close(archive);
-    throw InputError(path + ": " + entry + " is larger than 4 GiB");
-  }
-  std::string data(static_cast<size_t>(st.size), '\0');
-  zip_file_t* file = zip_fopen(archive, entry, 0);
-  const zip_int64_t got = file != nullptr ? zip_fread(file, data.data(), st.size) : -1;
-  if (file != nullptr) zip_fclose(file);
-  zip_close(archive);
-  if (got != static_cast<zip_int64_t>(st.size)) throw InputError(path + ": cannot read " + entry + " from the .keras archive");
-  return data;
+  return ZipArchive(path, "Keras 3 .keras file").read(entry);
 }
 
 /// An HDF5 file opened from bytes in memory (model.weights.h5 of a .keras archive).

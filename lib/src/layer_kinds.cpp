@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -21,6 +22,15 @@ constexpr int64_t kGemmRows = 8;
 
 torch::Tensor wrap(float* p, std::initializer_list<int64_t> sizes) {
   return torch::from_blob(p, sizes, torch::TensorOptions().dtype(torch::kFloat));
+}
+
+/// A double as a TorchScript float literal that reads back to the same value ("0.10000000000000001").
+std::string script_float(double v) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  std::string s = buf;
+  if (s.find_first_of(".e") == std::string::npos) s += ".0";
+  return s;
 }
 
 // ---------------------------------------------------------------------------------- Dense
@@ -93,6 +103,12 @@ class DenseKind final : public LayerKindDef {
     std::vector<KerasWeight> w{{"kernel", "weight", true}};
     if (l.use_bias) w.push_back({"bias", "bias", false});
     return w;
+  }
+  TorchScriptClass torchscript(const LayerSpec& l) const override {
+    return {"__torch__.torch.nn.modules.linear.Linear",
+            {{"in_features", l.in}, {"out_features", l.out}},
+            l.use_bias ? std::vector<std::string>{} : std::vector<std::string>{"bias"},
+            "def forward(self, input: Tensor) -> Tensor:\n  return torch.linear(input, self.weight, self.bias)\n"};
   }
 };
 
@@ -239,6 +255,22 @@ class BatchNormKind final : public LayerKindDef {
     w.push_back({"moving_variance", "running_var", false});
     return w;
   }
+  TorchScriptClass torchscript(const LayerSpec& l) const override {
+    // torch.nn.BatchNorm1d's forward with its constants inlined, as torch.jit.script writes it
+    // (PyTorch's numerics in training mode whatever model.batchnorm.semantics was).
+    std::vector<std::string> none;
+    if (!l.scale) none.emplace_back("weight");
+    if (!l.center) none.emplace_back("bias");
+    return {"__torch__.torch.nn.modules.batchnorm.BatchNorm1d",
+            {{"momentum", l.momentum}, {"eps", l.eps}, {"track_running_stats", true}, {"affine", l.scale && l.center},
+             {"num_features", l.out}},
+            none,
+            "def forward(self, input: Tensor) -> Tensor:\n"
+            "  if self.training:\n"
+            "    self.num_batches_tracked.add_(1)\n"
+            "  return torch.batch_norm(input, self.weight, self.bias, self.running_mean, self.running_var, self.training, " +
+                script_float(l.momentum) + ", " + script_float(l.eps) + ", False)\n"};
+  }
   bool selectable() const override { return true; }
 };
 
@@ -285,6 +317,16 @@ class FrozenBatchNormKind final : public LayerKindDef {
   std::vector<KerasWeight> keras_weights(const LayerSpec&) const override {
     return {{"gamma", "weight", false}, {"beta", "bias", false}, {"moving_mean", "running_mean", false},
             {"moving_variance", "running_var", false}};
+  }
+  TorchScriptClass torchscript(const LayerSpec& l) const override {
+    const std::string eps = script_float(l.eps);
+    return {"__torch__.bnlab.FrozenBatchNorm1d",
+            {{"eps", l.eps}, {"num_features", l.out}},
+            {},
+            "def forward(self, input: Tensor) -> Tensor:\n"
+            "  scale = self.weight * torch.rsqrt(self.running_var + " + eps + ")\n"
+            "  shift = self.bias - self.running_mean * scale\n"
+            "  return input * scale + shift\n"};
   }
   bool selectable() const override { return true; }
 };
@@ -381,6 +423,26 @@ class ActivationKind final : public LayerKindDef {
     activation_backward(L.spec.activation, static_cast<float>(L.spec.alpha), in, out, g, dx, s.lanes * s.stride * L.spec.out);
   }
   const char* keras_class(const LayerSpec&) const override { return "Activation"; }
+  TorchScriptClass torchscript(const LayerSpec& l) const override {
+    const std::string a = script_float(l.alpha);
+    const auto cls = [](const char* name, std::vector<std::pair<std::string, c10::IValue>> constants, const std::string& expr) {
+      return TorchScriptClass{std::string("__torch__.torch.nn.modules.") + name, std::move(constants), {},
+                              "def forward(self, input: Tensor) -> Tensor:\n  return " + expr + "\n"};
+    };
+    switch (l.activation) {
+      case Activation::kLinear: return cls("linear.Identity", {}, "input");
+      case Activation::kRelu: return cls("activation.ReLU", {{"inplace", false}}, "torch.relu(input)");
+      case Activation::kTanh: return cls("activation.Tanh", {}, "torch.tanh(input)");
+      case Activation::kGelu: return cls("activation.GELU", {{"approximate", std::string("none")}}, "torch.gelu(input)");
+      case Activation::kSigmoid: return cls("activation.Sigmoid", {}, "torch.sigmoid(input)");
+      case Activation::kElu: return cls("activation.ELU", {{"alpha", l.alpha}, {"inplace", false}}, "torch.elu(input, " + a + ")");
+      case Activation::kLeakyRelu:
+        return cls("activation.LeakyReLU", {{"negative_slope", l.alpha}, {"inplace", false}}, "torch.leaky_relu(input, " + a + ")");
+      case Activation::kSilu: return cls("activation.SiLU", {{"inplace", false}}, "torch.silu(input)");
+      case Activation::kSoftplus: return cls("activation.Softplus", {{"beta", 1}, {"threshold", 20}}, "torch.softplus(input, 1, 20)");
+    }
+    throw std::logic_error("torchscript: unregistered activation");
+  }
 };
 
 // --------------------------------------------------------------------------------- Dropout
@@ -426,6 +488,11 @@ class DropoutKind final : public LayerKindDef {
     for (int64_t k = 0; k < n; ++k) dx[k] = g[k] / keep * mask[k];
   }
   const char* keras_class(const LayerSpec&) const override { return "Dropout"; }
+  TorchScriptClass torchscript(const LayerSpec& l) const override {
+    return {"__torch__.torch.nn.modules.dropout.Dropout", {{"p", l.rate}, {"inplace", false}}, {},
+            "def forward(self, input: Tensor) -> Tensor:\n  return torch.dropout(input, " + script_float(l.rate) +
+                ", self.training)\n"};
+  }
 };
 
 }  // namespace

@@ -73,6 +73,17 @@ struct BatchedLayer {
   float* saved_c = nullptr;    ///< BatchNorm: 1/sqrt(var + eps) per lane and channel
 };
 
+/// How a layer is written as a TorchScript module (bnlab export --as torchscript): PyTorch's own
+/// class name, so that torch.jit.load and bnlab's TorchScript reader see a torch.nn module; its
+/// Final constants; its forward in TorchScript. Its state tensors are registered as state()
+/// says, and each name in `none` as an Optional[Tensor] attribute holding None (no bias).
+struct TorchScriptClass {
+  std::string qualified_name;
+  std::vector<std::pair<std::string, c10::IValue>> constants;
+  std::vector<std::string> none;
+  std::string forward;
+};
+
 class LayerKindDef {
  public:
   virtual ~LayerKindDef() = default;
@@ -94,6 +105,7 @@ class LayerKindDef {
   /// Keras: the class name of the layer and its weights in file order.
   virtual const char* keras_class(const LayerSpec& l) const = 0;
   virtual std::vector<KerasWeight> keras_weights(const LayerSpec&) const { return {}; }
+  virtual TorchScriptClass torchscript(const LayerSpec& l) const = 0;
   /// Strategies' `layers` select layers of this kind (BatchNorm).
   virtual bool selectable() const { return false; }
 };

@@ -29,6 +29,7 @@
 #include "batched.hpp"
 #include "engine.hpp"
 #include "keras_io.hpp"
+#include "torch_io.hpp"
 #include "report.hpp"
 #include "text.hpp"
 #include "version.hpp"
@@ -127,19 +128,16 @@ std::string finetuned_path(const std::string& dir, const std::string& strategy) 
   return dir + "/finetuned_" + safe + ".pt";
 }
 
-namespace {
-void save_state(const std::string& path, const ModelImpl& model) {
-  c10::impl::GenericDict sd(c10::StringType::get(), c10::AnyType::get());
-  for (const auto& [name, t] : state_dict(model)) sd.insert(name, t.detach().clone());
-  const auto bytes = torch::pickle_save(c10::IValue(sd));
-  write_file_atomic(path, std::string(bytes.begin(), bytes.end()));
-}
-}  // namespace
 
 void export_weights(const std::string& run_dir, const std::string& strategy, const std::string& format,
-                    const std::string& out) {
+                    const std::string& out, const std::string& as) {
   if (format != "keras-h5" && format != "torch")
     throw InputError("--format: expected keras-h5 or torch, got \"" + format + "\"");
+  if (format == "keras-h5" && !as.empty()) throw InputError("--as: applies to --format torch only");
+  const std::string form = as.empty() ? "state_dict" : as;
+  if (form != "state_dict" && form != "checkpoint" && form != "torchscript")
+    throw InputError("--as: expected state_dict, checkpoint or torchscript, got \"" + as + "\"" +
+                     did_you_mean(as, {"state_dict", "checkpoint", "torchscript"}));
   const std::string resolved = run_dir + "/config.resolved.json";
   if (::access(resolved.c_str(), R_OK) != 0) throw InputError(run_dir + ": no config.resolved.json; is it a bnlab run directory?");
   const Config config = parse_config(read_file(resolved), resolved, {}, run_dir);
@@ -181,7 +179,9 @@ void export_weights(const std::string& run_dir, const std::string& strategy, con
   if (format == "keras-h5") {
     export_keras_h5(out, *m);
   } else {
-    save_state(out, *m);
+    export_torch(out, *m, form, config.init_key, config.init_prefix,
+                 {{"strategy", strategy}, {"run", run_dir}, {"architecture", pytorch_expression(m->layers())},
+                  {"source", config.init_torch.empty() ? config.init_keras : config.init_torch}});
   }
 }
 
@@ -200,25 +200,35 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
   w.dir = out_dir.empty() ? "runs/" + config.name : out_dir;
   w.data = load_data(config);
   resolve_samples(w.config, w.data.size());
-  if (!config.init_keras.empty()) {
-    char* real = ::realpath(resolve_path(config.base_dir, config.init_keras).c_str(), nullptr);
+  const bool keras = !config.init_keras.empty();
+  if (keras || !config.init_torch.empty()) {
+    const char* field = keras ? "init.keras" : "init.torch";
+    std::string& file = keras ? w.config.init_keras : w.config.init_torch;
+    char* real = ::realpath(resolve_path(config.base_dir, file).c_str(), nullptr);
     if (real == nullptr)
-      throw InputError("init.keras: " + resolve_path(config.base_dir, config.init_keras) + ": cannot read the file (" + errno_text() + ")");
-    w.config.init_keras = real;
+      throw InputError(std::string(field) + ": " + resolve_path(config.base_dir, file) + ": cannot read the file (" + errno_text() + ")");
+    file = real;
     std::free(real);
-    if (config.keras_names.empty() && !read_keras_model_config(w.config.init_keras).empty())
-      throw std::logic_error("init.keras: the config was parsed without reading " + w.config.init_keras +
-                             "'s architecture (load_config needs read_keras_model_config)");
+    if (keras && config.keras_names.empty() && !read_keras_model_config(file).empty())
+      throw std::logic_error("init.keras: the config was parsed without reading " + file +
+                             "'s architecture (load_config needs model_file_readers())");
+    if (!keras && config.torch_types.empty() && read_torch_file_model(file).form == "torchscript")
+      throw std::logic_error("init.torch: the config was parsed without reading " + file +
+                             "'s architecture (load_config needs model_file_readers())");
     // The file's input width and head must fit the data and the loss.
     const int64_t head = head_width(config.model.loss, w.data.targets(), w.data.classes);
-    if (config.keras_inputs > 0 && config.keras_inputs != w.data.features())
-      throw InputError("init.keras: " + w.config.init_keras + " takes " + std::to_string(config.keras_inputs) +
+    if (config.init_inputs > 0 && config.init_inputs != w.data.features())
+      throw InputError(std::string(field) + ": " + file + " takes " + std::to_string(config.init_inputs) +
                        " input features, the data has " + std::to_string(w.data.features()) + " (data.feature_columns picks them)");
-    if (config.keras_head_units > 0 && config.keras_head_units != head)
-      throw InputError("init.keras: the last Dense of " + w.config.init_keras + " (\"" + config.keras_names.back() + "\") has " +
-                       std::to_string(config.keras_head_units) + " units, but model.loss " + to_string(config.model.loss) + " needs " +
-                       std::to_string(head) + (config.model.loss == LossKind::kGaussianNll ? " (a mean and a log-variance per target)"
-                                               : config.model.loss == LossKind::kMse ? " (one per target)" : " (one per class)"));
+    if (config.init_head_units > 0 && config.init_head_units != head) {
+      const std::string last = keras ? "the last Dense of " + file + " (\"" + config.keras_names.back() + "\")"
+                                     : "the last Linear of " + file + " (submodule \"" + config.model.layers.back().name + "\")";
+      throw InputError(std::string(field) + ": " + last + " has " + std::to_string(config.init_head_units) + " units, but model.loss " +
+                       to_string(config.model.loss) + " needs " + std::to_string(head) +
+                       (config.model.loss == LossKind::kGaussianNll ? " (a mean and a log-variance per target)"
+                        : config.model.loss == LossKind::kMse       ? " (one per target)"
+                                                                    : " (one per class)"));
+    }
   }
   if (config.data.source == "csv") {
     // The resolved config names the file absolutely, so it still points at it from the run directory.
@@ -246,6 +256,15 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
       w.imported = true;
       continue;
     }
+    if (!c.init_torch.empty()) {  // or from the user's PyTorch weights
+      const TorchState s = import_torch_file(c.init_torch, c.init_key, c.init_prefix, *w.models.back());
+      w.config.init_key = s.key;  // the resolved config names the entry the tensors came from
+      w.torch_form = s.form;
+      w.outside_prefix = s.outside_prefix;
+      w.cache.push_back(CacheState::kLoaded);
+      w.imported = true;
+      continue;
+    }
     w.cache.push_back(force ? CacheState::kMissing : load_pretrained(w.pretrained_path(i), *w.models.back(), w.keys.back()));
   }
   return w;
@@ -259,9 +278,20 @@ void ensure_pretrained(Workspace& w, std::ostream& log, int verbose) {
     const std::string path = w.pretrained_path(i);
     const std::string who = w.models.size() > 1 ? " (seed " + std::to_string(c.seed) + ")" : "";
     if (w.imported) {
-      if (verbose > 0)
+      if (verbose > 0 && !c.init_keras.empty())
         log << "weights" << who << ": imported from " << c.init_keras
             << (c.keras_names.empty() ? " (weights only: layers matched by kind and order)" : " (architecture and weights)") << "\n";
+      if (verbose > 0 && !c.init_torch.empty()) {
+        log << "weights" << who << ": imported from " << c.init_torch << " ("
+            << (w.torch_form == "torchscript" ? "TorchScript module: architecture and weights"
+                : w.torch_form == "checkpoint" ? "checkpoint entry \"" + c.init_key + "\""
+                                               : std::string("state dict"))
+            << (c.init_prefix.empty() ? "" : ", prefix \"" + c.init_prefix + "\" stripped") << ")\n";
+        if (!w.outside_prefix.empty())
+          log << "  " << w.outside_prefix.size() << " tensors outside the prefix were not loaded: "
+              << join(std::vector<std::string>(w.outside_prefix.begin(), w.outside_prefix.begin() + std::min<size_t>(5, w.outside_prefix.size())), ", ")
+              << (w.outside_prefix.size() > 5 ? ", ..." : "") << "\n";
+      }
       save_pretrained(path, *w.models[i], w.data, w.keys[i]);  // so Python and the reference see them too
       continue;
     }
@@ -486,7 +516,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
     try {
       r[0] = finetune(*w.models[key.seed], strategy, x, y, rc, [&](const EpochRecord& e) { text[0] += epoch_line(e); }, {},
                       &w.data, single_run ? &tuned : nullptr);
-      if (single_run) save_state(finetuned_path(dir, strategy.name), *tuned);
+      if (single_run) export_torch(finetuned_path(dir, strategy.name), *tuned, "state_dict", "", "", {});
     } catch (const std::exception& e) {
       r[0] = failure(e);
     }
@@ -528,7 +558,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
       rs = finetune_batched(*w.models[key.seed], strategy, rc, w.data, samples,
                             [&](size_t lane, const EpochRecord& e) { text[lane] += epoch_line(e); },
                             single_run ? &tuned : nullptr, prepared_for(key, rc));
-      if (single_run && tuned) save_state(finetuned_path(dir, strategy.name), *tuned);  // none when the run failed
+      if (single_run && tuned) export_torch(finetuned_path(dir, strategy.name), *tuned, "state_dict", "", "", {});  // none when the run failed
     } catch (const std::exception& e) {
       rs.assign(ms.size(), failure(e));
     }

@@ -18,7 +18,9 @@ struct Workspace {
   std::vector<Model> models;              ///< one per seed: initialised, or loaded from the cache
   std::vector<std::string> keys;          ///< pretraining cache key per seed
   std::vector<CacheState> cache;
-  bool imported = false;                  ///< weights came from init.keras_h5, not pretraining
+  bool imported = false;                  ///< weights came from init.keras or init.torch, not pretraining
+  std::string torch_form;                 ///< init.torch: "state_dict", "checkpoint" or "torchscript"
+  std::vector<std::string> outside_prefix;  ///< init.torch: tensor names outside init.prefix (not loaded)
   bool torch_engine = false;              ///< pretrain through torch::nn/autograd instead of the batched engine
   /// pretrained.pt / sample.pt for one seed; pretrained_seed<S>.pt / sample_seed<S>.pt for several.
   std::string pretrained_path(size_t seed_index) const;

@@ -31,7 +31,7 @@ Config fixture_config(const std::string& weights, const std::string& hidden = "[
       "pretrain": {"batch_size": 4},
       "finetune": {"sample": 0, "epochs": 3, "batch_size": 1, "optimizer": {"name": "sgd", "lr": 0.05}},
       "strategies": ["train", "frozen"]})";
-  return parse_config(text, "keras_fixture.json", {}, ".", read_keras_model_config);
+  return parse_config(text, "keras_fixture.json", {}, ".", model_file_readers());
 }
 
 RunResult run_quiet(const Config& c, const std::string& dir) {

@@ -145,7 +145,15 @@ struct Config {
   /// weights-only file, whose layers come from the config's model.
   std::vector<std::string> keras_names, keras_weight_keys;
   std::vector<bool> keras_trainable;
-  int64_t keras_inputs = 0, keras_head_units = 0;
+  /// init.torch: start from the user's PyTorch file: a torch.save'd state dict, a training
+  /// checkpoint holding one under init.key (found among kTorchCheckpointKeys when "") with
+  /// init.prefix stripped from its tensor names, or a torch.jit.save'd Sequential.
+  std::string init_torch, init_key, init_prefix;
+  /// When init.torch is a TorchScript Sequential: per module of model.layers, its torch.nn class.
+  std::vector<std::string> torch_types;
+  /// The input width and the last Dense's units an init file gives (0: not given), checked
+  /// against the data and the loss.
+  int64_t init_inputs = 0, init_head_units = 0;
   DataConfig data;
   ModelConfig model;
   PretrainConfig pretrain;
@@ -164,6 +172,31 @@ const std::vector<std::string>& preset_names();
 /// free of HDF5 and zip; without one, init.keras is not opened while parsing.
 using KerasConfigReader = std::string (*)(const std::string& path);
 
+/// The entries of a training checkpoint that hold the model's state dict, in the order they are
+/// tried when init.key is not given: Lightning's and timm's "state_dict", the PyTorch tutorials'
+/// "model_state_dict", and "model".
+const std::vector<std::string>& torch_checkpoint_keys();
+
+/// What a PyTorch file says about the network: a TorchScript Sequential gives its modules (named
+/// by position, the last Linear the head, eps/momentum/affine from each BatchNorm1d) and their
+/// torch.nn classes; a state dict or checkpoint gives none (the config's model describes it).
+struct TorchFileModel {
+  std::string form;                  ///< "state_dict", "checkpoint" or "torchscript"
+  std::vector<LayerSpec> layers;     ///< torchscript only
+  std::vector<std::string> types;    ///< per layer: "torch.nn.Linear", ...
+  int64_t inputs = 0;                ///< the first Linear's in_features (torchscript), 0 if none
+};
+/// The library's is read_torch_file_model (torch_io.hpp); injected like KerasConfigReader.
+using TorchModelReader = TorchFileModel (*)(const std::string& path);
+
+/// The readers config parsing uses to take a network's architecture from the user's file.
+struct ModelFileReaders {
+  KerasConfigReader keras = nullptr;
+  TorchModelReader torch = nullptr;
+};
+/// Both of the library's readers (defined with the file code, which links HDF5, libzip and torch).
+ModelFileReaders model_file_readers();
+
 /// The model config a Keras file carries, as JSON text: the model_config attribute of a Keras 2
 /// model.save() HDF5 file (split attributes joined), config.json of a Keras 3 .keras archive
 /// (read with libzip); "" for a weights-only file. A file of neither kind is an InputError.
@@ -172,15 +205,15 @@ std::string read_keras_model_config(const std::string& path);
 
 /// Parses a config file, applies `--set path=value` overrides (path in dots, value as JSON
 /// or a bare string), fills defaults and validates. Throws InputError listing every problem.
-/// With `keras`, an init.keras file's architecture becomes model.layers (or is checked
-/// against the config's own model) before validation.
+/// With `readers`, an init.keras or init.torch file's architecture becomes model.layers (or is
+/// checked against the config's own model) before validation.
 Config load_config(const std::string& path, const std::vector<std::string>& overrides = {},
-                   KerasConfigReader keras = nullptr);
+                   const ModelFileReaders& readers = {});
 
 /// Same from JSON text; `origin` names the source in messages.
 Config parse_config(const std::string& text, const std::string& origin,
                     const std::vector<std::string>& overrides = {},
-                    const std::string& base_dir = ".", KerasConfigReader keras = nullptr);
+                    const std::string& base_dir = ".", const ModelFileReaders& readers = {});
 
 /// Every value of the config, defaults included, as pretty JSON (config.resolved.json).
 std::string to_json(const Config& config);

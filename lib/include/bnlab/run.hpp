@@ -90,10 +90,12 @@ struct ExplainOptions {
 std::string explain(const Config& config, const ExplainOptions& options, std::ostream& out,
                     std::ostream& log);
 
-/// Writes a strategy's fine-tuned (best) weights from a run directory as a Keras 2 HDF5
-/// weights file ("keras-h5") or a torch.load-able state dict ("torch").
+/// Writes a strategy's fine-tuned (best) weights from a run directory as a Keras 2 model.save()
+/// HDF5 file ("keras-h5") or for PyTorch ("torch"), `as` one of "state_dict" (the default: a
+/// torch.load-able {name: tensor}), "checkpoint" ({key: state dict with the run's init.key and
+/// init.prefix, "bnlab": what it is}) or "torchscript" (a torch.jit.load-able Sequential).
 void export_weights(const std::string& run_dir, const std::string& strategy, const std::string& format,
-                    const std::string& out);
+                    const std::string& out, const std::string& as = "");
 
 /// Where a run directory keeps a strategy's fine-tuned weights (one-run-per-strategy studies).
 std::string finetuned_path(const std::string& run_dir, const std::string& strategy);
