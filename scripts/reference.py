@@ -2,6 +2,7 @@
 """Independent Python re-implementation of bnlab's single-sample fine-tuning, checked against a run.
 
 Usage:  /usr/bin/python3 scripts/reference.py RUN_DIR [--tol 1e-5] [--relative]
+                                            [--layers JSON:KEY --weights FILE [--prefix P]]
 
 From RUN_DIR it reads config.resolved.json, architecture.json (the module list), the pretrained weights (pretrained.pt or
 pretrained_seed<S>.pt), the samples (sample.pt or sample_seed<S>.pt) and curves.csv. For every
@@ -19,6 +20,11 @@ Also reads bnlab's older layout (`seed`, `finetune.sample`, no `grid` column, [1
 architecture.json: the network then comes from the config's `model.hidden` shorthand).
 Integer `layers` are positions among the model's BatchNorm layers as built, also after some of them
 became FrozenBatchNorm (bn_module: frozen). Uses one intra-op thread, bnlab's default.
+With --layers and --weights the network does not come from the run directory at all: the module list
+is entry KEY's "modules" of the JSON file (e.g. tests/torch/fixtures/expected.json), and the weights
+are the user's own PyTorch file as Python loads it: torch.jit.load for a TorchScript module,
+torch.load otherwise (a dict of tensors, or its "state_dict"/"model_state_dict"/"model" entry), with
+--prefix stripped from the names.
 """
 import argparse
 import copy
@@ -27,6 +33,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import sys
 from types import SimpleNamespace as NS
 
@@ -415,12 +422,47 @@ def grid_points(cfg, rows):
     return out
 
 
+class _AnyClass(pickle.Unpickler):
+    """Unpickles a class that only the user's training code defines (Lightning's AttributeDict
+    under "hyper_parameters") as a plain dict: none of them holds the model's tensors."""
+
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (AttributeError, ModuleNotFoundError):
+            return dict
+
+
+def user_weights(path, prefix):
+    """The state dict of the user's own file, loaded the way a PyTorch user loads it."""
+    try:
+        sd = torch.jit.load(path).state_dict()
+    except RuntimeError:
+        # Debian's torch 1.13 ignores torch.load's pickle_module (it always takes pickle's), so the
+        # lenient Unpickler stands in for pickle's own while the file loads.
+        original, pickle.Unpickler = pickle.Unpickler, _AnyClass
+        try:
+            obj = torch.load(path)
+        finally:
+            pickle.Unpickler = original
+        if all(torch.is_tensor(v) for v in obj.values()):
+            sd = obj
+        else:
+            sd = next(obj[k] for k in ("state_dict", "model_state_dict", "model") if isinstance(obj.get(k), dict))
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run_dir")
     ap.add_argument("--tol", type=float, default=1e-5)
     ap.add_argument("--relative", action="store_true", help="compare |a - b| / max(|a|, 1e-6) with --tol")
+    ap.add_argument("--layers", help="JSON:KEY: the module list is KEY's \"modules\" in JSON, not architecture.json")
+    ap.add_argument("--weights", help="the user's PyTorch file whose state dict replaces pretrained.pt's")
+    ap.add_argument("--prefix", default="", help="stripped from --weights' tensor names")
     a = ap.parse_args()
+    if bool(a.layers) != bool(a.weights):
+        die("--layers and --weights go together")
     global RELATIVE
     RELATIVE = a.relative
     torch.set_num_threads(1)  # bnlab's default --threads
@@ -438,6 +480,9 @@ def main():
                      e.get("sample", sj.get("sample")))] = e
     d, seeds = cfg["data"], cfg.get("seeds", [cfg.get("seed", 0)])
     arch = recorded_layers(rd, cfg)
+    if a.layers:
+        file, _, key = a.layers.rpartition(":")
+        arch = load(file)[key]["modules"]
     cache = []
 
     def dataset():  # (x_raw, y) of the whole pretraining set, or None for a CSV file not found
@@ -450,6 +495,8 @@ def main():
     for seed in seeds:
         sfx = f"_seed{seed}" if len(seeds) > 1 else ""
         ck, smp = load(os.path.join(rd, f"pretrained{sfx}.pt")), load(os.path.join(rd, f"sample{sfx}.pt"))
+        if a.weights:
+            ck["state_dict"] = user_weights(a.weights, a.prefix)
         index = torch.as_tensor(smp["index"]).reshape(-1).tolist()
         sx, sy, sraw = (smp[k].reshape(len(index), -1) for k in ("x", "y", "x_raw"))
         std = lambda xr: (xr - ck["x_mean"]) / ck["x_std"]  # noqa: E731

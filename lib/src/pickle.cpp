@@ -196,6 +196,14 @@ class Machine {
       }
       return d;
     }
+    // LibTorch's pickler (torch::pickle_save) tags containers with their TorchScript type and
+    // writes typed lists through builders; Python's torch.jit._pickle returns the value itself.
+    if (f == "torch.jit._pickle.restore_type_tag" || f == "torch.jit._pickle.build_intlist" ||
+        f == "torch.jit._pickle.build_doublelist" || f == "torch.jit._pickle.build_boollist" ||
+        f == "torch.jit._pickle.build_tensorlist") {
+      if (a.empty()) fail(f + " of nothing");
+      return a[0];
+    }
     if (f == "torch._utils._rebuild_tensor_v2" || f == "torch._utils._rebuild_tensor") {
       if (a.size() < 4 || a[0]->kind != Kind::kStorage) fail(f + " without (storage, offset, size, stride)");
       Value* t = make(Kind::kTensor);
