@@ -2,6 +2,7 @@
 
 #include <zip.h>
 
+#include <cstdint>
 #include <cstdio>
 
 #include "bnlab/errors.hpp"
@@ -41,12 +42,24 @@ std::vector<std::string> ZipArchive::names() const {
 
 bool ZipArchive::has(const std::string& entry) const { return zip_name_locate(archive_, entry.c_str(), 0) >= 0; }
 
-std::string ZipArchive::read(const std::string& entry) const {
+int64_t ZipArchive::size(const std::string& entry) const {
+  zip_stat_t st;
+  zip_stat_init(&st);
+  if (zip_stat(archive_, entry.c_str(), 0, &st) != 0 || (st.valid & ZIP_STAT_SIZE) == 0) return -1;
+  return st.size > static_cast<uint64_t>(INT64_MAX) ? INT64_MAX : static_cast<int64_t>(st.size);
+}
+
+std::string ZipArchive::read(const std::string& entry, uint64_t max_bytes) const {
   zip_stat_t st;
   zip_stat_init(&st);
   if (zip_stat(archive_, entry.c_str(), 0, &st) != 0 || (st.valid & ZIP_STAT_SIZE) == 0)
     throw InputError(path_ + ": the archive has no " + entry + "; is it a " + what_ + "?");
-  if (st.size > (uint64_t{1} << 32)) throw InputError(path_ + ": " + entry + " is larger than 4 GiB");
+  if (st.size > max_bytes)
+    throw InputError(path_ + ": " + entry + " declares " + std::to_string(st.size) + " bytes, more than the " + std::to_string(max_bytes) +
+                     " it can hold");
+  if ((st.valid & ZIP_STAT_COMP_SIZE) != 0 && st.size / 1032 > st.comp_size + 1024)
+    throw InputError(path_ + ": " + entry + " declares " + std::to_string(st.size) + " bytes from " + std::to_string(st.comp_size) +
+                     " compressed, more than deflate can expand to (corrupt archive)");
   std::string data(static_cast<size_t>(st.size), '\0');
   zip_file_t* file = zip_fopen(archive_, entry.c_str(), 0);
   const zip_int64_t got = file != nullptr ? zip_fread(file, data.data(), st.size) : -1;

@@ -1,6 +1,7 @@
 // Zip archives, read with libzip: Keras 3's .keras files and PyTorch's torch.save/torch.jit.save files.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -23,8 +24,12 @@ class ZipArchive {
   /// Every entry's name, in archive order.
   std::vector<std::string> names() const;
   bool has(const std::string& entry) const;
-  /// The entry's bytes; a missing entry, one over 4 GiB, or a short read is an InputError.
-  std::string read(const std::string& entry) const;
+  /// The entry's bytes; a missing entry, one over `max_bytes` (4 GiB by default) or over what
+  /// its compressed size can hold (deflate expands at most 1032 times), or a short read is an
+  /// InputError, raised before anything is allocated.
+  std::string read(const std::string& entry, uint64_t max_bytes = uint64_t{1} << 32) const;
+  /// The entry's uncompressed size as the archive declares it (-1: no such entry).
+  int64_t size(const std::string& entry) const;
 
  private:
   std::string path_, what_;

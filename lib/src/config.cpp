@@ -668,6 +668,10 @@ void read_model(const json* j, ModelConfig& m, Problems& problems, BnSemantics d
     r.find("layers");
     m.layers = shorthand_layers(hidden, act.activation, dropout, enabled, bn, act.alpha);
   }
+  // The head bnlab appends: PyTorch's Linear(..., bias=False) and Keras' Dense(use_bias=False) too.
+  bool head_bias = true;
+  r.get("head_bias", head_bias);
+  m.layers.back().use_bias = head_bias;
   r.finish();
 }
 
@@ -947,7 +951,11 @@ void validate(const Config& c, Problems& p) {
 
   const int64_t bn_layers = count_kind(layers, LayerKind::kBatchNorm);
   const int64_t dense_layers = count_kind(layers, LayerKind::kDense);
-  const bool torch_bn = bn_layers > 0 && bn.semantics == BnSemantics::kTorch;
+  // Pretraining batches are drawn unless the weights come from the user's file; recalibration
+  // draws them too.
+  const bool batches = (c.init_keras.empty() && c.init_torch.empty()) ||
+                       std::any_of(c.strategies.begin(), c.strategies.end(), [](const StrategyConfig& s) { return s.recalibrate > 0; });
+  const bool torch_bn = bn_layers > 0 && bn.semantics == BnSemantics::kTorch && batches;
   if (torch_bn && c.pretrain.batch_size == 1)
     p.add("pretrain.batch_size", "1 gives batches of ONE sample, which PyTorch BatchNorm refuses in training mode; use >= 2");
   else if (torch_bn && d.source == "synthetic" && c.pretrain.batch_size > 1 && d.samples % c.pretrain.batch_size == 1)
@@ -1160,10 +1168,12 @@ json layers_json(const std::vector<LayerSpec>& layers) {
 
 json model_json(const ModelConfig& m) {
   const auto& b = m.batchnorm;
-  return json{{"layers", layers_json(m.layers)},
-              {"loss", to_string(m.loss)},
-              {"batchnorm",
-               {{"semantics", to_string(b.semantics)}, {"eps", b.eps}, {"momentum", b.momentum}, {"affine", b.affine}}}};
+  json j{{"layers", layers_json(m.layers)},
+         {"loss", to_string(m.loss)},
+         {"batchnorm", {{"semantics", to_string(b.semantics)}, {"eps", b.eps}, {"momentum", b.momentum}, {"affine", b.affine}}}};
+  // Written only when false, so that every earlier config keeps its resolved text and cache key.
+  if (!m.layers.empty() && !m.layers.back().use_bias) j["head_bias"] = false;
+  return j;
 }
 
 json init_json(const Config& c) {

@@ -4,6 +4,7 @@
 
 #include <cstring>
 #include <map>
+#include <unordered_map>
 
 #include "bnlab/errors.hpp"
 #include "text.hpp"
@@ -99,6 +100,7 @@ class Machine {
 
   // ---- values
   Value* make(Kind k) {
+    if (doc_.values.size() >= kMaxValues) fail("builds more than " + std::to_string(kMaxValues) + " values");
     doc_.values.push_back(std::make_unique<Value>());
     doc_.values.back()->kind = k;
     return doc_.values.back().get();
@@ -145,15 +147,16 @@ class Machine {
   }
   void set_items(Value* dict, const std::vector<const Value*>& kv) {
     if (kv.size() % 2 != 0) fail("an odd number of values for a dict's keys and values");
+    auto& index = keys_[dict];  // string key -> entry, so that a repeated key replaces (Python's rule) in O(1)
     for (size_t i = 0; i < kv.size(); i += 2) {
-      bool replaced = false;
-      if (kv[i]->kind == Kind::kString)
-        for (auto& e : dict->entries)
-          if (e.first->kind == Kind::kString && e.first->text == kv[i]->text) {
-            e.second = kv[i + 1];
-            replaced = true;
-          }
-      if (!replaced) dict->entries.emplace_back(kv[i], kv[i + 1]);
+      if (kv[i]->kind == Kind::kString) {
+        const auto [it, fresh] = index.emplace(kv[i]->text, dict->entries.size());
+        if (!fresh) {
+          dict->entries[it->second].second = kv[i + 1];
+          continue;
+        }
+      }
+      dict->entries.emplace_back(kv[i], kv[i + 1]);
     }
   }
   void memo_put(uint64_t index) {
@@ -484,6 +487,7 @@ class Machine {
   std::vector<const Value*> stack_;
   std::vector<size_t> marks_;
   std::map<uint64_t, const Value*> memo_;
+  std::unordered_map<const Value*, std::unordered_map<std::string, size_t>> keys_;
 };
 
 }  // namespace

@@ -54,6 +54,10 @@ struct Value {
 /// What a value is, for messages: "a tensor", "a dict of 3 entries", "a collections.Counter object".
 std::string describe(const Value& v);
 
+/// At most this many values per program (about 1 GiB of memory; a state dict needs about ten per
+/// tensor), so that a small hostile file cannot exhaust memory.
+inline constexpr size_t kMaxValues = size_t{1} << 22;
+
 /// The values a program built, and the one it returned.
 struct Document {
   std::vector<std::unique_ptr<Value>> values;

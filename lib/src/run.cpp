@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cctype>
 #include <climits>
@@ -238,7 +239,9 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
       std::free(real);
     }
   }
-  if (count_kind(config.model.layers, LayerKind::kBatchNorm) > 0 && config.model.batchnorm.semantics == BnSemantics::kTorch &&
+  const bool batches = (config.init_keras.empty() && config.init_torch.empty()) ||
+                       std::any_of(config.strategies.begin(), config.strategies.end(), [](const StrategyConfig& s) { return s.recalibrate > 0; });
+  if (batches && count_kind(config.model.layers, LayerKind::kBatchNorm) > 0 && config.model.batchnorm.semantics == BnSemantics::kTorch &&
       w.data.size() % config.pretrain.batch_size == 1)
     throw InputError("pretrain.batch_size: " + std::to_string(config.pretrain.batch_size) + " leaves a last batch of ONE sample out of " +
                      std::to_string(w.data.size()) + " rows, which PyTorch BatchNorm refuses in training mode; pick another batch size");
@@ -259,6 +262,8 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
     if (!c.init_torch.empty()) {  // or from the user's PyTorch weights
       const TorchState s = import_torch_file(c.init_torch, c.init_key, c.init_prefix, *w.models.back());
       w.config.init_key = s.key;  // the resolved config names the entry the tensors came from
+      c.init_key = s.key;         // and every seed's cache key with it, as a rerun of the resolved config computes it
+      w.keys.back() = workspace_cache_key(c, torch_engine);
       w.torch_form = s.form;
       w.outside_prefix = s.outside_prefix;
       w.cache.push_back(CacheState::kLoaded);

@@ -4,8 +4,8 @@
 #include <torch/script.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <cstdio>
-#include <regex>
 #include <sstream>
 
 #include "archive.hpp"
@@ -70,13 +70,24 @@ torch::Tensor rebuild(const pickle::Tensor& t, const ZipArchive& zip, const std:
                       std::map<std::string, std::string>& records) {
   const auto type = scalar_type(t.storage.dtype);
   const int64_t item = static_cast<int64_t>(c10::elementSize(type));
+  const std::string record = folder + "/data/" + t.storage.key;
+  // The record must hold the elements the pickle declares; only then is anything read.
+  if (t.storage.numel > zip.size(record) / item)
+    throw InputError(where + ": its storage " + record + " holds " + std::to_string(std::max<int64_t>(zip.size(record), 0)) +
+                     " bytes, fewer than the " + std::to_string(t.storage.numel) + " elements it declares (truncated file?)");
   auto it = records.find(t.storage.key);
-  if (it == records.end()) it = records.emplace(t.storage.key, zip.read(folder + "/data/" + t.storage.key)).first;
+  if (it == records.end()) it = records.emplace(t.storage.key, zip.read(record, static_cast<uint64_t>(t.storage.numel * item))).first;
   const std::string& bytes = it->second;
-  if (t.storage.numel > static_cast<int64_t>(bytes.size()) / item)
-    throw InputError(where + ": its storage holds " + std::to_string(bytes.size()) + " bytes, fewer than the " +
-                     std::to_string(t.storage.numel) + " elements it declares (truncated file?)");
   if (t.offset < 0) throw InputError(where + ": a negative storage offset");
+  // A view never has more elements than its storage (an expanded, stride-0 tensor would, and
+  // would be materialised at full size by the copy below).
+  int64_t count = 1;
+  for (const int64_t s : t.sizes) {
+    if (s < 0) throw InputError(where + ": a negative size");
+    if (s > 0 && count > t.storage.numel / s)
+      throw InputError(where + ": its size declares more elements than its storage of " + std::to_string(t.storage.numel) + " holds");
+    count *= s;
+  }
   int64_t last = t.offset;  // the highest element index the tensor reads
   bool empty = false;
   for (size_t d = 0; d < t.sizes.size(); ++d) {
@@ -135,9 +146,9 @@ const Value* find_state_dict(const Value& root, const std::string& path, const s
   }
   std::vector<std::string> hits;
   for (const auto& k : torch_checkpoint_keys())
-    if (const Value* v = root.find(k); v != nullptr && v->kind == Kind::kDict) hits.push_back(k);
+    if (const Value* v = root.find(k); v != nullptr && state_dict_like(*v)) hits.push_back(k);
   if (hits.empty())
-    throw InputError(path + ": holds no state dict (no dict under " + join(torch_checkpoint_keys(), ", ") +
+    throw InputError(path + ": holds no state dict (no dict of tensors under " + join(torch_checkpoint_keys(), ", ") +
                      "); its entries: " + entries_text(root) + "; name the one that holds the model's tensors with init.key");
   if (hits.size() > 1)
     throw InputError(path + ": holds dicts under both \"" + hits[0] + "\" and \"" + hits[1] +
@@ -150,17 +161,28 @@ const Value* find_state_dict(const Value& root, const std::string& path, const s
 /// PyTorch's class name without the __torch__ root and the ___torch_mangle_N parts TorchScript
 /// adds when two instances of a class differ in their constants.
 std::string torch_class(const torch::jit::Module& m) {
-  std::string q = m.type()->name()->qualifiedName();
-  static const std::regex mangle(R"(\.___torch_mangle_\d+)");
-  q = std::regex_replace(q, mangle, "");
-  if (q.rfind("__torch__.", 0) == 0) q = q.substr(10);
-  return q;
+  const std::string q = m.type()->name()->qualifiedName();
+  std::string out;
+  size_t start = 0;
+  while (start <= q.size()) {  // keep every dotted part but "___torch_mangle_<digits>"
+    size_t dot = q.find('.', start);
+    if (dot == std::string::npos) dot = q.size();
+    const std::string part = q.substr(start, dot - start);
+    const bool mangle = part.rfind("___torch_mangle_", 0) == 0 && part.size() > 16 &&
+                        part.find_first_not_of("0123456789", 16) == std::string::npos;
+    if (!mangle) out += (out.empty() ? "" : ".") + part;
+    start = dot + 1;
+  }
+  if (out.rfind("__torch__.", 0) == 0) out = out.substr(10);
+  return out;
 }
 
 /// torch.nn.modules.linear.Linear -> torch.nn.Linear, as users write it.
 std::string short_class(const std::string& q) {
-  static const std::regex modules(R"(^torch\.nn\.modules\.[a-z_]+\.)");
-  return std::regex_replace(q, modules, "torch.nn.");
+  const std::string head = "torch.nn.modules.";
+  if (q.rfind(head, 0) != 0) return q;
+  const size_t dot = q.find('.', head.size());
+  return dot == std::string::npos ? q : "torch.nn." + q.substr(dot + 1);
 }
 
 torch::jit::Module load_script(const std::string& path) {
@@ -175,16 +197,30 @@ torch::jit::Module load_script(const std::string& path) {
 
 }  // namespace
 
+namespace {
+TorchFileModel script_model(const std::string& path);
+}  // namespace
+
 TorchFileModel read_torch_file_model(const std::string& path) {
   if (!is_zip(path)) not_zip(path);
-  TorchFileModel out;
   {
     ZipArchive zip(path, "PyTorch file");
     if (!is_torchscript(zip, archive_folder(zip, path))) {
+      TorchFileModel out;
       out.form = "pickle";
       return out;
     }
   }
+  try {
+    return script_model(path);
+  } catch (const c10::Error& e) {  // a constant or attribute of another type than torch.nn's
+    throw InputError(path + ": the TorchScript module is not one bnlab reads: " + first_line(e.what_without_backtrace()));
+  }
+}
+
+namespace {
+TorchFileModel script_model(const std::string& path) {
+  TorchFileModel out;
   out.form = "torchscript";
   const auto root = load_script(path);
   const std::string root_class = torch_class(root);
@@ -208,31 +244,46 @@ TorchFileModel read_torch_file_model(const std::string& path) {
     };
     const auto number = [&](const char* c) {
       const auto v = constant(c);
-      if (v.isDouble()) return v.toDouble();
-      if (v.isInt()) return static_cast<double>(v.toInt());
-      throw InputError(where + ": constant \"" + c + "\" is " + v.tagKind() + ", not a number");
+      double x = 0;
+      if (v.isDouble()) x = v.toDouble();
+      else if (v.isInt()) x = static_cast<double>(v.toInt());
+      else throw InputError(where + ": constant \"" + c + "\" is " + v.tagKind() + ", not a number");
+      if (!std::isfinite(x)) throw InputError(where + ": constant \"" + c + "\" is not finite");
+      return x;
+    };
+    const auto width = [&](const char* c) {
+      const double x = number(c);
+      if (x < 1 || x > 1e9 || x != std::floor(x)) throw InputError(where + ": " + c + " " + fmt_double(x) + " is not a width >= 1");
+      return static_cast<int64_t>(x);
+    };
+    const auto flag = [&](const char* c) {
+      const auto v = constant(c);
+      if (!v.isBool()) throw InputError(where + ": constant \"" + c + "\" is " + v.tagKind() + ", not a bool");
+      return v.toBool();
     };
     const auto has_tensor = [&](const char* attr) { return m.hasattr(attr) && m.attr(attr).isTensor(); };
     LayerSpec l;
     if (cls == "torch.nn.modules.linear.Linear") {
       l.kind = LayerKind::kDense;
-      l.in = static_cast<int64_t>(number("in_features"));
-      l.units = l.out = static_cast<int64_t>(number("out_features"));
+      l.in = width("in_features");
+      l.units = l.out = width("out_features");
       l.use_bias = has_tensor("bias");
       if (out.inputs == 0) out.inputs = l.in;
     } else if (cls == "torch.nn.modules.batchnorm.BatchNorm1d") {
       l.kind = LayerKind::kBatchNorm;
       l.eps = number("eps");
+      if (!(l.eps > 0)) throw InputError(where + ": eps " + fmt_double(l.eps) + " must be > 0");
       if (constant("momentum").isNone())
         throw InputError(where + ": momentum is None (a cumulative average of every batch), which bnlab's BatchNorm does not have");
       l.momentum = number("momentum");
-      if (!constant("track_running_stats").toBool())
+      if (l.momentum < 0 || l.momentum > 1) throw InputError(where + ": momentum " + fmt_double(l.momentum) + " is outside [0, 1]");
+      if (!flag("track_running_stats"))
         throw InputError(where + ": track_running_stats is False, so it has no running statistics and normalises even one "
                                  "evaluation sample by its own batch statistics, which PyTorch refuses for a single sample");
       // What the forward uses: affine's weight and bias, when they are tensors (None: no scale, no shift).
       l.scale = has_tensor("weight");
       l.center = has_tensor("bias");
-      if (out.inputs == 0) out.inputs = static_cast<int64_t>(number("num_features"));
+      if (out.inputs == 0) out.inputs = width("num_features");
     } else if (cls == "torch.nn.modules.dropout.Dropout") {
       l.kind = LayerKind::kDropout;
       l.rate = number("p");
@@ -256,8 +307,13 @@ TorchFileModel read_torch_file_model(const std::string& path) {
       l.activation = a->second;
       if (a->second == Activation::kElu) l.alpha = number("alpha");
       if (a->second == Activation::kLeakyRelu) l.alpha = number("negative_slope");
-      if (a->second == Activation::kGelu && constant("approximate").toStringRef() != "none")
-        throw InputError(where + ": approximate='" + constant("approximate").toStringRef() + "'; bnlab's GELU is the exact (erf) one");
+      // PyTorch before 1.12 has no approximate: its GELU is the exact one.
+      if (a->second == Activation::kGelu && type->hasConstant("approximate")) {
+        const auto v = constant("approximate");
+        if (!v.isString() || v.toStringRef() != "none")
+          throw InputError(where + ": approximate='" + (v.isString() ? v.toStringRef() : std::string("?")) +
+                           "'; bnlab's GELU is the exact (erf) one");
+      }
       if (a->second == Activation::kSoftplus && (number("beta") != 1 || number("threshold") != 20))
         throw InputError(where + ": beta " + fmt_double(number("beta")) + ", threshold " + fmt_double(number("threshold")) +
                          "; bnlab's Softplus has PyTorch's defaults (1, 20)");
@@ -276,6 +332,7 @@ TorchFileModel read_torch_file_model(const std::string& path) {
   name_layers(out.layers);
   return out;
 }
+}  // namespace
 
 TorchState read_torch_state(const std::string& path, const std::string& key, const std::string& prefix) {
   if (!is_zip(path)) not_zip(path);
@@ -291,7 +348,7 @@ TorchState read_torch_state(const std::string& path, const std::string& key, con
   } else {
     if (zip.has(folder + "/byteorder") && zip.read(folder + "/byteorder") != "little")
       throw InputError(path + ": written on a big-endian machine (byteorder \"" + zip.read(folder + "/byteorder") + "\")");
-    const auto doc = pickle::parse(zip.read(folder + "/data.pkl"), path + ": " + folder + "/data.pkl");
+    const auto doc = pickle::parse(zip.read(folder + "/data.pkl", uint64_t{256} << 20), path + ": " + folder + "/data.pkl");
     const Value* sd = find_state_dict(*doc.root, path, key, out.form, out.key);
     std::map<std::string, std::string> records;
     const std::string in = out.key.empty() ? "" : " of entry \"" + out.key + "\"";
@@ -366,7 +423,8 @@ void export_torch(const std::string& path, const ModelImpl& model, const std::st
     for (const auto& st : kind.state(l)) {
       if (std::find(def.none.begin(), def.none.end(), st.name) != def.none.end()) continue;
       const torch::Tensor t = tensors.at(l.name + "." + st.name).detach().clone();
-      if (st.where == StateTensor::kParameter) m.register_parameter(st.name, t, /*is_buffer=*/false);
+      // Parameters keep requires_grad, as torch.jit.save writes them, so Python can fine-tune the module.
+      if (st.where == StateTensor::kParameter) m.register_parameter(st.name, t.requires_grad_(true), /*is_buffer=*/false);
       else m.register_buffer(st.name, t);
     }
     for (const auto& name : def.none) m.register_attribute(name, c10::OptionalType::create(c10::TensorType::get()), c10::IValue());

@@ -34,6 +34,7 @@ Files bnlab must refuse (exit 2, naming what is wrong):
   bad_traced.ts.pt     torch.jit.trace of dense_bn_relu: traced modules record no eps/momentum/in_features
   bad_legacy.pt        dense_bn_relu's state dict with _use_new_zipfile_serialization=False
   bad_module.pt        torch.save(model): a whole pickled nn.Module
+  bad_expanded.sd.pt   {"0.weight": torch.zeros(1).expand(8, 5)}: 40 elements over a storage of 1 (stride 0)
 """
 import csv
 import json
@@ -153,6 +154,7 @@ def main():
             torch.save(bad, path("bad_shape.sd.pt"))
             torch.save(model.state_dict(), path("bad_legacy.pt"), _use_new_zipfile_serialization=False)
             torch.save(model, path("bad_module.pt"))
+            torch.save({"0.weight": torch.zeros(1).expand(8, 5)}, path("bad_expanded.sd.pt"))
             torch.jit.save(torch.jit.trace(model, x[:4]), path("bad_traced.ts.pt"))
         # What Python computes with the module it loads from each file.
         loaded = {}

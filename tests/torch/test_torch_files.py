@@ -147,7 +147,10 @@ def main():
                             failures.append(f"{file} export {strategy} --as {as_}: exit {q.returncode}: {q.stderr}")
                             continue
                         if as_ == "torchscript":
-                            back = torch.jit.load(dst).state_dict()
+                            loaded = torch.jit.load(dst)
+                            back = loaded.state_dict()
+                            if not all(p.requires_grad for p in loaded.parameters()):
+                                failures.append(f"{file} export {strategy} --as torchscript: parameters do not require grad")
                         elif as_ == "checkpoint":
                             ck = torch.load(dst)
                             k = key or "state_dict"
@@ -198,6 +201,7 @@ def main():
                              ("bad_shape.sd.pt", 'tensor "3.weight" has shape [6, 7] but the model needs [6, 8]'),
                              ("bad_legacy.pt", "legacy torch.save format"),
                              ("bad_module.pt", "pickled torch.nn.modules.container.Sequential object"),
+                             ("bad_expanded.sd.pt", 'tensor "0.weight": its size declares more elements than its storage of 1 holds'),
                              ("dense_bn_relu.dp.pt", 'set init.prefix to "module."')]:
             c = json.loads(json.dumps(good))
             c["init"] = {"torch": os.path.join(fx, file)}

@@ -477,3 +477,31 @@ TEST(KerasConfig, WhatBnlabCannotBuildIsNamed) {
 }
 
 }  // namespace
+
+namespace {
+TEST(Config, HeadWithoutBiasSurvivesTheResolvedConfig) {
+  // A file whose last Linear has no bias (PyTorch's bias=False) must come back the same from
+  // config.resolved.json, or export and reruns would build a head with a bias.
+  const auto c = bnlab::parse_config(R"({"name": "h", "model": {"hidden": [4], "head_bias": false}})", "h");
+  ASSERT_FALSE(c.model.layers.back().use_bias);
+  const std::string text = bnlab::to_json(c);
+  EXPECT_NE(text.find("\"head_bias\": false"), std::string::npos);
+  EXPECT_FALSE(bnlab::parse_config(text, "resolved").model.layers.back().use_bias);
+  EXPECT_EQ(bnlab::to_json(bnlab::parse_config(text, "resolved")), text);
+  // The default stays out of the resolved text (earlier runs keep their cache keys).
+  EXPECT_EQ(bnlab::to_json(bnlab::parse_config(R"({"name": "h"})", "h")).find("head_bias"), std::string::npos);
+}
+
+TEST(Config, InitTorchDefaultsToPyTorchNumerics) {
+  const auto c = bnlab::parse_config(R"({"name": "t", "init": {"torch": "sd.pt", "prefix": "module."}})", "t");
+  EXPECT_EQ(c.model.batchnorm.semantics, bnlab::BnSemantics::kTorch);
+  EXPECT_EQ(c.model.batchnorm.eps, 1e-5);
+  EXPECT_EQ(c.init_prefix, "module.");
+  try {
+    bnlab::parse_config(R"({"name": "t", "init": {"prefix": "module."}})", "t");
+    ADD_FAILURE() << "init.prefix without init.torch accepted";
+  } catch (const bnlab::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("init.prefix: applies to a PyTorch checkpoint; give init.torch too"), std::string::npos) << e.what();
+  }
+}
+}  // namespace

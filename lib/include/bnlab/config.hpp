@@ -181,7 +181,7 @@ const std::vector<std::string>& torch_checkpoint_keys();
 /// by position, the last Linear the head, eps/momentum/affine from each BatchNorm1d) and their
 /// torch.nn classes; a state dict or checkpoint gives none (the config's model describes it).
 struct TorchFileModel {
-  std::string form;                  ///< "state_dict", "checkpoint" or "torchscript"
+  std::string form;                  ///< "torchscript", or "pickle" (a torch.save file: state dict or checkpoint)
   std::vector<LayerSpec> layers;     ///< torchscript only
   std::vector<std::string> types;    ///< per layer: "torch.nn.Linear", ...
   int64_t inputs = 0;                ///< the first Linear's in_features (torchscript), 0 if none
