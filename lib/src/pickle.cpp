@@ -2,6 +2,7 @@
 // run over a byte buffer with every read bounds-checked.
 #include "pickle.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <unordered_map>
@@ -133,11 +134,13 @@ class Machine {
     marks_.pop_back();
     return items;
   }
-  /// The value on top of the stack, which the opcode modifies in place (its owner is doc_).
-  Value* top(Kind want, const char* what) {
+  /// The value on top of the stack, of one of `kinds`, which the opcode modifies in place (its
+  /// owner is doc_). Objects stand for instances of list and dict subclasses (Lightning's
+  /// AttributeDict), whose items APPENDS and SETITEMS set.
+  Value* top(const char* what, std::initializer_list<Kind> kinds) {
     if (stack_.size() <= floor()) fail(std::string(what) + " on an empty stack");
     const Value* v = stack_.back();
-    if (v->kind != want) fail(std::string(what) + " on " + describe(*v));
+    if (std::find(kinds.begin(), kinds.end(), v->kind) == kinds.end()) fail(std::string(what) + " on " + describe(*v));
     return const_cast<Value*>(v);
   }
   Value* tuple(std::vector<const Value*> items) {
@@ -354,12 +357,12 @@ class Machine {
       }
       case 'a': {
         const Value* v = pop();
-        top(Kind::kList, "APPEND")->items.push_back(v);
+        top("APPEND", {Kind::kList})->items.push_back(v);
         break;
       }
       case 'e': {
         auto items = pop_mark();
-        Value* l = top_container("APPENDS");
+        Value* l = top("APPENDS", {Kind::kList, Kind::kObject});
         l->items.insert(l->items.end(), items.begin(), items.end());
         break;
       }
@@ -373,18 +376,18 @@ class Machine {
       case 's': {
         const Value* v = pop();
         const Value* k = pop();
-        set_items(top_mapping("SETITEM"), {k, v});
+        set_items(top("SETITEM", {Kind::kDict, Kind::kObject}), {k, v});
         break;
       }
       case 'u': {
         auto kv = pop_mark();
-        set_items(top_mapping("SETITEMS"), kv);
+        set_items(top("SETITEMS", {Kind::kDict, Kind::kObject}), kv);
         break;
       }
       case 0x8f: push(text(Kind::kObject, "builtins.set")); break;
       case 0x90: {
         auto items = pop_mark();
-        Value* s = top(Kind::kObject, "ADDITEMS");
+        Value* s = top("ADDITEMS", {Kind::kObject});
         s->items.insert(s->items.end(), items.begin(), items.end());
         break;
       }
@@ -465,20 +468,6 @@ class Machine {
     if (stack_.size() <= floor()) fail("on an empty stack");
     return stack_.back();
   }
-  /// A dict, or an object of a dict subclass (Lightning's AttributeDict), whose items SETITEM sets.
-  Value* top_mapping(const char* what) {
-    if (stack_.size() <= floor()) fail(std::string(what) + " on an empty stack");
-    const Value* v = stack_.back();
-    if (v->kind != Kind::kDict && v->kind != Kind::kObject) fail(std::string(what) + " on " + describe(*v));
-    return const_cast<Value*>(v);
-  }
-  Value* top_container(const char* what) {
-    if (stack_.size() <= floor()) fail(std::string(what) + " on an empty stack");
-    const Value* v = stack_.back();
-    if (v->kind != Kind::kList && v->kind != Kind::kObject) fail(std::string(what) + " on " + describe(*v));
-    return const_cast<Value*>(v);
-  }
-
   const std::string& b_;
   const std::string& origin_;
   size_t pos_ = 0, at_ = 0;

@@ -246,6 +246,13 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
     throw InputError("pretrain.batch_size: " + std::to_string(config.pretrain.batch_size) + " leaves a last batch of ONE sample out of " +
                      std::to_string(w.data.size()) + " rows, which PyTorch BatchNorm refuses in training mode; pick another batch size");
   check_out_dir(w.dir, config, force);
+  TorchState torch_file;  // the user's PyTorch file, read once for every seed
+  if (!w.config.init_torch.empty()) {
+    torch_file = read_torch_state(w.config.init_torch, w.config.init_key, w.config.init_prefix);
+    w.config.init_key = torch_file.key;  // the resolved config, and every seed's cache key, name the entry found
+    w.torch_form = torch_file.form;
+    w.outside_prefix = torch_file.outside_prefix;
+  }
   for (size_t i = 0; i < w.config.seeds.size(); ++i) {
     Config c = w.config;
     c.seed = c.seeds[i];
@@ -260,12 +267,7 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
       continue;
     }
     if (!c.init_torch.empty()) {  // or from the user's PyTorch weights
-      const TorchState s = import_torch_file(c.init_torch, c.init_key, c.init_prefix, *w.models.back());
-      w.config.init_key = s.key;  // the resolved config names the entry the tensors came from
-      c.init_key = s.key;         // and every seed's cache key with it, as a rerun of the resolved config computes it
-      w.keys.back() = workspace_cache_key(c, torch_engine);
-      w.torch_form = s.form;
-      w.outside_prefix = s.outside_prefix;
+      load_torch_state(torch_file, c.init_torch, c.init_prefix, *w.models.back());
       w.cache.push_back(CacheState::kLoaded);
       w.imported = true;
       continue;

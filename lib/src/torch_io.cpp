@@ -375,6 +375,11 @@ TorchState read_torch_state(const std::string& path, const std::string& key, con
 
 TorchState import_torch_file(const std::string& path, const std::string& key, const std::string& prefix, ModelImpl& model) {
   TorchState s = read_torch_state(path, key, prefix);
+  load_torch_state(s, path, prefix, model);
+  return s;
+}
+
+void load_torch_state(const TorchState& s, const std::string& path, const std::string& prefix, ModelImpl& model) {
   // Names like "module.0.weight" or "model.0.weight" while the model's are "0.weight": say which prefix to strip.
   std::string hint;
   const auto first_part = [](const std::string& n) { return n.substr(0, n.find('.') + 1); };
@@ -387,7 +392,6 @@ TorchState import_torch_file(const std::string& path, const std::string& key, co
   std::string origin = path;
   if (!s.key.empty()) origin += " (entry \"" + s.key + "\")";
   load_state(model, s.tensors, origin, hint);
-  return s;
 }
 
 void export_torch(const std::string& path, const ModelImpl& model, const std::string& form, const std::string& key,

@@ -40,6 +40,9 @@ TorchState read_torch_state(const std::string& path, const std::string& key, con
 /// a missing, extra or mis-shaped tensor is an InputError naming it and both shapes).
 TorchState import_torch_file(const std::string& path, const std::string& key, const std::string& prefix, ModelImpl& model);
 
+/// The second half of import_torch_file: `s` (read from `path` with `prefix`) into `model`.
+void load_torch_state(const TorchState& s, const std::string& path, const std::string& prefix, ModelImpl& model);
+
 /// Writes `model` as `form`, atomically: "state_dict" ({name: tensor}, names as torch.nn.Sequential
 /// gives them), "checkpoint" ({key: {prefix + name: tensor}, "bnlab": about}) or "torchscript" (a
 /// Sequential of torch.nn modules in eval mode that torch.jit.load reads, built from the layer
