@@ -110,7 +110,9 @@ int cmd_run(int argc, char** argv, Command command) {
                    "torch::nn + autograd, the reference (default auto = batched where it applies)",
          cxxopts::value<std::string>()->default_value("auto"))
         ("lanes", "batched engine: samples fine-tuned together per work item", cxxopts::value<int>()->default_value("32"))
-        ("no-plots", "do not render curves.png/svg and gap_distribution.png/svg");
+        ("no-plots", "do not render curves.png/svg and gap_distribution.png/svg")
+        ("export", "text exports besides study.sqlite: auto (all of them up to report.export_limit runs), none, or a "
+                   "list of curves,metrics,runs (sets report.export)", cxxopts::value<std::string>());
   }
   if (command == Command::kExplain) {
     opts.add_options()
@@ -127,6 +129,27 @@ int cmd_run(int argc, char** argv, Command command) {
   }
   std::vector<std::string> overrides;
   if (args.count("set")) overrides = args["set"].as<std::vector<std::string>>();
+  if (command == Command::kRun && args.count("export")) {
+    // --export is report.export: checked by the config's own validation, named as what it sets.
+    const std::string spec = args["export"].as<std::string>();
+    std::string list;
+    if (spec == "auto") {
+      list = "\"auto\"";
+    } else if (spec != "none") {
+      std::string item;
+      for (size_t i = 0; i <= spec.size(); ++i) {
+        if (i == spec.size() || spec[i] == ',') {
+          list += std::string(list.empty() ? "" : ",") + "\"" + item + "\"";
+          item.clear();
+        } else if (spec[i] == '"' || spec[i] == '\\' || static_cast<unsigned char>(spec[i]) < 0x20) {
+          return bad_input({"--export: expected auto, none or a comma-separated list of curves, metrics, runs; got \"" + spec + "\""});
+        } else {
+          item += spec[i];
+        }
+      }
+    }
+    overrides.push_back("report.export=" + (spec == "auto" ? list : "[" + list + "]"));
+  }
   const bnlab::Config config = bnlab::load_config(args["config"].as<std::string>(), overrides, bnlab::model_file_readers());
   if (validate_only) {
     std::cout << bnlab::to_json(config);

@@ -5,8 +5,11 @@
 # Timing is a benchmark, never a pass/fail test.
 # Usage: scripts/bench.sh [STUDY_SAMPLES]   (default 1000 for bnlab, 200 for Python and for the
 #                                            torch engine; every rate is per sample-epoch)
+#        scripts/bench.sh --scale           only the scale section (scripts/bench_scale.sh:
+#                                            studies of up to 1.8 million runs, BENCHMARKS-scale.md)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ "${1:-}" = "--scale" ]; then exec "$root/scripts/bench_scale.sh"; fi
 "$root/scripts/setup.sh"
 "$root/scripts/build.sh" bnlab_app bench_step >&2
 build="${BNLAB_BUILD_DIR:-$root/build}"
@@ -106,3 +109,6 @@ out="$root/BENCHMARKS.md"
 } > "$out.tmp"
 mv "$out.tmp" "$out"
 cat "$out"
+
+# The scale section: studies as large as the machine holds.
+"$root/scripts/bench_scale.sh"

@@ -7,7 +7,7 @@ packages=(
   build-essential cmake ninja-build ccache pkg-config
   libtorch-dev nlohmann-json3-dev libcxxopts-dev libgtest-dev
   python3-torch python3-numpy gnuplot-nox
-  clang libclang-rt-14-dev libhdf5-dev python3-h5py libzip-dev
+  clang libclang-rt-14-dev libhdf5-dev python3-h5py libzip-dev libsqlite3-dev python3-pandas
 )
 
 missing=()

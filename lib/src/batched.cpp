@@ -385,14 +385,14 @@ std::string batched_unsupported(const Config& config, const StrategyConfig& stra
 }
 
 std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const StrategyConfig& strategy,
-                                             const Config& config, const Dataset& data,
+                                             const Config& config, const RunSpec& run, const Dataset& data,
                                              const std::vector<int64_t>& samples,
                                              const std::function<void(size_t, const EpochRecord&)>& on_epoch,
                                              Model* finetuned, const ModelImpl* ready) {
   const std::string why = batched_unsupported(config, strategy);
   if (!why.empty()) throw std::runtime_error("batched engine: strategy \"" + strategy.name + "\": " + why);
   TORCH_CHECK(finetuned == nullptr || samples.size() == 1, "finetune_batched: finetuned needs exactly one sample");
-  const auto& ft = config.finetune;
+  const auto& ft = *run.finetune;
   const LossKind loss_kind = config.model.loss;
   const bool classification = loss_kind == LossKind::kCrossEntropy;
   const auto L = static_cast<int64_t>(samples.size());
@@ -412,23 +412,24 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
 
   // The model the strategy fine-tunes. It is the same for every sample unless recalibration
   // runs through dropout, whose masks come from the sample's own generator.
-  const bool per_lane = strategy.recalibrate > 0 && count_kind(config.model.layers, LayerKind::kDropout) > 0;
-  Config lane_config = config;
-  lane_config.finetune.sample = samples.front();
+  const bool dropout = count_kind(config.model.layers, LayerKind::kDropout) > 0;
+  const bool per_lane = strategy.recalibrate > 0 && dropout;
+  RunSpec lane = run;
+  lane.sample = samples.front();
   Model own{nullptr};
-  if (ready == nullptr || per_lane) own = prepare_model(pretrained, strategy, lane_config, &data);
+  if (ready == nullptr || per_lane) own = prepare_model(pretrained, strategy, config, lane, &data);
   const ModelImpl& source = own ? *own : *ready;
   Net net(source, L, 1, /*shared=*/false);
   net.load(0, source);
   if (!per_lane) net.replicate(0);
   for (int64_t l = 0; l < L; ++l) {
-    lane_config.finetune.sample = samples[static_cast<size_t>(l)];
+    lane.sample = samples[static_cast<size_t>(l)];
     if (per_lane) {
-      Model lane_model = l == 0 ? own : prepare_model(pretrained, strategy, lane_config, &data);
+      Model lane_model = l == 0 ? own : prepare_model(pretrained, strategy, config, lane, &data);
       if (l > 0) net.load(l, *lane_model);
       net.set_generator(l, lane_model->dropout_generator());
-    } else {
-      net.set_generator(l, std::make_shared<at::Generator>(at::make_generator<at::CPUGeneratorImpl>(dropout_seed(lane_config))));
+    } else if (dropout) {  // only Dropout draws from it; making one per lane is a few percent of a short run
+      net.set_generator(l, std::make_shared<at::Generator>(at::make_generator<at::CPUGeneratorImpl>(dropout_seed(lane))));
     }
   }
   net.forward(Pass::kPlain, x.data(), 1);
@@ -467,7 +468,7 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
       if (!std::isfinite(rec.loss) || !std::isfinite(rec.val_loss)) {
         r = StrategyResult{};
         r.failed = true;
-        r.error = not_finite_message(strategy.name, config.seed, samples[l], epoch, rec.loss, rec.val_loss);
+        r.error = not_finite_message(strategy.name, run.seed, samples[l], epoch, rec.loss, rec.val_loss);
         continue;
       }
       // Only an export needs the checkpoint's weights themselves (see evaluate_after below).
@@ -490,7 +491,7 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
   for (size_t l = 0; l < samples.size(); ++l) {
     auto& r = results[l];
     r.name = strategy.name;
-    r.seed = config.seed;
+    r.seed = run.seed;
     r.sample = samples[l];
     if (r.failed) continue;
     r.evaluate_after = finetuned != nullptr ? values[l] : r.val_loss[static_cast<size_t>(r.best_epoch - 1)];

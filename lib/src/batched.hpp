@@ -32,11 +32,20 @@ std::string batched_unsupported(const Config& config, const StrategyConfig& stra
 /// model as it ends (best weights loaded). `prepared`, when given, is prepare_model()'s result
 /// for this seed and strategy, reused instead of preparing again (it does not depend on the
 /// sample unless recalibration runs through dropout; then each lane is prepared on its own).
+/// `run` gives the seed and the fine-tuning settings (its sample is ignored: `samples` are the lanes).
 std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const StrategyConfig& strategy,
-                                             const Config& config, const Dataset& data,
+                                             const Config& study, const RunSpec& run, const Dataset& data,
                                              const std::vector<int64_t>& samples,
                                              const std::function<void(size_t, const EpochRecord&)>& on_epoch = {},
                                              Model* finetuned = nullptr, const ModelImpl* prepared = nullptr);
+/// The same with run_of(config).
+inline std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const StrategyConfig& strategy,
+                                                    const Config& config, const Dataset& data,
+                                                    const std::vector<int64_t>& samples,
+                                                    const std::function<void(size_t, const EpochRecord&)>& on_epoch = {},
+                                                    Model* finetuned = nullptr, const ModelImpl* prepared = nullptr) {
+  return finetune_batched(pretrained, strategy, config, run_of(config), data, samples, on_epoch, finetuned, prepared);
+}
 
 /// pretrain() on the batched engine's kernels (one lane, rows = the batch): the same batches,
 /// learning-rate schedule, dropout masks and optimizer; sums in another order, so the weights

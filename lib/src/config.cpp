@@ -874,6 +874,29 @@ void read_config(const json& root, Config& c, Problems& problems, const ModelFil
       c.strategies.push_back(sc);
     }
   }
+  if (const json* rep = top.find("report")) {
+    ObjectReader r(rep, "report", problems);
+    if (const json* e = r.find("export")) {
+      if (e->is_string() && e->get<std::string>() == "auto") {
+        c.report.export_auto = true;
+      } else if (e->is_array()) {
+        c.report.export_auto = false;
+        r.get("export", c.report.exports);
+        for (size_t i = 0; i < c.report.exports.size(); ++i) {
+          const auto& names = report_export_names();
+          const std::string& x = c.report.exports[i];
+          if (std::find(names.begin(), names.end(), x) == names.end())
+            problems.add("report.export[" + std::to_string(i) + "]", "unknown export \"" + x + "\"" + did_you_mean(x, names) +
+                                                                      "; valid values: " + join(names, ", "));
+        }
+      } else {
+        r.type_error("export", "\"auto\" or a list of \"curves\", \"metrics\", \"runs\"", *e);
+      }
+    }
+    r.get("export_limit", c.report.export_limit);
+    r.get("diverged_factor", c.report.diverged_factor);
+    r.finish();
+  }
   // Strategies may select BatchNorm layers by their Keras names ("batch_normalization_1") when
   // the architecture came from a Keras file; they become module names here.
   for (auto& s : c.strategies)
@@ -899,6 +922,13 @@ void check_optimizer(const OptimizerConfig& o, const std::string& path, Problems
 }
 
 void validate(const Config& c, Problems& p) {
+  if (c.report.export_limit < 0) p.add("report.export_limit", "must be >= 0, got " + std::to_string(c.report.export_limit));
+  if (!(c.report.diverged_factor > 0) || !std::isfinite(c.report.diverged_factor))
+    p.add("report.diverged_factor", "must be > 0, got " + fmt_double(c.report.diverged_factor));
+  {
+    std::set<std::string> once(c.report.exports.begin(), c.report.exports.end());
+    if (once.size() != c.report.exports.size()) p.add("report.export", "lists an export more than once");
+  }
   if (c.name.empty()) p.add("name", "missing: every experiment needs a name (it names the run directory)");
   if (c.name.find_first_of("/\\") != std::string::npos || c.name == "." || c.name == "..")
     p.add("name", "\"" + c.name + "\" cannot be used as a directory name");
@@ -1235,8 +1265,23 @@ std::string to_json(const Config& c) {
            {"save_best_only", c.finetune.save_best_only}}},
          {"grid", json::parse(c.grid_json)},
          {"init", init_json(c)},
-         {"strategies", strategies}};
+         {"strategies", strategies},
+         {"report",
+          {{"export", c.report.export_auto ? json("auto") : json(c.report.exports)},
+           {"export_limit", c.report.export_limit},
+           {"diverged_factor", c.report.diverged_factor}}}};
   return j.dump(2) + "\n";
+}
+
+std::string study_identity(const Config& c) {
+  json j = json::parse(to_json(c));
+  j.erase("report");
+  return j.dump();
+}
+
+const std::vector<std::string>& report_export_names() {
+  static const std::vector<std::string> names{"curves", "metrics", "runs"};
+  return names;
 }
 
 void resolve_samples(Config& c, int64_t n) {

@@ -275,17 +275,15 @@ bool record_epoch(StrategyResult& r, const EpochRecord& rec, const FinetuneConfi
   return true;
 }
 
-uint64_t dropout_seed(const Config& config) {
-  return config.seed * 1000003ULL + static_cast<uint64_t>(config.finetune.sample);
-}
+uint64_t dropout_seed(const RunSpec& run) { return run.seed * 1000003ULL + static_cast<uint64_t>(run.sample); }
 
-Model prepare_model(const ModelImpl& pretrained, const StrategyConfig& strategy, const Config& config,
+Model prepare_model(const ModelImpl& pretrained, const StrategyConfig& strategy, const Config& study, const RunSpec& run,
                     const Dataset* data) {
   Model model = clone_model(pretrained);
-  model->set_dropout_seed(dropout_seed(config));
+  model->set_dropout_seed(dropout_seed(run));
   if (strategy.recalibrate > 0) {
     if (data == nullptr) throw std::runtime_error("strategy \"" + strategy.name + "\" recalibrates but no pretraining data was given");
-    recalibrate(*model, *data, strategy.recalibrate, config.pretrain.batch_size, config.seed + 2, strategy.layers);
+    recalibrate(*model, *data, strategy.recalibrate, study.pretrain.batch_size, run.seed + 2, strategy.layers);
   }
   if (strategy.fold) model = fold_batchnorm(*model);
   if (strategy.bn_module == BnModule::kFrozen) model->freeze_batchnorm_modules(strategy.layers);
@@ -293,11 +291,11 @@ Model prepare_model(const ModelImpl& pretrained, const StrategyConfig& strategy,
 }
 
 StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strategy,
-                        const torch::Tensor& x, const torch::Tensor& y, const Config& config,
+                        const torch::Tensor& x, const torch::Tensor& y, const Config& config, const RunSpec& run,
                         const std::function<void(const EpochRecord&)>& on_epoch,
                         const std::function<void(ModelImpl&, int64_t)>& hook, const Dataset* data,
                         Model* finetuned) {
-  const auto& ft = config.finetune;
+  const auto& ft = *run.finetune;
   const LossKind loss_kind = config.model.loss;
   const bool classification = loss_kind == LossKind::kCrossEntropy;
   StrategyResult r;
@@ -306,7 +304,7 @@ StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strat
     Model untouched = clone_model(pretrained);
     r.evaluate_pretrained = evaluate_inference(*untouched, loss_kind, x, y);
   }
-  Model model = prepare_model(pretrained, strategy, config, data);
+  Model model = prepare_model(pretrained, strategy, config, run, data);
   // The baseline of the lag identity: the model about to be fine-tuned, in plain inference mode.
   r.evaluate_before = evaluate_inference(*model, loss_kind, x, y);
 
@@ -347,7 +345,7 @@ StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strat
     rec.accuracy = correct / static_cast<double>(n);
     rec.val_loss = evaluate_inference(*model, loss_kind, x, y, &rec.val_accuracy);
     if (!std::isfinite(rec.loss) || !std::isfinite(rec.val_loss))
-      throw std::runtime_error(not_finite_message(strategy.name, config.seed, config.finetune.sample, epoch, rec.loss, rec.val_loss));
+      throw std::runtime_error(not_finite_message(strategy.name, run.seed, run.sample, epoch, rec.loss, rec.val_loss));
     if (record_epoch(r, rec, ft, best_value)) save();
     if (on_epoch) on_epoch(rec);
   }

@@ -77,23 +77,37 @@ void recalibrate(ModelImpl& model, const Dataset& data, int64_t batches, int64_t
 
 /// Seed of a fine-tuning run's dropout generator: seed * 1000003 + sample. Recalibration and
 /// fine-tuning draw from it in forward order.
-uint64_t dropout_seed(const Config& config);
+uint64_t dropout_seed(const RunSpec& run);
+inline uint64_t dropout_seed(const Config& config) { return dropout_seed(run_of(config)); }
 
 /// The model a strategy fine-tunes: a copy of `pretrained`, recalibrated, folded or with
 /// FrozenBatchNorm modules as the strategy says, its policy not yet applied.
-Model prepare_model(const ModelImpl& pretrained, const StrategyConfig& strategy, const Config& config,
+Model prepare_model(const ModelImpl& pretrained, const StrategyConfig& strategy, const Config& study, const RunSpec& run,
                     const Dataset* data);
+inline Model prepare_model(const ModelImpl& pretrained, const StrategyConfig& strategy, const Config& config, const Dataset* data) {
+  return prepare_model(pretrained, strategy, config, run_of(config), data);
+}
 
 /// Fine-tunes a copy of `pretrained` on (x, y) under `strategy`, validating on (x, y)
 /// in inference mode after every epoch, Keras-style. `on_epoch` sees each epoch's record.
 /// `hook`, when set, runs after every optimizer step (tests use it to call train()).
 /// `data` (the pretraining set) is needed by strategies that recalibrate.
 /// `finetuned`, when given, receives the model as it ends (best weights loaded).
+/// `study` gives the model, loss and pretraining settings; `run` the seed, the fine-tuning
+/// settings and the sample (x, y are its row).
 StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strategy,
-                        const torch::Tensor& x, const torch::Tensor& y, const Config& config,
+                        const torch::Tensor& x, const torch::Tensor& y, const Config& study, const RunSpec& run,
                         const std::function<void(const EpochRecord&)>& on_epoch,
                         const std::function<void(ModelImpl&, int64_t)>& hook = {},
                         const Dataset* data = nullptr, Model* finetuned = nullptr);
+/// The same for the one run `config` describes on its own (run_of(config)).
+inline StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strategy,
+                               const torch::Tensor& x, const torch::Tensor& y, const Config& config,
+                               const std::function<void(const EpochRecord&)>& on_epoch,
+                               const std::function<void(ModelImpl&, int64_t)>& hook = {},
+                               const Dataset* data = nullptr, Model* finetuned = nullptr) {
+  return finetune(pretrained, strategy, x, y, config, run_of(config), on_epoch, hook, data, finetuned);
+}
 
 /// The architecture a strategy fine-tunes (folded: no BatchNorm; bn_module frozen:
 /// FrozenBatchNorm1d for the selected layers), freshly initialised.

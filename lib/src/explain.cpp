@@ -1,5 +1,7 @@
 // `bnlab explain`: shows, layer by layer and strategy by strategy, why training loss and
 // inference loss differ on one sample.
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdio>
 #include <nlohmann/json.hpp>
@@ -9,6 +11,7 @@
 #include "bnlab/run.hpp"
 #include "engine.hpp"
 #include "text.hpp"
+#include "store.hpp"
 #include "workspace.hpp"
 
 namespace bnlab {
@@ -161,6 +164,28 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
                                     {"max_output_difference", max_abs(out_train - out_eval)},
                                     {"lag_identity_holds", lag}});
   }
+  // What the study in this directory measured on this sample, when it ran it: the prediction
+  // above next to the record.
+  ojson measured = ojson::array();
+  if (::access(store_path(w.dir).c_str(), F_OK) == 0) {
+    const Store store = Store::open(store_path(w.dir), false);
+    std::string rows;
+    store.for_each([&](const StrategyResult& r) {
+      if (r.sample != sample || r.seed != cfg.seeds.front()) return;
+      if (!options.strategy.empty() && r.name != options.strategy) return;
+      char buf[300];
+      if (r.failed) std::snprintf(buf, sizeof buf, " failed | | | |");
+      else std::snprintf(buf, sizeof buf, " %s | %.6g | %.6g | %.3g | %s |", run_status(r), r.final_gap, r.max_gap,
+                         r.lag_residual, r.lag_identity_holds ? "holds" : "broken");
+      rows += "| " + r.name + (r.grid.empty() ? "" : " [" + r.grid + "]") + " |" + buf + "\n";
+      measured.push_back(ojson{{"strategy", r.name}, {"grid", r.grid}, {"run", r.run}, {"status", run_status(r)},
+                               {"final_gap", r.final_gap}, {"max_gap", r.max_gap}, {"lag_residual", r.lag_residual},
+                               {"lag_identity_holds", r.lag_identity_holds}});
+    }, /*curves=*/false);
+    if (!rows.empty())
+      out << "\nMeasured by the study in " << store.path() << " (seed " << cfg.seeds.front() << ", sample " << sample << "):\n\n"
+          << "| strategy | status | final gap | max gap | lag residual | lag identity |\n|---|---|---|---|---|---|\n" << rows;
+  }
   // What each strategy does to each BatchNorm, as the engines read it (resolve_modes).
   out << "\n| strategy | BN module | fit forward normalises with | inference normalises with | running stats in fit "
          "| gamma/beta | momentum |\n|---|---|---|---|---|---|---|\n";
@@ -205,6 +230,7 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
                      {"semantics", to_string(config.model.batchnorm.semantics)},
                      {"layers", layers}, {"strategies", strategies_json}};
   if (!keras_file.is_null()) result["keras"] = keras_file;
+  if (!measured.empty()) result["measured"] = measured;
   const std::string text = result.dump(2) + "\n";
   write_file_atomic(w.dir + "/explain.json", text);
   if (options.verbose > 0) log << "explain.json written to " << w.dir << "\n";

@@ -1,5 +1,5 @@
-// Study reports: curves, per-run records, aggregates over seeds and samples, plots. No torch:
-// `bnlab merge` rebuilds every report of a study from its runs' records alone.
+// Study reports: aggregates over seeds and samples, exports and plots, computed from the study
+// store. No torch: `bnlab merge` rebuilds every report of a study from its store alone.
 #pragma once
 
 #include <iosfwd>
@@ -9,27 +9,31 @@
 
 #include "bnlab/config.hpp"
 #include "bnlab/run.hpp"
+#include "store.hpp"
 
 namespace bnlab {
 
 /// Summary statistics of one figure over the runs of a group.
 struct Stats {
-  size_t n = 0;
-  double mean = 0, std = 0, median = 0, p90 = 0;  ///< std: sample (n - 1); p90: linear interpolation
+  size_t n = 0;  ///< runs the figures cover
+  double mean = 0, std = 0, median = 0, p25 = 0, p75 = 0, iqr = 0, p90 = 0;  ///< std: sample (n - 1); quantiles: linear interpolation
 };
 Stats describe(std::vector<double> values);
 /// The q-quantile of non-empty sorted values, interpolated linearly (numpy's default).
 double quantile(const std::vector<double>& sorted, double q);
 
-/// One (grid point, strategy) group aggregated over seeds and samples (failed runs left out).
+/// One (grid point, strategy) group aggregated over seeds and samples: failed runs are left out
+/// of the figures, diverged runs are in them (and counted).
 struct Aggregate {
   std::string grid, strategy;
-  size_t runs = 0, failed = 0;
+  size_t runs = 0, failed = 0, diverged = 0;
   Stats final_gap;      ///< loss - val_loss at the last epoch
   Stats lag_residual;   ///< max(|loss[1] - evaluate before|, max_k |loss[k+1] - val_loss[k]|)
   Stats eval_change;    ///< evaluate after - evaluate before
 };
 std::vector<Aggregate> aggregate(const Config& config, const std::vector<StrategyResult>& runs);
+/// The same from a store, in one pass that holds three numbers per run.
+std::vector<Aggregate> aggregate(const Config& config, const Store& store);
 
 /// The run order of a study: grid point, then strategy, then seed, then sample.
 struct RunKey {
@@ -44,21 +48,16 @@ std::string keras_line(int64_t epoch, int64_t epochs, double loss, double val_lo
 /// metrics.jsonl lines (one JSON object per epoch) of one run.
 std::string metrics_lines(const StrategyResult& run);
 
-/// Writes what a study has so far, each file atomically: curves.csv, metrics.jsonl and
-/// summary.json (with "complete" and "runs_planned"). `cancelled`, when given, is asked
-/// between files: a true answer leaves the remaining files as they were (each file is complete
-/// either way; the caller is about to rewrite them all).
-void write_progress(const std::string& dir, const Config& config, const std::vector<StrategyResult>& runs,
-                    size_t planned, const std::function<bool()>& cancelled = {});
+/// Which text exports a study of `runs` runs gets under config.report ("curves", "metrics", "runs").
+std::vector<std::string> exports_for(const Config& config, size_t runs);
 
-/// write_progress, then summary.csv, summary.md and, when `plots`, curves.png/svg and (for
-/// studies with more than one run per strategy) gap_distribution.png/svg; every file
-/// atomically. `planned` is how many runs this directory should hold. Returns the summary
-/// table for the console.
-std::string write_reports(const std::string& dir, const Config& config, const std::vector<StrategyResult>& runs,
-                          bool plots, std::ostream& log, size_t planned);
-
-/// The per-run records of summary.json, read back (for merge and check).
-std::vector<StrategyResult> read_runs(const std::string& summary_json_path);
+/// Writes a study's reports from its store, each file atomically: summary.json (aggregates, and
+/// per-run records when exported), summary.csv, summary.md, the exports of exports_for (streamed
+/// from the store; an export not written this time is removed, so none disagrees with the
+/// store) and, when `plots`, curves.png/svg and (more than one run per strategy)
+/// gap_distribution.png/svg. `planned` is how many runs the directory should hold. Returns the
+/// summary table for the console.
+std::string write_reports(const std::string& dir, const Config& config, const Store& store, bool plots,
+                          std::ostream& log, size_t planned);
 
 }  // namespace bnlab

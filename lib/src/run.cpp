@@ -32,6 +32,7 @@
 #include "keras_io.hpp"
 #include "torch_io.hpp"
 #include "report.hpp"
+#include "store.hpp"
 #include "text.hpp"
 #include "version.hpp"
 #include "workspace.hpp"
@@ -139,9 +140,11 @@ void export_weights(const std::string& run_dir, const std::string& strategy, con
   if (form != "state_dict" && form != "checkpoint" && form != "torchscript")
     throw InputError("--as: expected state_dict, checkpoint or torchscript, got \"" + as + "\"" +
                      did_you_mean(as, {"state_dict", "checkpoint", "torchscript"}));
-  const std::string resolved = run_dir + "/config.resolved.json";
-  if (::access(resolved.c_str(), R_OK) != 0) throw InputError(run_dir + ": no config.resolved.json; is it a bnlab run directory?");
-  const Config config = parse_config(read_file(resolved), resolved, {}, run_dir);
+  // The study's own record of itself: the store's config, and how the strategy's run ended.
+  const std::string resolved = store_path(run_dir);
+  if (::access(resolved.c_str(), F_OK) != 0) throw InputError(run_dir + ": no " + std::string(kStoreName) + "; is it a bnlab run directory?");
+  const Store store = Store::open(resolved, false);
+  const Config config = parse_config(store.meta("config"), resolved + " (meta.config)", {}, run_dir);
   const StrategyConfig* s = nullptr;
   std::vector<std::string> names;
   for (const auto& c : config.strategies) {
@@ -151,6 +154,11 @@ void export_weights(const std::string& run_dir, const std::string& strategy, con
   if (s == nullptr)
     throw InputError("--strategy: no strategy \"" + strategy + "\" in " + resolved + did_you_mean(strategy, names) +
                      "; strategies: " + join(names, ", "));
+  std::string error;
+  store.for_each([&](const StrategyResult& r) {
+    if (r.name == strategy && r.failed) error = r.error;
+  }, /*curves=*/false);
+  if (!error.empty()) throw InputError("--strategy: the run of \"" + strategy + "\" in " + run_dir + " failed (" + error + "); it has no fine-tuned weights");
   const std::string path = finetuned_path(run_dir, strategy);
   if (::access(path.c_str(), R_OK) != 0)
     throw InputError(path + ": missing; fine-tuned weights are kept for studies with one seed, one sample and no grid");
@@ -316,6 +324,403 @@ void ensure_pretrained(Workspace& w, std::ostream& log, int verbose) {
   }
 }
 
+namespace {
+
+// ---- the study plan: this shard's runs, what the store already holds, the work items -------
+
+struct StudyPlan {
+  std::vector<RunKey> mine;                 ///< this shard's runs, in run order
+  std::vector<size_t> todo;                 ///< indices into `mine` still to run
+  size_t resumed = 0;                       ///< runs of `mine` the store already holds
+  struct Item {
+    bool batched;
+    std::vector<size_t> runs;               ///< indices into `mine`
+  };
+  std::vector<Item> items;
+  size_t batched_runs = 0, torch_runs = 0;
+};
+
+StudyPlan make_plan(const Config& config, const RunOptions& options) {
+  StudyPlan plan;
+  for (const auto& k : plan_runs(config))
+    if (static_cast<int>(k.run % static_cast<size_t>(options.shard_count)) == options.shard_index - 1) plan.mine.push_back(k);
+  return plan;
+}
+
+/// Marks the runs the store holds as done and packs the rest into work items: the batched
+/// engine takes consecutive runs that differ only by sample (the plan orders samples
+/// innermost), up to `lanes` at a time; the torch engine takes one run.
+void pack_work(StudyPlan& plan, const Config& config, const std::vector<size_t>& completed, int lanes, bool torch_engine) {
+  std::vector<char> have;
+  for (size_t run : completed) {
+    if (have.size() <= run) have.resize(run + 1, 0);
+    have[run] = 1;
+  }
+  for (size_t m = 0; m < plan.mine.size(); ++m) {
+    if (plan.mine[m].run < have.size() && have[plan.mine[m].run]) {
+      ++plan.resumed;
+      continue;
+    }
+    plan.todo.push_back(m);
+    const RunKey& k = plan.mine[m];
+    const bool batched = !torch_engine && batched_unsupported(config, config.strategies[k.strategy]).empty();
+    (batched ? plan.batched_runs : plan.torch_runs) += 1;
+    if (batched && !plan.items.empty() && plan.items.back().batched && plan.items.back().runs.size() < static_cast<size_t>(lanes)) {
+      const RunKey& f = plan.mine[plan.items.back().runs.front()];
+      if (f.grid == k.grid && f.strategy == k.strategy && f.seed == k.seed) {
+        plan.items.back().runs.push_back(m);
+        continue;
+      }
+    }
+    plan.items.push_back({batched, {m}});
+  }
+}
+
+/// The store a study writes into: the one in the directory when it holds this very study (same
+/// settings, weights and shard) and may be resumed, else a new one replacing bnlab's old store.
+Store open_store(const std::string& dir, const Config& config, const std::vector<std::string>& keys, const RunOptions& options,
+                 bool resumable, size_t planned) {
+  const std::string path = store_path(dir);
+  const std::string shard = std::to_string(options.shard_index) + "/" + std::to_string(options.shard_count);
+  const std::string keys_json = ojson(keys).dump();
+  if (::access(path.c_str(), F_OK) == 0) {
+    Store s = Store::open(path, true);
+    if (resumable && s.meta("identity") == study_identity(config) && s.meta("cache_keys") == keys_json && s.meta("shard") == shard) {
+      s.delete_failed();  // failed runs run again
+      s.reclassify(config.report.diverged_factor);
+      s.set_meta("config", to_json(config));
+      return s;
+    }
+  }
+  return Store::create(path, {{"experiment", config.name},
+                              {"identity", study_identity(config)},
+                              {"config", to_json(config)},
+                              {"cache_keys", keys_json},
+                              {"shard", shard},
+                              {"runs_planned", std::to_string(planned)},
+                              {"bnlab_version", bnlab_version()},
+                              {"git_commit", git_commit()},
+                              {"libtorch_version", TORCH_VERSION},
+                              {"created_at", iso_now()}});
+}
+
+// ---- sinks: where finished runs go -------------------------------------------------------
+
+/// A finished run on its way to the sinks.
+struct Finished {
+  size_t m = 0;                             ///< index into StudyPlan::mine
+  StrategyResult result;
+  std::string text;                         ///< its console lines (verbose 2)
+  Model tuned{nullptr};                     ///< one-run-per-strategy studies: the fine-tuned (best) weights
+};
+
+/// One output of a study. take() is called from the executor's workers, concurrently, with a
+/// batch of finished runs; close() once after the last batch (also when the study stops early),
+/// and rethrows what went wrong.
+class Sink {
+ public:
+  virtual ~Sink() = default;
+  virtual void take(std::vector<Finished>& batch) = 0;
+  virtual void close() {}
+};
+
+/// Inserts runs into the store from a writer thread, in transactions of whatever finished since
+/// the last one (at most every 0.2 s), and keeps progress.json (counts, rate, ETA) current.
+class StoreSink : public Sink {
+ public:
+  StoreSink(Store& store, std::string dir, size_t planned, size_t resumed)
+      : store_(store), dir_(std::move(dir)), planned_(planned), resumed_(resumed), start_(std::chrono::steady_clock::now()) {
+    writer_ = std::thread([this] { loop(); });
+  }
+  ~StoreSink() override { stop(); }
+  void take(std::vector<Finished>& batch) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (error_) std::rethrow_exception(error_);
+    for (auto& f : batch) {
+      counts_[f.result.failed ? 2 : f.result.diverged ? 1 : 0] += 1;
+      queue_.push_back(f.result);
+    }
+  }
+  void close() override {
+    stop();
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopped_) return;
+      stopped_ = true;
+    }
+    cv_.notify_all();
+    if (writer_.joinable()) writer_.join();
+  }
+  void loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    double last_progress = -1;
+    while (true) {
+      cv_.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopped_; });
+      const bool last = stopped_;
+      std::vector<StrategyResult> batch;
+      batch.swap(queue_);
+      const size_t counts[3] = {counts_[0], counts_[1], counts_[2]};
+      lock.unlock();
+      try {
+        store_.insert(batch);
+        const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+        if (last || elapsed - last_progress >= 1.0) {
+          last_progress = elapsed;
+          write_progress(counts, elapsed, last);
+        }
+      } catch (...) {
+        lock.lock();
+        error_ = std::current_exception();
+        return;
+      }
+      lock.lock();
+      if (last) return;
+    }
+  }
+  void write_progress(const size_t counts[3], double elapsed, bool last) {
+    const size_t now = counts[0] + counts[1] + counts[2], done = resumed_ + now;
+    const double rate = static_cast<double>(now) / std::max(elapsed, 1e-9);
+    ojson p{{"runs_planned", planned_}, {"runs_done", done},        {"resumed", resumed_},       {"ok", counts[0]},
+            {"diverged", counts[1]},    {"failed", counts[2]},      {"runs_per_s", rate},        {"elapsed_s", elapsed},
+            {"eta_s", rate > 0 ? static_cast<double>(planned_ - done) / rate : 0.0},
+            {"state", last ? (done == planned_ ? "finished" : "stopped") : "running"}, {"updated_at", iso_now()}};
+    write_file_atomic(dir_ + "/progress.json", p.dump(2) + "\n");
+  }
+
+  Store& store_;
+  std::string dir_;
+  size_t planned_, resumed_;
+  std::chrono::steady_clock::time_point start_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<StrategyResult> queue_;
+  size_t counts_[3] = {0, 0, 0};  // ok, diverged, failed in this invocation
+  bool stopped_ = false;
+  std::exception_ptr error_;
+  std::thread writer_;
+};
+
+/// The console: each run's epoch lines in run order at any --jobs (verbose 2), and the progress bar.
+class ConsoleSink : public Sink {
+ public:
+  ConsoleSink(const StudyPlan& plan, int verbose, std::ostream& log) : plan_(plan), verbose_(verbose), log_(log),
+      progress_(plan.todo.size(), verbose, log) {
+    if (verbose_ >= 2) position_.assign(plan.mine.size(), 0);
+    for (size_t i = 0; i < plan.todo.size() && verbose_ >= 2; ++i) position_[plan.todo[i]] = i;
+  }
+  void take(std::vector<Finished>& batch) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& f : batch) {
+      progress_.update(++finished_);
+      if (verbose_ < 2) continue;
+      waiting_[position_[f.m]] = std::move(f.text);
+    }
+    while (!waiting_.empty() && waiting_.begin()->first == next_) {
+      log_ << waiting_.begin()->second << std::flush;
+      waiting_.erase(waiting_.begin());
+      ++next_;
+    }
+  }
+
+ private:
+  const StudyPlan& plan_;
+  int verbose_;
+  std::ostream& log_;
+  Progress progress_;
+  std::mutex mu_;
+  size_t finished_ = 0, next_ = 0;
+  std::vector<size_t> position_;            ///< verbose 2: a run's place in the console order
+  std::map<size_t, std::string> waiting_;   ///< finished early, printed when its turn comes
+};
+
+/// One-run-per-strategy studies: each strategy's fine-tuned (best) weights, for `bnlab export`.
+class WeightsSink : public Sink {
+ public:
+  explicit WeightsSink(std::string dir) : dir_(std::move(dir)) {}
+  void take(std::vector<Finished>& batch) override {
+    for (auto& f : batch)
+      if (f.tuned) export_torch(finetuned_path(dir_, f.result.name), *f.tuned, "state_dict", "", "", {});
+  }
+
+ private:
+  std::string dir_;
+};
+
+/// RunOptions::on_run, called with every finished run.
+class CallbackSink : public Sink {
+ public:
+  explicit CallbackSink(std::function<void(const StrategyResult&)> f) : f_(std::move(f)) {}
+  void take(std::vector<Finished>& batch) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& b : batch) f_(b.result);
+  }
+
+ private:
+  std::function<void(const StrategyResult&)> f_;
+  std::mutex mu_;
+};
+
+// ---- the executor: work items to the engines, finished runs to the sinks -----------------
+
+class Executor {
+ public:
+  Executor(const Workspace& w, const StudyPlan& plan, int verbose, bool keep_weights, std::vector<Sink*> sinks)
+      : w_(w), c_(w.config), plan_(plan), verbose_(verbose), keep_weights_(keep_weights), sinks_(std::move(sinks)),
+        cls_(c_.model.loss == LossKind::kCrossEntropy) {
+    for (size_t m : plan.todo) prepared_.emplace(std::make_pair(plan.mine[m].seed, plan.mine[m].strategy), nullptr);
+    for (auto& entry : prepared_) entry.second = std::make_unique<Prepared>();
+  }
+
+  /// Runs every item on `jobs` threads; stops early when asked to (request_stop()). What
+  /// escapes an item (not a run's own failure) is rethrown after the workers stop.
+  void execute(size_t jobs) {
+    std::atomic<size_t> next{0};
+    std::atomic<bool> abandon{false};
+    std::exception_ptr error;
+    std::mutex mu;
+    const auto worker = [&] {
+      try {
+        for (size_t i = next++; i < plan_.items.size() && !stop_requested() && !abandon; i = next++) {
+          auto batch = plan_.items[i].batched ? batched(plan_.items[i].runs) : torch(plan_.items[i].runs.front());
+          for (Sink* s : sinks_) s->take(batch);
+        }
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!error) error = std::current_exception();
+        abandon = true;
+      }
+    };
+    std::vector<std::thread> pool;
+    for (size_t j = 1; j < jobs; ++j) pool.emplace_back(worker);
+    worker();
+    for (auto& th : pool) th.join();
+    if (error) std::rethrow_exception(error);
+  }
+
+ private:
+  /// What each (seed, strategy) fine-tunes from (recalibrated, folded, FrozenBatchNorm1d), made
+  /// once for all its samples and grid points (it depends on neither), by whichever thread needs
+  /// it first. Recalibration through dropout depends on the sample: then each lane prepares its own.
+  struct Prepared {
+    std::once_flag once;
+    Model model{nullptr};
+  };
+
+  /// What one run is, handed to the engines beside the study's config: no copy of either.
+  RunSpec spec(const RunKey& key) const {
+    return {c_.seeds[key.seed], &c_.grid[key.grid].finetune, c_.finetune.samples[key.sample]};
+  }
+  std::string header(const RunKey& key) const {
+    if (verbose_ < 2) return std::string();
+    std::string text = "\nstrategy " + c_.strategies[key.strategy].name + (c_.grid[key.grid].label.empty() ? "" : ", " + c_.grid[key.grid].label);
+    if (c_.seeds.size() > 1 || c_.finetune.samples.size() > 1)
+      text += ", seed " + std::to_string(c_.seeds[key.seed]) + ", sample " + std::to_string(c_.finetune.samples[key.sample]);
+    return text + "\n";
+  }
+  std::string epoch_line(const EpochRecord& e) const {
+    return verbose_ >= 2 ? keras_line(e.epoch, e.epochs, e.loss, e.val_loss, cls_ ? &e.accuracy : nullptr, cls_ ? &e.val_accuracy : nullptr) + "\n"
+                         : std::string();
+  }
+  std::string footer(const StrategyResult& r) const {
+    if (r.failed) return "run failed: " + r.error + "\n";
+    if (verbose_ < 2) return std::string();
+    char buf[300];
+    std::snprintf(buf, sizeof buf, "evaluate before: %.4e  evaluate after (epoch %d weights): %.4e  lag identity: %s (residual %.4e)%s\n",
+                  r.evaluate_before, r.best_epoch, r.evaluate_after, r.lag_identity_holds ? "holds" : "broken", r.lag_residual,
+                  r.diverged ? "  DIVERGED" : "");
+    return std::string(buf);
+  }
+  static StrategyResult failure(const std::exception& e) {
+    std::string what = e.what();
+    StrategyResult r;
+    r.failed = true;
+    r.error = what.substr(0, what.find("\nException raised from"));
+    return r;
+  }
+  /// Names a finished run by its place in the study and classifies it.
+  void label(Finished& f, const char* engine) const {
+    const RunKey& key = plan_.mine[f.m];
+    StrategyResult& r = f.result;
+    r.name = c_.strategies[key.strategy].name;
+    r.run = key.run;
+    r.grid = c_.grid[key.grid].label;
+    r.seed = c_.seeds[key.seed];
+    r.sample = c_.finetune.samples[key.sample];
+    r.engine = engine;
+    r.diverged = diverged(r, c_.report.diverged_factor);
+    f.text += footer(r);
+  }
+  std::vector<Finished> torch(size_t m) {
+    const RunKey& key = plan_.mine[m];
+    const RunSpec run = spec(key);
+    const auto x = w_.data.x.narrow(0, run.sample, 1), y = w_.data.y.narrow(0, run.sample, 1);
+    std::vector<Finished> out(1);
+    out[0].m = m;
+    out[0].text = header(key);
+    try {
+      out[0].result = finetune(*w_.models[key.seed], c_.strategies[key.strategy], x, y, c_, run,
+                               [&](const EpochRecord& e) { out[0].text += epoch_line(e); }, {}, &w_.data,
+                               keep_weights_ ? &out[0].tuned : nullptr);
+    } catch (const std::exception& e) {
+      out[0].result = failure(e);
+      out[0].tuned = nullptr;
+    }
+    label(out[0], "torch");
+    return out;
+  }
+  std::vector<Finished> batched(const std::vector<size_t>& ms) {
+    const RunKey& key = plan_.mine[ms.front()];
+    const RunSpec run = spec(key);
+    const auto& strategy = c_.strategies[key.strategy];
+    std::vector<int64_t> samples;
+    std::vector<Finished> out(ms.size());
+    for (size_t i = 0; i < ms.size(); ++i) {
+      samples.push_back(c_.finetune.samples[plan_.mine[ms[i]].sample]);
+      out[i].m = ms[i];
+      out[i].text = header(plan_.mine[ms[i]]);
+    }
+    Model tuned{nullptr};
+    std::vector<StrategyResult> rs;
+    try {
+      rs = finetune_batched(*w_.models[key.seed], strategy, c_, run, w_.data, samples,
+                            [&](size_t lane, const EpochRecord& e) { out[lane].text += epoch_line(e); },
+                            keep_weights_ ? &tuned : nullptr, prepared_for(key, run));
+    } catch (const std::exception& e) {
+      rs.assign(ms.size(), failure(e));
+      tuned = nullptr;
+    }
+    for (size_t i = 0; i < ms.size(); ++i) {
+      out[i].result = std::move(rs[i]);
+      label(out[i], "batched");
+    }
+    if (keep_weights_ && !out[0].result.failed) out[0].tuned = tuned;  // one lane: the study has one sample
+    return out;
+  }
+  const ModelImpl* prepared_for(const RunKey& key, const RunSpec& run) {
+    const auto& strategy = c_.strategies[key.strategy];
+    if (strategy.recalibrate > 0 && count_kind(c_.model.layers, LayerKind::kDropout) > 0) return nullptr;
+    Prepared& p = *prepared_.at({key.seed, key.strategy});
+    std::call_once(p.once, [&] { p.model = prepare_model(*w_.models[key.seed], strategy, c_, run, &w_.data); });
+    return p.model.get();
+  }
+
+  const Workspace& w_;
+  const Config& c_;
+  const StudyPlan& plan_;
+  int verbose_;
+  bool keep_weights_;
+  std::vector<Sink*> sinks_;
+  bool cls_;
+  std::map<std::pair<size_t, size_t>, std::unique_ptr<Prepared>> prepared_;
+};
+
+}  // namespace
+
 RunResult run(const Config& input, const RunOptions& options, std::ostream& log) {
   using clock = std::chrono::steady_clock;
   const auto t_start = clock::now();
@@ -329,22 +734,19 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   if (options.lanes < 1 || options.lanes > 100000)
     throw InputError("--lanes: must be in [1, 100000], got " + std::to_string(options.lanes));
   const bool torch_engine = options.engine == "torch";
-  // Everything that can be wrong with the input is found before the first file is written.
+  // Everything that can be wrong with the input is found before the first file is written,
+  // the study store included (another program's database, a damaged store).
   Workspace w = open_workspace(input, options.out_dir, options.force, torch_engine);
   const Config& config = w.config;
   const std::string& dir = w.dir;
-  const auto plan = plan_runs(config);
-  std::vector<RunKey> mine;
-  for (const auto& k : plan)
-    if (static_cast<int>(k.run % static_cast<size_t>(options.shard_count)) == options.shard_index - 1) mine.push_back(k);
-  const int verbose = options.verbose >= 0 ? options.verbose : (mine.size() <= 20 ? 2 : 1);
+  if (::access(store_path(dir).c_str(), F_OK) == 0) Store::open(store_path(dir), false);
+  StudyPlan plan = make_plan(config, options);
+  const int verbose = options.verbose >= 0 ? options.verbose : (plan.mine.size() <= 20 ? 2 : 1);
 
   RunResult result;
   result.out_dir = dir;
   make_dirs(dir);
   remove_stale_temps(dir);
-  std::string old_resolved;
-  if (::access((dir + "/config.resolved.json").c_str(), R_OK) == 0) old_resolved = read_file(dir + "/config.resolved.json");
   write_file_atomic(dir + "/config.resolved.json", to_json(config));
   if (!config.keras_names.empty()) write_file_atomic(dir + "/keras.json", keras_json(config));
   write_file_atomic(dir + "/architecture.json", architecture_json(w.models[0]->layers(), config.model.batchnorm.semantics, config.model.loss));
@@ -368,266 +770,56 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
     write_file_atomic(w.sample_path(i), std::string(bytes.begin(), bytes.end()));
   }
 
-  // Resume: runs an earlier invocation finished with the same resolved config and the same
-  // weights are kept as they are; only the others run.
-  std::map<size_t, StrategyResult> previous;
-  if (!options.force && result.pretrain_cached && ::access((dir + "/summary.json").c_str(), R_OK) == 0 &&
-      old_resolved == to_json(config)) {
-    try {
-      for (auto& r : read_runs(dir + "/summary.json")) {
-        const bool in_plan = r.run < plan.size() && config.strategies[plan[r.run].strategy].name == r.name &&
-                             config.grid[plan[r.run].grid].label == r.grid && config.seeds[plan[r.run].seed] == r.seed &&
-                             config.finetune.samples[plan[r.run].sample] == r.sample;
-        if (in_plan && !r.failed) previous[r.run] = std::move(r);
-      }
-    } catch (const InputError&) {
-      previous.clear();  // an unreadable summary is not a result: run everything again
-    }
-  }
+  // Resume: the runs the store holds for this very study (same settings and weights) are kept;
+  // only the others run.
+  Store store = open_store(dir, config, w.keys, options, !options.force && result.pretrain_cached, plan.mine.size());
+  pack_work(plan, config, store.completed_runs(), options.lanes, torch_engine);
+  result.resumed = plan.resumed;
+  result.batched_runs = plan.batched_runs;
+  result.torch_runs = plan.torch_runs;
+  if (result.resumed > 0 && verbose > 0)
+    log << "resuming: " << result.resumed << " of " << plan.mine.size() << " runs already finished in " << store.path() << "\n";
 
   t = clock::now();
-  std::vector<StrategyResult> results(mine.size());
-  std::vector<char> done(mine.size(), 0);
-  std::vector<size_t> todo;
-  for (size_t m = 0; m < mine.size(); ++m) {
-    const auto it = previous.find(mine[m].run);
-    if (it != previous.end()) {
-      results[m] = it->second;
-      done[m] = 1;
-      ++result.resumed;
-    } else {
-      todo.push_back(m);
-    }
-  }
-  if (result.resumed > 0 && verbose > 0)
-    log << "resuming: " << result.resumed << " of " << mine.size() << " runs already finished in " << dir << "\n";
-  std::vector<std::string> console(mine.size());
-  size_t next_print = 0, finished = 0;
-  std::mutex mu;
-  Progress progress(todo.size(), verbose, log);
-  const bool cls = config.model.loss == LossKind::kCrossEntropy;
-  // Everything finished so far, in run order, rewritten atomically by a writer thread every
-  // `flush_interval` seconds, so a crash or a kill leaves complete files describing complete
-  // runs and the fine-tuning threads never wait for the disk.
-  std::condition_variable flush_cv;
-  std::atomic<bool> flush_stop{false};  // set under `mu` (the wait's predicate), read by write_progress without it
-  std::exception_ptr writer_error;  // a failed write (disk full, directory gone), rethrown below
-  size_t flushed = 0;
-  double flush_interval = 0.5;
-  std::thread writer([&] {
-    std::unique_lock<std::mutex> lock(mu);
-    while (true) {
-      flush_cv.wait_for(lock, std::chrono::duration<double>(flush_interval), [&] { return flush_stop.load(); });
-      if (flush_stop) return;
-      if (finished == flushed) continue;
-      std::vector<StrategyResult> sofar;
-      for (size_t m = 0; m < mine.size(); ++m)
-        if (done[m]) sofar.push_back(results[m]);
-      flushed = finished;
-      lock.unlock();
-      const auto t0 = clock::now();
-      try {
-        write_progress(dir, config, sofar, mine.size(), [&] { return flush_stop.load(); });
-      } catch (...) {
-        lock.lock();
-        writer_error = std::current_exception();
-        return;
-      }
-      const double took = std::chrono::duration<double>(clock::now() - t0).count();
-      lock.lock();
-      // Rewriting every finished run costs more as a study grows: keep it under a tenth of the time.
-      flush_interval = std::max(0.5, 10 * took);
-    }
-  });
-  // Stops and joins the writer on every way out of this scope, exceptions included.
-  const auto stop_writer = [&] {
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      flush_stop = true;
-    }
-    flush_cv.notify_all();
-    if (writer.joinable()) writer.join();
-  };
-  struct Finally {
-    std::function<void()> f;
-    ~Finally() { f(); }
-  } writer_guard{stop_writer};
-
-  // One run per strategy: keep each strategy's fine-tuned (best) weights for `bnlab export`.
   const bool single_run = config.seeds.size() == 1 && config.finetune.samples.size() == 1 && config.grid.size() == 1;
-  const auto run_config = [&](const RunKey& key) {
-    Config rc = config;
-    rc.seed = config.seeds[key.seed];
-    rc.finetune = config.grid[key.grid].finetune;
-    rc.finetune.sample = config.finetune.samples[key.sample];
-    return rc;
-  };
-  const auto header = [&](const RunKey& key) {
-    if (verbose < 2) return std::string();
-    std::string text = "\nstrategy " + config.strategies[key.strategy].name +
-                       (config.grid[key.grid].label.empty() ? "" : ", " + config.grid[key.grid].label);
-    if (config.seeds.size() > 1 || config.finetune.samples.size() > 1)
-      text += ", seed " + std::to_string(config.seeds[key.seed]) + ", sample " + std::to_string(config.finetune.samples[key.sample]);
-    return text + "\n";
-  };
-  const auto epoch_line = [&](const EpochRecord& e) {
-    return verbose >= 2 ? keras_line(e.epoch, e.epochs, e.loss, e.val_loss, cls ? &e.accuracy : nullptr, cls ? &e.val_accuracy : nullptr) + "\n"
-                        : std::string();
-  };
-  const auto footer = [&](const StrategyResult& r) {
-    if (r.failed) return "run failed: " + r.error + "\n";
-    if (verbose < 2) return std::string();
-    char buf[300];
-    std::snprintf(buf, sizeof buf, "evaluate before: %.4e  evaluate after (epoch %d weights): %.4e  lag identity: %s (residual %.4e)\n",
-                  r.evaluate_before, r.best_epoch, r.evaluate_after, r.lag_identity_holds ? "holds" : "broken", r.lag_residual);
-    return std::string(buf);
-  };
-  const auto failure = [](const std::exception& e) {
-    std::string what = e.what();
-    StrategyResult r;
-    r.failed = true;
-    r.error = what.substr(0, what.find("\nException raised from"));
-    return r;
-  };
-  const auto finish = [&](const std::vector<size_t>& ms, std::vector<StrategyResult>& rs, std::vector<std::string>& texts) {
-    std::lock_guard<std::mutex> lock(mu);
-    for (size_t i = 0; i < ms.size(); ++i) {
-      const RunKey& key = mine[ms[i]];
-      StrategyResult& r = rs[i];
-      r.name = config.strategies[key.strategy].name;
-      r.run = key.run;
-      r.grid = config.grid[key.grid].label;
-      r.seed = config.seeds[key.seed];
-      r.sample = config.finetune.samples[key.sample];
-      results[ms[i]] = std::move(r);
-      console[ms[i]] = std::move(texts[i]);
-      done[ms[i]] = 1;
-      progress.update(++finished);
-    }
-    // The console reads in run order at any --jobs.
-    while (next_print < todo.size() && done[todo[next_print]]) {
-      if (verbose >= 2) log << console[todo[next_print]] << std::flush;
-      console[todo[next_print]].clear();
-      ++next_print;
-    }
-  };
-  // The torch engine: one run through torch::nn and autograd.
-  const auto execute_torch = [&](size_t m) {
-    const RunKey& key = mine[m];
-    const Config rc = run_config(key);
-    const auto& strategy = config.strategies[key.strategy];
-    const auto x = w.data.x.narrow(0, rc.finetune.sample, 1), y = w.data.y.narrow(0, rc.finetune.sample, 1);
-    std::vector<std::string> text{header(key)};
-    std::vector<StrategyResult> r(1);
-    Model tuned{nullptr};
-    try {
-      r[0] = finetune(*w.models[key.seed], strategy, x, y, rc, [&](const EpochRecord& e) { text[0] += epoch_line(e); }, {},
-                      &w.data, single_run ? &tuned : nullptr);
-      if (single_run) export_torch(finetuned_path(dir, strategy.name), *tuned, "state_dict", "", "", {});
-    } catch (const std::exception& e) {
-      r[0] = failure(e);
-    }
-    text[0] += footer(r[0]);
-    finish({m}, r, text);
-  };
-  // What each (seed, strategy) fine-tunes from (recalibrated, folded, FrozenBatchNorm1d), made
-  // once for all its samples and grid points (it depends on neither), by whichever thread needs
-  // it first; others preparing other strategies meanwhile are not held up. Recalibration
-  // through dropout depends on the sample: then the engine prepares each lane itself.
-  struct Prepared {
-    std::once_flag once;
-    Model model{nullptr};
-  };
-  std::map<std::pair<size_t, size_t>, std::unique_ptr<Prepared>> prepared;
-  for (size_t m : todo) prepared.emplace(std::make_pair(mine[m].seed, mine[m].strategy), nullptr);
-  for (auto& entry : prepared) entry.second = std::make_unique<Prepared>();
-  const auto prepared_for = [&](const RunKey& key, const Config& rc) -> const ModelImpl* {
-    const auto& strategy = config.strategies[key.strategy];
-    if (strategy.recalibrate > 0 && count_kind(config.model.layers, LayerKind::kDropout) > 0) return nullptr;
-    Prepared& p = *prepared.at({key.seed, key.strategy});
-    std::call_once(p.once, [&] { p.model = prepare_model(*w.models[key.seed], strategy, rc, &w.data); });
-    return p.model.get();
-  };
-  // The batched engine: runs of one grid point, strategy and seed, each sample a lane.
-  const auto execute_batched = [&](const std::vector<size_t>& ms) {
-    const RunKey& key = mine[ms.front()];
-    const Config rc = run_config(key);
-    const auto& strategy = config.strategies[key.strategy];
-    std::vector<int64_t> samples;
-    std::vector<std::string> text;
-    for (size_t m : ms) {
-      samples.push_back(config.finetune.samples[mine[m].sample]);
-      text.push_back(header(mine[m]));
-    }
-    std::vector<StrategyResult> rs;
-    Model tuned{nullptr};
-    try {
-      rs = finetune_batched(*w.models[key.seed], strategy, rc, w.data, samples,
-                            [&](size_t lane, const EpochRecord& e) { text[lane] += epoch_line(e); },
-                            single_run ? &tuned : nullptr, prepared_for(key, rc));
-      if (single_run && tuned) export_torch(finetuned_path(dir, strategy.name), *tuned, "state_dict", "", "", {});  // none when the run failed
-    } catch (const std::exception& e) {
-      rs.assign(ms.size(), failure(e));
-    }
-    for (size_t i = 0; i < ms.size(); ++i) text[i] += footer(rs[i]);
-    finish(ms, rs, text);
-  };
-  // Work items: the batched engine takes consecutive runs that differ only by sample (the plan
-  // orders samples innermost), up to `lanes` at a time; the torch engine takes one run.
-  struct Item {
-    bool batched;
-    std::vector<size_t> runs;  // indices into `mine`
-  };
-  std::vector<Item> items;
-  for (size_t m : todo) {
-    const RunKey& k = mine[m];
-    const bool batched = !torch_engine && batched_unsupported(config, config.strategies[k.strategy]).empty();
-    (batched ? result.batched_runs : result.torch_runs) += 1;
-    if (batched && !items.empty() && items.back().batched && items.back().runs.size() < static_cast<size_t>(options.lanes)) {
-      const RunKey& f = mine[items.back().runs.front()];
-      if (f.grid == k.grid && f.strategy == k.strategy && f.seed == k.seed) {
-        items.back().runs.push_back(m);
-        continue;
-      }
-    }
-    items.push_back({batched, {m}});
-  }
-
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
-  const size_t jobs = std::max<size_t>(1, std::min<size_t>(items.size(), options.jobs > 0 ? static_cast<size_t>(options.jobs) : hw));
+  const size_t jobs = std::max<size_t>(1, std::min<size_t>(plan.items.size(), options.jobs > 0 ? static_cast<size_t>(options.jobs) : hw));
   {
-    std::atomic<size_t> next{0};
-    std::atomic<bool> abandon{false};
-    std::exception_ptr worker_error;  // what escaped a work item (runs' own failures do not)
-    const auto worker = [&] {
+    StoreSink to_store(store, dir, plan.mine.size(), plan.resumed);
+    ConsoleSink console(plan, verbose, log);
+    WeightsSink weights(dir);
+    CallbackSink callback(options.on_run);
+    std::vector<Sink*> sinks{&weights, &to_store, &console};
+    if (options.on_run) sinks.push_back(&callback);
+    Executor executor(w, plan, verbose, single_run, sinks);
+    std::exception_ptr error;
+    try {
+      executor.execute(jobs);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    for (Sink* s : sinks) {
       try {
-        for (size_t i = next++; i < items.size() && !stop_requested() && !abandon; i = next++) {
-          if (items[i].batched) execute_batched(items[i].runs);
-          else execute_torch(items[i].runs.front());
-        }
+        s->close();  // the store keeps every run that finished, whatever stopped the study
       } catch (...) {
-        std::lock_guard<std::mutex> lock(mu);
-        if (!worker_error) worker_error = std::current_exception();
-        abandon = true;
+        if (!error) error = std::current_exception();
       }
-    };
-    std::vector<std::thread> pool;
-    for (size_t j = 1; j < jobs; ++j) pool.emplace_back(worker);
-    worker();
-    for (auto& th : pool) th.join();
-    if (worker_error) std::rethrow_exception(worker_error);  // the writer guard stops the writer
+    }
+    if (error) std::rethrow_exception(error);
   }
-  stop_writer();
-  if (writer_error) std::rethrow_exception(writer_error);
   result.finetune_seconds = since(t);
-  std::vector<StrategyResult> finished_runs;
-  for (size_t m = 0; m < mine.size(); ++m)
-    if (done[m]) finished_runs.push_back(results[m]);
-  for (const auto& r : finished_runs) result.failed += r.failed ? 1 : 0;
-  result.planned = mine.size();
-  result.interrupted = finished_runs.size() < mine.size();
+  const size_t stored = store.count();
+  result.planned = plan.mine.size();
+  result.interrupted = stored < plan.mine.size();
 
-  const std::string table = write_reports(dir, config, finished_runs, options.plots && !result.interrupted, log, mine.size());
+  t = clock::now();
+  const std::string table = write_reports(dir, config, store, options.plots && !result.interrupted, log, plan.mine.size());
+  // Callers of small studies get the runs; large ones read the store.
+  if (plan.mine.size() <= static_cast<size_t>(config.report.export_limit)) result.runs = store.read_all();
+  const double report_seconds = since(t);
+  const auto counts = store.status_counts();
+  result.failed = counts.failed;
+  result.diverged = counts.diverged;
   ojson manifest{{"argv", options.argv},
                  {"bnlab_version", bnlab_version()},
                  {"git_commit", git_commit()},
@@ -638,11 +830,13 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
                  {"engine", {{"requested", options.engine}, {"lanes", options.lanes}, {"batched_runs", result.batched_runs},
                              {"torch_runs", result.torch_runs}}},
                  {"shard", std::to_string(options.shard_index) + "/" + std::to_string(options.shard_count)},
-                 {"runs", mine.size()},
-                 {"finished_runs", finished_runs.size()},
+                 {"runs", plan.mine.size()},
+                 {"finished_runs", stored},
                  {"resumed_runs", result.resumed},
                  {"interrupted", result.interrupted},
                  {"failed_runs", result.failed},
+                 {"diverged_runs", result.diverged},
+                 {"store", kStoreName},
                  {"finished_at", iso_now()},
                  {"pretrain_cached", result.pretrain_cached},
                  {"cache_keys", w.keys},
@@ -650,16 +844,17 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
                   {{"data", data_seconds},
                    {"pretrain", result.pretrain_seconds},
                    {"finetune", result.finetune_seconds},
+                   {"reports", report_seconds},
                    {"total", since(t_start)}}}};
   write_file_atomic(dir + "/manifest.json", manifest.dump(2) + "\n");
   if (verbose > 0) {
-    log << "\n" << table << "\nresults in " << dir << "\n";
+    log << "\n" << table << "\nresults in " << dir << " (every run in " << store.path() << ")\n";
     if (result.failed) log << result.failed << " run(s) failed; see summary.md\n";
+    if (result.diverged) log << result.diverged << " run(s) diverged (report.diverged_factor " << fmt_double(config.report.diverged_factor) << "); see summary.md\n";
   }
   if (result.interrupted)
-    log << "interrupted: " << finished_runs.size() << " of " << mine.size() << " runs finished and saved in " << dir
+    log << "interrupted: " << stored << " of " << plan.mine.size() << " runs finished and saved in " << store.path()
         << "; run the same command again to resume\n";
-  result.runs = std::move(finished_runs);
   return result;
 }
 

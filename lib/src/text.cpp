@@ -149,23 +149,44 @@ void remove_stale_temps(const std::string& dir) {
   ::closedir(d);
 }
 
-void write_file_atomic(const std::string& path, const std::string& data) {
-  const std::string tmp = temp_name(path);
-  FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (f == nullptr) throw std::runtime_error("cannot write " + tmp + ": " + errno_text());
-  const bool ok = std::fwrite(data.data(), 1, data.size(), f) == data.size() &&
-                  std::fflush(f) == 0 && ::fsync(fileno(f)) == 0;
+AtomicWriter::AtomicWriter(std::string path) : path_(std::move(path)), tmp_(temp_name(path_)) {
+  FILE* f = std::fopen(tmp_.c_str(), "wb");
+  if (f == nullptr) throw std::runtime_error("cannot write " + tmp_ + ": " + errno_text());
+  file_ = f;
+}
+
+AtomicWriter::~AtomicWriter() {
+  if (file_ == nullptr) return;
+  std::fclose(static_cast<FILE*>(file_));
+  std::remove(tmp_.c_str());
+}
+
+void AtomicWriter::write(const std::string& piece) {
+  if (std::fwrite(piece.data(), 1, piece.size(), static_cast<FILE*>(file_)) != piece.size())
+    throw std::runtime_error("cannot write " + tmp_ + ": " + errno_text());
+}
+
+void AtomicWriter::commit() {
+  FILE* f = static_cast<FILE*>(file_);
+  const bool ok = std::fflush(f) == 0 && ::fsync(fileno(f)) == 0;
   const int saved = errno;
   std::fclose(f);
+  file_ = nullptr;
   if (!ok) {
-    std::remove(tmp.c_str());
-    throw std::runtime_error("cannot write " + tmp + ": " + std::strerror(saved));
+    std::remove(tmp_.c_str());
+    throw std::runtime_error("cannot write " + tmp_ + ": " + std::strerror(saved));
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+  if (std::rename(tmp_.c_str(), path_.c_str()) != 0) {
     const std::string why = errno_text();
-    std::remove(tmp.c_str());
-    throw std::runtime_error("cannot rename " + tmp + " to " + path + ": " + why);
+    std::remove(tmp_.c_str());
+    throw std::runtime_error("cannot rename " + tmp_ + " to " + path_ + ": " + why);
   }
+}
+
+void write_file_atomic(const std::string& path, const std::string& data) {
+  AtomicWriter w(path);
+  w.write(data);
+  w.commit();
 }
 
 std::string read_file(const std::string& path) {

@@ -31,6 +31,23 @@ void remove_stale_temps(const std::string& dir);
 /// Writes `data` to `path` through a temporary file in the same directory and a rename,
 /// so readers see the old file or the whole new one, never a part. Throws on failure.
 void write_file_atomic(const std::string& path, const std::string& data);
+
+/// write_file_atomic for output made piece by piece (exports streamed from a study store): the
+/// pieces go to the temporary file; commit() renames it into place. Destroyed uncommitted (an
+/// exception on the way), it removes the temporary and leaves `path` as it was.
+class AtomicWriter {
+ public:
+  explicit AtomicWriter(std::string path);
+  ~AtomicWriter();
+  AtomicWriter(const AtomicWriter&) = delete;
+  AtomicWriter& operator=(const AtomicWriter&) = delete;
+  void write(const std::string& piece);
+  void commit();
+
+ private:
+  std::string path_, tmp_;
+  void* file_ = nullptr;  // FILE*
+};
 std::string read_file(const std::string& path);
 
 }  // namespace bnlab

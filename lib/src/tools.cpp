@@ -13,6 +13,7 @@
 #include "bnlab/config.hpp"
 #include "bnlab/errors.hpp"
 #include "report.hpp"
+#include "store.hpp"
 #include "text.hpp"
 
 namespace bnlab {
@@ -43,19 +44,33 @@ ojson load_json(const std::string& path, const std::string& what) {
   }
 }
 
+/// The store of a finished (or partly finished) run directory, and its experiment.
+struct StudyDir {
+  Config config;
+  Store store;
+};
+
+StudyDir open_study(const std::string& run_dir) {
+  const std::string path = store_path(run_dir);
+  if (::access(path.c_str(), F_OK) != 0)
+    throw InputError(run_dir + ": no " + std::string(kStoreName) + " here; is it a bnlab run directory?");
+  Store store = Store::open(path, false);
+  const std::string text = store.meta("config");
+  Config config = parse_config(text, path + " (meta.config)", {}, run_dir);
+  return {std::move(config), std::move(store)};
+}
+
 std::vector<Point> points_of(const std::string& run_dir) {
-  const std::string path = run_dir + "/summary.json";
-  if (::access(path.c_str(), R_OK) != 0) throw InputError(run_dir + ": no summary.json here; is it a finished bnlab run directory?");
-  const ojson summary = load_json(path, "the study summary");
+  const StudyDir study = open_study(run_dir);
   std::vector<Point> out;
-  for (const auto& r : read_runs(path)) {
+  study.store.for_each([&](const StrategyResult& r) {
     Point base{r.name, r.grid, static_cast<int64_t>(r.seed), r.sample, -1, "", 0};
     if (r.failed) {
       Point p = base;
       p.metric = "failed";
       p.value = 1;
       out.push_back(p);
-      continue;
+      return;
     }
     const auto add = [&](const std::string& metric, double v, int64_t epoch) {
       Point p = base;
@@ -75,18 +90,14 @@ std::vector<Point> points_of(const std::string& run_dir) {
     add("evaluate_before", r.evaluate_before, -1);
     add("evaluate_after", r.evaluate_after, -1);
     add("lag_residual", r.lag_residual, -1);
-  }
-  try {
-    for (const auto& a : summary.at("aggregates"))
-      for (const char* fig : {"final_gap", "lag_residual", "eval_change"})
-        for (const char* st : {"mean", "std", "median", "p90"}) {
-          Point p{a.at("strategy").get<std::string>(), a.at("grid").get<std::string>(), -1, -1, -1,
-                  std::string("aggregate.") + fig + "." + st, a.at(fig).at(st).get<double>()};
-          out.push_back(p);
-        }
-  } catch (const ojson::exception& e) {
-    throw InputError(path + ": not a bnlab study summary (" + std::string(e.what()) + ")");
-  }
+  });
+  // The aggregates a golden pins are the ones summaries have always carried.
+  for (const auto& a : aggregate(study.config, study.store))
+    for (const auto& [fig, s] : {std::make_pair("final_gap", &a.final_gap), std::make_pair("lag_residual", &a.lag_residual),
+                                 std::make_pair("eval_change", &a.eval_change)})
+      for (const auto& [st, v] : {std::make_pair("mean", s->mean), std::make_pair("std", s->std),
+                                  std::make_pair("median", s->median), std::make_pair("p90", s->p90)})
+        out.push_back(Point{a.strategy, a.grid, -1, -1, -1, std::string("aggregate.") + fig + "." + st, v});
   return out;
 }
 
@@ -116,9 +127,9 @@ std::string where(const Point& p) {
 
 void write_golden(const std::string& run_dir, const std::string& out_file) {
   const auto points = points_of(run_dir);
-  const ojson cfg = load_json(run_dir + "/config.resolved.json", "the resolved config");
+  const std::string experiment = open_study(run_dir).config.name;
   // One value per line: a changed curve point shows as one changed line in a diff.
-  std::string text = "{\"format\": \"bnlab.golden/1\", \"experiment\": " + ojson(cfg.value("name", "")).dump() +
+  std::string text = "{\"format\": \"bnlab.golden/1\", \"experiment\": " + ojson(experiment).dump() +
                      ", \"values\": [\n";
   for (size_t i = 0; i < points.size(); ++i) {
     const auto& p = points[i];
@@ -215,58 +226,67 @@ size_t check_golden(const std::string& run_dir, const std::string& golden_file, 
 
 void merge_shards(const std::vector<std::string>& dirs, const std::string& out_dir, bool force, bool plots, std::ostream& log) {
   if (dirs.empty()) throw InputError("merge: name at least one shard directory");
-  Config config;
-  std::string resolved_text;
-  std::map<size_t, StrategyResult> runs;
-  std::string cache_keys, keys_from;
-  for (const auto& d : dirs) {
-    const std::string path = d + "/config.resolved.json";
-    if (::access(path.c_str(), R_OK) != 0) throw InputError(d + ": no config.resolved.json; is it a bnlab run directory?");
-    const std::string text = read_file(path);
-    if (resolved_text.empty()) {
-      resolved_text = text;
-      config = parse_config(text, path, {}, d);
-    } else if (text != resolved_text) {
-      throw InputError(d + ": belongs to a different experiment or settings than " + dirs.front() +
-                       " (config.resolved.json differs); merge only shards of one study");
-    }
+  std::vector<StudyDir> shards;
+  for (const auto& d : dirs) shards.push_back(open_study(d));
+  const Config& config = shards.front().config;
+  const std::string identity = study_identity(config), keys = shards.front().store.meta("cache_keys");
+  for (size_t i = 1; i < shards.size(); ++i) {
+    if (study_identity(shards[i].config) != identity)
+      throw InputError(dirs[i] + ": belongs to a different experiment or settings than " + dirs.front() +
+                       " (the stores' configs differ); merge only shards of one study");
     // Shards must start from the same weights: the same pretraining settings and engine.
-    const std::string manifest = d + "/manifest.json";
-    if (::access(manifest.c_str(), R_OK) == 0) {
-      std::string keys;
-      try {
-        keys = ojson::parse(read_file(manifest)).at("cache_keys").dump();
-      } catch (const std::exception&) {
-        throw InputError(manifest + ": unreadable or without \"cache_keys\"; rerun that shard");
-      }
-      if (cache_keys.empty()) {
-        cache_keys = keys;
-        keys_from = d;
-      } else if (keys != cache_keys) {
-        throw InputError(d + ": its pretrained weights differ from " + keys_from + "'s (cache keys " + keys + " vs " +
-                         cache_keys + ": other pretraining settings or another --engine); merge only shards of one study run the same way");
-      }
-    }
-    for (auto& r : read_runs(d + "/summary.json")) {
-      const auto it = runs.find(r.run);
-      if (it != runs.end() && (it->second.loss != r.loss || it->second.val_loss != r.val_loss))
-        throw InputError(d + ": run " + std::to_string(r.run) + " also appears, with other values, in an earlier shard");
-      runs[r.run] = std::move(r);
-    }
+    const std::string k = shards[i].store.meta("cache_keys");
+    if (k != keys)
+      throw InputError(dirs[i] + ": its pretrained weights differ from " + dirs.front() + "'s (cache keys " + k + " vs " + keys +
+                       ": other pretraining settings or another --engine); merge only shards of one study run the same way");
   }
-  const auto plan = plan_runs(config);
-  std::vector<size_t> missing;
-  for (const auto& k : plan)
-    if (!runs.count(k.run)) missing.push_back(k.run);
-  if (!missing.empty())
-    throw InputError("merge: " + std::to_string(missing.size()) + " of " + std::to_string(plan.size()) +
-                     " runs are in none of the shards (first missing: run " + std::to_string(missing.front()) +
-                     "); run the missing shards first");
-  if (!force && ::access((out_dir + "/summary.json").c_str(), F_OK) == 0)
-    throw InputError(out_dir + ": already holds results; pass --force to overwrite");
+  const std::string out_store = store_path(out_dir);
+  if (::access(out_store.c_str(), F_OK) == 0) {
+    Store::open(out_store, false);  // a file bnlab did not write stays, --force or not
+    if (!force) throw InputError(out_dir + ": already holds results; pass --force to overwrite");
+  }
   ::mkdir(out_dir.c_str(), 0755);
   if (::access(out_dir.c_str(), W_OK) != 0) throw InputError(out_dir + ": cannot create or write the output directory");
-  write_file_atomic(out_dir + "/config.resolved.json", resolved_text);
+  // The merged store is complete under a temporary name before it takes the real one.
+  const std::string building = temp_name(out_store + ".merge");
+  Store::Meta meta;
+  for (const char* key : {"experiment", "identity", "config", "cache_keys", "bnlab_version", "git_commit", "libtorch_version"})
+    meta.emplace_back(key, shards.front().store.meta(key));
+  meta.emplace_back("shard", "1/1");
+  meta.emplace_back("merged_from", nlohmann::ordered_json(dirs).dump());
+  const auto plan = plan_runs(config);
+  meta.emplace_back("runs_planned", std::to_string(plan.size()));
+  try {
+    Store merged = Store::create(building, meta);
+    {
+      for (const auto& s : shards) merged.absorb(s.store);
+      // Every run of the plan once, each where the plan puts it.
+      std::vector<char> seen(plan.size(), 0);
+      size_t first_missing = plan.size(), missing = 0;
+      merged.for_each([&](const StrategyResult& r) {
+        if (r.run >= plan.size()) throw InputError(merged.path() + ": run " + std::to_string(r.run) + " is beyond the study's plan");
+        const RunKey& k = plan[r.run];
+        if (config.strategies[k.strategy].name != r.name || config.grid[k.grid].label != r.grid || config.seeds[k.seed] != r.seed ||
+            config.finetune.samples[k.sample] != r.sample)
+          throw InputError("merge: run " + std::to_string(r.run) + " is not the run the study's plan puts there");
+        seen[r.run] = 1;
+      }, /*curves=*/false);
+      for (size_t i = 0; i < plan.size(); ++i)
+        if (!seen[i]) first_missing = std::min(first_missing, i), ++missing;
+      if (missing > 0)
+        throw InputError("merge: " + std::to_string(missing) + " of " + std::to_string(plan.size()) +
+                         " runs are in none of the shards (first missing: run " + std::to_string(first_missing) +
+                         "); run the missing shards first");
+    }
+  } catch (...) {  // the store is closed by now
+    for (const char* suffix : {"", "-wal", "-shm"}) std::remove((building + suffix).c_str());
+    throw;
+  }
+  if (std::rename(building.c_str(), out_store.c_str()) != 0)
+    throw std::runtime_error("cannot rename " + building + " to " + out_store + ": " + errno_text());
+  std::remove((out_store + "-wal").c_str());
+  std::remove((out_store + "-shm").c_str());
+  write_file_atomic(out_dir + "/config.resolved.json", to_json(config));
   // Weights and samples are identical in every shard (same seeds, same cache key): take the first's.
   for (const auto& seed : config.seeds) {
     for (const char* stem : {"pretrained", "sample"}) {
@@ -275,12 +295,11 @@ void merge_shards(const std::vector<std::string>& dirs, const std::string& out_d
       if (::access(src.c_str(), R_OK) == 0) write_file_atomic(out_dir + "/" + name, read_file(src));
     }
   }
-  std::vector<StrategyResult> ordered;
-  for (auto& [index, r] : runs) ordered.push_back(r);
-  const std::string table = write_reports(out_dir, config, ordered, plots, log, plan.size());
-  ojson manifest{{"merged_from", dirs}, {"runs", ordered.size()}};
+  const Store merged = Store::open(out_store, false);
+  const std::string table = write_reports(out_dir, config, merged, plots, log, plan.size());
+  nlohmann::ordered_json manifest{{"merged_from", dirs}, {"runs", plan.size()}};
   write_file_atomic(out_dir + "/manifest.json", manifest.dump(2) + "\n");
-  log << table << "\nmerged " << dirs.size() << " shard(s), " << ordered.size() << " runs, into " << out_dir << "\n";
+  log << table << "\nmerged " << dirs.size() << " shard(s), " << plan.size() << " runs, into " << out_dir << "\n";
 }
 
 }  // namespace bnlab

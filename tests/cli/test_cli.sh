@@ -118,8 +118,15 @@ check engine_torch 0 "" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out 
 check engine_recorded 0 '"torch_runs": 2' -- cat "$tmp/eng_t/manifest.json"
 check engine_default 0 "" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/eng_b" --lanes 1 --verbose 0 --no-plots
 check engine_default_recorded 0 '"batched_runs": 2' -- cat "$tmp/eng_b/manifest.json"
-check merge_missing 2 "no config.resolved.json" -- "$bin" merge "$tmp/nothing" -o "$tmp/m"
-check check_missing 2 "no summary.json here" -- "$bin" check "$tmp/nothing" --golden "$tmp/good.pt"
+check merge_missing 2 "no study.sqlite here" -- "$bin" merge "$tmp/nothing" -o "$tmp/m"
+check export_missing 2 "no study.sqlite" -- "$bin" export "$tmp/nothing" --strategy frozen --format torch -o "$tmp/x.pt"
+check bad_export 2 'report.export[0]: unknown export "curve"; did you mean "curves"?' -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/exp" --export curve
+check bad_export_quote 2 "--export: expected auto, none or a comma-separated list" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/exp" --export 'a"b'
+if [ -e "$tmp/exp" ]; then echo "FAIL bad_export wrote $tmp/exp"; failed=$((failed+1)); else passed=$((passed+1)); fi
+check export_none 0 "" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/exp_none" --export none --verbose 0 --no-plots
+if [ -e "$tmp/exp_none/curves.csv" ] || [ ! -e "$tmp/exp_none/study.sqlite" ] || [ ! -e "$tmp/exp_none/summary.md" ]; then
+  echo "FAIL export_none: curves.csv written, or the store or summary.md missing"; failed=$((failed+1)); else passed=$((passed+1)); fi
+check check_missing 2 "no study.sqlite here" -- "$bin" check "$tmp/nothing" --golden "$tmp/good.pt"
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

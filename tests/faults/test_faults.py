@@ -7,9 +7,10 @@
 3. SIGTERM: exit 143.
 4. SIGKILL at several random moments (seeded, so a failure reproduces), resuming each time: after
    every kill, every file present is complete and valid (JSON parses, CSV rows are whole,
-   .pt files load with torch.load, summary.json's runs all appear in curves.csv with the same
-   values); then a final rerun completes with curves.csv, metrics.jsonl and summary.json
-   byte-identical to the reference.
+   .pt files load with torch.load, study.sqlite passes SQLite's integrity check and every run
+   it holds has its epochs, with final_gap equal to its curves' last loss - val_loss); then a
+   final rerun completes with the store's rows, curves.csv, metrics.jsonl and summary.json
+   identical to the reference.
 Usage: test_faults.py BNLAB_BINARY SOURCE_DIR
 """
 import csv
@@ -17,6 +18,8 @@ import json
 import os
 import random
 import signal
+import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -47,6 +50,43 @@ def finish(out):
     return p.returncode, p.stderr
 
 
+def store_rows(out):
+    """(runs, epochs) of study.sqlite, read-only, in run order; None when there is no store."""
+    path = os.path.join(out, "study.sqlite")
+    if not os.path.exists(path):
+        return None
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        check(con.execute("PRAGMA integrity_check").fetchone()[0] == "ok", f"{path}: integrity check failed")
+        return (con.execute("SELECT * FROM runs ORDER BY run").fetchall(),
+                con.execute("SELECT * FROM epochs ORDER BY run").fetchall())
+    finally:
+        con.close()
+
+
+def stored_runs(out):
+    rows = store_rows(out)
+    return 0 if rows is None else len(rows[0])
+
+
+def validate_store(out, when):
+    rows = store_rows(out)
+    if rows is None:
+        return
+    runs, epochs = rows
+    by_run = {e[0]: e for e in epochs}
+    for r in runs:
+        if r[6] == "failed":
+            continue
+        e = by_run.get(r[0])
+        check(e is not None, f"{when}: run {r[0]} is in the store without its epochs")
+        if e is None:
+            return
+        loss = struct.unpack(f"<{e[1]}d", e[2])
+        val = struct.unpack(f"<{e[1]}d", e[3])
+        check(r[15] == loss[-1] - val[-1], f"{when}: run {r[0]}: final_gap {r[15]} is not its curves' {loss[-1] - val[-1]}")
+
+
 def validate(out, when):
     """Every non-temporary file is complete and valid; summary.json's runs are all in curves.csv."""
     for name in sorted(os.listdir(out)):
@@ -69,6 +109,8 @@ def validate(out, when):
                 torch.load(path)
             elif name.endswith(".md"):
                 check(open(path).read().endswith("\n"), f"{when}: {name} is cut short")
+            elif name == "study.sqlite":
+                validate_store(out, when)
         except Exception as e:  # noqa: BLE001 - any failure to read is the finding
             check(False, f"{when}: {name} is not valid: {e}")
     summary_path, curves_path = os.path.join(out, "summary.json"), os.path.join(out, "curves.csv")
@@ -86,16 +128,17 @@ def validate(out, when):
 
 
 def same_as_reference(out, ref, when):
+    check(store_rows(out) == store_rows(ref), f"{when}: study.sqlite's runs or epochs differ from the uninterrupted run")
     for name in ("curves.csv", "metrics.jsonl", "summary.json"):
         check(open(os.path.join(out, name)).read() == open(os.path.join(ref, name)).read(),
               f"{when}: {name} differs from the uninterrupted run")
 
 
 def wait_for_runs(out, timeout=30):
-    """Until a first flush of results exists, so the interruption hits fine-tuning."""
+    """Until the store holds a first run, so the interruption hits fine-tuning."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if os.path.exists(os.path.join(out, "summary.json")):
+        if stored_runs(out) > 0:
             return True
         time.sleep(0.02)
     return False
@@ -106,6 +149,7 @@ with tempfile.TemporaryDirectory() as tmp:
     rc, err = finish(ref)
     check(rc == 0, f"reference run exit {rc}: {err[-500:]}")
     runs = len(json.load(open(os.path.join(ref, "summary.json")))["runs"])
+    check(stored_runs(ref) == runs, f"reference: the store holds {stored_runs(ref)} runs, summary.json {runs}")
     print(f"reference: {runs} runs")
 
     # SIGINT during fine-tuning, then resume.
@@ -117,7 +161,8 @@ with tempfile.TemporaryDirectory() as tmp:
     check(p.returncode == 130, f"SIGINT: exit {p.returncode}, want 130")
     check("run the same command again to resume" in err, f"SIGINT: no resume hint in: {err[-300:]}")
     validate(a, "after SIGINT")
-    partial = len(json.load(open(os.path.join(a, "summary.json")))["runs"])
+    partial = stored_runs(a)
+    check(len(json.load(open(os.path.join(a, "summary.json")))["runs"]) == partial, "SIGINT: summary.json and the store disagree")
     check(0 < partial < runs, f"SIGINT: {partial} of {runs} runs saved")
     rc, err = finish(a)
     check(rc == 0 and f"resuming: {partial} of {runs} runs already finished" in err, f"SIGINT resume: exit {rc}, {err[-300:]}")
@@ -142,9 +187,7 @@ with tempfile.TemporaryDirectory() as tmp:
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)
         p.communicate(timeout=60)
-        done = 0
-        if os.path.exists(os.path.join(k, "summary.json")):
-            done = len(json.load(open(os.path.join(k, "summary.json")))["runs"])
+        done = stored_runs(k)
         print(f"SIGKILL {i + 1} after {delay:.2f}s: {done} runs saved")
         validate(k, f"after SIGKILL {i + 1} ({delay:.2f}s)")
     rc, err = finish(k)

@@ -3,7 +3,11 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <sys/stat.h>
+
+#include <algorithm>
 #include <cmath>
+#include <map>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -14,6 +18,7 @@
 #include "bnlab/run.hpp"
 #include "bnlab/tools.hpp"
 #include "report.hpp"
+#include "store.hpp"
 #include "support.hpp"
 #include "text.hpp"
 
@@ -35,6 +40,33 @@ RunResult run_study(const Config& c, const std::string& dir, int jobs, int shard
   std::ostringstream sink;
   return run(c, o, log ? *log : sink);
 }
+
+/// Every field a store keeps, equal bit for bit between two lists of runs.
+void expect_same_runs(const std::vector<StrategyResult>& a, const std::vector<StrategyResult>& b, const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const auto where = what + ": run " + std::to_string(a[i].run);
+    EXPECT_EQ(a[i].run, b[i].run) << where;
+    EXPECT_EQ(a[i].name, b[i].name) << where;
+    EXPECT_EQ(a[i].grid, b[i].grid) << where;
+    EXPECT_EQ(a[i].seed, b[i].seed) << where;
+    EXPECT_EQ(a[i].sample, b[i].sample) << where;
+    EXPECT_EQ(a[i].engine, b[i].engine) << where;
+    EXPECT_EQ(a[i].failed, b[i].failed) << where;
+    EXPECT_EQ(a[i].diverged, b[i].diverged) << where;
+    EXPECT_EQ(a[i].evaluate_pretrained, b[i].evaluate_pretrained) << where;
+    EXPECT_EQ(a[i].evaluate_before, b[i].evaluate_before) << where;
+    EXPECT_EQ(a[i].evaluate_after, b[i].evaluate_after) << where;
+    EXPECT_EQ(a[i].best_epoch, b[i].best_epoch) << where;
+    EXPECT_EQ(a[i].loss, b[i].loss) << where;
+    EXPECT_EQ(a[i].val_loss, b[i].val_loss) << where;
+    EXPECT_EQ(a[i].accuracy, b[i].accuracy) << where;
+    EXPECT_EQ(a[i].lag_residual, b[i].lag_residual) << where;
+    EXPECT_EQ(a[i].lag_identity_holds, b[i].lag_identity_holds) << where;
+  }
+}
+
+std::vector<StrategyResult> stored(const std::string& dir) { return Store::open(store_path(dir), false).read_all(); }
 
 TEST(Stats, HandComputed) {
   // [10, 1, 3, 2, 4]: mean 4; sample std sqrt((9 + 4 + 1 + 0 + 36) / 4) = sqrt(12.5);
@@ -68,6 +100,9 @@ TEST(Study, ConcurrencyAndShardsDoNotChangeResults) {
   merge_shards(shards, base + "/merged", false, false, log);
   for (const char* f : {"curves.csv", "metrics.jsonl", "summary.json", "summary.csv", "summary.md"})
     EXPECT_EQ(read_file(base + "/seq/" + f), read_file(base + "/merged/" + f)) << f << " differs after merge";
+  expect_same_runs(stored(base + "/seq"), stored(base + "/par"), "--jobs 2 store");
+  expect_same_runs(stored(base + "/seq"), stored(base + "/merged"), "merged store of 3 shards");
+  EXPECT_EQ(stored(shards[1]).size(), 32u);
   // Merging an incomplete set of shards is refused, naming what is missing.
   try {
     merge_shards({shards[0], shards[1]}, base + "/partial", false, false, log);
@@ -75,6 +110,102 @@ TEST(Study, ConcurrencyAndShardsDoNotChangeResults) {
   } catch (const InputError& e) {
     EXPECT_NE(std::string(e.what()).find("runs are in none of the shards"), std::string::npos) << e.what();
   }
+}
+
+TEST(Store, HoldsExactlyWhatTheEnginesReported) {
+  // Half the runs on each engine: the same study, once more with --engine torch, is compared too.
+  const auto c = load_config(source("configs/smoke/study.json"));
+  const auto dir = temp_dir("store_eq") + "/run";
+  RunOptions o;
+  o.out_dir = dir;
+  o.verbose = 0;
+  o.jobs = 2;
+  o.plots = false;
+  std::vector<StrategyResult> seen;
+  o.on_run = [&](const StrategyResult& r) { seen.push_back(r); };
+  std::ostringstream log;
+  run(c, o, log);
+  std::sort(seen.begin(), seen.end(), [](const StrategyResult& a, const StrategyResult& b) { return a.run < b.run; });
+  expect_same_runs(seen, stored(dir), "store vs in-memory results");
+  // The exports are the store's values, printed so that they read back bit for bit.
+  std::istringstream csv(read_file(dir + "/curves.csv"));
+  std::string line;
+  std::getline(csv, line);
+  size_t row = 0;
+  while (std::getline(csv, line)) {
+    const auto& r = seen[row / 5];
+    const auto last = line.rfind(','), before = line.rfind(',', last - 1);
+    EXPECT_EQ(std::stod(line.substr(before + 1, last - before - 1)), r.loss[row % 5]) << line;
+    EXPECT_EQ(std::stod(line.substr(last + 1)), r.val_loss[row % 5]) << line;
+    ++row;
+  }
+  EXPECT_EQ(row, seen.size() * 5);
+}
+
+TEST(Store, AForeignOrCorruptStoreStopsTheRunAndStaysAsItWas) {
+  const auto c = load_config(source("configs/smoke/keras_nll.json"));
+  const auto dir = temp_dir("store_bad") + "/run";
+  ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
+  write_file_atomic(dir + "/study.sqlite", "SQLite format 3, or so it says");
+  RunOptions o;
+  o.out_dir = dir;
+  o.verbose = 0;
+  o.plots = false;
+  std::ostringstream log;
+  try {
+    run(c, o, log);
+    FAIL() << "a run went ahead over a corrupt store";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find(dir + "/study.sqlite"), std::string::npos) << e.what();
+  }
+  o.force = true;
+  EXPECT_THROW(run(c, o, log), InputError) << "--force replaced a file bnlab cannot tell is its own";
+  EXPECT_EQ(read_file(dir + "/study.sqlite"), "SQLite format 3, or so it says");
+  EXPECT_NE(::access((dir + "/config.resolved.json").c_str(), F_OK), 0) << "something was written before the refusal";
+}
+
+TEST(Study, DivergedRunsAreCountedAndReclassifiedWithoutRerunning) {
+  // At lr 0.1 some runs overshoot (measured: one of 48 ends 34x above its first loss, the rest
+  // within 9x); at 1e-6 none does.
+  const std::string grid = R"(grid={"optimizer.lr": [1e-06, 0.1]})";
+  const auto c = load_config(source("configs/smoke/study.json"), {grid});
+  const auto dir = temp_dir("diverged") + "/run";
+  const auto first = run_study(c, dir, 2);
+  size_t by_default = 0;
+  for (const auto& r : first.runs)
+    by_default += r.loss.back() - r.loss.front() > 10 * std::max(1.0, std::abs(r.loss.front())) ? 1 : 0;
+  EXPECT_GE(by_default, 1u);
+  EXPECT_EQ(first.diverged, by_default);
+  EXPECT_EQ(first.failed, 0u);
+  // A threshold between the runs' own rises, so some runs count as diverged and others not;
+  // the expected counts are computed here from the curves, independently of the store's SQL.
+  std::vector<double> rise;
+  for (const auto& r : first.runs) rise.push_back((r.loss.back() - r.loss.front()) / std::max(1.0, std::abs(r.loss.front())));
+  std::vector<double> positive;
+  for (double v : rise)
+    if (v > 0) positive.push_back(v);
+  ASSERT_GE(positive.size(), 2u);
+  std::sort(positive.begin(), positive.end());
+  const double factor = positive[positive.size() / 2 - 1];
+  std::map<std::pair<std::string, std::string>, int> expected;
+  size_t total = 0;
+  for (size_t i = 0; i < rise.size(); ++i)
+    if (rise[i] > factor) ++expected[{first.runs[i].grid, first.runs[i].name}], ++total;
+  ASSERT_GT(total, 0u);
+  ASSERT_LT(total, rise.size());
+  const auto again = load_config(source("configs/smoke/study.json"), {grid, "report.diverged_factor=" + fmt_double(factor)});
+  const auto second = run_study(again, dir, 2);
+  EXPECT_EQ(second.resumed, first.runs.size()) << "a report setting reran the study";
+  EXPECT_EQ(second.diverged, total);
+  const auto summary = nlohmann::json::parse(read_file(dir + "/summary.json"));
+  for (const auto& a : summary["aggregates"]) {
+    const auto key = std::make_pair(a["grid"].get<std::string>(), a["strategy"].get<std::string>());
+    EXPECT_EQ(a["diverged"].get<int>(), expected[key]) << a.dump();
+    EXPECT_EQ(a["final_gap"]["n"].get<size_t>(), a["runs"].get<size_t>()) << "diverged runs left the figures";
+  }
+  size_t flagged = 0;
+  for (const auto& r : summary["runs"]) flagged += r["status"] == "diverged" ? 1 : 0;
+  EXPECT_EQ(flagged, total);
 }
 
 TEST(Study, EveryRunOfASeedStartsFromThatSeedsWeights) {

@@ -3,13 +3,19 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <sqlite3.h>
+#include <sys/stat.h>
+
 #include <cmath>
+#include <cstdlib>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "bnlab/config.hpp"
 #include "bnlab/errors.hpp"
 #include "bnlab/tools.hpp"
 #include "report.hpp"
+#include "store.hpp"
 #include "support.hpp"
 #include "text.hpp"
 
@@ -63,23 +69,127 @@ TEST(Tools, AggregatesGroupByStrategy) {
   EXPECT_DOUBLE_EQ(aggs[0].eval_change.mean, 2.0);
 }
 
+/// A run directory as bnlab leaves it: the resolved config and a store holding `runs`.
+void write_study_dir(const std::string& dir, const Config& c, const std::vector<StrategyResult>& runs,
+                     const std::string& cache_keys = R"(["abc-batched"])") {
+  ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
+  write_file_atomic(dir + "/config.resolved.json", to_json(c));
+  Store store = Store::create(store_path(dir), {{"experiment", c.name}, {"identity", study_identity(c)}, {"config", to_json(c)},
+                                               {"cache_keys", cache_keys}});
+  store.insert(runs);
+  std::ostringstream log;
+  write_reports(dir, c, store, /*plots=*/false, log, runs.size());
+}
+
+TEST(Tools, StoreKeepsEveryFieldBitForBit) {
+  const auto c = parse_config(kStudy, "hand");
+  auto runs = hand_runs(c);
+  runs[1].loss = {0.1 + 0.2, -6.0948123931884766};  // values with no short decimal form
+  runs[1].val_loss = {1e-300, -0.0};
+  runs[1].engine = "torch";
+  runs[2].failed = true;
+  runs[2].error = "strategy \"train\": loss is not finite";
+  runs[3].loss = {-6, 1e5};  // ends far above where it started
+  compute_lag(runs[1]);
+  compute_lag(runs[3]);
+  for (auto& r : runs) {
+    if (r.engine.empty()) r.engine = "batched";
+    r.diverged = diverged(r, c.report.diverged_factor);
+  }
+  EXPECT_TRUE(runs[3].diverged);
+  EXPECT_FALSE(runs[1].diverged);
+  const auto dir = temp_dir("store");
+  Store store = Store::create(store_path(dir), {{"experiment", c.name}});
+  store.insert(runs);
+  const auto back = Store::open(store_path(dir), false).read_all();
+  ASSERT_EQ(back.size(), runs.size());
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const auto& a = runs[i];
+    const auto& b = back[i];
+    EXPECT_EQ(b.run, a.run);
+    EXPECT_EQ(b.name, a.name);
+    EXPECT_EQ(b.seed, a.seed);
+    EXPECT_EQ(b.sample, a.sample);
+    EXPECT_EQ(b.engine, a.engine);
+    EXPECT_EQ(b.failed, a.failed);
+    EXPECT_EQ(b.diverged, a.diverged);
+    EXPECT_EQ(b.error, a.error);
+    if (a.failed) continue;
+    EXPECT_EQ(b.loss, a.loss) << "run " << i;
+    EXPECT_EQ(b.val_loss, a.val_loss) << "run " << i;
+    EXPECT_EQ(std::signbit(b.val_loss.back()), std::signbit(a.val_loss.back()));
+    EXPECT_EQ(b.evaluate_before, a.evaluate_before);
+    EXPECT_EQ(b.evaluate_after, a.evaluate_after);
+    EXPECT_EQ(b.best_epoch, a.best_epoch);
+    EXPECT_EQ(b.lag_residual, a.lag_residual);
+  }
+  // The classification in SQL is the same comparison as diverged(): reclassifying under a
+  // factor that makes run 3 ordinary and back again follows it exactly.
+  store.reclassify(1e9);
+  EXPECT_EQ(store.status_counts().diverged, 0u);
+  store.reclassify(c.report.diverged_factor);
+  EXPECT_EQ(store.status_counts().diverged, 1u);
+  EXPECT_EQ(store.status_counts().failed, 1u);
+  EXPECT_EQ(store.delete_failed(), 1u);
+  EXPECT_EQ(store.completed_runs().size(), runs.size() - 1);
+}
+
+TEST(Tools, ForeignAndCorruptStoresAreRefusedByName) {
+  const auto dir = temp_dir("foreign");
+  const std::string garbage = dir + "/garbage.sqlite";
+  write_file_atomic(garbage, std::string(8192, 'x'));
+  try {
+    Store::open(garbage, false);
+    ADD_FAILURE() << "a file of garbage opened as a store";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find(garbage), std::string::npos) << e.what();
+  }
+  // A real SQLite database of another program.
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open((dir + "/other.sqlite").c_str(), &db), SQLITE_OK);
+    ASSERT_EQ(sqlite3_exec(db, "CREATE TABLE t(x); INSERT INTO t VALUES(1);", nullptr, nullptr, nullptr), SQLITE_OK);
+    sqlite3_close(db);
+  }
+  try {
+    Store::open(dir + "/other.sqlite", true);
+    ADD_FAILURE() << "another program's database opened as a store";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("did not write"), std::string::npos) << e.what();
+  }
+  // A store whose pages were damaged after the header.
+  const auto c = parse_config(kStudy, "hand");
+  {
+    Store s = Store::create(dir + "/damaged.sqlite", {{"experiment", "hand"}});
+    s.insert(hand_runs(c));
+  }
+  std::string bytes = read_file(dir + "/damaged.sqlite");
+  ASSERT_GT(bytes.size(), 8192u);
+  for (size_t i = 4096 + 100; i < bytes.size(); i += 7) bytes[i] = static_cast<char>(0xA5);
+  write_file_atomic(dir + "/damaged.sqlite", bytes);
+  EXPECT_THROW(
+      {
+        Store s = Store::open(dir + "/damaged.sqlite", false);
+        s.read_all();
+      },
+      InputError);
+}
+
 TEST(Tools, GoldenCheckAndMergeOnHandMadeRunDirectories) {
   const auto c = parse_config(kStudy, "hand");
-  const auto runs = hand_runs(c);
+  auto runs = hand_runs(c);
+  for (auto& r : runs) r.engine = "batched";
   const auto base = temp_dir("tools");
   std::ostringstream log;
   // Two shard directories holding the even and the odd runs, then merged.
   for (int shard = 0; shard < 2; ++shard) {
-    const std::string dir = base + "/s" + std::to_string(shard);
-    ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
-    write_file_atomic(dir + "/config.resolved.json", to_json(c));
     std::vector<StrategyResult> part;
     for (const auto& r : runs)
       if (static_cast<int>(r.run % 2) == shard) part.push_back(r);
-    write_reports(dir, c, part, /*plots=*/false, log, part.size());
+    write_study_dir(base + "/s" + std::to_string(shard), c, part);
   }
   merge_shards({base + "/s0", base + "/s1"}, base + "/m", false, false, log);
-  const auto merged = read_runs(base + "/m/summary.json");
+  const auto merged = Store::open(store_path(base + "/m"), false).read_all();
   ASSERT_EQ(merged.size(), runs.size());
   for (size_t i = 0; i < runs.size(); ++i) EXPECT_EQ(merged[i].loss, runs[i].loss);
   write_golden(base + "/m", base + "/golden.json");
@@ -89,21 +199,65 @@ TEST(Tools, GoldenCheckAndMergeOnHandMadeRunDirectories) {
   write_file_atomic(base + "/bad.json", "{\"format\": \"something else\"}");
   EXPECT_THROW(check_golden(base + "/m", base + "/bad.json", CheckOptions{}, out), InputError);
   EXPECT_THROW(merge_shards({base + "/s0"}, base + "/m2", false, false, log), InputError);  // runs missing
-  // Shards pretrained alike (the same cache keys in manifest.json) merge; shards pretrained by
-  // another engine or with other settings are refused, naming both key sets.
-  write_file_atomic(base + "/s0/manifest.json", R"({"cache_keys": ["abc-batched"]})");
-  write_file_atomic(base + "/s1/manifest.json", R"({"cache_keys": ["abc-batched"]})");
-  merge_shards({base + "/s0", base + "/s1"}, base + "/m3", false, false, log);
-  EXPECT_EQ(read_runs(base + "/m3/summary.json").size(), runs.size());
-  write_file_atomic(base + "/s1/manifest.json", R"({"cache_keys": ["abc-torch"]})");
+  EXPECT_NE(::access((base + "/m2/study.sqlite").c_str(), F_OK), 0) << "a refused merge left a store";
+  // The same shard twice is a duplicate, not a merge.
   try {
-    merge_shards({base + "/s0", base + "/s1"}, base + "/m4", false, false, log);
+    merge_shards({base + "/s0", base + "/s1", base + "/s0"}, base + "/m5", false, false, log);
+    ADD_FAILURE() << "a shard merged twice";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("also in an earlier shard"), std::string::npos) << e.what();
+  }
+  // Shards pretrained by another engine or with other settings are refused, naming both key sets.
+  std::vector<StrategyResult> odd;
+  for (const auto& r : runs)
+    if (r.run % 2 == 1) odd.push_back(r);
+  write_study_dir(base + "/t1", c, odd, R"(["abc-torch"])");
+  try {
+    merge_shards({base + "/s0", base + "/t1"}, base + "/m4", false, false, log);
     ADD_FAILURE() << "shards with different cache keys were merged";
   } catch (const InputError& e) {
     EXPECT_NE(std::string(e.what()).find("abc-torch"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("another --engine"), std::string::npos) << e.what();
   }
   EXPECT_NE(::access((base + "/m4/summary.json").c_str(), F_OK), 0) << "a refused merge wrote results";
+  // Shards of another experiment are refused too.
+  const auto other = parse_config(R"({"name": "other", "seeds": [1, 2], "finetune": {"samples": [3, 4], "epochs": 2},
+                                      "strategies": ["train", "frozen"]})", "other");
+  write_study_dir(base + "/o1", other, odd);
+  EXPECT_THROW(merge_shards({base + "/s0", base + "/o1"}, base + "/m6", false, false, log), InputError);
+  // An output directory holding a database bnlab did not write is left alone, --force or not.
+  ASSERT_EQ(::mkdir((base + "/m7").c_str(), 0755), 0);
+  write_file_atomic(base + "/m7/study.sqlite", "not a database of ours");
+  EXPECT_THROW(merge_shards({base + "/s0", base + "/s1"}, base + "/m7", true, false, log), InputError);
+  EXPECT_EQ(read_file(base + "/m7/study.sqlite"), "not a database of ours");
+}
+
+TEST(Tools, SummariesCountDivergedRunsAndSkipExportsOfLargeStudies) {
+  auto c = parse_config(kStudy, "hand", {"report.export_limit=4"});
+  auto runs = hand_runs(c);
+  runs[0].loss = {1, 50};  // +49 > 10 * max(1, 1): diverged
+  compute_lag(runs[0]);
+  for (auto& r : runs) r.engine = "batched", r.diverged = diverged(r, c.report.diverged_factor);
+  const auto dir = temp_dir("large") + "/run";
+  write_study_dir(dir, c, runs);  // 8 runs > export_limit 4
+  EXPECT_NE(::access((dir + "/curves.csv").c_str(), F_OK), 0);
+  EXPECT_NE(::access((dir + "/metrics.jsonl").c_str(), F_OK), 0);
+  const auto summary = nlohmann::json::parse(read_file(dir + "/summary.json"));
+  EXPECT_FALSE(summary.contains("runs"));
+  ASSERT_EQ(summary["aggregates"].size(), 2u);
+  EXPECT_EQ(summary["aggregates"][0]["diverged"].get<int>(), 1);
+  EXPECT_EQ(summary["aggregates"][0]["final_gap"]["n"].get<int>(), 4) << "a diverged run is excluded from nothing";
+  // train's final gaps: run 0 50 - 2 = 48, runs 1-3 -1: median -1, p25 -1, p75 (-1 + 0.25 * 49) by numpy's interpolation.
+  EXPECT_DOUBLE_EQ(summary["aggregates"][0]["final_gap"]["median"].get<double>(), -1.0);
+  EXPECT_DOUBLE_EQ(summary["aggregates"][0]["final_gap"]["p75"].get<double>(), -1.0 + 0.25 * 49.0);
+  EXPECT_NE(read_file(dir + "/summary.md").find("| 4 | 1 | 0 |"), std::string::npos) << read_file(dir + "/summary.md");
+  // Asked for, the exports are written whatever the size.
+  auto wanted = parse_config(kStudy, "hand", {"report.export_limit=4", R"(report.export=["curves"])"});
+  const auto dir2 = temp_dir("large2") + "/run";
+  write_study_dir(dir2, wanted, runs);
+  EXPECT_EQ(::access((dir2 + "/curves.csv").c_str(), F_OK), 0);
+  EXPECT_NE(::access((dir2 + "/metrics.jsonl").c_str(), F_OK), 0);
+  EXPECT_THROW(parse_config(kStudy, "hand", {R"(report.export=["curve"])"}), InputError);
 }
 
 TEST(Tools, AtomicWriteLeavesNoTemporary) {

@@ -131,6 +131,22 @@ struct GridPoint {
   FinetuneConfig finetune;
 };
 
+/// report: what a study writes besides its store (study.sqlite), and how runs are classified.
+/// Not part of a study's identity: changing it never reruns a finished run.
+struct ReportConfig {
+  /// "auto": curves.csv, metrics.jsonl and per-run records in summary.json for studies of at
+  /// most export_limit runs; or an explicit list of "curves", "metrics", "runs" (possibly empty).
+  bool export_auto = true;
+  std::vector<std::string> exports;
+  int64_t export_limit = 10000;                ///< >= 0
+  /// A run is diverged when its final training loss exceeds its first by more than
+  /// diverged_factor * max(1, |first loss|); > 0.
+  double diverged_factor = 10;
+};
+
+/// The text exports "report.export" may name, in documentation order.
+const std::vector<std::string>& report_export_names();
+
 struct Config {
   std::string name;                            ///< experiment name; default run dir runs/<name>
   uint64_t seed = 0;                           ///< the current run's seed (first of `seeds`)
@@ -159,10 +175,22 @@ struct Config {
   PretrainConfig pretrain;
   FinetuneConfig finetune;
   std::vector<StrategyConfig> strategies;
+  ReportConfig report;
 };
 
+/// One run as the engines take it, handed down beside the study's config (which stays as it was
+/// resolved, never patched per run): the seed, the fine-tuning settings of the run's grid point,
+/// and the sample.
+struct RunSpec {
+  uint64_t seed = 0;
+  const FinetuneConfig* finetune = nullptr;  ///< points into the study's grid (or its finetune)
+  int64_t sample = 0;
+};
 /// Batches the recalibrate_frozen preset averages over (fvcore's PreciseBN uses 200 iterations).
 inline constexpr int64_t kDefaultRecalibrateBatches = 100;
+
+/// The one run a config describes on its own: config.seed, config.finetune, finetune.sample.
+inline RunSpec run_of(const Config& config) { return {config.seed, &config.finetune, config.finetune.sample}; }
 
 /// Names of the presets a strategy may start from, in documentation order.
 const std::vector<std::string>& preset_names();
@@ -217,6 +245,9 @@ Config parse_config(const std::string& text, const std::string& origin,
 
 /// Every value of the config, defaults included, as pretty JSON (config.resolved.json).
 std::string to_json(const Config& config);
+
+/// What makes two studies the same study (resume, merge): to_json without the report section.
+std::string study_identity(const Config& config);
 
 /// Resolves a random sample draw against the data size (no-op for explicit samples);
 /// throws InputError when the draw or an index does not fit.

@@ -1,6 +1,7 @@
 // The library's entry points: what `bnlab run` does, callable in-process by tests.
 #pragma once
 
+#include <functional>
 #include <iosfwd>
 #include <string>
 #include <vector>
@@ -8,6 +9,8 @@
 #include "bnlab/config.hpp"
 
 namespace bnlab {
+
+struct StrategyResult;
 
 struct RunOptions {
   std::string out_dir;                 ///< default: runs/<config name>
@@ -24,6 +27,9 @@ struct RunOptions {
   int lanes = 32;                      ///< batched engine: samples fine-tuned together per work item
   bool plots = true;                   ///< render curves.png/svg (and the gap distribution) with gnuplot
   std::vector<std::string> argv;       ///< recorded in manifest.json
+  /// Called with every run as it finishes (from worker threads, one call at a time), after the
+  /// store has it queued; for callers that watch a study in process.
+  std::function<void(const StrategyResult&)> on_run;
 };
 
 /// What one run (grid point x strategy x seed x sample) produced. Index k of loss/val_loss
@@ -34,8 +40,10 @@ struct StrategyResult {
   std::string grid;                    ///< grid point label, "" without a grid
   uint64_t seed = 0;
   int64_t sample = 0;
+  std::string engine;                  ///< "batched" or "torch": which engine fine-tuned it
   bool failed = false;                 ///< e.g. a non-finite loss; `error` says where
   std::string error;
+  bool diverged = false;               ///< final loss far above the first (report.diverged_factor); still counted everywhere
   double evaluate_pretrained = 0;      ///< untouched pretrained weights, inference mode
   double evaluate_before = 0;          ///< the model about to be fine-tuned (after the strategy's
                                        ///< recalibrate/fold/bn_module transforms), inference mode
@@ -44,6 +52,7 @@ struct StrategyResult {
   std::vector<double> val_loss;        ///< Keras `val_loss`: inference-mode loss after the epoch
   std::vector<double> accuracy, val_accuracy;  ///< cross_entropy only
   int best_epoch = 0;                  ///< epoch whose weights evaluate_after used (1-based)
+  double final_gap = 0;                ///< loss - val_loss at the last epoch
   double max_gap = 0;                  ///< max_k |loss[k] - val_loss[k]|
   double lag_first = 0;                ///< |loss[1] - evaluate_before|
   double lag_steps = 0;                ///< max_k |loss[k+1] - val_loss[k]|
@@ -59,8 +68,11 @@ struct RunResult {
   bool pretrain_cached = false;        ///< every seed's weights came from the cache
   double pretrain_seconds = 0;
   double finetune_seconds = 0;
-  std::vector<StrategyResult> runs;    ///< this shard's finished runs, in run order
+  /// This shard's finished runs in run order, read back from the store, for studies of at most
+  /// report.export_limit runs; empty for larger ones (read study.sqlite instead).
+  std::vector<StrategyResult> runs;
   size_t failed = 0;                   ///< runs that failed (the others completed)
+  size_t diverged = 0;                 ///< runs that completed but diverged
   size_t planned = 0;                  ///< runs of this shard
   size_t batched_runs = 0;             ///< runs the batched engine fine-tuned
   size_t torch_runs = 0;               ///< runs the torch engine fine-tuned
@@ -100,7 +112,7 @@ void export_weights(const std::string& run_dir, const std::string& strategy, con
 /// Where a run directory keeps a strategy's fine-tuned weights (one-run-per-strategy studies).
 std::string finetuned_path(const std::string& run_dir, const std::string& strategy);
 
-/// Derives max_gap and the lag residuals from the curves (exposed for tests).
+/// Derives final_gap, max_gap and the lag residuals from the curves (exposed for tests).
 void compute_lag(StrategyResult& r);
 
 std::string version_string();
