@@ -152,8 +152,7 @@ class BatchNormKind final : public LayerKindDef {
       float* istd = L.saved_c + lane * C;
       if (!batch) {
         // Inference: alpha = gamma / sqrt(running_var + eps), y = x * alpha + (beta - mean * alpha).
-        // Loops over channels without branches, so that they vectorize (with -fno-math-errno
-        // the square roots too: the same correctly rounded results, 8 at a time); this forward
+        // Loops over channels without branches, so that the products vectorize; this forward
         // runs for every evaluation and every frozen-BatchNorm step.
         float* alpha = s.stat(C, 0);
         float* shift = s.stat(C, 1);
