@@ -1050,6 +1050,13 @@ void apply_override(json& root, const std::string& spec, Problems& p) {
   }
   const std::string path = spec.substr(0, eq);
   const std::string text = spec.substr(eq + 1);
+  try {
+    (void)json(path).dump();  // the path's parts become object keys, which JSON needs in UTF-8
+  } catch (const json::exception&) {
+    p.list.push_back("--set " + json(path).dump(-1, ' ', false, json::error_handler_t::replace) +
+                     "=...: the path is not valid UTF-8 text");
+    return;
+  }
   json value;
   try {
     value = json::parse(text);

@@ -170,7 +170,13 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
   if (::access(store_path(w.dir).c_str(), F_OK) == 0) {
     const Store store = Store::open(store_path(w.dir), false);
     std::string rows;
-    store.for_each([&](const StrategyResult& r) {
+    // Only a study that started from these very weights measured what this explains.
+    const std::string keys_text = store.meta("cache_keys");
+    const ojson keys = ojson::parse(keys_text.empty() ? "[]" : keys_text, nullptr, false);
+    const bool same_weights = keys.is_array() && !keys.empty() && keys[0] == w.keys.front();
+    if (!same_weights)
+      out << "\n(" << store.path() << " holds a study that started from other pretrained weights; its runs are not shown.)\n";
+    if (same_weights) store.for_each([&](const StrategyResult& r) {
       if (r.sample != sample || r.seed != cfg.seeds.front()) return;
       if (!options.strategy.empty() && r.name != options.strategy) return;
       char buf[300];

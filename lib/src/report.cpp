@@ -456,7 +456,7 @@ void render(const std::string& dir, const std::vector<Plot>& plots, std::ostream
 
 /// Streams the exports a study gets and summary.json (whose per-run records are one of them)
 /// from the store, and removes an export file not written this time.
-void write_exports(const std::string& dir, const Config& c, const Store& store, const std::vector<Aggregate>& aggs,
+void write_exports(const std::string& dir, const Config& c, Store& store, const std::vector<Aggregate>& aggs,
                    const std::vector<std::string>& exports, size_t planned, size_t stored) {
   const auto wanted = [&](const char* name) { return std::find(exports.begin(), exports.end(), name) != exports.end(); };
   const bool cls = c.model.loss == LossKind::kCrossEntropy;
@@ -500,10 +500,19 @@ void write_exports(const std::string& dir, const Config& c, const Store& store, 
   }
   if (wanted("runs")) summary->write("\n  ]\n}\n");
   summary->commit();
+  // An export not written this time is removed when bnlab wrote it (the store records which it
+  // wrote), so that none disagrees with the store; a file of that name that is not bnlab's stays.
+  std::string before = store.meta("exports_written");
+  ojson written = ojson::array();
   for (const auto& [writer, name] : {std::make_pair(curves.get(), "curves.csv"), std::make_pair(metrics.get(), "metrics.jsonl")}) {
-    if (writer != nullptr) writer->commit();
-    else std::remove((dir + "/" + name).c_str());  // bnlab's own file, from an earlier, smaller study in this directory
+    if (writer != nullptr) {
+      writer->commit();
+      written.push_back(name);
+    } else if (before.find(std::string("\"") + name + "\"") != std::string::npos) {
+      std::remove((dir + "/" + name).c_str());
+    }
   }
+  store.set_meta("exports_written", written.dump());
 }
 
 }  // namespace
@@ -547,7 +556,7 @@ std::string metrics_lines(const StrategyResult& r) {
   return out;
 }
 
-std::string write_reports(const std::string& dir, const Config& c, const Store& store, bool plots, std::ostream& log,
+std::string write_reports(const std::string& dir, const Config& c, Store& store, bool plots, std::ostream& log,
                           size_t planned) {
   const bool with_grid = c.grid.size() > 1;
   const bool single = c.seeds.size() == 1 && c.finetune.samples.size() == 1;

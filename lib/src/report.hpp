@@ -57,7 +57,7 @@ std::vector<std::string> exports_for(const Config& config, size_t runs);
 /// store) and, when `plots`, curves.png/svg and (more than one run per strategy)
 /// gap_distribution.png/svg. `planned` is how many runs the directory should hold. Returns the
 /// summary table for the console.
-std::string write_reports(const std::string& dir, const Config& config, const Store& store, bool plots,
+std::string write_reports(const std::string& dir, const Config& config, Store& store, bool plots,
                           std::ostream& log, size_t planned);
 
 }  // namespace bnlab

@@ -155,10 +155,15 @@ void export_weights(const std::string& run_dir, const std::string& strategy, con
     throw InputError("--strategy: no strategy \"" + strategy + "\" in " + resolved + did_you_mean(strategy, names) +
                      "; strategies: " + join(names, ", "));
   std::string error;
+  bool finished = false;
   store.for_each([&](const StrategyResult& r) {
-    if (r.name == strategy && r.failed) error = r.error;
+    if (r.name != strategy) return;
+    finished = true;
+    if (r.failed) error = r.error;
   }, /*curves=*/false);
   if (!error.empty()) throw InputError("--strategy: the run of \"" + strategy + "\" in " + run_dir + " failed (" + error + "); it has no fine-tuned weights");
+  if (!finished)
+    throw InputError("--strategy: " + resolved + " holds no run of \"" + strategy + "\" (the study stopped before it); run the study again to finish it");
   const std::string path = finetuned_path(run_dir, strategy);
   if (::access(path.c_str(), R_OK) != 0)
     throw InputError(path + ": missing; fine-tuned weights are kept for studies with one seed, one sample and no grid");
@@ -383,16 +388,23 @@ Store open_store(const std::string& dir, const Config& config, const std::vector
   const std::string path = store_path(dir);
   const std::string shard = std::to_string(options.shard_index) + "/" + std::to_string(options.shard_count);
   const std::string keys_json = ojson(keys).dump();
+  std::string exports_written = "[]";  // carried over: the exports in the directory are bnlab's
   if (::access(path.c_str(), F_OK) == 0) {
     Store s = Store::open(path, true);
-    if (resumable && s.meta("identity") == study_identity(config) && s.meta("cache_keys") == keys_json && s.meta("shard") == shard) {
+    const std::string theirs = s.meta("shard");
+    if (theirs != shard && !options.force)
+      throw InputError(path + ": holds the runs of shard " + theirs + " of this study, not " + shard +
+                       "; give each shard its own --out (pass --force to replace them)");
+    if (resumable && s.meta("identity") == study_identity(config) && s.meta("cache_keys") == keys_json) {
       s.delete_failed();  // failed runs run again
       s.reclassify(config.report.diverged_factor);
       s.set_meta("config", to_json(config));
       return s;
     }
+    if (!s.meta("exports_written").empty()) exports_written = s.meta("exports_written");
   }
   return Store::create(path, {{"experiment", config.name},
+                              {"exports_written", exports_written},
                               {"identity", study_identity(config)},
                               {"config", to_json(config)},
                               {"cache_keys", keys_json},
@@ -434,7 +446,9 @@ class StoreSink : public Sink {
   }
   ~StoreSink() override { stop(); }
   void take(std::vector<Finished>& batch) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
+    // Back-pressure: workers wait while the writer is behind, so memory stays bounded.
+    drained_.wait(lock, [&] { return queue_.size() < kMaxQueued || error_ || stopped_; });
     if (error_) std::rethrow_exception(error_);
     for (auto& f : batch) {
       counts_[f.result.failed ? 2 : f.result.diverged ? 1 : 0] += 1;
@@ -454,6 +468,7 @@ class StoreSink : public Sink {
       stopped_ = true;
     }
     cv_.notify_all();
+    drained_.notify_all();
     if (writer_.joinable()) writer_.join();
   }
   void loop() {
@@ -466,6 +481,7 @@ class StoreSink : public Sink {
       batch.swap(queue_);
       const size_t counts[3] = {counts_[0], counts_[1], counts_[2]};
       lock.unlock();
+      drained_.notify_all();
       try {
         store_.insert(batch);
         const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
@@ -476,6 +492,8 @@ class StoreSink : public Sink {
       } catch (...) {
         lock.lock();
         error_ = std::current_exception();
+        lock.unlock();
+        drained_.notify_all();
         return;
       }
       lock.lock();
@@ -496,8 +514,9 @@ class StoreSink : public Sink {
   std::string dir_;
   size_t planned_, resumed_;
   std::chrono::steady_clock::time_point start_;
+  static constexpr size_t kMaxQueued = 1 << 16;  ///< runs waiting for the writer, at most
   std::mutex mu_;
-  std::condition_variable cv_;
+  std::condition_variable cv_, drained_;
   std::vector<StrategyResult> queue_;
   size_t counts_[3] = {0, 0, 0};  // ok, diverged, failed in this invocation
   bool stopped_ = false;
@@ -817,6 +836,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   // Callers of small studies get the runs; large ones read the store.
   if (plan.mine.size() <= static_cast<size_t>(config.report.export_limit)) result.runs = store.read_all();
   const double report_seconds = since(t);
+  store.seal();
   const auto counts = store.status_counts();
   result.failed = counts.failed;
   result.diverged = counts.diverged;

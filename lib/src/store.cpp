@@ -167,8 +167,8 @@ Store Store::open(const std::string& path, bool writable) {
   const std::string format = s.meta("format");
   if (format != kStoreFormat)
     throw InputError(path + ": a study store of format \"" + format + "\", this bnlab reads \"" + kStoreFormat + "\"");
-  // The whole file must be sound before a study builds on it.
-  {
+  // The whole file must be sound before a study builds on it (readers meet damage as they read).
+  if (writable) {
     Statement check(db, "PRAGMA quick_check", path);
     const int rc = sqlite3_step(check.st);
     const char* first = rc == SQLITE_ROW ? reinterpret_cast<const char*>(sqlite3_column_text(check.st, 0)) : nullptr;
@@ -203,14 +203,15 @@ Store Store::create(const std::string& path, const Meta& meta) {
       throw;
     }
   }
-  // The temporary is closed (a rollback journal, nothing beside it): renaming it is atomic.
+  // The temporary is closed (a rollback journal, nothing beside it): renaming it is atomic. An
+  // older store's log goes first: SQLite would replay it into whatever file takes the name.
+  std::remove((path + "-wal").c_str());
+  std::remove((path + "-shm").c_str());
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     const std::string why = errno_text();
     std::remove(tmp.c_str());
     throw std::runtime_error("cannot rename " + tmp + " to " + path + ": " + why);
   }
-  std::remove((path + "-wal").c_str());  // an older store's, which would otherwise be replayed into this one
-  std::remove((path + "-shm").c_str());
   return open(path, true);
 }
 
@@ -287,6 +288,11 @@ void Store::insert(const std::vector<StrategyResult>& runs) {
   }
 }
 
+void Store::seal() {
+  // Best effort: with another connection open the mode stays WAL, which is still a sound store.
+  sqlite3_exec(db_, "PRAGMA journal_mode=DELETE;", nullptr, nullptr, nullptr);
+}
+
 size_t Store::count() const {
   Statement q(db_, "SELECT count(*) FROM runs", path_);
   if (sqlite3_step(q.st) != SQLITE_ROW) fail(db_, path_, "cannot count the runs");
@@ -359,9 +365,11 @@ void Store::for_each(const std::function<void(const StrategyResult&)>& visit, bo
     if (r.failed) {
       r.error = text(7);
     } else {
-      r.evaluate_pretrained = sqlite3_column_double(q.st, 8);
-      r.evaluate_before = sqlite3_column_double(q.st, 9);
-      r.evaluate_after = sqlite3_column_double(q.st, 10);
+      // SQLite stores a NaN as NULL; it reads back as NaN, not as 0.
+      const auto real = [&](int col) { return sqlite3_column_type(q.st, col) == SQLITE_NULL ? NAN : sqlite3_column_double(q.st, col); };
+      r.evaluate_pretrained = real(8);
+      r.evaluate_before = real(9);
+      r.evaluate_after = real(10);
       r.best_epoch = sqlite3_column_int(q.st, 11);
       if (curves) {
         r.loss = doubles_of(q.st, 12);
@@ -372,10 +380,10 @@ void Store::for_each(const std::function<void(const StrategyResult&)>& visit, bo
           throw InputError(path_ + ": run " + std::to_string(r.run) + " has no epochs or mismatched curves; the store is damaged");
         compute_lag(r);
       } else {
-        r.final_gap = sqlite3_column_double(q.st, 16);
-        r.max_gap = sqlite3_column_double(q.st, 17);
-        r.lag_residual = sqlite3_column_double(q.st, 18);
-        r.lag_relative = sqlite3_column_double(q.st, 19);
+        r.final_gap = real(16);
+        r.max_gap = real(17);
+        r.lag_residual = real(18);
+        r.lag_relative = real(19);
         r.lag_identity_holds = sqlite3_column_int(q.st, 20) != 0;
       }
     }

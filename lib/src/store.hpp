@@ -51,6 +51,9 @@ class Store {
   std::string meta(const std::string& key) const;
   void set_meta(const std::string& key, const std::string& value);
 
+  /// Ends the write-ahead log: the file alone is the whole store (copies, read-only directories).
+  void seal();
+
   /// Inserts finished runs (their `engine` and curves included) in one transaction.
   void insert(const std::vector<StrategyResult>& runs);
   /// Runs of every status, in the store.

@@ -260,6 +260,8 @@ void merge_shards(const std::vector<std::string>& dirs, const std::string& out_d
     Store merged = Store::create(building, meta);
     {
       for (const auto& s : shards) merged.absorb(s.store);
+      // One divergence rule for the merged study (shards may have been classified under others).
+      merged.reclassify(config.report.diverged_factor);
       // Every run of the plan once, each where the plan puts it.
       std::vector<char> seen(plan.size(), 0);
       size_t first_missing = plan.size(), missing = 0;
@@ -282,10 +284,10 @@ void merge_shards(const std::vector<std::string>& dirs, const std::string& out_d
     for (const char* suffix : {"", "-wal", "-shm"}) std::remove((building + suffix).c_str());
     throw;
   }
+  std::remove((out_store + "-wal").c_str());  // an older store's log would be replayed into the new file
+  std::remove((out_store + "-shm").c_str());
   if (std::rename(building.c_str(), out_store.c_str()) != 0)
     throw std::runtime_error("cannot rename " + building + " to " + out_store + ": " + errno_text());
-  std::remove((out_store + "-wal").c_str());
-  std::remove((out_store + "-shm").c_str());
   write_file_atomic(out_dir + "/config.resolved.json", to_json(config));
   // Weights and samples are identical in every shard (same seeds, same cache key): take the first's.
   for (const auto& seed : config.seeds) {
@@ -295,8 +297,9 @@ void merge_shards(const std::vector<std::string>& dirs, const std::string& out_d
       if (::access(src.c_str(), R_OK) == 0) write_file_atomic(out_dir + "/" + name, read_file(src));
     }
   }
-  const Store merged = Store::open(out_store, false);
+  Store merged = Store::open(out_store, true);
   const std::string table = write_reports(out_dir, config, merged, plots, log, plan.size());
+  merged.seal();
   nlohmann::ordered_json manifest{{"merged_from", dirs}, {"runs", plan.size()}};
   write_file_atomic(out_dir + "/manifest.json", manifest.dump(2) + "\n");
   log << table << "\nmerged " << dirs.size() << " shard(s), " << plan.size() << " runs, into " << out_dir << "\n";

@@ -140,6 +140,16 @@ TEST(Store, HoldsExactlyWhatTheEnginesReported) {
     ++row;
   }
   EXPECT_EQ(row, seen.size() * 5);
+  // The torch engine's runs reach the store the same way.
+  const auto tdir = temp_dir("store_eq_torch") + "/run";
+  o.out_dir = tdir;
+  o.engine = "torch";
+  seen.clear();
+  run(c, o, log);
+  std::sort(seen.begin(), seen.end(), [](const StrategyResult& a, const StrategyResult& b) { return a.run < b.run; });
+  ASSERT_FALSE(seen.empty());
+  EXPECT_EQ(seen.front().engine, "torch");
+  expect_same_runs(seen, stored(tdir), "torch engine: store vs in-memory results");
 }
 
 TEST(Store, AForeignOrCorruptStoreStopsTheRunAndStaysAsItWas) {

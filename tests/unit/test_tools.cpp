@@ -134,6 +134,24 @@ TEST(Tools, StoreKeepsEveryFieldBitForBit) {
   EXPECT_EQ(store.completed_runs().size(), runs.size() - 1);
 }
 
+TEST(Tools, ANewStoreNeverTakesAnOldOnesLog) {
+  // A store replaced while the old one's write-ahead log lies beside it (a kill at the wrong
+  // moment): SQLite would replay that log into the new file. The log must be gone first.
+  const auto c = parse_config(kStudy, "hand");
+  const auto dir = temp_dir("stale_wal");
+  const std::string path = dir + "/study.sqlite";
+  {
+    Store old = Store::create(path, {{"experiment", "old"}});
+    old.insert(hand_runs(c));
+  }
+  write_file_atomic(path + "-wal", std::string(4096, '\x5a'));
+  Store fresh = Store::create(path, {{"experiment", "new"}});
+  EXPECT_EQ(fresh.count(), 0u);
+  EXPECT_EQ(fresh.meta("experiment"), "new");
+  fresh.seal();
+  EXPECT_NE(::access((path + "-wal").c_str(), F_OK), 0) << "a sealed store still has a log beside it";
+}
+
 TEST(Tools, ForeignAndCorruptStoresAreRefusedByName) {
   const auto dir = temp_dir("foreign");
   const std::string garbage = dir + "/garbage.sqlite";
@@ -258,6 +276,39 @@ TEST(Tools, SummariesCountDivergedRunsAndSkipExportsOfLargeStudies) {
   EXPECT_EQ(::access((dir2 + "/curves.csv").c_str(), F_OK), 0);
   EXPECT_NE(::access((dir2 + "/metrics.jsonl").c_str(), F_OK), 0);
   EXPECT_THROW(parse_config(kStudy, "hand", {R"(report.export=["curve"])"}), InputError);
+  // An export bnlab wrote and no longer writes is removed; a user's file of that name stays.
+  {
+    Store store = Store::open(store_path(dir2), true);
+    std::ostringstream log;
+    write_reports(dir2, parse_config(kStudy, "hand", {R"(report.export=[])"}), store, false, log, runs.size());
+  }
+  EXPECT_NE(::access((dir2 + "/curves.csv").c_str(), F_OK), 0) << "bnlab's stale curves.csv was kept";
+  write_file_atomic(dir + "/metrics.jsonl", "the user's own notes\n");
+  {
+    Store store = Store::open(store_path(dir), true);
+    std::ostringstream log;
+    write_reports(dir, c, store, false, log, runs.size());
+  }
+  EXPECT_EQ(read_file(dir + "/metrics.jsonl"), "the user's own notes\n");
+}
+
+TEST(Tools, MergeClassifiesEveryShardUnderOneRule) {
+  const auto c = parse_config(kStudy, "hand", {"report.diverged_factor=1"});
+  auto runs = hand_runs(c);  // each run's loss rises by 1 from base: diverged under a factor below 1 / max(1, base)
+  const auto base = temp_dir("merge_rule");
+  for (int shard = 0; shard < 2; ++shard) {
+    const auto sc = parse_config(kStudy, "hand", {shard == 0 ? "report.diverged_factor=1e-3" : "report.diverged_factor=1"});
+    std::vector<StrategyResult> part;
+    for (auto r : runs)
+      if (static_cast<int>(r.run % 2) == shard) r.engine = "batched", r.diverged = diverged(r, sc.report.diverged_factor), part.push_back(r);
+    write_study_dir(base + "/s" + std::to_string(shard), sc, part);
+  }
+  std::ostringstream log;
+  merge_shards({base + "/s0", base + "/s1"}, base + "/m", false, false, log);
+  size_t expected = 0;
+  for (const auto& r : runs) expected += diverged(r, 1e-3) ? 1 : 0;  // the first shard's config rules the merge
+  ASSERT_GT(expected, 0u);
+  EXPECT_EQ(Store::open(store_path(base + "/m"), false).status_counts().diverged, expected);
 }
 
 TEST(Tools, AtomicWriteLeavesNoTemporary) {
