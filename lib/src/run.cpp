@@ -141,10 +141,10 @@ void export_weights(const std::string& run_dir, const std::string& strategy, con
     throw InputError("--as: expected state_dict, checkpoint or torchscript, got \"" + as + "\"" +
                      did_you_mean(as, {"state_dict", "checkpoint", "torchscript"}));
   // The study's own record of itself: the store's config, and how the strategy's run ended.
-  const std::string resolved = store_path(run_dir);
-  if (::access(resolved.c_str(), F_OK) != 0) throw InputError(run_dir + ": no " + std::string(kStoreName) + "; is it a bnlab run directory?");
-  const Store store = Store::open(resolved, false);
-  const Config config = parse_config(store.meta("config"), resolved + " (meta.config)", {}, run_dir);
+  const StudyRecord study = open_study(run_dir);
+  const Config& config = study.config;
+  const Store& store = study.store;
+  const std::string& resolved = store.path();
   const StrategyConfig* s = nullptr;
   std::vector<std::string> names;
   for (const auto& c : config.strategies) {

@@ -3,6 +3,7 @@
 #include "store.hpp"
 
 #include <sqlite3.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -105,6 +106,15 @@ bool diverged(const StrategyResult& r, double factor) {
 const char* run_status(const StrategyResult& r) { return r.failed ? "failed" : r.diverged ? "diverged" : "ok"; }
 
 std::string store_path(const std::string& dir) { return dir + "/" + kStoreName; }
+
+StudyRecord open_study(const std::string& run_dir) {
+  const std::string path = store_path(run_dir);
+  if (::access(path.c_str(), F_OK) != 0)
+    throw InputError(run_dir + ": no " + std::string(kStoreName) + " here; is it a bnlab run directory?");
+  Store store = Store::open(path, false);
+  Config config = parse_config(store.meta("config"), path + " (meta.config)", {}, run_dir);
+  return {std::move(config), std::move(store)};
+}
 
 Store::Store(Store&& o) noexcept : db_(o.db_), path_(std::move(o.path_)), insert_run_(o.insert_run_), insert_epochs_(o.insert_epochs_) {
   o.db_ = nullptr;

@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "bnlab/config.hpp"
 #include "bnlab/run.hpp"
 
 struct sqlite3;
@@ -92,5 +93,13 @@ class Store {
 
 /// The store of a run directory: `dir`/study.sqlite.
 std::string store_path(const std::string& dir);
+
+/// A run directory's store, opened read-only, and the study's config from its metadata (what
+/// golden, check, merge and export read). No store there is an InputError naming the directory.
+struct StudyRecord {
+  Config config;
+  Store store;
+};
+StudyRecord open_study(const std::string& run_dir);
 
 }  // namespace bnlab

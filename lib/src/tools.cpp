@@ -44,24 +44,7 @@ ojson load_json(const std::string& path, const std::string& what) {
   }
 }
 
-/// The store of a finished (or partly finished) run directory, and its experiment.
-struct StudyDir {
-  Config config;
-  Store store;
-};
-
-StudyDir open_study(const std::string& run_dir) {
-  const std::string path = store_path(run_dir);
-  if (::access(path.c_str(), F_OK) != 0)
-    throw InputError(run_dir + ": no " + std::string(kStoreName) + " here; is it a bnlab run directory?");
-  Store store = Store::open(path, false);
-  const std::string text = store.meta("config");
-  Config config = parse_config(text, path + " (meta.config)", {}, run_dir);
-  return {std::move(config), std::move(store)};
-}
-
-std::vector<Point> points_of(const std::string& run_dir) {
-  const StudyDir study = open_study(run_dir);
+std::vector<Point> points_of(const StudyRecord& study) {
   std::vector<Point> out;
   study.store.for_each([&](const StrategyResult& r) {
     Point base{r.name, r.grid, static_cast<int64_t>(r.seed), r.sample, -1, "", 0};
@@ -126,8 +109,9 @@ std::string where(const Point& p) {
 }  // namespace
 
 void write_golden(const std::string& run_dir, const std::string& out_file) {
-  const auto points = points_of(run_dir);
-  const std::string experiment = open_study(run_dir).config.name;
+  const StudyRecord study = open_study(run_dir);
+  const auto points = points_of(study);
+  const std::string& experiment = study.config.name;
   // One value per line: a changed curve point shows as one changed line in a diff.
   std::string text = "{\"format\": \"bnlab.golden/1\", \"experiment\": " + ojson(experiment).dump() +
                      ", \"values\": [\n";
@@ -142,7 +126,7 @@ void write_golden(const std::string& run_dir, const std::string& out_file) {
 
 size_t check_golden(const std::string& run_dir, const std::string& golden_file, const CheckOptions& o, std::ostream& out) {
   if (!(o.rtol >= 0) || !(o.atol >= 0)) throw InputError("--rtol and --atol must be >= 0");
-  const auto run_points = points_of(run_dir);  // the run directory first: it is the usual mistake
+  const auto run_points = points_of(open_study(run_dir));  // the run directory first: it is the usual mistake
   const ojson golden = load_json(golden_file, "the golden file");
   if (golden.value("format", "") != "bnlab.golden/1") throw InputError(golden_file + ": not a bnlab golden file (format bnlab.golden/1)");
   std::map<std::string, Point> expected;
@@ -226,7 +210,7 @@ size_t check_golden(const std::string& run_dir, const std::string& golden_file, 
 
 void merge_shards(const std::vector<std::string>& dirs, const std::string& out_dir, bool force, bool plots, std::ostream& log) {
   if (dirs.empty()) throw InputError("merge: name at least one shard directory");
-  std::vector<StudyDir> shards;
+  std::vector<StudyRecord> shards;
   for (const auto& d : dirs) shards.push_back(open_study(d));
   const Config& config = shards.front().config;
   const std::string identity = study_identity(config), keys = shards.front().store.meta("cache_keys");
