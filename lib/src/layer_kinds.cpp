@@ -156,7 +156,7 @@ class BatchNormKind final : public LayerKindDef {
         // runs for every evaluation and every frozen-BatchNorm step.
         float* alpha = s.stat(C, 0);
         float* shift = s.stat(C, 1);
-        for (int64_t c = 0; c < C; ++c) istd[c] = 1.f / std::sqrt(rv[c] + eps);
+        kernels::inv_sqrt(rv, eps, istd, C);
         if (gamma) {
           for (int64_t c = 0; c < C; ++c) alpha[c] = gamma[c] * istd[c];
         } else {
@@ -186,10 +186,8 @@ class BatchNormKind final : public LayerKindDef {
           const float d = X[r * C + c] - mean[c];
           var[c] += d * d;
         }
-      for (int64_t c = 0; c < C; ++c) {
-        var[c] /= static_cast<float>(n);
-        istd[c] = 1.f / std::sqrt(var[c] + eps);
-      }
+      for (int64_t c = 0; c < C; ++c) var[c] /= static_cast<float>(n);
+      kernels::inv_sqrt(var, eps, istd, C);
       for (int64_t r = 0; r < n; ++r)
         for (int64_t c = 0; c < C; ++c) {
           const float h = (X[r * C + c] - mean[c]) * istd[c];
