@@ -9,7 +9,7 @@ seconds="${1:-20}"
 out="${BNLAB_BUILD_DIR:-$root/build}/fuzz"
 mkdir -p "$out/corpus"
 bin="$out/fuzz_config"
-srcs=("$root/fuzz/fuzz_config.cpp" "$root/lib/src/config.cpp" "$root/lib/src/model_spec.cpp" "$root/lib/src/text.cpp")
+srcs=("$root/fuzz/fuzz_config.cpp" "$root/lib/src/config.cpp" "$root/lib/src/model_spec.cpp" "$root/lib/src/text.cpp" "$root/lib/src/json_input.cpp" "$root/lib/src/run_dir.cpp")
 if [ ! -x "$bin" ] || [ -n "$(find "${srcs[@]}" "$root/lib/include" "$root/lib/src/text.hpp" -newer "$bin" 2>/dev/null)" ]; then
   clang++ -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
     -I"$root/lib/include" -I"$root/lib/src" "${srcs[@]}" -o "$bin"

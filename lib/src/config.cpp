@@ -19,6 +19,7 @@
 #include <stdexcept>
 
 #include "bnlab/errors.hpp"
+#include "json_input.hpp"
 #include "text.hpp"
 
 namespace bnlab {
@@ -404,6 +405,14 @@ bool set_path(json& root, const std::string& dotted, const json& value, std::str
     const bool last = i + 1 == parts.size();
     if (node->is_null()) *node = json::object();
     if (node->is_object()) {
+      // An override of one of two keys that say the same thing replaces the other: --set
+      // finetune.samples=... on a file that gives finetune.sample turns the job into a study.
+      static const std::pair<const char*, const char*> kSynonyms[] = {{"sample", "samples"}, {"seed", "seeds"}, {"keras", "keras_h5"}};
+      if (last)
+        for (const auto& [a, b] : kSynonyms) {
+          if (key == a) node->erase(b);
+          if (key == b) node->erase(a);
+        }
       node = &(*node)[key];
     } else if (node->is_array()) {
       char* end = nullptr;
@@ -1057,6 +1066,10 @@ void apply_override(json& root, const std::string& spec, Problems& p) {
                      "=...: the path is not valid UTF-8 text");
     return;
   }
+  if (const auto issue = scan_json(text)) {
+    p.list.push_back("--set " + path + "=...: column " + std::to_string(issue->offset + 1) + " of the value: " + issue->what);
+    return;
+  }
   json value;
   try {
     value = json::parse(text);
@@ -1090,22 +1103,7 @@ const std::vector<std::string>& preset_names() {
 Config parse_config(const std::string& text, const std::string& origin,
                     const std::vector<std::string>& overrides, const std::string& base_dir, const ModelFileReaders& readers) {
   Problems problems{origin, {}};
-  json root;
-  try {
-    root = json::parse(text);
-  } catch (const json::parse_error& e) {
-    const auto [line, column] = line_column(text, e.byte == 0 ? 0 : e.byte - 1);
-    std::string what = e.what();
-    const auto pos = what.find("; ");
-    if (pos != std::string::npos) what = what.substr(pos + 2);
-    throw InputError(origin + ":" + std::to_string(line) + ":" + std::to_string(column) +
-                     ": malformed JSON: " + what);
-  } catch (const json::exception& e) {
-    // e.g. a number too large for a double: nlohmann reports it without a position.
-    std::string what = e.what();
-    const auto pos = what.find("] ");
-    throw InputError(origin + ": invalid JSON: " + (pos == std::string::npos ? what : what.substr(pos + 2)));
-  }
+  json root = parse_json(text, origin);
   for (const auto& o : overrides) apply_override(root, o, problems);
   Config c;
   c.base_dir = base_dir;
@@ -1456,12 +1454,7 @@ int64_t input_width(const json& cfg) {
 }  // namespace
 
 KerasArchitecture keras_architecture(const std::string& text, const std::string& origin, const BatchNormConfig& bn) {
-  json root;
-  try {
-    root = json::parse(text);
-  } catch (const json::exception& e) {
-    throw InputError(origin + ": the model config is not valid JSON (" + std::string(e.what()) + ")");
-  }
+  const json root = parse_json(text, origin + " (the model config)");
   const auto fail = [&](const std::string& what) { throw InputError(origin + ": " + what); };
   if (!root.is_object() || !root.contains("class_name") || !root.contains("config") || !root["config"].is_object())
     fail("the model config has no class_name/config; is this a Keras model file?");

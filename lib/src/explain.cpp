@@ -10,6 +10,7 @@
 #include "bnlab/errors.hpp"
 #include "bnlab/run.hpp"
 #include "engine.hpp"
+#include "json_input.hpp"
 #include "text.hpp"
 #include "store.hpp"
 #include "workspace.hpp"
@@ -172,7 +173,7 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
     std::string rows;
     // Only a study that started from these very weights measured what this explains.
     const std::string keys_text = store.meta("cache_keys");
-    const ojson keys = ojson::parse(keys_text.empty() ? "[]" : keys_text, nullptr, false);
+    const ojson keys = scan_json(keys_text) ? ojson() : ojson::parse(keys_text.empty() ? "[]" : keys_text, nullptr, false);
     const bool same_weights = keys.is_array() && !keys.empty() && keys[0] == w.keys.front();
     if (!same_weights)
       out << "\n(" << store.path() << " holds a study that started from other pretrained weights; its runs are not shown.)\n";

@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "bnlab/errors.hpp"
+#include "run_dir.hpp"
 #include "text.hpp"
 
 namespace bnlab {
@@ -449,6 +450,8 @@ void render(const std::string& dir, const std::vector<Plot>& plots, std::ostream
           << ".png/.svg not written (scripts/setup.sh installs gnuplot-nox)\n";
       continue;
     }
+    claim_path(dir + "/" + plots[i].stem + ".png");
+    claim_path(dir + "/" + plots[i].stem + ".svg");
     std::rename(png.tmp.c_str(), (dir + "/" + plots[i].stem + ".png").c_str());
     std::rename(svg.tmp.c_str(), (dir + "/" + plots[i].stem + ".svg").c_str());
   }
@@ -508,7 +511,7 @@ void write_exports(const std::string& dir, const Config& c, Store& store, const 
     if (writer != nullptr) {
       writer->commit();
       written.push_back(name);
-    } else if (before.find(std::string("\"") + name + "\"") != std::string::npos) {
+    } else if (before.find(std::string("\"") + name + "\"") != std::string::npos && may_remove(dir + "/" + name)) {
       std::remove((dir + "/" + name).c_str());
     }
   }

@@ -33,6 +33,7 @@
 #include "torch_io.hpp"
 #include "report.hpp"
 #include "store.hpp"
+#include "run_dir.hpp"
 #include "text.hpp"
 #include "version.hpp"
 #include "workspace.hpp"
@@ -58,21 +59,6 @@ void make_dirs(const std::string& path) {
     if (::mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST)
       throw InputError(path + ": cannot create the output directory (" + errno_text() + ")");
   }
-}
-
-/// Refuses a directory that holds another experiment's results unless --force.
-void check_out_dir(const std::string& dir, const Config& config, bool force) {
-  const std::string resolved = dir + "/config.resolved.json";
-  if (force || ::access(resolved.c_str(), F_OK) != 0) return;
-  std::string other;
-  try {
-    other = ojson::parse(read_file(resolved)).value("name", "");
-  } catch (const std::exception&) {
-    other = "(unreadable)";
-  }
-  if (other != config.name)
-    throw InputError(dir + ": holds results of experiment \"" + other + "\", not \"" + config.name +
-                     "\"; choose another --out or pass --force to overwrite");
 }
 
 std::string iso_now() {
@@ -135,6 +121,7 @@ void export_weights(const std::string& run_dir, const std::string& strategy, con
                     const std::string& out, const std::string& as) {
   if (format != "keras-h5" && format != "torch")
     throw InputError("--format: expected keras-h5 or torch, got \"" + format + "\"");
+  check_new_output_file(out, "-o");
   if (format == "keras-h5" && !as.empty()) throw InputError("--as: applies to --format torch only");
   const std::string form = as.empty() ? "state_dict" : as;
   if (form != "state_dict" && form != "checkpoint" && form != "torchscript")
@@ -212,6 +199,7 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
   w.torch_engine = torch_engine;
   w.config = config;
   w.dir = out_dir.empty() ? "runs/" + config.name : out_dir;
+  check_output_dir(w.dir, config.name, force);  // first: a wrong --out costs nothing
   w.data = load_data(config);
   resolve_samples(w.config, w.data.size());
   const bool keras = !config.init_keras.empty();
@@ -258,7 +246,6 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
       w.data.size() % config.pretrain.batch_size == 1)
     throw InputError("pretrain.batch_size: " + std::to_string(config.pretrain.batch_size) + " leaves a last batch of ONE sample out of " +
                      std::to_string(w.data.size()) + " rows, which PyTorch BatchNorm refuses in training mode; pick another batch size");
-  check_out_dir(w.dir, config, force);
   TorchState torch_file;  // the user's PyTorch file, read once for every seed
   if (!w.config.init_torch.empty()) {
     torch_file = read_torch_state(w.config.init_torch, w.config.init_key, w.config.init_prefix);
@@ -292,6 +279,7 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
 
 void ensure_pretrained(Workspace& w, std::ostream& log, int verbose) {
   make_dirs(w.dir);
+  own_output_dir(w.dir);
   for (size_t i = 0; i < w.models.size(); ++i) {
     Config c = w.config;
     c.seed = c.seeds[i];
@@ -765,6 +753,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   RunResult result;
   result.out_dir = dir;
   make_dirs(dir);
+  own_output_dir(dir);  // the lock: a second bnlab on this directory stops here, before writing
   remove_stale_temps(dir);
   write_file_atomic(dir + "/config.resolved.json", to_json(config));
   if (!config.keras_names.empty()) write_file_atomic(dir + "/keras.json", keras_json(config));

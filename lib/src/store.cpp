@@ -13,6 +13,7 @@
 
 #include "bnlab/errors.hpp"
 #include "report.hpp"
+#include "run_dir.hpp"
 #include "text.hpp"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -191,6 +192,8 @@ Store Store::open(const std::string& path, bool writable) {
 }
 
 Store Store::create(const std::string& path, const Meta& meta) {
+  // In a run directory: the store and the logs SQLite keeps beside it enter the ledger first.
+  for (const char* suffix : {"", "-wal", "-shm", "-journal"}) claim_path(path + suffix);
   const std::string tmp = temp_name(path);
   std::remove(tmp.c_str());
   {
@@ -215,8 +218,8 @@ Store Store::create(const std::string& path, const Meta& meta) {
   }
   // The temporary is closed (a rollback journal, nothing beside it): renaming it is atomic. An
   // older store's log goes first: SQLite would replay it into whatever file takes the name.
-  std::remove((path + "-wal").c_str());
-  std::remove((path + "-shm").c_str());
+  for (const char* suffix : {"-wal", "-shm"})
+    if (may_remove(path + suffix)) std::remove((path + suffix).c_str());
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     const std::string why = errno_text();
     std::remove(tmp.c_str());

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "bnlab/errors.hpp"
+#include "run_dir.hpp"
 
 #include <dirent.h>
 #include <sys/stat.h>
@@ -144,12 +145,18 @@ void remove_stale_temps(const std::string& dir) {
   if (d == nullptr) return;
   while (const dirent* e = ::readdir(d)) {
     const std::string name = e->d_name;
-    if (name.size() > 1 && name[0] == '.' && name.find(".tmp.") != std::string::npos) std::remove((dir + "/" + name).c_str());
+    // ".NAME.tmp.PID", of a file bnlab writes here: a user's file of that shape stays.
+    const auto tmp = name.find(".tmp.");
+    if (name.size() > 1 && name[0] == '.' && tmp != std::string::npos && tmp > 1) {
+      const std::string target = name.substr(1, tmp - 1);
+      if (is_bnlab_output_name(target) && may_remove(dir + "/" + target)) std::remove((dir + "/" + name).c_str());
+    }
   }
   ::closedir(d);
 }
 
 AtomicWriter::AtomicWriter(std::string path) : path_(std::move(path)), tmp_(temp_name(path_)) {
+  claim_path(path_);  // in a run directory: refused if the file there is not bnlab's
   FILE* f = std::fopen(tmp_.c_str(), "wb");
   if (f == nullptr) throw std::runtime_error("cannot write " + tmp_ + ": " + errno_text());
   file_ = f;

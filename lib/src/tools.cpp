@@ -14,6 +14,8 @@
 #include "bnlab/errors.hpp"
 #include "report.hpp"
 #include "store.hpp"
+#include "json_input.hpp"
+#include "run_dir.hpp"
 #include "text.hpp"
 
 namespace bnlab {
@@ -37,7 +39,9 @@ struct Point {
 
 ojson load_json(const std::string& path, const std::string& what) {
   try {
-    return ojson::parse(read_file(path));
+    return parse_json(read_file(path), path);
+  } catch (const InputError&) {
+    throw;  // already "PATH:LINE:COLUMN: ..."
   } catch (const std::exception& e) {
     std::string why = e.what();
     throw InputError(path + ": cannot read " + what + " (" + why.substr(0, why.find('\n')) + ")");
@@ -109,6 +113,7 @@ std::string where(const Point& p) {
 }  // namespace
 
 void write_golden(const std::string& run_dir, const std::string& out_file) {
+  check_new_output_file(out_file, "-o", "{\"format\": \"bnlab.golden/1\"");
   const StudyRecord study = open_study(run_dir);
   const auto points = points_of(study);
   const std::string& experiment = study.config.name;
@@ -126,6 +131,7 @@ void write_golden(const std::string& run_dir, const std::string& out_file) {
 
 size_t check_golden(const std::string& run_dir, const std::string& golden_file, const CheckOptions& o, std::ostream& out) {
   if (!(o.rtol >= 0) || !(o.atol >= 0)) throw InputError("--rtol and --atol must be >= 0");
+  if (!o.junit.empty()) check_new_output_file(o.junit, "--junit", "<testsuite name=\"bnlab.check\"");
   const auto run_points = points_of(open_study(run_dir));  // the run directory first: it is the usual mistake
   const ojson golden = load_json(golden_file, "the golden file");
   if (golden.value("format", "") != "bnlab.golden/1") throw InputError(golden_file + ": not a bnlab golden file (format bnlab.golden/1)");
@@ -229,8 +235,8 @@ void merge_shards(const std::vector<std::string>& dirs, const std::string& out_d
     Store::open(out_store, false);  // a file bnlab did not write stays, --force or not
     if (!force) throw InputError(out_dir + ": already holds results; pass --force to overwrite");
   }
-  ::mkdir(out_dir.c_str(), 0755);
-  if (::access(out_dir.c_str(), W_OK) != 0) throw InputError(out_dir + ": cannot create or write the output directory");
+  check_output_dir(out_dir, config.name, force, "-o");
+  own_output_dir(out_dir);
   // The merged store is complete under a temporary name before it takes the real one.
   const std::string building = temp_name(out_store + ".merge");
   Store::Meta meta;
@@ -268,8 +274,9 @@ void merge_shards(const std::vector<std::string>& dirs, const std::string& out_d
     for (const char* suffix : {"", "-wal", "-shm"}) std::remove((building + suffix).c_str());
     throw;
   }
-  std::remove((out_store + "-wal").c_str());  // an older store's log would be replayed into the new file
-  std::remove((out_store + "-shm").c_str());
+  for (const char* suffix : {"", "-wal", "-shm", "-journal"}) claim_path(out_store + suffix);
+  for (const char* suffix : {"-wal", "-shm"})  // an older store's log would be replayed into the new file
+    if (may_remove(out_store + suffix)) std::remove((out_store + suffix).c_str());
   if (std::rename(building.c_str(), out_store.c_str()) != 0)
     throw std::runtime_error("cannot rename " + building + " to " + out_store + ": " + errno_text());
   write_file_atomic(out_dir + "/config.resolved.json", to_json(config));

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The command line as a user meets it: help, version, exit codes, messages, nothing half-written.
 # Usage: test_cli.sh BNLAB_BINARY SOURCE_DIR
-set -u
+set -u -o pipefail
 bin="$1"; src="$2"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
 passed=0; failed=0
@@ -77,7 +77,17 @@ bad torch_one 'runs BatchNorm in training mode on a batch of ONE sample' '{"name
 bad layers_kind 'model.layers[1]: names no layer kind; did you mean "dense"?' '{"name": "t", "model": {"layers": [{"dense": 4}, {"dens": 3}]}}'
 bad fold_between 'strategies[0].fold: BatchNorm "2" (after an activation) has no Linear directly before or after it' '{"name": "t", "model": {"layers": [{"dense": 4}, {"activation": "relu"}, {"batchnorm": {}}, {"activation": "tanh"}]}, "strategies": ["fold"]}'
 bad fold_no_bn 'strategies[0].fold: there is nothing to fold: the model has no BatchNorm layer' '{"name": "t", "model": {"batchnorm": {"enabled": false}}, "strategies": ["fold"]}'
-bad number_overflow 'invalid JSON: number overflow' '{"name": "t", "seed": 1e999}'
+bad number_overflow 'number_overflow.json:1:23: the number 1e999 is beyond the range of a double' '{"name": "t", "seed": 1e999}'
+bad dup_key 'dup_key.json:3:3: duplicate key "finetune" (first at line 2, column 3' $'{\n  "finetune": {"epochs": 2},\n  "finetune": {"epochs": 3},\n  "name": "t"}'
+bad dup_key_nested 'dup_key_nested.json:1:41: duplicate key "epochs" (first at line 1, column 28' '{"name": "t", "finetune": {"epochs": 2, "epochs": 3}}'
+/usr/bin/python3 -c 'print("[" * 300000 + "]" * 300000)' > "$tmp/deep.json"  # a SIGSEGV once
+check deep 2 "deep.json:1:129: objects and arrays nested deeper than 128 levels" -- "$bin" run "$tmp/deep.json" --out "$tmp/out_deep"
+if [ -e "$tmp/out_deep" ]; then echo "FAIL deep wrote $tmp/out_deep"; failed=$((failed+1)); else passed=$((passed+1)); fi
+check set_dup_key 2 'column 12 of the value: duplicate key "a"' -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/sd" --set 'grid={"a": [1], "a": [2]}'
+check set_overflow 2 'the number 1e400 is beyond the range of a double' -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/sd" --set 'finetune.optimizer.lr=1e400'
+if [ -e "$tmp/sd" ]; then echo "FAIL set_dup_key/set_overflow wrote $tmp/sd"; failed=$((failed+1)); else passed=$((passed+1)); fi
+# One of two synonyms overridden replaces the other: the main job becomes a study.
+check set_synonym 0 '"count": 1000' -- "$bin" validate "$src/configs/seed_repro.json" --set 'finetune.samples={"count": 1000}'
 check config_is_dir 2 "is not a regular file" -- "$bin" run "$tmp"
 
 # CSV data: file, line and column.
@@ -127,6 +137,55 @@ check export_none 0 "" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "
 if [ -e "$tmp/exp_none/curves.csv" ] || [ ! -e "$tmp/exp_none/study.sqlite" ] || [ ! -e "$tmp/exp_none/summary.md" ]; then
   echo "FAIL export_none: curves.csv written, or the store or summary.md missing"; failed=$((failed+1)); else passed=$((passed+1)); fi
 check check_missing 2 "no study.sqlite here" -- "$bin" check "$tmp/nothing" --golden "$tmp/good.pt"
+
+# Output folders: only a new folder, an empty one or bnlab's own run directory; a user's file is
+# never replaced or removed, --force or not; a second bnlab on one directory is refused.
+same() {  # same NAME FILE CONTENT: the file still holds exactly CONTENT
+  if [ "$(cat "$2" 2>/dev/null)" = "$3" ]; then passed=$((passed+1)); else echo "FAIL $1: $2 was changed"; failed=$((failed+1)); fi
+}
+echo "mine" > "$tmp/a_file"
+check out_is_file 2 "a_file: is a file, not a folder" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/a_file"
+same out_is_file "$tmp/a_file" "mine"
+mkdir "$tmp/user"; echo "a,b" > "$tmp/user/curves.csv"
+for f in "" --force; do
+  check "user_folder$f" 2 "user: the folder is not empty and is not a bnlab run directory (it holds curves.csv)" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/user" $f
+done
+same user_folder "$tmp/user/curves.csv" "a,b"
+if [ "$(ls -A "$tmp/user")" = "curves.csv" ]; then passed=$((passed+1)); else echo "FAIL user_folder: bnlab wrote into it"; failed=$((failed+1)); fi
+check own_dir 0 "" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/own" --verbose 0 --no-plots
+check ledger 0 "summary.csv" -- cat "$tmp/own/.bnlab-files"
+echo "my notes" > "$tmp/own/notes.txt"
+check own_dir_again 0 "" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/own" --verbose 0 --no-plots
+same own_dir_notes "$tmp/own/notes.txt" "my notes"
+# A file with a name bnlab writes, put there by the user (not in the ledger): refused up front.
+rm "$tmp/own/summary.md"; echo "my summary" > "$tmp/own/summary.md"; sed -i '/^summary.md$/d' "$tmp/own/.bnlab-files"
+for f in "" --force; do
+  check "user_file_in_run_dir$f" 2 "own/summary.md: bnlab would write this file, but it did not write the one there" -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/own" --verbose 0 $f
+done
+same user_file_in_run_dir "$tmp/own/summary.md" "my summary"
+rm "$tmp/own/summary.md"
+check force_other_experiment 0 "" -- "$bin" run "$src/configs/smoke/torch_mse.json" --out "$tmp/own" --verbose 0 --no-plots --force
+same force_other_notes "$tmp/own/notes.txt" "my notes"
+# The lock: held by another process (util-linux flock), then by a real second bnlab.
+flock "$tmp/own/.bnlab.lock" sleep 30 & holder=$!
+for _ in $(seq 100); do flock -n "$tmp/own/.bnlab.lock" true 2>/dev/null || break; sleep 0.1; done
+check locked 2 "own: another bnlab process is writing this run directory" -- "$bin" run "$src/configs/smoke/torch_mse.json" --out "$tmp/own" --verbose 0
+kill "$holder"; wait "$holder" 2>/dev/null
+"$bin" run "$src/configs/seed_repro.json" --out "$tmp/busy" --verbose 0 --no-plots --jobs 1 --set 'finetune.samples={"count": 20000}' >/dev/null 2>&1 & first=$!
+for _ in $(seq 300); do [ -e "$tmp/busy/progress.json" ] && break; sleep 0.1; done
+check second_bnlab 2 "another bnlab process (pid $first) is writing this run directory" -- "$bin" run "$src/configs/seed_repro.json" --out "$tmp/busy" --verbose 0 --set 'finetune.samples={"count": 20000}'
+wait "$first"; check first_bnlab_finished 0 "" -- test "$?" -eq 0
+# Standalone outputs (-o FILE, --junit FILE): an existing file is refused unless it is bnlab's own kind.
+echo "precious" > "$tmp/mine.pt"
+check export_over_user_file 2 "mine.pt: already exists; bnlab never replaces a file it did not write" -- "$bin" export "$tmp/ok" --strategy frozen --format torch -o "$tmp/mine.pt"
+same export_over_user_file "$tmp/mine.pt" "precious"
+check golden_first 0 "" -- "$bin" golden "$tmp/ok" -o "$tmp/g.json"
+check golden_again 0 "" -- "$bin" golden "$tmp/ok" -o "$tmp/g.json"
+check golden_over_user_file 2 "mine.pt: already exists" -- "$bin" golden "$tmp/ok" -o "$tmp/mine.pt"
+check junit_over_user_file 2 "mine.pt: already exists" -- "$bin" check "$tmp/ok" --golden "$tmp/g.json" --junit "$tmp/mine.pt"
+same golden_junit_over_user_file "$tmp/mine.pt" "precious"
+check merge_into_user_folder 2 "user: the folder is not empty and is not a bnlab run directory" -- "$bin" merge "$tmp/ok" -o "$tmp/user" --force
+same merge_into_user_folder "$tmp/user/curves.csv" "a,b"
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

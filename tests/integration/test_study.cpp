@@ -154,14 +154,18 @@ TEST(Store, HoldsExactlyWhatTheEnginesReported) {
 
 TEST(Store, AForeignOrCorruptStoreStopsTheRunAndStaysAsItWas) {
   const auto c = load_config(source("configs/smoke/keras_nll.json"));
+  // A run directory of bnlab's whose store was since replaced by something else (a folder
+  // that is not bnlab's is refused before the store is looked at: RunDir.*, cli).
   const auto dir = temp_dir("store_bad") + "/run";
-  ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
-  write_file_atomic(dir + "/study.sqlite", "SQLite format 3, or so it says");
   RunOptions o;
   o.out_dir = dir;
   o.verbose = 0;
   o.plots = false;
   std::ostringstream log;
+  run(c, o, log);
+  { std::ofstream(dir + "/study.sqlite", std::ios::trunc) << "SQLite format 3, or so it says"; }
+  const std::string resolved = read_file(dir + "/config.resolved.json");
+  ::unlink((dir + "/summary.md").c_str());
   try {
     run(c, o, log);
     FAIL() << "a run went ahead over a corrupt store";
@@ -171,7 +175,8 @@ TEST(Store, AForeignOrCorruptStoreStopsTheRunAndStaysAsItWas) {
   o.force = true;
   EXPECT_THROW(run(c, o, log), InputError) << "--force replaced a file bnlab cannot tell is its own";
   EXPECT_EQ(read_file(dir + "/study.sqlite"), "SQLite format 3, or so it says");
-  EXPECT_NE(::access((dir + "/config.resolved.json").c_str(), F_OK), 0) << "something was written before the refusal";
+  EXPECT_EQ(read_file(dir + "/config.resolved.json"), resolved);
+  EXPECT_NE(::access((dir + "/summary.md").c_str(), F_OK), 0) << "something was written before the refusal";
 }
 
 TEST(Study, DivergedRunsAreCountedAndReclassifiedWithoutRerunning) {

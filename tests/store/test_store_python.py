@@ -100,7 +100,8 @@ with tempfile.TemporaryDirectory() as tmp:
     for extra in ([], ["--force"]):
         p = subprocess.run([BIN, "run", os.path.join(SRC, "configs/smoke/study.json"), "--out", other, "--verbose", "0",
                             "--no-plots"] + extra, capture_output=True, text=True)
-        check(p.returncode == 2 and "study.sqlite" in p.stderr and "did not write" in p.stderr,
+        # The folder is not a bnlab run directory (no ledger, no resolved config): refused as a whole.
+        check(p.returncode == 2 and "(it holds study.sqlite)" in p.stderr and "not a bnlab run directory" in p.stderr,
               f"foreign store {extra}: exit {p.returncode}: {p.stderr[-300:]}")
     check(open(os.path.join(other, "study.sqlite"), "rb").read() == before, "the foreign database was changed")
     check(sorted(os.listdir(other)) == ["study.sqlite"], f"files written beside a foreign store: {os.listdir(other)}")

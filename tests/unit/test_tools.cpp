@@ -315,9 +315,13 @@ TEST(Tools, AtomicWriteLeavesNoTemporary) {
   const auto dir = temp_dir("atomic");
   write_file_atomic(dir + "/a.txt", "hello");
   EXPECT_EQ(read_file(dir + "/a.txt"), "hello");
-  write_file_atomic(temp_name(dir + "/b.txt"), "left by a killed process");
+  // A temporary of a file bnlab writes, left by a killed process, is removed; one of another
+  // name is not bnlab's to remove (RunDir.TheLedgerGuardsEveryWriteAndRemoval).
+  write_file_atomic(temp_name(dir + "/summary.md"), "left by a killed process");
+  write_file_atomic(temp_name(dir + "/b.txt"), "not bnlab's");
   remove_stale_temps(dir);
-  EXPECT_NE(::access(temp_name(dir + "/b.txt").c_str(), F_OK), 0);
+  EXPECT_NE(::access(temp_name(dir + "/summary.md").c_str(), F_OK), 0);
+  EXPECT_EQ(::access(temp_name(dir + "/b.txt").c_str(), F_OK), 0);
   EXPECT_EQ(::access((dir + "/a.txt").c_str(), F_OK), 0);
   EXPECT_THROW(write_file_atomic(dir + "/no/such/dir/c.txt", "x"), std::runtime_error);
 }
