@@ -6,6 +6,7 @@
 #define CXXOPTS_VECTOR_DELIMITER '\0'
 #include <cxxopts.hpp>
 #include <iostream>
+#include <new>
 #include <optional>
 #include <string>
 #include <vector>
@@ -292,6 +293,10 @@ int main(int argc, char** argv) {
   } catch (const bnlab::Interrupted& e) {
     std::cerr << "bnlab: " << e.what() << "; nothing to resume yet: run the same command again\n";
     return interrupted_exit();
+  } catch (const std::bad_alloc&) {
+    std::cerr << "bnlab: failed: out of memory; finished runs are in the study store (rerun to resume); "
+                 "fewer --jobs or --lanes, or a smaller study, need less\n";
+    return bnlab::kExitFailure;
   } catch (const std::exception& e) {
     std::string what = e.what();
     // LibTorch messages carry a C++ backtrace after the first line; users need the first line.

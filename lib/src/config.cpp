@@ -1453,16 +1453,33 @@ int64_t input_width(const json& cfg) {
 
 }  // namespace
 
+namespace {
+KerasArchitecture read_keras_architecture(const json& root, const std::string& origin, const BatchNormConfig& bn);
+}  // namespace
+
 KerasArchitecture keras_architecture(const std::string& text, const std::string& origin, const BatchNormConfig& bn) {
   const json root = parse_json(text, origin + " (the model config)");
+  try {
+    return read_keras_architecture(root, origin, bn);
+  } catch (const json::exception& e) {
+    // A value of another type than Keras writes where the reader looks (a number as a class name).
+    std::string what = e.what();
+    const auto pos = what.find("] ");
+    throw InputError(origin + ": the model config is not as Keras writes it (" + (pos == std::string::npos ? what : what.substr(pos + 2)) + ")");
+  }
+}
+
+namespace {
+KerasArchitecture read_keras_architecture(const json& root, const std::string& origin, const BatchNormConfig& bn) {
   const auto fail = [&](const std::string& what) { throw InputError(origin + ": " + what); };
   if (!root.is_object() || !root.contains("class_name") || !root.contains("config") || !root["config"].is_object())
     fail("the model config has no class_name/config; is this a Keras model file?");
   const std::string cls = root["class_name"].is_string() ? root["class_name"].get<std::string>() : "";
   if (cls != "Sequential" && cls != "Functional" && cls != "Model")
     fail("the model is a " + cls + "; bnlab reads Sequential models and Functional models that are a single chain");
-  const json& layers = root["config"]["layers"];
-  if (!layers.is_array()) fail("the model config lists no layers");
+  const auto layers_it = root["config"].find("layers");
+  if (layers_it == root["config"].end() || !layers_it->is_array()) fail("the model config lists no layers");
+  const json& layers = *layers_it;
   // The layer entries in chain order.
   std::vector<const json*> chain;
   const auto name_of = [](const json& e) {
@@ -1621,6 +1638,7 @@ KerasArchitecture keras_architecture(const std::string& text, const std::string&
   name_layers(arch.layers);
   return arch;
 }
+}  // namespace
 
 }  // namespace bnlab
 

@@ -450,10 +450,17 @@ void render(const std::string& dir, const std::vector<Plot>& plots, std::ostream
           << ".png/.svg not written (scripts/setup.sh installs gnuplot-nox)\n";
       continue;
     }
-    claim_path(dir + "/" + plots[i].stem + ".png");
-    claim_path(dir + "/" + plots[i].stem + ".svg");
-    std::rename(png.tmp.c_str(), (dir + "/" + plots[i].stem + ".png").c_str());
-    std::rename(svg.tmp.c_str(), (dir + "/" + plots[i].stem + ".svg").c_str());
+    try {
+      for (const Job* j : {&png, &svg}) {
+        const std::string path = dir + "/" + plots[i].stem + (j == &png ? ".png" : ".svg");
+        claim_path(path);
+        if (std::rename(j->tmp.c_str(), path.c_str()) != 0)
+          throw std::runtime_error("cannot write " + path + " (renaming its temporary file: " + errno_text() + ")");
+      }
+    } catch (...) {  // no plot's temporary outlives the failure (a full disk, say)
+      for (const auto& j : jobs) std::remove(j.tmp.c_str());
+      throw;
+    }
   }
 }
 

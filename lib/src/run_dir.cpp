@@ -140,7 +140,9 @@ void check_output_dir(const std::string& dir, const std::string& experiment, boo
   const auto entries = entries_of(dir);
   if (entries.empty()) return;
   const bool has_ledger = exists(dir + "/" + kLedgerName);
-  if (!has_ledger && !legacy_run_dir(dir)) {
+  // The lock file alone: bnlab made the folder and stopped before its ledger (a full disk).
+  const bool lock_only = entries.size() == 1 && entries.front() == kLockName;
+  if (!has_ledger && !lock_only && !legacy_run_dir(dir)) {
     std::string listed;
     for (size_t i = 0; i < std::min<size_t>(entries.size(), 5); ++i) listed += (i ? ", " : "") + entries[i];
     if (entries.size() > 5) listed += " and " + std::to_string(entries.size() - 5) + " more";

@@ -60,6 +60,12 @@ std::string blob_of(const std::vector<double>& v) {
   return b;
 }
 
+/// A text column; "" for NULL (a damaged or hand-edited store may hold one anywhere).
+std::string text_of(sqlite3_stmt* st, int col) {
+  const unsigned char* t = sqlite3_column_text(st, col);
+  return t == nullptr ? std::string() : std::string(reinterpret_cast<const char*>(t), static_cast<size_t>(sqlite3_column_bytes(st, col)));
+}
+
 std::vector<double> doubles_of(sqlite3_stmt* st, int col) {
   const int bytes = sqlite3_column_bytes(st, col);
   const void* p = sqlite3_column_blob(st, col);
@@ -82,7 +88,11 @@ struct Statement {
 
 [[noreturn]] void fail(sqlite3* db, const std::string& path, const std::string& doing) {
   const int code = sqlite3_extended_errcode(db);
-  const std::string why = sqlite3_errmsg(db);
+  std::string why = sqlite3_errmsg(db);
+  // SQLite reports a failed write as "disk I/O error" or "database or disk is full"; the
+  // operating system's error says which (No space left on device, Input/output error).
+  const int sys = sqlite3_system_errno(db);
+  if (sys != 0 && (code & 0xff) != SQLITE_CORRUPT) why += " (" + std::string(std::strerror(sys)) + ")";
   if (code == SQLITE_CORRUPT || code == SQLITE_NOTADB || (code & 0xff) == SQLITE_CORRUPT)
     throw InputError(path + ": corrupt study store (" + why + "); move it away to start the study afresh");
   throw std::runtime_error(path + ": " + doing + ": " + why);
@@ -170,6 +180,12 @@ Store Store::open(const std::string& path, bool writable) {
     const int rc = sqlite3_step(st);
     if (rc == SQLITE_ROW) app = sqlite3_column_int(st, 0);
     sqlite3_finalize(st);
+    // A store left by a crash or a full disk in the middle of a transaction has a hot journal
+    // (or an unrecovered log) that only a writable connection may roll back: open it so, once.
+    if (!writable && (sqlite3_extended_errcode(db) & 0xff) == SQLITE_READONLY && rc != SQLITE_ROW && rc != SQLITE_DONE) {
+      s.close();
+      return open(path, true);
+    }
     if (rc != SQLITE_ROW && rc != SQLITE_DONE) throw InputError(path + ": not a bnlab study store (" + sqlite3_errmsg(db) + ")");
   }
   if (app != kApplicationId)
@@ -201,9 +217,10 @@ Store Store::create(const std::string& path, const Meta& meta) {
     if (sqlite3_open_v2(tmp.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, nullptr) != SQLITE_OK) {
       const std::string why = db != nullptr ? sqlite3_errmsg(db) : "out of memory";
       sqlite3_close(db);
-      throw std::runtime_error(tmp + ": cannot create the study store (" + why + ")");
+      for (const char* suffix : {"", "-journal"}) std::remove((tmp + suffix).c_str());
+      throw std::runtime_error(path + ": cannot create the study store (" + why + ")");
     }
-    Store s(db, tmp);
+    Store s(db, path);  // errors name the store, not its temporary
     try {
       s.exec(("PRAGMA application_id=" + std::to_string(kApplicationId) + "; PRAGMA journal_mode=DELETE; BEGIN;").c_str());
       s.exec(kSchema);
@@ -212,7 +229,7 @@ Store Store::create(const std::string& path, const Meta& meta) {
       s.exec("COMMIT;");
     } catch (...) {
       s.close();
-      std::remove(tmp.c_str());
+      for (const char* suffix : {"", "-journal", "-wal", "-shm"}) std::remove((tmp + suffix).c_str());
       throw;
     }
   }
@@ -223,7 +240,7 @@ Store Store::create(const std::string& path, const Meta& meta) {
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     const std::string why = errno_text();
     std::remove(tmp.c_str());
-    throw std::runtime_error("cannot rename " + tmp + " to " + path + ": " + why);
+    throw std::runtime_error(path + ": cannot create the study store (renaming its temporary file: " + why + ")");
   }
   return open(path, true);
 }
@@ -232,7 +249,7 @@ std::string Store::meta(const std::string& key) const {
   Statement q(db_, "SELECT value FROM meta WHERE key = ?", path_);
   bind_text(q.st, 1, key);
   const int rc = sqlite3_step(q.st);
-  if (rc == SQLITE_ROW) return reinterpret_cast<const char*>(sqlite3_column_text(q.st, 0));
+  if (rc == SQLITE_ROW) return text_of(q.st, 0);
   if (rc != SQLITE_DONE) fail(db_, path_, "cannot read the metadata");
   return "";
 }
@@ -317,7 +334,7 @@ Store::Counts Store::status_counts() const {
   Counts c;
   int rc;
   while ((rc = sqlite3_step(q.st)) == SQLITE_ROW) {
-    const std::string status = reinterpret_cast<const char*>(sqlite3_column_text(q.st, 0));
+    const std::string status = text_of(q.st, 0);
     const auto n = static_cast<size_t>(sqlite3_column_int64(q.st, 1));
     (status == "failed" ? c.failed : status == "diverged" ? c.diverged : c.ok) += n;
   }
@@ -360,10 +377,7 @@ void Store::for_each(const std::function<void(const StrategyResult&)>& visit, bo
   Statement q(db_, sql, path_);
   StrategyResult r;
   int rc;
-  const auto text = [&](int col) {
-    const unsigned char* t = sqlite3_column_text(q.st, col);
-    return t == nullptr ? std::string() : std::string(reinterpret_cast<const char*>(t));
-  };
+  const auto text = [&](int col) { return text_of(q.st, col); };
   while ((rc = sqlite3_step(q.st)) == SQLITE_ROW) {
     r = StrategyResult{};
     r.run = static_cast<size_t>(sqlite3_column_int64(q.st, 0));

@@ -158,7 +158,7 @@ void remove_stale_temps(const std::string& dir) {
 AtomicWriter::AtomicWriter(std::string path) : path_(std::move(path)), tmp_(temp_name(path_)) {
   claim_path(path_);  // in a run directory: refused if the file there is not bnlab's
   FILE* f = std::fopen(tmp_.c_str(), "wb");
-  if (f == nullptr) throw std::runtime_error("cannot write " + tmp_ + ": " + errno_text());
+  if (f == nullptr) throw std::runtime_error("cannot write " + path_ + ": " + errno_text());
   file_ = f;
 }
 
@@ -170,7 +170,7 @@ AtomicWriter::~AtomicWriter() {
 
 void AtomicWriter::write(const std::string& piece) {
   if (std::fwrite(piece.data(), 1, piece.size(), static_cast<FILE*>(file_)) != piece.size())
-    throw std::runtime_error("cannot write " + tmp_ + ": " + errno_text());
+    throw std::runtime_error("cannot write " + path_ + ": " + errno_text());
 }
 
 void AtomicWriter::commit() {
@@ -181,12 +181,12 @@ void AtomicWriter::commit() {
   file_ = nullptr;
   if (!ok) {
     std::remove(tmp_.c_str());
-    throw std::runtime_error("cannot write " + tmp_ + ": " + std::strerror(saved));
+    throw std::runtime_error("cannot write " + path_ + ": " + std::strerror(saved));
   }
   if (std::rename(tmp_.c_str(), path_.c_str()) != 0) {
     const std::string why = errno_text();
     std::remove(tmp_.c_str());
-    throw std::runtime_error("cannot rename " + tmp_ + " to " + path_ + ": " + why);
+    throw std::runtime_error("cannot write " + path_ + " (renaming its temporary file: " + why + ")");
   }
 }
 

@@ -1,0 +1,37 @@
+// libFuzzer target: a study.sqlite as merge, export, golden and check meet it in a run
+// directory: any bytes, opened read-only, its metadata and every run read. A store's content or
+// an InputError (foreign, corrupt, wrong format), never a crash.
+#include <unistd.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "bnlab/errors.hpp"
+#include "store.hpp"
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  static const std::string dir = [] {
+    char tmpl[] = "/tmp/bnlab_fuzz_store_XXXXXX";
+    return std::string(::mkdtemp(tmpl));
+  }();
+  const std::string path = dir + "/study.sqlite";
+  for (const char* suffix : {"", "-journal", "-wal", "-shm"}) std::remove((path + suffix).c_str());
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr) std::abort();
+  std::fwrite(data, 1, size, f);
+  std::fclose(f);
+  try {
+    const bnlab::Store s = bnlab::Store::open(path, false);
+    (void)s.meta("config");
+    (void)s.status_counts();
+    (void)s.read_all();
+  } catch (const bnlab::InputError& e) {
+    if (e.problems().empty()) std::abort();
+  } catch (const std::runtime_error&) {
+    // an I/O-level failure reading the file: reported as exit 1 by the commands
+  }
+  return 0;
+}
