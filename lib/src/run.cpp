@@ -33,6 +33,8 @@
 #include "torch_io.hpp"
 #include "report.hpp"
 #include "store.hpp"
+#include "layer_kinds.hpp"
+#include "optimizers.hpp"
 #include "run_dir.hpp"
 #include "text.hpp"
 #include "version.hpp"
@@ -194,7 +196,58 @@ std::string workspace_cache_key(const Config& config, bool torch_engine) {
   return pretrain_cache_key(config) + (torch_engine ? "-torch" : "-batched");
 }
 
-Workspace open_workspace(const Config& config, const std::string& out_dir, bool force, bool torch_engine) {
+namespace {
+
+/// Bytes of memory available to this process (MemAvailable), or 0 when unknown.
+double available_memory() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  double kib = 0;
+  std::string unit;
+  while (in >> key >> kib >> unit)
+    if (key == "MemAvailable:") return kib * 1024.0;
+  return 0;
+}
+
+std::string gib(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f GiB", bytes / (1024.0 * 1024.0 * 1024.0));
+  return buf;
+}
+
+}  // namespace
+
+void check_memory(const Config& c, const Dataset& data, int jobs, int lanes) {
+  const auto specs = sized_layers(c.model.layers, data.features(), head_width(c.model.loss, data.targets(), data.classes));
+  double params = 0, buffers = 0, widths = 0;
+  for (const auto& l : specs) {
+    widths += static_cast<double>(l.out);
+    for (const auto& t : layer_kind(l.kind).state(l)) {
+      double n = t.shape.empty() ? 0 : 1;
+      for (int64_t d : t.shape) n *= static_cast<double>(d);
+      (t.where == StateTensor::kParameter ? params : buffers) += n;
+    }
+  }
+  int slots = 0;
+  for (const auto* o : {&c.pretrain.optimizer, &c.finetune.optimizer}) slots = std::max(slots, optimizer_kind(o->kind).slots(*o));
+  // Each lane: parameters, gradients and optimizer state, buffers, and a few activations per unit.
+  const double lane = 4.0 * (params * (2 + slots) + buffers + 4 * widths);
+  if (jobs <= 0) jobs = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));  // 0: every core
+  const double in_flight = static_cast<double>(jobs) *
+                           static_cast<double>(std::min<int64_t>(std::max(1, lanes), static_cast<int64_t>(c.finetune.samples.size())));
+  // Pretraining: one copy of the model, its torch module and a checkpoint, and a batch of activations.
+  const double models = 4.0 * (params + buffers) * 4 * static_cast<double>(c.seeds.size()) +
+                        4.0 * static_cast<double>(c.pretrain.batch_size) * widths * 4;
+  const double dataset = 8.0 * static_cast<double>(data.x.numel() + data.y.numel());
+  const double total = lane * in_flight + models + dataset;
+  const double have = available_memory();
+  if (have > 0 && total > have)
+    throw InputError("this study needs about " + gib(total) + " of memory and " + gib(have) + " is available: the model has " +
+                     fmt_double(params) + " parameters (" + gib(lane) + " per fine-tuned sample, " + fmt_double(in_flight) +
+                     " at a time: --jobs x --lanes), the data " + gib(dataset) + "; use fewer --jobs or --lanes, or a smaller model");
+}
+
+Workspace open_workspace(const Config& config, const std::string& out_dir, bool force, bool torch_engine, int jobs, int lanes) {
   Workspace w;
   w.torch_engine = torch_engine;
   w.config = config;
@@ -202,6 +255,7 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
   check_output_dir(w.dir, config.name, force);  // first: a wrong --out costs nothing
   w.data = load_data(config);
   resolve_samples(w.config, w.data.size());
+  check_memory(w.config, w.data, jobs, lanes);  // before any model is built
   const bool keras = !config.init_keras.empty();
   if (keras || !config.init_torch.empty()) {
     const char* field = keras ? "init.keras" : "init.torch";
@@ -743,7 +797,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   const bool torch_engine = options.engine == "torch";
   // Everything that can be wrong with the input is found before the first file is written,
   // the study store included (another program's database, a damaged store).
-  Workspace w = open_workspace(input, options.out_dir, options.force, torch_engine);
+  Workspace w = open_workspace(input, options.out_dir, options.force, torch_engine, options.jobs, options.lanes);
   const Config& config = w.config;
   const std::string& dir = w.dir;
   if (::access(store_path(dir).c_str(), F_OK) == 0) Store::open(store_path(dir), false);

@@ -34,7 +34,14 @@ std::string workspace_cache_key(const Config& config, bool torch_engine);
 /// Loads the data, resolves and checks the samples, checks the run directory, builds each
 /// seed's model and loads its cached weights when they match. Writes nothing; bad input
 /// throws InputError. `torch_engine`: pretrain with the torch engine (its own cache key).
-Workspace open_workspace(const Config& config, const std::string& out_dir, bool force, bool torch_engine = false);
+/// Also refuses (InputError) a study whose estimated memory, with `jobs` x `lanes` samples
+/// fine-tuned at once, exceeds what the machine has available (check_memory).
+Workspace open_workspace(const Config& config, const std::string& out_dir, bool force, bool torch_engine = false, int jobs = 1,
+                         int lanes = 1);
+
+/// The estimate open_workspace checks: the model's parameters, gradients, optimizer state and
+/// activations per lane, the lanes in flight, the pretrained models and the data.
+void check_memory(const Config& config, const Dataset& data, int jobs, int lanes);
 
 /// Creates the run directory and pretrains (then caches) every seed whose cache missed.
 void ensure_pretrained(Workspace& w, std::ostream& log, int verbose);

@@ -86,6 +86,9 @@ if [ -e "$tmp/out_deep" ]; then echo "FAIL deep wrote $tmp/out_deep"; failed=$((
 check set_dup_key 2 'column 12 of the value: duplicate key "a"' -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/sd" --set 'grid={"a": [1], "a": [2]}'
 check set_overflow 2 'the number 1e400 is beyond the range of a double' -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/sd" --set 'finetune.optimizer.lr=1e400'
 if [ -e "$tmp/sd" ]; then echo "FAIL set_dup_key/set_overflow wrote $tmp/sd"; failed=$((failed+1)); else passed=$((passed+1)); fi
+# A study bigger than the machine (40 billion parameters): refused before any model is built.
+check memory 2 "this study needs about" -- "$bin" run "$src/configs/seed_repro.json" --out "$tmp/mem" --set 'model.hidden=[200000, 200000]'
+if [ -e "$tmp/mem" ]; then echo "FAIL memory wrote $tmp/mem"; failed=$((failed+1)); else passed=$((passed+1)); fi
 # One of two synonyms overridden replaces the other: the main job becomes a study.
 check set_synonym 0 '"count": 1000' -- "$bin" validate "$src/configs/seed_repro.json" --set 'finetune.samples={"count": 1000}'
 check config_is_dir 2 "is not a regular file" -- "$bin" run "$tmp"
