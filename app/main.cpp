@@ -294,8 +294,8 @@ int main(int argc, char** argv) {
     std::cerr << "bnlab: " << e.what() << "; nothing to resume yet: run the same command again\n";
     return interrupted_exit();
   } catch (const std::bad_alloc&) {
-    std::cerr << "bnlab: failed: out of memory; finished runs are in the study store (rerun to resume); "
-                 "fewer --jobs or --lanes, or a smaller study, need less\n";
+    std::cerr << "bnlab: failed: out of memory (a study keeps the runs it finished in its study.sqlite; "
+                 "rerun it with fewer --jobs or --lanes to resume)\n";
     return bnlab::kExitFailure;
   } catch (const std::exception& e) {
     std::string what = e.what();

@@ -29,4 +29,4 @@ dict=()
 cd "$out"
 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
   "$bin" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-  "${dict[@]}" "$out/corpus_$target" "$root/fuzz/corpus/$target"
+  ${dict[@]+"${dict[@]}"} "$out/corpus_$target" "$root/fuzz/corpus/$target"

@@ -8,6 +8,7 @@ packages=(
   libtorch-dev nlohmann-json3-dev libcxxopts-dev libgtest-dev
   python3-torch python3-numpy gnuplot-nox
   clang libclang-rt-14-dev libhdf5-dev python3-h5py libzip-dev libsqlite3-dev python3-pandas
+  slurm-wlm munge util-linux
 )
 
 missing=()

@@ -408,11 +408,10 @@ bool set_path(json& root, const std::string& dotted, const json& value, std::str
       // An override of one of two keys that say the same thing replaces the other: --set
       // finetune.samples=... on a file that gives finetune.sample turns the job into a study.
       static const std::pair<const char*, const char*> kSynonyms[] = {{"sample", "samples"}, {"seed", "seeds"}, {"keras", "keras_h5"}};
-      if (last)
-        for (const auto& [a, b] : kSynonyms) {
-          if (key == a) node->erase(b);
-          if (key == b) node->erase(a);
-        }
+      for (const auto& [a, b] : kSynonyms) {
+        if (key == a) node->erase(b);
+        if (key == b) node->erase(a);
+      }
       node = &(*node)[key];
     } else if (node->is_array()) {
       char* end = nullptr;
@@ -1066,7 +1065,8 @@ void apply_override(json& root, const std::string& spec, Problems& p) {
                      "=...: the path is not valid UTF-8 text");
     return;
   }
-  if (const auto issue = scan_json(text)) {
+  // Checked only as JSON: a bare word (a name like exp_4e512f0) is a string, whatever it holds.
+  if (const auto issue = scan_json(text); issue && json::accept(text)) {
     p.list.push_back("--set " + path + "=...: column " + std::to_string(issue->offset + 1) + " of the value: " + issue->what);
     return;
   }

@@ -198,15 +198,21 @@ std::string workspace_cache_key(const Config& config, bool torch_engine) {
 
 namespace {
 
-/// Bytes of memory available to this process (MemAvailable), or 0 when unknown.
+/// Bytes of memory available to this process: MemAvailable, or less where a cgroup (a
+/// container, a Slurm job) limits it; 0 when unknown.
 double available_memory() {
-  std::ifstream in("/proc/meminfo");
-  std::string key;
-  double kib = 0;
-  std::string unit;
-  while (in >> key >> kib >> unit)
-    if (key == "MemAvailable:") return kib * 1024.0;
-  return 0;
+  double have = 0;
+  {
+    std::ifstream in("/proc/meminfo");
+    std::string key, unit;
+    double kib = 0;
+    while (in >> key >> kib >> unit)
+      if (key == "MemAvailable:") have = kib * 1024.0;
+  }
+  std::ifstream limit("/sys/fs/cgroup/memory.max"), used("/sys/fs/cgroup/memory.current");
+  double max = 0, current = 0;
+  if (limit >> max && used >> current && max > current && (have == 0 || max - current < have)) have = max - current;
+  return have;  // "max" (no limit) does not read as a number
 }
 
 std::string gib(double bytes) {
@@ -233,8 +239,11 @@ void check_memory(const Config& c, const Dataset& data, int jobs, int lanes) {
   // Each lane: parameters, gradients and optimizer state, buffers, and a few activations per unit.
   const double lane = 4.0 * (params * (2 + slots) + buffers + 4 * widths);
   if (jobs <= 0) jobs = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));  // 0: every core
-  const double in_flight = static_cast<double>(jobs) *
-                           static_cast<double>(std::min<int64_t>(std::max(1, lanes), static_cast<int64_t>(c.finetune.samples.size())));
+  // Work items: runs of one grid point, strategy and seed, up to `lanes` samples each.
+  const auto samples = static_cast<int64_t>(c.finetune.samples.size());
+  const int64_t per_item = std::min<int64_t>(std::max(1, lanes), std::max<int64_t>(1, samples));
+  const int64_t items = static_cast<int64_t>(c.grid.size() * c.strategies.size() * c.seeds.size()) * ((samples + per_item - 1) / per_item);
+  const double in_flight = static_cast<double>(std::min<int64_t>(jobs, std::max<int64_t>(1, items)) * per_item);
   // Pretraining: one copy of the model, its torch module and a checkpoint, and a batch of activations.
   const double models = 4.0 * (params + buffers) * 4 * static_cast<double>(c.seeds.size()) +
                         4.0 * static_cast<double>(c.pretrain.batch_size) * widths * 4;

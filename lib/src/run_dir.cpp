@@ -73,10 +73,12 @@ std::string experiment_of(const std::string& dir) {
   }
 }
 
-/// A folder bnlab wrote before it kept a ledger: its resolved config names an experiment.
-bool legacy_run_dir(const std::string& dir) {
+/// A folder bnlab wrote before it kept a ledger: its resolved config names an experiment, or
+/// (what an older `bnlab explain` left) every entry has a name bnlab writes.
+bool legacy_run_dir(const std::string& dir, const std::vector<std::string>& entries) {
   const std::string name = experiment_of(dir);
-  return !name.empty() && name != "(unreadable)";
+  if (!name.empty() && name != "(unreadable)") return true;
+  return std::all_of(entries.begin(), entries.end(), [](const std::string& e) { return is_bnlab_output_name(e); });
 }
 
 std::string real_dir(const std::string& dir) {
@@ -142,7 +144,7 @@ void check_output_dir(const std::string& dir, const std::string& experiment, boo
   const bool has_ledger = exists(dir + "/" + kLedgerName);
   // The lock file alone: bnlab made the folder and stopped before its ledger (a full disk).
   const bool lock_only = entries.size() == 1 && entries.front() == kLockName;
-  if (!has_ledger && !lock_only && !legacy_run_dir(dir)) {
+  if (!has_ledger && !lock_only && !legacy_run_dir(dir, entries)) {
     std::string listed;
     for (size_t i = 0; i < std::min<size_t>(entries.size(), 5); ++i) listed += (i ? ", " : "") + entries[i];
     if (entries.size() > 5) listed += " and " + std::to_string(entries.size() - 5) + " more";
@@ -161,7 +163,7 @@ void check_output_dir(const std::string& dir, const std::string& experiment, boo
                        kLedgerName + "); bnlab never replaces a file it did not write: move it away or choose another " + what);
 }
 
-void own_output_dir(const std::string& dir) {
+void own_output_dir(const std::string& dir, const std::string& what) {
   if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST)
     throw InputError(dir + ": cannot create the output directory (" + errno_text() + ")");
   const std::string key = real_dir(dir);
@@ -174,12 +176,18 @@ void own_output_dir(const std::string& dir) {
                          held.st_dev != now.st_dev)) {
     ::close(o.lock_fd);
     o.lock_fd = -1;
+    o.ledger.clear();  // a new folder of the same name: what bnlab wrote in the old one is gone
   }
   if (o.lock_fd < 0) {
     const int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0) throw InputError(lock_path + ": cannot create the lock file (" + errno_text() + ")");
-    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-      const int err = errno;
+    const int locked = ::flock(fd, LOCK_EX | LOCK_NB);
+    const int err = locked == 0 ? 0 : errno;
+    if (locked != 0 && (err == ENOSYS || err == ENOLCK || err == EOPNOTSUPP)) {
+      // A file system without locks (Lustre mounted without -o flock, some NFS): go on unguarded.
+      std::fprintf(stderr, "bnlab: warning: %s: the file system does not support locks (%s); nothing stops a second bnlab "
+                   "from writing this run directory at the same time\n", lock_path.c_str(), std::strerror(err));
+    } else if (locked != 0) {
       char buf[32] = {0};
       const ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
       ::close(fd);
@@ -191,7 +199,7 @@ void own_output_dir(const std::string& dir) {
         const long p = std::strtol(pid.c_str(), nullptr, 10);
         if (p <= 0 || ::kill(static_cast<pid_t>(p), 0) != 0) pid.clear();
         throw InputError(dir + ": another bnlab process" + (pid.empty() ? "" : " (pid " + pid + ")") +
-                         " is writing this run directory; wait for it to finish or choose another --out");
+                         " is writing this run directory; wait for it to finish or choose another " + what);
       }
       throw InputError(lock_path + ": cannot lock (" + std::string(std::strerror(err)) + ")");
     }

@@ -30,7 +30,7 @@ void check_output_dir(const std::string& dir, const std::string& experiment, boo
 /// Creates `dir` if needed, takes its lock (an InputError naming the other process if it is
 /// held), adopts the ledger, and from then on guards every write and removal bnlab makes in it
 /// (claim_path, may_remove). The lock is held until the process ends.
-void own_output_dir(const std::string& dir);
+void own_output_dir(const std::string& dir, const std::string& what = "--out");
 
 /// Before bnlab creates or replaces `path`: in an owned directory, a name not in the ledger
 /// whose file exists is refused (InputError: bnlab did not write it); a new name is recorded in

@@ -92,8 +92,12 @@ struct Statement {
   // SQLite reports a failed write as "disk I/O error" or "database or disk is full"; the
   // operating system's error says which (No space left on device, Input/output error).
   const int sys = sqlite3_system_errno(db);
-  if (sys != 0 && (code & 0xff) != SQLITE_CORRUPT) why += " (" + std::string(std::strerror(sys)) + ")";
-  if (code == SQLITE_CORRUPT || code == SQLITE_NOTADB || (code & 0xff) == SQLITE_CORRUPT)
+  const int primary = code & 0xff;
+  if (sys != 0 && (primary == SQLITE_IOERR || primary == SQLITE_FULL || primary == SQLITE_CANTOPEN)) why += " (" + std::string(std::strerror(sys)) + ")";
+  // A file with bnlab's tag whose tables are not what bnlab writes (SQLITE_ERROR: no such table
+  // or column; a value of another type) is as damaged as a corrupt one.
+  if (code == SQLITE_CORRUPT || code == SQLITE_NOTADB || (code & 0xff) == SQLITE_CORRUPT || code == SQLITE_ERROR ||
+      code == SQLITE_MISMATCH || code == SQLITE_FORMAT || code == SQLITE_RANGE)
     throw InputError(path + ": corrupt study store (" + why + "); move it away to start the study afresh");
   throw std::runtime_error(path + ": " + doing + ": " + why);
 }

@@ -148,7 +148,8 @@ void remove_stale_temps(const std::string& dir) {
     // ".NAME.tmp.PID", of a file bnlab writes here: a user's file of that shape stays.
     const auto tmp = name.find(".tmp.");
     if (name.size() > 1 && name[0] == '.' && tmp != std::string::npos && tmp > 1) {
-      const std::string target = name.substr(1, tmp - 1);
+      std::string target = name.substr(1, tmp - 1);
+      if (target.size() > 6 && target.compare(target.size() - 6, 6, ".merge") == 0) target.resize(target.size() - 6);  // merge's store
       if (is_bnlab_output_name(target) && may_remove(dir + "/" + target)) std::remove((dir + "/" + name).c_str());
     }
   }

@@ -236,7 +236,8 @@ void merge_shards(const std::vector<std::string>& dirs, const std::string& out_d
     if (!force) throw InputError(out_dir + ": already holds results; pass --force to overwrite");
   }
   check_output_dir(out_dir, config.name, force, "-o");
-  own_output_dir(out_dir);
+  own_output_dir(out_dir, "-o");
+  remove_stale_temps(out_dir);
   // The merged store is complete under a temporary name before it takes the real one.
   const std::string building = temp_name(out_store + ".merge");
   Store::Meta meta;
@@ -277,8 +278,11 @@ void merge_shards(const std::vector<std::string>& dirs, const std::string& out_d
   for (const char* suffix : {"", "-wal", "-shm", "-journal"}) claim_path(out_store + suffix);
   for (const char* suffix : {"-wal", "-shm"})  // an older store's log would be replayed into the new file
     if (may_remove(out_store + suffix)) std::remove((out_store + suffix).c_str());
-  if (std::rename(building.c_str(), out_store.c_str()) != 0)
-    throw std::runtime_error("cannot rename " + building + " to " + out_store + ": " + errno_text());
+  if (std::rename(building.c_str(), out_store.c_str()) != 0) {
+    const std::string why = errno_text();
+    for (const char* suffix : {"", "-journal", "-wal", "-shm"}) std::remove((building + suffix).c_str());
+    throw std::runtime_error(out_store + ": cannot write the merged store (renaming its temporary file: " + why + ")");
+  }
   write_file_atomic(out_dir + "/config.resolved.json", to_json(config));
   // Weights and samples are identical in every shard (same seeds, same cache key): take the first's.
   for (const auto& seed : config.seeds) {

@@ -170,13 +170,13 @@ rm "$tmp/own/summary.md"
 check force_other_experiment 0 "" -- "$bin" run "$src/configs/smoke/torch_mse.json" --out "$tmp/own" --verbose 0 --no-plots --force
 same force_other_notes "$tmp/own/notes.txt" "my notes"
 # The lock: held by another process (util-linux flock), then by a real second bnlab.
-flock "$tmp/own/.bnlab.lock" sleep 30 & holder=$!
+flock -o "$tmp/own/.bnlab.lock" sleep 30 & holder=$!  # -o: the lock is flock's own, gone when it is killed
 for _ in $(seq 100); do flock -n "$tmp/own/.bnlab.lock" true 2>/dev/null || break; sleep 0.1; done
 check locked 2 "own: another bnlab process is writing this run directory" -- "$bin" run "$src/configs/smoke/torch_mse.json" --out "$tmp/own" --verbose 0
 kill "$holder"; wait "$holder" 2>/dev/null
-"$bin" run "$src/configs/seed_repro.json" --out "$tmp/busy" --verbose 0 --no-plots --jobs 1 --set 'finetune.samples={"count": 20000}' >/dev/null 2>&1 & first=$!
+"$bin" run "$src/configs/seed_repro.json" --out "$tmp/busy" --verbose 0 --no-plots --jobs 1 --set 'finetune.samples={"count": 40000}' >/dev/null 2>&1 & first=$!
 for _ in $(seq 300); do [ -e "$tmp/busy/progress.json" ] && break; sleep 0.1; done
-check second_bnlab 2 "another bnlab process (pid $first) is writing this run directory" -- "$bin" run "$src/configs/seed_repro.json" --out "$tmp/busy" --verbose 0 --set 'finetune.samples={"count": 20000}'
+check second_bnlab 2 "another bnlab process (pid $first) is writing this run directory" -- "$bin" run "$src/configs/seed_repro.json" --out "$tmp/busy" --verbose 0 --set 'finetune.samples={"count": 40000}'
 wait "$first"; check first_bnlab_finished 0 "" -- test "$?" -eq 0
 # Standalone outputs (-o FILE, --junit FILE): an existing file is refused unless it is bnlab's own kind.
 echo "precious" > "$tmp/mine.pt"
