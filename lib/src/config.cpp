@@ -1074,7 +1074,7 @@ void apply_override(json& root, const std::string& spec, Problems& p) {
   try {
     value = json::parse(text);
   } catch (const json::out_of_range&) {
-    p.list.push_back("--set " + path + "=" + text + ": the number is out of range");
+    p.list.push_back("--set " + path + "=" + text + ": the number " + text + " is beyond the range of a double (about 1.8e308)");
     return;
   } catch (const json::parse_error&) {
     value = text;  // a bare word is a string: --set model.activation=tanh

@@ -73,12 +73,26 @@ std::string experiment_of(const std::string& dir) {
   }
 }
 
+/// Whether `path` begins with `tag` within its first 4 KiB (a file bnlab signed).
+bool holds_tag(const std::string& path, const std::string& tag) {
+  std::string head(4096, '\0');
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return false;
+  head.resize(std::fread(&head[0], 1, head.size(), f));
+  std::fclose(f);
+  return head.find(tag) != std::string::npos;
+}
+
 /// A folder bnlab wrote before it kept a ledger: its resolved config names an experiment, or
-/// (what an older `bnlab explain` left) every entry has a name bnlab writes.
+/// (what an older `bnlab explain` left) every entry has a name bnlab writes and its weights are
+/// a checkpoint of bnlab's own format. Names alone prove nothing: a user's curves.csv is not bnlab's.
 bool legacy_run_dir(const std::string& dir, const std::vector<std::string>& entries) {
   const std::string name = experiment_of(dir);
   if (!name.empty() && name != "(unreadable)") return true;
-  return std::all_of(entries.begin(), entries.end(), [](const std::string& e) { return is_bnlab_output_name(e); });
+  if (!std::all_of(entries.begin(), entries.end(), [](const std::string& e) { return is_bnlab_output_name(e); })) return false;
+  return std::any_of(entries.begin(), entries.end(), [&](const std::string& e) {
+    return starts_with(e, "pretrained") && holds_tag(dir + "/" + e, "bnlab.pretrained/1");
+  });
 }
 
 std::string real_dir(const std::string& dir) {

@@ -128,6 +128,20 @@ TEST(RunDir, AFolderFromBeforeTheLedgerIsAdopted) {
   EXPECT_FALSE(may_remove(dir + "/notes.txt"));
 }
 
+TEST(RunDir, NamesAloneDoNotMakeAFolderBnlabs) {
+  // A user's folder holding only a file with a name bnlab writes: not bnlab's.
+  const auto user = temp_dir("names");
+  write(user + "/curves.csv", "a,b");
+  EXPECT_NE(refusal([&] { check_output_dir(user, "e", true); }).find("is not a bnlab run directory"), std::string::npos);
+  // What an older `bnlab explain` left (no resolved config): its checkpoint carries bnlab's format tag.
+  const auto old = temp_dir("old_explain");
+  write(old + "/explain.json", "{}");
+  write(old + "/pretrained.pt", "pickle ... bnlab.pretrained/1 ...");
+  EXPECT_EQ(refusal([&] { check_output_dir(old, "e", false); }), "");
+  write(old + "/pretrained.pt", "someone else's weights");
+  EXPECT_NE(refusal([&] { check_output_dir(old, "e", false); }).find("is not a bnlab run directory"), std::string::npos);
+}
+
 TEST(RunDir, StandaloneOutputsAreNeverReplacedUnlessBnlabsOwnKind) {
   const auto dir = temp_dir("standalone");
   EXPECT_EQ(refusal([&] { check_new_output_file(dir + "/new.pt", "-o"); }), "");
