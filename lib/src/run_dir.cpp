@@ -73,7 +73,7 @@ std::string experiment_of(const std::string& dir) {
   }
 }
 
-/// Whether `path` begins with `tag` within its first 4 KiB (a file bnlab signed).
+/// Whether `path` holds `tag` within its first 4 KiB (a file bnlab signed).
 bool holds_tag(const std::string& path, const std::string& tag) {
   std::string head(4096, '\0');
   FILE* f = std::fopen(path.c_str(), "rb");
@@ -261,15 +261,7 @@ bool may_remove(const std::string& path) {
 void check_new_output_file(const std::string& path, const std::string& what, const std::string& signature) {
   struct stat st {};
   if (::lstat(path.c_str(), &st) != 0) return;
-  if (S_ISREG(st.st_mode) && !signature.empty()) {
-    std::string head(4096, '\0');
-    FILE* f = std::fopen(path.c_str(), "rb");
-    if (f != nullptr) {
-      head.resize(std::fread(&head[0], 1, head.size(), f));
-      std::fclose(f);
-      if (head.find(signature) != std::string::npos) return;  // bnlab's own file of this kind
-    }
-  }
+  if (S_ISREG(st.st_mode) && !signature.empty() && holds_tag(path, signature)) return;  // bnlab's own file of this kind
   throw InputError(what + " " + path + ": " + (S_ISDIR(st.st_mode) ? "is a folder" : "already exists") +
                    "; bnlab never replaces a file it did not write" + (signature.empty() ? ", and cannot tell whether it wrote this one" : "") +
                    ": remove it or choose another name");
