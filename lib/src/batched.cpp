@@ -536,8 +536,10 @@ double batched_gradients(const ModelImpl& model, const StrategyConfig* strategy,
   const int64_t rows = x.size(0);
   Net net(model, 1, rows, /*shared=*/false);
   net.load(0, model);
+  // A copy of the model's dropout stream through its state, not Generator::clone(): LibTorch
+  // 1.13's clone leaves the copy's weak count at zero, so it is never freed (LeakSanitizer).
   auto gen = std::make_shared<at::Generator>(at::make_generator<at::CPUGeneratorImpl>(0));
-  *gen = model.dropout_generator()->clone();
+  gen->set_state(model.dropout_generator()->get_state());
   net.set_generator(0, gen);
   net.set_policy(strategy);
   const auto xs = x.to(torch::kFloat).contiguous(), ys = y.to(torch::kFloat).contiguous();
