@@ -6,27 +6,42 @@
 #   config  config parsing, --set overrides and validation, round trip through the resolved config
 #   json    the bounded JSON reader every JSON input goes through, and the Keras model-config reader
 #   pickle  the pickle reader behind PyTorch files
-#   store   a study.sqlite as merge, export, golden and check open it
+#   store   a study.sqlite as merge, export, golden and check open it, then golden and merge on it
+#   golden  a golden file as check meets it, against a real run directory (with --junit)
 # Usage: scripts/fuzz.sh [SECONDS] [TARGET]   (default TARGET: config)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 seconds="${1:-20}"
 target="${2:-config}"
-case "$target" in config|json|pickle|store) ;; *) echo "fuzz.sh: unknown target \"$target\" (config, json, pickle, store)" >&2; exit 2 ;; esac
+targets="config json pickle store golden"
+case " $targets " in *" $target "*) ;; *) echo "fuzz.sh: unknown target \"$target\" ($targets)" >&2; exit 2 ;; esac
 out="${BNLAB_BUILD_DIR:-$root/build}/fuzz"
 mkdir -p "$out/corpus_$target"
 bin="$out/fuzz_$target"
 lib="$root/lib/src"
-srcs=("$root/fuzz/fuzz_$target.cpp" "$lib/config.cpp" "$lib/model_spec.cpp" "$lib/text.cpp" "$lib/json_input.cpp"
-      "$lib/run_dir.cpp" "$lib/pickle.cpp" "$lib/store.cpp" "$lib/report.cpp" "$lib/tools.cpp")
-if [ ! -x "$bin" ] || [ -n "$(find "${srcs[@]}" "$root/lib/include" "$lib" -name '*.hpp' -newer "$bin" 2>/dev/null)" ] ||
-   [ -n "$(find "${srcs[@]}" -newer "$bin" 2>/dev/null)" ]; then
-  clang++ -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-    -I"$root/lib/include" -I"$lib" "${srcs[@]}" -lsqlite3 -o "$bin"
+# bnlab's torch-free sources are compiled once into $out/core for every target (ctest runs the
+# targets in parallel: one builds while the others wait on the lock), then linked with each one.
+core=(config model_spec text json_input run_dir pickle store report tools)
+flags=(-std=c++17 -O1 -g -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined -I"$root/lib/include" -I"$lib")
+(
+  flock 9
+  mkdir -p "$out/core"
+  for name in "${core[@]}"; do
+    obj="$out/core/$name.o"
+    if [ ! -f "$obj" ] || [ "$lib/$name.cpp" -nt "$obj" ] || [ -n "$(find "$lib" "$root/lib/include" -name '*.hpp' -newer "$obj")" ]; then
+      clang++ "${flags[@]}" -c "$lib/$name.cpp" -o "$obj.tmp" && mv "$obj.tmp" "$obj"
+    fi
+  done
+) 9>"$out/.core.lock"
+objs=()
+for name in "${core[@]}"; do objs+=("$out/core/$name.o"); done
+if [ ! -x "$bin" ] || [ "$root/fuzz/fuzz_$target.cpp" -nt "$bin" ] || [ -n "$(find "${objs[@]}" -newer "$bin")" ]; then
+  clang++ "${flags[@]}" -fsanitize=fuzzer "$root/fuzz/fuzz_$target.cpp" "${objs[@]}" -lsqlite3 -o "$bin.tmp"
+  mv "$bin.tmp" "$bin"
 fi
 dict=()
 [ "$target" = config ] && dict=(-dict="$root/fuzz/config.dict")
 cd "$out"
-UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+BNLAB_FUZZ_STORE="$root/fuzz/corpus/store/smoke_keras_nll.sqlite" UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
   "$bin" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
   ${dict[@]+"${dict[@]}"} "$out/corpus_$target" "$root/fuzz/corpus/$target"

@@ -134,19 +134,45 @@ size_t check_golden(const std::string& run_dir, const std::string& golden_file, 
   if (!o.junit.empty()) check_new_output_file(o.junit, "--junit", "<testsuite name=\"bnlab.check\"");
   const auto run_points = points_of(open_study(run_dir));  // the run directory first: it is the usual mistake
   const ojson golden = load_json(golden_file, "the golden file");
-  if (golden.value("format", "") != "bnlab.golden/1") throw InputError(golden_file + ": not a bnlab golden file (format bnlab.golden/1)");
+  if (!golden.is_object() || !golden.contains("format") || golden["format"] != "bnlab.golden/1")
+    throw InputError(golden_file + ": not a bnlab golden file (an object with \"format\": \"bnlab.golden/1\")");
+  if (!golden.contains("values") || !golden["values"].is_array())
+    throw InputError(golden_file + ": values: expected an array of values");
   std::map<std::string, Point> expected;
   std::vector<std::string> order;
-  try {
-    for (const auto& v : golden.at("values")) {
-      Point p{v.at("strategy").get<std::string>(), v.at("grid").get<std::string>(), v.at("seed").get<int64_t>(),
-              v.at("sample").get<int64_t>(), v.at("epoch").get<int64_t>(), v.at("metric").get<std::string>(),
-              v.at("value").get<double>()};
-      order.push_back(p.key());
-      expected[p.key()] = p;
-    }
-  } catch (const ojson::exception& e) {
-    throw InputError(golden_file + ": malformed golden file (" + std::string(e.what()) + ")");
+  const auto& values = golden["values"];
+  for (size_t i = 0; i < values.size(); ++i) {
+    const auto& v = values[i];
+    const std::string at = golden_file + ": values[" + std::to_string(i) + "]";
+    if (!v.is_object()) throw InputError(at + ": expected an object");
+    const auto field = [&](const char* key) -> const ojson& {
+      if (!v.contains(key)) throw InputError(at + ": missing \"" + key + "\"");
+      return v[key];
+    };
+    const auto text = [&](const char* key) {
+      const auto& f = field(key);
+      if (!f.is_string()) throw InputError(at + "." + key + ": expected a string");
+      return f.get<std::string>();
+    };
+    const auto whole = [&](const char* key) {
+      const auto& f = field(key);
+      if (!f.is_number_integer()) throw InputError(at + "." + key + ": expected a whole number");
+      return f.get<int64_t>();
+    };
+    Point p;  // field by field, in the order write_golden writes them, so the first fault is named
+    p.strategy = text("strategy");
+    p.grid = text("grid");
+    p.seed = whole("seed");
+    p.sample = whole("sample");
+    p.epoch = whole("epoch");
+    p.metric = text("metric");
+    const auto& value = field("value");
+    if (!value.is_number()) throw InputError(at + ".value: expected a number");
+    p.value = value.get<double>();
+    if (expected.count(p.key())) throw InputError(at + ": a second value for " + where(p) + " " + p.metric +
+                                                  (p.epoch >= 0 ? " epoch " + std::to_string(p.epoch) : ""));
+    order.push_back(p.key());
+    expected[p.key()] = p;
   }
   std::map<std::string, Point> got;
   for (const auto& p : run_points) got[p.key()] = p;

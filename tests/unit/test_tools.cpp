@@ -193,6 +193,40 @@ TEST(Tools, ForeignAndCorruptStoresAreRefusedByName) {
       InputError);
 }
 
+TEST(Tools, MalformedGoldenFilesAreNamedByTheirValue) {
+  // Every structural mistake in a golden file is exit 2 naming the file and the value's place;
+  // before, a golden whose top level was an array ended in an uncaught JSON type error (the
+  // reading written for the fuzz_golden target), and a repeated value silently replaced the first.
+  const auto c = parse_config(kStudy, "hand");
+  const auto base = temp_dir("golden_shapes");
+  write_study_dir(base + "/m", c, hand_runs(c));
+  const std::string head = R"({"format": "bnlab.golden/1", "experiment": "hand", "values": [)";
+  const std::string point = R"({"strategy":"train","grid":"","seed":0,"sample":0,"epoch":1,"metric":"loss","value":1})";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"[1, 2]", "not a bnlab golden file"},
+      {R"({"format": "bnlab.golden/1", "values": {"a": 1}})", "values: expected an array"},
+      {head + "3]}", "values[0]: expected an object"},
+      {head + R"({"strategy":"train"}]})", "values[0]: missing \"grid\""},
+      {head + R"({"strategy":"train","grid":"","seed":0.5,"sample":0,"epoch":1,"metric":"loss","value":1}]})",
+       "values[0].seed: expected a whole number"},
+      {head + R"({"strategy":"train","grid":"","seed":0,"sample":0,"epoch":1,"metric":"loss","value":"1"}]})",
+       "values[0].value: expected a number"},
+      {head + point + "," + point + "]}", "values[1]: a second value for train seed 0 sample 0 loss epoch 1"}};
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::string file = base + "/g" + std::to_string(i) + ".json";
+    write_file_atomic(file, cases[i].first);
+    std::ostringstream out;
+    try {
+      check_golden(base + "/m", file, CheckOptions{}, out);
+      ADD_FAILURE() << "accepted: " << cases[i].first;
+    } catch (const InputError& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find(file), std::string::npos) << what;
+      EXPECT_NE(what.find(cases[i].second), std::string::npos) << what;
+    }
+  }
+}
+
 TEST(Tools, GoldenCheckAndMergeOnHandMadeRunDirectories) {
   const auto c = parse_config(kStudy, "hand");
   auto runs = hand_runs(c);
