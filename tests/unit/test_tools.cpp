@@ -195,8 +195,8 @@ TEST(Tools, ForeignAndCorruptStoresAreRefusedByName) {
 
 TEST(Tools, MalformedGoldenFilesAreNamedByTheirValue) {
   // Every structural mistake in a golden file is exit 2 naming the file and the value's place;
-  // before, a golden whose top level was an array ended in an uncaught JSON type error (the
-  // reading written for the fuzz_golden target), and a repeated value silently replaced the first.
+  // before, a golden whose top level was an array ended in an uncaught JSON type error (seen
+  // while writing the fuzz_golden target), and a repeated value silently replaced the first.
   const auto c = parse_config(kStudy, "hand");
   const auto base = temp_dir("golden_shapes");
   write_study_dir(base + "/m", c, hand_runs(c));
