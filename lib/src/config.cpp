@@ -1114,14 +1114,7 @@ Config parse_config(const std::string& text, const std::string& origin,
 }
 
 Config load_config(const std::string& path, const std::vector<std::string>& overrides, const ModelFileReaders& readers) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
-    throw InputError(path + ": is not a regular file; expected a JSON config file");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw InputError(path + ": cannot read the config file (" + errno_text() + ")");
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  return parse_config(buffer.str(), path, overrides, parent_dir(path), readers);
+  return parse_config(read_json_file(path, "the config file"), path, overrides, parent_dir(path), readers);
 }
 
 const char* to_string(LossKind l) { return enum_name(kLosses, l); }

@@ -1,7 +1,13 @@
 // See json_input.hpp.
 #include "json_input.hpp"
 
+#include <sys/stat.h>
+
+#include <cerrno>
 #include <cmath>
+#include <cstring>
+#include <fstream>
+#include <sstream>
 #include <cstdlib>
 #include <map>
 #include <vector>
@@ -174,6 +180,20 @@ nlohmann::ordered_json parse_json(const std::string& text, const std::string& or
     const auto pos = what.find("] ");
     throw InputError(origin + ": invalid JSON: " + (pos == std::string::npos ? what : what.substr(pos + 2)));
   }
+}
+
+std::string read_json_file(const std::string& path, const std::string& what) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) throw InputError(path + ": cannot read " + what + " (" + std::strerror(errno) + ")");
+  if (!S_ISREG(st.st_mode)) throw InputError(path + ": is not a regular file; expected " + what + " (JSON)");
+  if (static_cast<uint64_t>(st.st_size) > kJsonMaxBytes)
+    throw InputError(path + ": " + std::to_string(st.st_size) + " bytes; bnlab reads " + what + " of up to " +
+                     std::to_string(kJsonMaxBytes >> 20) + " MiB (a JSON document)");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw InputError(path + ": cannot read " + what + " (" + std::strerror(errno) + ")");
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
 }
 
 }  // namespace bnlab

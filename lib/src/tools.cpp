@@ -38,14 +38,7 @@ struct Point {
 };
 
 ojson load_json(const std::string& path, const std::string& what) {
-  try {
-    return parse_json(read_file(path), path);
-  } catch (const InputError&) {
-    throw;  // already "PATH:LINE:COLUMN: ..."
-  } catch (const std::exception& e) {
-    std::string why = e.what();
-    throw InputError(path + ": cannot read " + what + " (" + why.substr(0, why.find('\n')) + ")");
-  }
+  return parse_json(read_json_file(path, what), path);  // errors: "PATH: ..." or "PATH:LINE:COLUMN: ..."
 }
 
 std::vector<Point> points_of(const StudyRecord& study) {

@@ -83,6 +83,10 @@ bad dup_key_nested 'dup_key_nested.json:1:41: duplicate key "epochs" (first at l
 /usr/bin/python3 -c 'print("[" * 300000 + "]" * 300000)' > "$tmp/deep.json"  # a SIGSEGV once
 check deep 2 "deep.json:1:129: objects and arrays nested deeper than 128 levels" -- "$bin" run "$tmp/deep.json" --out "$tmp/out_deep"
 if [ -e "$tmp/out_deep" ]; then echo "FAIL deep wrote $tmp/out_deep"; failed=$((failed+1)); else passed=$((passed+1)); fi
+truncate -s 300M "$tmp/huge.json"  # sparse: refused by its size before a byte is read
+check huge_config 2 "huge.json: 314572800 bytes; bnlab reads the config file of up to 256 MiB" -- "$bin" run "$tmp/huge.json" --out "$tmp/out_huge"
+if [ -e "$tmp/out_huge" ]; then echo "FAIL huge_config wrote $tmp/out_huge"; failed=$((failed+1)); else passed=$((passed+1)); fi
+rm -f "$tmp/huge.json"
 check set_dup_key 2 'column 12 of the value: duplicate key "a"' -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/sd" --set 'grid={"a": [1], "a": [2]}'
 check set_overflow 2 'the number 1e400 is beyond the range of a double' -- "$bin" run "$src/configs/smoke/keras_nll.json" --out "$tmp/sd" --set 'finetune.optimizer.lr=1e400'
 if [ -e "$tmp/sd" ]; then echo "FAIL set_dup_key/set_overflow wrote $tmp/sd"; failed=$((failed+1)); else passed=$((passed+1)); fi
