@@ -11,6 +11,7 @@
 
 #include "archive.hpp"
 #include "bnlab/errors.hpp"
+#include "json_input.hpp"
 #include "layer_kinds.hpp"
 #include "text.hpp"
 
@@ -38,7 +39,7 @@ std::string shape_text(const std::vector<int64_t>& s) {
 }
 
 /// A string-array attribute, fixed or variable length (h5py writes either).
-std::vector<std::string> read_string_attr(hid_t obj, const char* name) {
+std::vector<std::string> read_string_attr(hid_t obj, const char* name, const std::string& path) {
   Handle attr(H5Aopen(obj, name, H5P_DEFAULT), H5Aclose);
   if (!attr) return {};
   Handle type(H5Aget_type(attr.id), H5Tclose);
@@ -55,6 +56,9 @@ std::vector<std::string> read_string_attr(hid_t obj, const char* name) {
     H5Dvlen_reclaim(mem.id, space.id, H5P_DEFAULT, ptrs.data());
   } else {
     const size_t size = H5Tget_size(type.id);
+    if (size == 0 || static_cast<uint64_t>(n) > kJsonMaxBytes / size)  // the model config is one JSON document
+      throw InputError(path + ": attribute \"" + name + "\": " + std::to_string(n) + " strings of " + std::to_string(size) +
+                       " bytes, more than the " + std::to_string(kJsonMaxBytes >> 20) + " MiB bnlab reads");
     std::vector<char> buf(size * static_cast<size_t>(n) + 1, '\0');
     Handle mem(H5Tcopy(H5T_C_S1), H5Tclose);
     H5Tset_size(mem.id, size);
@@ -83,12 +87,18 @@ Array read_dataset(hid_t file, const std::string& path, const std::string& where
   H5Sget_simple_extent_dims(space.id, dims.data(), nullptr);
   Array a;
   a.dataset = path;
-  size_t n = 1;
+  // The shape is the file's word: a product that overflows would size the buffer below what
+  // H5Dread writes. A weight tensor of up to 2^31 floats (8 GiB) is read; beyond it, exit 2.
+  constexpr uint64_t kMaxElements = uint64_t{1} << 31;
+  uint64_t n = 1;
   for (auto d : dims) {
     a.shape.push_back(static_cast<int64_t>(d));
-    n *= static_cast<size_t>(d);
+    if (d != 0 && n > kMaxElements / d) n = kMaxElements + 1;
+    else n *= d;
   }
-  a.values.resize(n);
+  if (n > kMaxElements)
+    throw InputError(where + ": dataset \"" + path + "\" declares more than 2^31 values; bnlab reads weight tensors of up to 2^31 floats");
+  a.values.resize(static_cast<size_t>(n));
   if (n > 0 && H5Dread(ds.id, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, a.values.data()) < 0)
     throw InputError(where + ": cannot read dataset \"" + path + "\" as numbers");
   return a;
@@ -103,10 +113,10 @@ struct FileLayer {
 
 std::vector<FileLayer> read_keras2(hid_t file, hid_t root, const std::string& root_path, const std::string& path) {
   std::vector<FileLayer> out;
-  for (const auto& layer : read_string_attr(root, "layer_names")) {
+  for (const auto& layer : read_string_attr(root, "layer_names", path)) {
     Handle g(H5Gopen2(root, layer.c_str(), H5P_DEFAULT), H5Gclose);
     if (!g) throw InputError(path + ": layer \"" + layer + "\" is listed in layer_names but has no group");
-    const auto names = read_string_attr(g.id, "weight_names");
+    const auto names = read_string_attr(g.id, "weight_names", path);
     if (names.empty()) continue;  // activation, dropout, ...: nothing to load
     FileLayer l;
     l.name = layer;
@@ -224,18 +234,18 @@ hid_t open_image(const std::string& bytes) {
 
 std::string read_keras_model_config(const std::string& path) {
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-  if (is_zip(path)) return zip_entry(path, "config.json");
+  if (is_zip(path)) return ZipArchive(path, "Keras 3 .keras file").read("config.json", kJsonMaxBytes);
   if (H5Fis_hdf5(path.c_str()) <= 0) throw InputError(path + ": neither a Keras HDF5 file nor a .keras archive (or missing)");
   Handle file(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
   if (!file) throw InputError(path + ": cannot open the HDF5 file");
   if (H5Aexists(file.id, "model_config") > 0) {
-    const auto v = read_string_attr(file.id, "model_config");
+    const auto v = read_string_attr(file.id, "model_config", path);
     return v.empty() ? std::string() : v.front();
   }
   // Attributes over 64 KiB are split into model_config0, model_config1, ... (legacy_h5_format.py).
   std::string joined;
   for (int i = 0; H5Aexists(file.id, ("model_config" + std::to_string(i)).c_str()) > 0; ++i)
-    for (const auto& part : read_string_attr(file.id, ("model_config" + std::to_string(i)).c_str())) joined += part;
+    for (const auto& part : read_string_attr(file.id, ("model_config" + std::to_string(i)).c_str(), path)) joined += part;
   return joined;  // "" for a weights-only file
 }
 
@@ -271,7 +281,7 @@ void import_keras_model(const std::string& path, ModelImpl& model, const std::ve
       if (H5Lexists(file.id, group.c_str(), H5P_DEFAULT) <= 0)
         throw InputError(path + ": model_weights has no group for layer \"" + keras_name[i] + "\"");
       Handle g(H5Gopen2(file.id, group.c_str(), H5P_DEFAULT), H5Gclose);
-      for (const auto& w : read_string_attr(g.id, "weight_names"))
+      for (const auto& w : read_string_attr(g.id, "weight_names", path))
         l.vars.push_back(read_dataset(file.id, group + "/" + w, path + ": layer \"" + keras_name[i] + "\""));
     }
     load_layer(tensors, l, spec[i], path);

@@ -17,6 +17,7 @@ Usage: test_models.py BNLAB_BINARY SOURCE_DIR keras2|keras3
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,19 @@ def main():
                "keras3": [("unsupported_layernorm.keras", 'layer "layer_normalization" (LayerNormalization)'),
                           ("branch.keras", "not a branching model")]}[fmt]
         cases = [(f, config(models, f), needle) for f, needle in bad]
+        if fmt == "keras2":
+            # A kernel that declares 2^32 floats (chunked, so the file stays small): refused by its
+            # shape before any buffer is sized (a product that overflowed once would have sized it
+            # below what HDF5 writes).
+            import h5py
+            huge = os.path.join(tmp, "huge_kernel.h5")
+            shutil.copy(os.path.join(models, expected["dense_relu_bn"]["files"][fmt]), huge)
+            with h5py.File(huge, "r+") as f:
+                kernels = []
+                f["model_weights"].visititems(lambda name, obj: kernels.append(name) if name.endswith("kernel:0") else None)
+                del f["model_weights"][kernels[0]]
+                f["model_weights"].create_dataset(kernels[0], shape=(65536, 65536), dtype="f4", chunks=(64, 64))
+            cases.append(("huge_kernel.h5", config(models, huge), "declares more than 2^31 values"))
         relu_bn = expected["dense_relu_bn"]["files"][fmt]
         cases.append((relu_bn + " with hidden [16, 8]", config(models, relu_bn, {"hidden": [16, 8]}),
                       "module 1 is batchnorm here, activation relu in"))
