@@ -61,9 +61,33 @@ std::string blob_of(const std::vector<double>& v) {
 }
 
 /// A text column; "" for NULL (a damaged or hand-edited store may hold one anywhere).
-std::string text_of(sqlite3_stmt* st, int col) {
+/// Whether `s` is well-formed UTF-8 (no overlong forms, surrogates or code points past U+10FFFF).
+bool valid_utf8(const std::string& s) {
+  for (size_t i = 0; i < s.size();) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    if (len == 0 || i + len > s.size()) return false;
+    uint32_t cp = len == 1 ? c : len == 2 ? (c & 0x1F) : len == 3 ? (c & 0x0F) : (c & 0x07);
+    for (size_t k = 1; k < len; ++k) {
+      const auto d = static_cast<unsigned char>(s[i + k]);
+      if ((d >> 6) != 0x2) return false;
+      cp = (cp << 6) | (d & 0x3F);
+    }
+    static constexpr uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    i += len;
+  }
+  return true;
+}
+
+/// A text cell; text bnlab did not write (not UTF-8) is damage, named like any other.
+std::string text_of(sqlite3_stmt* st, int col, const std::string& path) {
   const unsigned char* t = sqlite3_column_text(st, col);
-  return t == nullptr ? std::string() : std::string(reinterpret_cast<const char*>(t), static_cast<size_t>(sqlite3_column_bytes(st, col)));
+  std::string s = t == nullptr ? std::string() : std::string(reinterpret_cast<const char*>(t), static_cast<size_t>(sqlite3_column_bytes(st, col)));
+  if (!valid_utf8(s))
+    throw InputError(path + ": damaged study store: a text value (column \"" + std::string(sqlite3_column_name(st, col)) +
+                     "\") is not UTF-8; bnlab writes only UTF-8");
+  return s;
 }
 
 std::vector<double> doubles_of(sqlite3_stmt* st, int col) {
@@ -253,7 +277,7 @@ std::string Store::meta(const std::string& key) const {
   Statement q(db_, "SELECT value FROM meta WHERE key = ?", path_);
   bind_text(q.st, 1, key);
   const int rc = sqlite3_step(q.st);
-  if (rc == SQLITE_ROW) return text_of(q.st, 0);
+  if (rc == SQLITE_ROW) return text_of(q.st, 0, path_);
   if (rc != SQLITE_DONE) fail(db_, path_, "cannot read the metadata");
   return "";
 }
@@ -338,7 +362,7 @@ Store::Counts Store::status_counts() const {
   Counts c;
   int rc;
   while ((rc = sqlite3_step(q.st)) == SQLITE_ROW) {
-    const std::string status = text_of(q.st, 0);
+    const std::string status = text_of(q.st, 0, path_);
     const auto n = static_cast<size_t>(sqlite3_column_int64(q.st, 1));
     (status == "failed" ? c.failed : status == "diverged" ? c.diverged : c.ok) += n;
   }
@@ -381,7 +405,7 @@ void Store::for_each(const std::function<void(const StrategyResult&)>& visit, bo
   Statement q(db_, sql, path_);
   StrategyResult r;
   int rc;
-  const auto text = [&](int col) { return text_of(q.st, col); };
+  const auto text = [&](int col) { return text_of(q.st, col, path_); };
   while ((rc = sqlite3_step(q.st)) == SQLITE_ROW) {
     r = StrategyResult{};
     r.run = static_cast<size_t>(sqlite3_column_int64(q.st, 0));
