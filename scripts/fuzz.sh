@@ -8,12 +8,13 @@
 #   pickle  the pickle reader behind PyTorch files
 #   store   a study.sqlite as merge, export, golden and check open it, then golden and merge on it
 #   golden  a golden file as check meets it, against a real run directory (with --junit)
+#   csv     the RFC 4180 reader behind data.path (first byte: the delimiter)
 # Usage: scripts/fuzz.sh [SECONDS] [TARGET]   (default TARGET: config)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 seconds="${1:-20}"
 target="${2:-config}"
-targets="config json pickle store golden"
+targets="config json pickle store golden csv"
 case " $targets " in *" $target "*) ;; *) echo "fuzz.sh: unknown target \"$target\" ($targets)" >&2; exit 2 ;; esac
 out="${BNLAB_BUILD_DIR:-$root/build}/fuzz"
 mkdir -p "$out/corpus_$target"
@@ -21,7 +22,7 @@ bin="$out/fuzz_$target"
 lib="$root/lib/src"
 # bnlab's torch-free sources are compiled once into $out/core for every target (ctest runs the
 # targets in parallel: one builds while the others wait on the lock), then linked with each one.
-core=(config model_spec text json_input run_dir pickle store report tools)
+core=(config model_spec text json_input run_dir pickle store report tools csv)
 flags=(-std=c++17 -O1 -g -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined -I"$root/lib/include" -I"$lib")
 (
   flock 9

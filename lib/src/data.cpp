@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "bnlab/errors.hpp"
+#include "csv.hpp"
 #include "text.hpp"
 
 namespace bnlab {
@@ -62,19 +63,10 @@ void prepare_inputs(Dataset& d, bool standardized) {
 
 namespace {
 
-std::vector<std::string> split_csv_line(const std::string& line) {
-  std::vector<std::string> cells;
-  std::string cell;
-  std::stringstream ss(line);
-  while (std::getline(ss, cell, ',')) cells.push_back(cell);
-  if (!line.empty() && line.back() == ',') cells.emplace_back();
-  return cells;
-}
-
 std::string trim(const std::string& s) {
-  const auto b = s.find_first_not_of(" \t\r");
+  const auto b = s.find_first_not_of(" \t");
   if (b == std::string::npos) return "";
-  const auto e = s.find_last_not_of(" \t\r");
+  const auto e = s.find_last_not_of(" \t");
   return s.substr(b, e - b + 1);
 }
 
@@ -83,27 +75,21 @@ std::string trim(const std::string& s) {
 Dataset parse_csv(const std::string& text, const std::string& origin, const DataConfig& d,
                   LossKind loss) {
   std::vector<std::string> problems;
-  std::stringstream in(text);
-  std::string line;
-  size_t line_no = 0;
-  std::vector<std::string> header;
-  while (std::getline(in, line)) {
-    ++line_no;
-    if (!trim(line).empty()) {
-      for (auto& h : split_csv_line(line)) header.push_back(trim(h));
-      break;
-    }
-  }
-  if (header.empty()) throw InputError(origin + ": empty file: expected a header row with column names");
+  CsvReader reader(text, origin);
+  std::vector<std::string> header, cells;
+  std::vector<CsvPosition> where;
+  if (!reader.next(header, where)) throw InputError(origin + ": empty file: expected a header row with column names");
+  for (auto& h : header) h = trim(h);
   const auto column_of = [&](const std::string& name) -> int64_t {
     for (size_t i = 0; i < header.size(); ++i)
       if (header[i] == name) return static_cast<int64_t>(i);
     return -1;
   };
+  const std::string at_header = origin + ":" + std::to_string(reader.line());
   std::vector<int64_t> target_idx, feature_idx;
   for (const auto& t : d.target_columns) {
     const int64_t i = column_of(t);
-    if (i < 0) problems.push_back(origin + ":1: missing target column \"" + t + "\"" + did_you_mean(t, header) + "; columns: " + join(header, ", "));
+    if (i < 0) problems.push_back(at_header + ": missing target column \"" + t + "\"" + did_you_mean(t, header) + "; columns: " + join(header, ", "));
     target_idx.push_back(i);
   }
   std::vector<std::string> features = d.feature_columns;
@@ -113,37 +99,35 @@ Dataset parse_csv(const std::string& text, const std::string& origin, const Data
   }
   for (const auto& f : features) {
     const int64_t i = column_of(f);
-    if (i < 0) problems.push_back(origin + ":1: missing feature column \"" + f + "\"" + did_you_mean(f, header) + "; columns: " + join(header, ", "));
+    if (i < 0) problems.push_back(at_header + ": missing feature column \"" + f + "\"" + did_you_mean(f, header) + "; columns: " + join(header, ", "));
     feature_idx.push_back(i);
   }
-  if (features.empty()) problems.push_back(origin + ":1: no feature columns left after the targets");
+  if (features.empty()) problems.push_back(at_header + ": no feature columns left after the targets");
   if (!problems.empty()) throw InputError(problems);
 
   std::vector<float> xs, ys;
   int64_t rows = 0;
-  while (std::getline(in, line)) {
-    ++line_no;
-    if (trim(line).empty()) continue;
-    const auto cells = split_csv_line(line);
+  while (reader.next(cells, where)) {
+    const std::string line = std::to_string(reader.line());
     if (cells.size() != header.size()) {
-      problems.push_back(origin + ":" + std::to_string(line_no) + ": row has " + std::to_string(cells.size()) +
+      problems.push_back(origin + ":" + line + ": row has " + std::to_string(cells.size()) +
                          " cells, the header has " + std::to_string(header.size()));
       if (problems.size() >= 20) break;
       continue;
     }
     const auto number = [&](int64_t col) -> float {
       const std::string cell = trim(cells[col]);
-      const std::string where = origin + ":" + std::to_string(line_no) + ": column " + std::to_string(col + 1) +
-                                " (\"" + header[col] + "\")";
+      const std::string place = origin + ":" + std::to_string(where[col].line) + ":" + std::to_string(where[col].column) +
+                                ": column " + std::to_string(col + 1) + " (\"" + header[col] + "\")";
       char* end = nullptr;
       errno = 0;
       const double v = std::strtod(cell.c_str(), &end);
       if (cell.empty() || end != cell.c_str() + cell.size()) {
-        problems.push_back(where + ": not a number: \"" + cell + "\"");
+        problems.push_back(place + ": not a number: \"" + cell + "\"");
         return 0.f;
       }
       if (!std::isfinite(v) || std::abs(v) > 3.4e38) {
-        problems.push_back(where + ": value \"" + cell + "\" is not finite in float32");
+        problems.push_back(place + ": value \"" + cell + "\" is not finite in float32");
         return 0.f;
       }
       return static_cast<float>(v);

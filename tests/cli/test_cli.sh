@@ -100,10 +100,14 @@ check config_is_dir 2 "is not a regular file" -- "$bin" run "$tmp"
 # CSV data: file, line and column.
 printf 'a,b,y\n1,2,3\n4,5\n' > "$tmp/ragged.csv"
 bad csv_ragged 'ragged.csv:3: row has 2 cells, the header has 3' '{"name": "t", "data": {"source": "csv", "path": "ragged.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+printf 'a,b,y\n1,"2,3\n4,5,6\n' > "$tmp/unterminated.csv"
+bad csv_unterminated 'unterminated.csv:2:3: unterminated quoted field' '{"name": "t", "data": {"source": "csv", "path": "unterminated.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+printf 'a,b,y\n1,2,3\n\xEF\xBB\xBF4,5,6\n' > "$tmp/bom.csv"
+bad csv_bom_inside 'bom.csv:3:1: a UTF-8 byte-order mark inside the file' '{"name": "t", "data": {"source": "csv", "path": "bom.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
 printf 'a,b,y\n1,2,3\n4,x5,6\n' > "$tmp/text.csv"
-bad csv_text 'text.csv:3: column 2 ("b"): not a number: "x5"' '{"name": "t", "data": {"source": "csv", "path": "text.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+bad csv_text 'text.csv:3:3: column 2 ("b"): not a number: "x5"' '{"name": "t", "data": {"source": "csv", "path": "text.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
 printf 'a,b,y\n1,nan,3\n4,5,6\n' > "$tmp/nan.csv"
-bad csv_nan 'nan.csv:2: column 2 ("b"): value "nan" is not finite' '{"name": "t", "data": {"source": "csv", "path": "nan.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+bad csv_nan 'nan.csv:2:3: column 2 ("b"): value "nan" is not finite' '{"name": "t", "data": {"source": "csv", "path": "nan.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
 bad csv_column 'missing target column "z"' '{"name": "t", "data": {"source": "csv", "path": "nan.csv", "target_columns": ["z"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
 
 # Checkpoints: truncated, corrupt, or of another architecture; nothing else changes.

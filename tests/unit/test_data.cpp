@@ -47,9 +47,9 @@ TEST(Csv, ColumnsByNameAndStandardization) {
 
 TEST(Csv, ErrorsNameFileLineAndColumn) {
   EXPECT_NE(error_of("a,b\n1,2\n3\n", csv_config({"b"})).find("d.csv:3: row has 1 cells, the header has 2"), std::string::npos);
-  EXPECT_NE(error_of("a,b\n1,2\n3,x7\n", csv_config({"b"})).find("d.csv:3: column 2 (\"b\"): not a number: \"x7\""),
+  EXPECT_NE(error_of("a,b\n1,2\n3,x7\n", csv_config({"b"})).find("d.csv:3:3: column 2 (\"b\"): not a number: \"x7\""),
             std::string::npos);
-  EXPECT_NE(error_of("a,b\n1,nan\n3,4\n", csv_config({"b"})).find("d.csv:2: column 2 (\"b\"): value \"nan\" is not finite"),
+  EXPECT_NE(error_of("a,b\n1,nan\n3,4\n", csv_config({"b"})).find("d.csv:2:3: column 2 (\"b\"): value \"nan\" is not finite"),
             std::string::npos);
   EXPECT_NE(error_of("a,b\n1,inf\n3,4\n", csv_config({"b"})).find("is not finite"), std::string::npos);
   EXPECT_NE(error_of("a,b\n1,2\n3,4\n", csv_config({"y"})).find("d.csv:1: missing target column \"y\""), std::string::npos);
