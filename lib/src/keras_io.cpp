@@ -328,74 +328,116 @@ void import_keras_h5(const std::string& path, ModelImpl& model) {
   for (size_t i = 0; i < bn.size(); ++i) load_layer(tensors, *bn[i], spec[model_bn[i]], path);
 }
 
+namespace {
+
+/// Why the last HDF5 call failed: the system's error text where the file driver reports one
+/// ("No space left on device"), else the innermost description on HDF5's error stack.
+std::string hdf5_reason() {
+  std::string reason;
+  H5Ewalk2(
+      H5E_DEFAULT, H5E_WALK_UPWARD,
+      [](unsigned, const H5E_error2_t* e, void* data) -> herr_t {
+        auto& r = *static_cast<std::string*>(data);
+        const std::string desc = e->desc != nullptr ? e->desc : "";
+        const auto at = desc.find("error message = '");
+        if (at != std::string::npos) {
+          const auto from = at + 17, to = desc.find('\'', from);
+          r = desc.substr(from, to == std::string::npos ? std::string::npos : to - from);
+          return 1;  // the driver's errno text: stop here
+        }
+        if (r.empty()) r = desc;
+        return 0;
+      },
+      &reason);
+  return reason.empty() ? "an HDF5 error" : reason;
+}
+
+}  // namespace
+
 void export_keras_h5(const std::string& path, const ModelImpl& model) {
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-  const std::string tmp = temp_name(path);
+  // HDF5 builds the file in memory (its core driver, no backing file) and bnlab writes the image
+  // as it writes every output: to a temporary, synced, renamed into place. A full disk is then
+  // one clean error, never a half-flushed HDF5 file or a library left holding it open.
+  const auto fail = [&](const std::string& what) {
+    throw std::runtime_error("cannot build " + path + " (" + what + "): " + hdf5_reason());
+  };
+  std::string image;
   {
-    Handle file(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
-    if (!file) throw std::runtime_error("cannot create " + tmp);
-    Handle lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
-    H5Pset_create_intermediate_group(lcpl.id, 1);
-    const auto write_strings = [](hid_t obj, const char* name, const std::vector<std::string>& values) {
-      size_t width = 1;
-      for (const auto& v : values) width = std::max(width, v.size());
-      std::vector<char> buf(std::max<size_t>(1, width * values.size()), '\0');
-      for (size_t i = 0; i < values.size(); ++i) std::copy(values[i].begin(), values[i].end(), buf.begin() + static_cast<long>(i * width));
-      Handle type(H5Tcopy(H5T_C_S1), H5Tclose);
-      H5Tset_size(type.id, width);
-      H5Tset_strpad(type.id, H5T_STR_NULLPAD);  // as numpy/h5py write 'S' arrays
-      const hsize_t n = values.size();
-      Handle space(values.size() == 1 && std::string(name) != "layer_names" && std::string(name) != "weight_names"
-                       ? H5Screate(H5S_SCALAR) : H5Screate_simple(1, &n, nullptr), H5Sclose);
-      Handle attr(H5Acreate2(obj, name, type.id, space.id, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
-      H5Awrite(attr.id, type.id, buf.data());
-    };
-    const auto write_array = [&](hid_t group, const std::string& name, const torch::Tensor& t) {
-      const auto c = t.detach().to(torch::kFloat).contiguous();
-      std::vector<hsize_t> dims(c.sizes().begin(), c.sizes().end());
-      Handle space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
-      Handle ds(H5Dcreate2(group, name.c_str(), H5T_IEEE_F32LE, space.id, lcpl.id, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
-      if (!ds || H5Dwrite(ds.id, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, c.data_ptr<float>()) < 0)
-        throw std::runtime_error("cannot write " + name + " to " + tmp);
-    };
-    // A model.save() file: the architecture in model_config, every layer (weightless ones too)
-    // under model_weights/ with its weight_names, datasets at model_weights/<layer>/<layer>/<w>:0.
-    const KerasExport plan = keras_export_plan(model.layers());
+    Handle fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+    if (!fapl || H5Pset_fapl_core(fapl.id, size_t{1} << 20, /*backing_store=*/0) < 0) fail("setting up HDF5's memory driver");
+    Handle file(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.id), H5Fclose);
+    if (!file) fail("creating it");
     {
-      Handle type(H5Tcopy(H5T_C_S1), H5Tclose);
-      H5Tset_size(type.id, H5T_VARIABLE);
-      Handle space(H5Screate(H5S_SCALAR), H5Sclose);
-      Handle attr(H5Acreate2(file.id, "model_config", type.id, space.id, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
-      const char* text = plan.model_config.c_str();
-      if (!attr || H5Awrite(attr.id, type.id, &text) < 0) throw std::runtime_error("cannot write model_config to " + tmp);
-    }
-    Handle weights_group(H5Gcreate2(file.id, "model_weights", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
-    const Tensors sd = tensors_of(model);
-    for (size_t k = 0; k < plan.layer_names.size(); ++k) {
-      const std::string& name = plan.layer_names[k];
-      Handle g(H5Gcreate2(weights_group.id, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
-      std::vector<std::string> wn;
-      if (plan.module_of_layer[k] >= 0) {
-        const LayerSpec& info = model.layers()[static_cast<size_t>(plan.module_of_layer[k])];
-        for (const auto& w : layer_kind(info.kind).keras_weights(info)) {
-          const std::string dataset = name + "/" + w.keras + ":0";
-          const auto& t = sd.at(info.name + "." + w.tensor);
-          write_array(g.id, dataset, w.transpose ? t.t() : t);
-          wn.push_back(dataset);
-        }
+      Handle lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
+      H5Pset_create_intermediate_group(lcpl.id, 1);
+      const auto write_strings = [&](hid_t obj, const char* name, const std::vector<std::string>& values) {
+        size_t width = 1;
+        for (const auto& v : values) width = std::max(width, v.size());
+        std::vector<char> buf(std::max<size_t>(1, width * values.size()), '\0');
+        for (size_t i = 0; i < values.size(); ++i) std::copy(values[i].begin(), values[i].end(), buf.begin() + static_cast<long>(i * width));
+        Handle type(H5Tcopy(H5T_C_S1), H5Tclose);
+        H5Tset_size(type.id, width);
+        H5Tset_strpad(type.id, H5T_STR_NULLPAD);  // as numpy/h5py write 'S' arrays
+        const hsize_t n = values.size();
+        Handle space(values.size() == 1 && std::string(name) != "layer_names" && std::string(name) != "weight_names"
+                         ? H5Screate(H5S_SCALAR) : H5Screate_simple(1, &n, nullptr), H5Sclose);
+        Handle attr(H5Acreate2(obj, name, type.id, space.id, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+        if (!attr || H5Awrite(attr.id, type.id, buf.data()) < 0) fail(std::string("writing the attribute ") + name);
+      };
+      const auto write_array = [&](hid_t group, const std::string& name, const torch::Tensor& t) {
+        const auto c = t.detach().to(torch::kFloat).contiguous();
+        std::vector<hsize_t> dims(c.sizes().begin(), c.sizes().end());
+        Handle space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
+        Handle ds(H5Dcreate2(group, name.c_str(), H5T_IEEE_F32LE, space.id, lcpl.id, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
+        if (!ds || H5Dwrite(ds.id, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, c.data_ptr<float>()) < 0) fail("writing " + name);
+      };
+      // A model.save() file: the architecture in model_config, every layer (weightless ones too)
+      // under model_weights/ with its weight_names, datasets at model_weights/<layer>/<layer>/<w>:0.
+      const KerasExport plan = keras_export_plan(model.layers());
+      {
+        Handle type(H5Tcopy(H5T_C_S1), H5Tclose);
+        H5Tset_size(type.id, H5T_VARIABLE);
+        Handle space(H5Screate(H5S_SCALAR), H5Sclose);
+        Handle attr(H5Acreate2(file.id, "model_config", type.id, space.id, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+        const char* text = plan.model_config.c_str();
+        if (!attr || H5Awrite(attr.id, type.id, &text) < 0) fail("writing model_config");
       }
-      write_strings(g.id, "weight_names", wn);
+      {
+        Handle weights_group(H5Gcreate2(file.id, "model_weights", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
+        if (!weights_group) fail("creating model_weights");
+        const Tensors sd = tensors_of(model);
+        for (size_t k = 0; k < plan.layer_names.size(); ++k) {
+          const std::string& name = plan.layer_names[k];
+          Handle g(H5Gcreate2(weights_group.id, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
+          if (!g) fail("creating model_weights/" + name);
+          std::vector<std::string> wn;
+          if (plan.module_of_layer[k] >= 0) {
+            const LayerSpec& info = model.layers()[static_cast<size_t>(plan.module_of_layer[k])];
+            for (const auto& w : layer_kind(info.kind).keras_weights(info)) {
+              const std::string dataset = name + "/" + w.keras + ":0";
+              const auto& t = sd.at(info.name + "." + w.tensor);
+              write_array(g.id, dataset, w.transpose ? t.t() : t);
+              wn.push_back(dataset);
+            }
+          }
+          write_strings(g.id, "weight_names", wn);
+        }
+        write_strings(weights_group.id, "layer_names", plan.layer_names);
+        write_strings(weights_group.id, "backend", {"tensorflow"});
+        write_strings(weights_group.id, "keras_version", {"2.15.0"});
+      }
+      write_strings(file.id, "backend", {"tensorflow"});
+      write_strings(file.id, "keras_version", {"2.15.0"});
     }
-    write_strings(weights_group.id, "layer_names", plan.layer_names);
-    write_strings(weights_group.id, "backend", {"tensorflow"});
-    write_strings(weights_group.id, "keras_version", {"2.15.0"});
-    write_strings(file.id, "backend", {"tensorflow"});
-    write_strings(file.id, "keras_version", {"2.15.0"});
+    // Every object is closed; flushed, the image is the file HDF5 would have written.
+    if (H5Fflush(file.id, H5F_SCOPE_GLOBAL) < 0) fail("flushing it");
+    const ssize_t size = H5Fget_file_image(file.id, nullptr, 0);
+    if (size <= 0) fail("taking its image");
+    image.resize(static_cast<size_t>(size));
+    if (H5Fget_file_image(file.id, image.data(), image.size()) != size) fail("taking its image");
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    throw std::runtime_error("cannot rename " + tmp + " to " + path);
-  }
+  write_file_atomic(path, image);
 }
 
 }  // namespace bnlab

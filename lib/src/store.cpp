@@ -187,6 +187,17 @@ void Store::exec(const char* sql) const {
   if (sqlite3_exec(db_, sql, nullptr, nullptr, nullptr) != SQLITE_OK) fail(db_, path_, "cannot update the study store");
 }
 
+namespace {
+
+/// Whether SQLite's last error on db is the system failing to write (a full disk, an I/O error
+/// on write, sync or the shared-memory file): a failure (exit 1), not damage in the file.
+bool write_failed(sqlite3* db) {
+  const int ext = sqlite3_extended_errcode(db);
+  return (ext & 0xff) == SQLITE_FULL || ((ext & 0xff) == SQLITE_IOERR && ext != SQLITE_IOERR_READ && ext != SQLITE_IOERR_SHORT_READ);
+}
+
+}  // namespace
+
 Store Store::open(const std::string& path, bool writable) {
   sqlite3* db = nullptr;
   const int flags = writable ? SQLITE_OPEN_READWRITE : SQLITE_OPEN_READONLY;
@@ -203,6 +214,7 @@ Store Store::open(const std::string& path, bool writable) {
     sqlite3_stmt* st = nullptr;
     if (sqlite3_prepare_v2(db, "PRAGMA application_id", -1, &st, nullptr) != SQLITE_OK) {
       const std::string why = sqlite3_errmsg(db);
+      if (write_failed(db)) throw std::runtime_error(path + ": cannot open the study store (" + why + ")");
       throw InputError(path + ": not a bnlab study store (" + why + ")");
     }
     const int rc = sqlite3_step(st);
@@ -214,7 +226,10 @@ Store Store::open(const std::string& path, bool writable) {
       s.close();
       return open(path, true);
     }
-    if (rc != SQLITE_ROW && rc != SQLITE_DONE) throw InputError(path + ": not a bnlab study store (" + sqlite3_errmsg(db) + ")");
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
+      if (write_failed(db)) throw std::runtime_error(path + ": cannot open the study store (" + sqlite3_errmsg(db) + ")");
+      throw InputError(path + ": not a bnlab study store (" + sqlite3_errmsg(db) + ")");
+    }
   }
   if (app != kApplicationId)
     throw InputError(path + ": an SQLite database that bnlab did not write (application_id " + std::to_string(app) +

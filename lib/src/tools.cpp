@@ -251,8 +251,13 @@ void merge_shards(const std::vector<std::string>& dirs, const std::string& out_d
   }
   const std::string out_store = store_path(out_dir);
   if (::access(out_store.c_str(), F_OK) == 0) {
-    Store::open(out_store, false);  // a file bnlab did not write stays, --force or not
-    if (!force) throw InputError(out_dir + ": already holds results; pass --force to overwrite");
+    const Store existing = Store::open(out_store, false);  // a file bnlab did not write stays, --force or not
+    // The same merge again (a merge cut short by a full disk or a kill, rerun) rebuilds what it
+    // would have written: no --force needed. Any other results need --force.
+    const bool same = existing.meta("merged_from") == nlohmann::ordered_json(dirs).dump() &&
+                      existing.meta("identity") == shards.front().store.meta("identity") && existing.meta("cache_keys") == keys;
+    if (!force && !same)
+      throw InputError(out_dir + ": already holds results (not a merge of these shards); pass --force to overwrite");
   }
   check_output_dir(out_dir, config.name, force, "-o");
   own_output_dir(out_dir, "-o");
@@ -267,8 +272,8 @@ void merge_shards(const std::vector<std::string>& dirs, const std::string& out_d
   const auto plan = plan_runs(config);
   meta.emplace_back("runs_planned", std::to_string(plan.size()));
   try {
-    Store merged = Store::create(building, meta);
-    {
+    {  // the merged store is built and closed (its log checkpointed) before it is renamed
+      Store merged = Store::create(building, meta);
       for (const auto& s : shards) merged.absorb(s.store);
       // One divergence rule for the merged study (shards may have been classified under others).
       merged.reclassify(config.report.diverged_factor);
@@ -290,20 +295,20 @@ void merge_shards(const std::vector<std::string>& dirs, const std::string& out_d
                          " runs are in none of the shards (first missing: run " + std::to_string(first_missing) +
                          "); run the missing shards first");
     }
-  } catch (...) {  // the store is closed by now
-    for (const char* suffix : {"", "-wal", "-shm"}) std::remove((building + suffix).c_str());
+    // The ledger learns the store's names before it takes them (a full disk may stop it here).
+    for (const char* suffix : {"", "-wal", "-shm", "-journal"}) claim_path(out_store + suffix);
+    for (const char* suffix : {"-wal", "-shm"})  // an older store's log would be replayed into the new file
+      if (may_remove(out_store + suffix)) std::remove((out_store + suffix).c_str());
+    if (std::rename(building.c_str(), out_store.c_str()) != 0)
+      throw std::runtime_error(out_store + ": cannot write the merged store (renaming its temporary file: " + errno_text() + ")");
+  } catch (...) {  // the store is closed by now; its temporary goes, whatever stopped the merge
+    for (const char* suffix : {"", "-journal", "-wal", "-shm"}) std::remove((building + suffix).c_str());
     throw;
   }
-  for (const char* suffix : {"", "-wal", "-shm", "-journal"}) claim_path(out_store + suffix);
-  for (const char* suffix : {"-wal", "-shm"})  // an older store's log would be replayed into the new file
-    if (may_remove(out_store + suffix)) std::remove((out_store + suffix).c_str());
-  if (std::rename(building.c_str(), out_store.c_str()) != 0) {
-    const std::string why = errno_text();
-    for (const char* suffix : {"", "-journal", "-wal", "-shm"}) std::remove((building + suffix).c_str());
-    throw std::runtime_error(out_store + ": cannot write the merged store (renaming its temporary file: " + why + ")");
-  }
   write_file_atomic(out_dir + "/config.resolved.json", to_json(config));
-  // Weights and samples are identical in every shard (same seeds, same cache key): take the first's.
+  // Weights, samples and the data's record are identical in every shard (same seeds, same cache
+  // key, same data): take the first's.
+  if (::access((dirs.front() + "/data.json").c_str(), R_OK) == 0) write_file_atomic(out_dir + "/data.json", read_file(dirs.front() + "/data.json"));
   for (const auto& seed : config.seeds) {
     for (const char* stem : {"pretrained", "sample"}) {
       const std::string name = std::string(stem) + (config.seeds.size() > 1 ? "_seed" + std::to_string(seed) : "") + ".pt";

@@ -195,6 +195,9 @@ check golden_again 0 "" -- "$bin" golden "$tmp/ok" -o "$tmp/g.json"
 check golden_over_user_file 2 "mine.pt: already exists" -- "$bin" golden "$tmp/ok" -o "$tmp/mine.pt"
 check junit_over_user_file 2 "mine.pt: already exists" -- "$bin" check "$tmp/ok" --golden "$tmp/g.json" --junit "$tmp/mine.pt"
 same golden_junit_over_user_file "$tmp/mine.pt" "precious"
+check merge_once 0 "" -- "$bin" merge "$tmp/ok" -o "$tmp/merged1" --no-plots
+check merge_same_again 0 "" -- "$bin" merge "$tmp/ok" -o "$tmp/merged1" --no-plots
+check merge_other_into_it 2 "merged1: already holds results (not a merge of these shards); pass --force to overwrite" -- "$bin" merge "$tmp/own" -o "$tmp/merged1" --no-plots
 check merge_into_user_folder 2 "user: the folder is not empty and is not a bnlab run directory" -- "$bin" merge "$tmp/ok" -o "$tmp/user" --force
 same merge_into_user_folder "$tmp/user/curves.csv" "a,b"
 
