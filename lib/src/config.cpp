@@ -828,6 +828,14 @@ void read_config(const json& root, Config& c, Problems& problems, const ModelFil
       r.get("feature_columns", c.data.feature_columns);
       r.get("target_columns", c.data.target_columns);
       r.get("standardize", c.data.standardize);
+      r.get("delimiter", c.data.delimiter);
+      r.get("missing", c.data.missing);
+      r.get("class_labels", c.data.class_labels);
+      std::string indices;
+      r.get("sample_indices", indices);
+      if (r.has("sample_indices") && indices != c.data.sample_indices())
+        problems.add("data.sample_indices", "is \"" + c.data.sample_indices() + "\" with data.missing \"" + c.data.missing +
+                                                 "\", got \"" + indices + "\" (it records what finetune.sample counts; data.missing sets it)");
     } else {
       problems.add("data.source", "unknown value \"" + c.data.source + "\"" +
                                       did_you_mean(c.data.source, {"synthetic", "csv"}) +
@@ -962,6 +970,21 @@ void validate(const Config& c, Problems& p) {
     if (d.target_columns.empty()) p.add("data.target_columns", "missing: name the target column(s)");
     for (int64_t idx : c.finetune.samples)
       if (idx < 0) p.add("finetune.samples", "a sample index must be >= 0, got " + std::to_string(idx));
+    const std::string& del = d.delimiter;
+    if (del.size() != 1 || del[0] == '"' || del[0] == '\r' || del[0] == '\n' || std::isalnum(static_cast<unsigned char>(del[0])) ||
+        del[0] == '.' || del[0] == '-' || del[0] == '+' || static_cast<unsigned char>(del[0]) >= 0x80)
+      p.add("data.delimiter", "expected one character that cannot be part of a number, such as \",\", \";\", \"\\t\" (tab) or \"|\", got " +
+                                  json(del).dump());
+    if (d.missing != "error" && d.missing != "drop_rows")
+      p.add("data.missing", "unknown value \"" + d.missing + "\"" + did_you_mean(d.missing, {"error", "drop_rows"}) + "; valid values: error, drop_rows");
+    if (!d.class_labels.empty()) {
+      if (c.model.loss != LossKind::kCrossEntropy) p.add("data.class_labels", "applies to model.loss cross_entropy only");
+      if (d.class_labels.size() < 2) p.add("data.class_labels", "needs at least 2 labels, got " + std::to_string(d.class_labels.size()));
+      std::vector<int64_t> sorted = d.class_labels;
+      std::sort(sorted.begin(), sorted.end());
+      if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end())
+        p.add("data.class_labels", "label " + std::to_string(*std::adjacent_find(sorted.begin(), sorted.end())) + " is listed twice");
+    }
   }
   if (c.model.loss == LossKind::kCrossEntropy && d.source == "csv" && d.target_columns.size() > 1)
     p.add("data.target_columns", "cross_entropy takes one target column of class labels");
@@ -1145,6 +1168,10 @@ json data_json(const DataConfig& d) {
     j["path"] = d.path;
     j["feature_columns"] = d.feature_columns;
     j["target_columns"] = d.target_columns;
+    j["delimiter"] = d.delimiter;
+    j["missing"] = d.missing;
+    j["sample_indices"] = d.sample_indices();
+    if (!d.class_labels.empty()) j["class_labels"] = d.class_labels;
   } else {
     j["seed"] = d.seed;
     j["samples"] = d.samples;
@@ -1309,7 +1336,8 @@ void resolve_samples(Config& c, int64_t n) {
   for (int64_t i : f.samples)
     if (i < 0 || i >= n)
       throw InputError(std::string(f.samples.size() == 1 ? "finetune.sample" : "finetune.samples") + ": index " +
-                       std::to_string(i) + " is beyond the data (" + std::to_string(n) + " rows: 0.." + std::to_string(n - 1) + ")");
+                       std::to_string(i) + " is beyond the data (" + std::to_string(n) + " rows: 0.." + std::to_string(n - 1) + ")" +
+                       (c.data.missing == "drop_rows" ? "; indices count the rows that remain after data.missing drop_rows" : ""));
   f.sample = f.samples.front();
   for (auto& g : c.grid) {
     g.finetune.samples = f.samples;

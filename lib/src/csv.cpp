@@ -9,11 +9,11 @@ namespace {
 constexpr const char kBom[] = "\xEF\xBB\xBF";
 }
 
-CsvReader::CsvReader(const std::string& text, std::string origin, char delimiter)
+CsvReader::CsvReader(std::string_view text, std::string origin, char delimiter)
     : text_(text), origin_(std::move(origin)), delimiter_(delimiter) {
   if (delimiter == '"' || delimiter == '\r' || delimiter == '\n')
     throw InputError(origin_ + ": the delimiter cannot be a quote or a line break");
-  if (text_.compare(0, 3, kBom) == 0) pos_ = line_start_ = 3;  // Excel's "CSV UTF-8"
+  if (text_.substr(0, 3) == kBom) pos_ = line_start_ = 3;  // Excel's "CSV UTF-8"
 }
 
 void CsvReader::fail(size_t line, size_t column, const std::string& what) const {
@@ -62,16 +62,17 @@ bool CsvReader::next(std::vector<std::string>& fields, std::vector<CsvPosition>&
       if (pos_ < n && text_[pos_] != delimiter_ && text_[pos_] != '\n' && !(text_[pos_] == '\r' && pos_ + 1 < n && text_[pos_ + 1] == '\n'))
         fail(line_, column(pos_), "text after the closing quote of a field (a quote inside a field is written \"\")");
     } else {
+      const size_t begin = pos_;
       while (pos_ < n && text_[pos_] != delimiter_ && text_[pos_] != '\n') {
         const char c = text_[pos_];
         if (c == '\r' && pos_ + 1 < n && text_[pos_ + 1] == '\n') break;
         if (c == '"') fail(line_, column(pos_), "a quote inside an unquoted field (quote the whole field, and write a quote as \"\")");
-        if (text_.compare(pos_, 3, kBom) == 0)
+        if (c == kBom[0] && text_.substr(pos_, 3) == kBom)
           fail(line_, column(pos_), "a UTF-8 byte-order mark inside the file (files joined together?)");
-        field += c;
         ++pos_;
-        if (field.size() > kCsvMaxField) fail(start.line, start.column, "a field longer than 1 MiB");
+        if (pos_ - begin > kCsvMaxField) fail(start.line, start.column, "a field longer than 1 MiB");
       }
+      field.assign(text_.data() + begin, pos_ - begin);
     }
     fields.push_back(std::move(field));
     where.push_back(start);

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace bnlab {
@@ -21,8 +22,9 @@ struct CsvPosition {
 /// field longer than kCsvMaxField bytes or a record of more than kCsvMaxFields fields.
 class CsvReader {
  public:
-  /// `text` is read in place: it must outlive the reader (a temporary is refused at compile time).
-  CsvReader(const std::string& text, std::string origin, char delimiter = ',');
+  /// `text` is read in place (a file's bytes, or a mapping of the file): it must outlive the
+  /// reader (a temporary string is refused at compile time).
+  CsvReader(std::string_view text, std::string origin, char delimiter = ',');
   CsvReader(std::string&& text, std::string origin, char delimiter = ',') = delete;
 
   /// The next record's fields (unquoted) and where each starts; false at the end of the text.
@@ -31,9 +33,12 @@ class CsvReader {
   /// The line the last record returned started on.
   size_t line() const { return record_line_; }
 
+  /// Bytes of the text read so far (the reader never looks back before this).
+  size_t offset() const { return pos_; }
+
  private:
   [[noreturn]] void fail(size_t line, size_t column, const std::string& what) const;
-  const std::string& text_;
+  std::string_view text_;
   std::string origin_;
   char delimiter_;
   size_t pos_ = 0, line_ = 1, line_start_ = 0, record_line_ = 0;

@@ -3,7 +3,9 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "bnlab/config.hpp"
@@ -19,6 +21,9 @@ struct Dataset {
   std::vector<std::string> feature_names;
   std::vector<std::string> target_names;
   int64_t classes = 0;   ///< cross_entropy: number of classes, else 0
+  std::vector<int64_t> class_labels;  ///< CSV cross_entropy: the file's label of each class (y holds class indices)
+  int64_t rows_read = 0;              ///< CSV: data rows in the file
+  std::vector<size_t> dropped_lines;  ///< CSV with data.missing "drop_rows": the line of each dropped row
   int64_t size() const { return x.size(0); }
   int64_t features() const { return x.size(1); }
   int64_t targets() const { return y.size(1); }
@@ -29,12 +34,20 @@ struct Dataset {
 /// naming file, line and column.
 Dataset load_data(const Config& config);
 
+/// data.json of a run directory with a CSV source: the file, its rows read, dropped (with their
+/// lines) and used, and each class's original label.
+std::string data_record(const Config& config, const Dataset& data);
+
+/// The same in one line for the log.
+std::string data_line(const Config& config, const Dataset& data);
+
 /// Synthetic data, exposed for tests.
 Dataset make_synthetic(const DataConfig& data, LossKind loss, uint64_t seed);
 
-/// Parses CSV text; `origin` names the file in messages.
-Dataset parse_csv(const std::string& text, const std::string& origin, const DataConfig& data,
-                  LossKind loss);
+/// Parses CSV text; `origin` names the file in messages. `consumed`, when given, is told now and
+/// then how many bytes of the text are read and no longer needed (load_data lets them go).
+Dataset parse_csv(std::string_view text, const std::string& origin, const DataConfig& data,
+                  LossKind loss, const std::function<void(size_t)>& consumed = {});
 
 /// Fills x, x_mean and x_std from x_raw: standardized, or unchanged with mean 0 / std 1.
 void prepare_inputs(Dataset& d, bool standardized);

@@ -2,6 +2,8 @@
 // streaming pass that holds a group's figures, never every run.
 #include "report.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -14,6 +16,7 @@
 #include <thread>
 
 #include "bnlab/errors.hpp"
+#include "json_input.hpp"
 #include "run_dir.hpp"
 #include "text.hpp"
 
@@ -566,6 +569,33 @@ std::string metrics_lines(const StrategyResult& r) {
   return out;
 }
 
+namespace {
+
+/// summary.md's account of a CSV source, from the run directory's data.json (bnlab's own file:
+/// anything else in it is damage, exit 2).
+std::string data_paragraph(const std::string& dir, const Config& c) {
+  const std::string path = dir + "/data.json";
+  if (c.data.source != "csv" || ::access(path.c_str(), R_OK) != 0) return "";
+  const auto j = parse_json(read_json_file(path, "the data record"), path);
+  try {
+    std::string s = "Data: `" + j.at("path").get<std::string>() + "`, " + std::to_string(j.at("rows_read").get<int64_t>()) + " rows";
+    if (j.at("rows_dropped").get<int64_t>() > 0)
+      s += ", " + std::to_string(j.at("rows_dropped").get<int64_t>()) + " dropped for missing values (data.missing drop_rows; lines in data.json), " +
+           std::to_string(j.at("rows_used").get<int64_t>()) + " used; sample indices count the rows used";
+    s += ".";
+    if (j.contains("classes")) {
+      std::vector<std::string> map;
+      for (const auto& k : j.at("classes")) map.push_back(std::to_string(k.at("class").get<int64_t>()) + " = " + std::to_string(k.at("label").get<int64_t>()));
+      s += " Classes (class = label in the file): " + join(map, ", ") + ".";
+    }
+    return s + "\n\n";
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(path + ": damaged data record (" + e.what() + ")");
+  }
+}
+
+}  // namespace
+
 std::string write_reports(const std::string& dir, const Config& c, Store& store, bool plots, std::ostream& log,
                           size_t planned) {
   const bool with_grid = c.grid.size() > 1;
@@ -596,6 +626,7 @@ std::string write_reports(const std::string& dir, const Config& c, Store& store,
         " runs (" + std::to_string(stored - failed - diverged) + " ok, " + std::to_string(diverged) + " diverged, " +
         std::to_string(failed) + " failed); loss " + to_string(c.model.loss) + ", BatchNorm semantics " +
         to_string(c.model.batchnorm.semantics) + ". Every run is in " + kStoreName + ".\n\n";
+  md += data_paragraph(dir, c);
   std::string console;
   if (single) {
     md += "Sample " + std::to_string(c.finetune.sample) + ", seed " + std::to_string(c.seed) + ".\n\n";

@@ -263,6 +263,7 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
   w.dir = out_dir.empty() ? "runs/" + config.name : out_dir;
   check_output_dir(w.dir, config.name, force);  // first: a wrong --out costs nothing
   w.data = load_data(config);
+  if (!w.data.class_labels.empty()) w.config.data.class_labels = w.data.class_labels;  // the resolved config records the mapping
   resolve_samples(w.config, w.data.size());
   check_memory(w.config, w.data, jobs, lanes);  // before any model is built
   const bool keras = !config.init_keras.empty();
@@ -821,6 +822,10 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   write_file_atomic(dir + "/config.resolved.json", to_json(config));
   if (!config.keras_names.empty()) write_file_atomic(dir + "/keras.json", keras_json(config));
   write_file_atomic(dir + "/architecture.json", architecture_json(w.models[0]->layers(), config.model.batchnorm.semantics, config.model.loss));
+  if (config.data.source == "csv") {
+    write_file_atomic(dir + "/data.json", data_record(config, w.data));
+    if (verbose > 0) log << data_line(config, w.data) << "\n";
+  }
   const double data_seconds = since(t_start);
 
   auto t = clock::now();

@@ -139,7 +139,7 @@ bool is_bnlab_output_name(const std::string& name) {
   static const std::set<std::string> kFixed = {
       "config.resolved.json", "keras.json", "architecture.json", "manifest.json", "progress.json", "summary.json",
       "summary.csv", "summary.md", "curves.csv", "metrics.jsonl", "curves.png", "curves.svg", "gap_distribution.png",
-      "gap_distribution.svg", "explain.json", "study.sqlite", "study.sqlite-wal", "study.sqlite-shm",
+      "gap_distribution.svg", "explain.json", "data.json", "study.sqlite", "study.sqlite-wal", "study.sqlite-shm",
       "study.sqlite-journal", kLedgerName, kLockName};
   if (kFixed.count(name)) return true;
   return ends_with(name, ".pt") && (starts_with(name, "pretrained") || starts_with(name, "sample") || starts_with(name, "finetuned_"));

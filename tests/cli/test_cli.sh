@@ -102,12 +102,47 @@ printf 'a,b,y\n1,2,3\n4,5\n' > "$tmp/ragged.csv"
 bad csv_ragged 'ragged.csv:3: row has 2 cells, the header has 3' '{"name": "t", "data": {"source": "csv", "path": "ragged.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
 printf 'a,b,y\n1,"2,3\n4,5,6\n' > "$tmp/unterminated.csv"
 bad csv_unterminated 'unterminated.csv:2:3: unterminated quoted field' '{"name": "t", "data": {"source": "csv", "path": "unterminated.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+printf 'a;b;y\n1;2;3\n4;5;6\n' > "$tmp/semi.csv"
+printf 'a,b,y\n1,2,3\nNA,5,6\n7,8,9\n10,,12\n13,14,15\n' > "$tmp/dropped.csv"
 printf 'a,b,y\n1,2,3\n\xEF\xBB\xBF4,5,6\n' > "$tmp/bom.csv"
+# Files as users have them, run for real: dropped rows and labels 1..5 are recorded in data.json and summary.md.
+small='"pretrain": {"epochs": 1, "batch_size": 2}, "finetune": {"epochs": 2, "sample": 1}, "strategies": ["train", "frozen"]'
+printf '{"name": "dropped", "data": {"source": "csv", "path": "dropped.csv", "target_columns": ["y"], "missing": "drop_rows"}, "model": {"loss": "mse", "hidden": [4]}, %s}' "$small" > "$tmp/dropped.json"
+check csv_drop_rows 0 "dropped.csv: 5 rows, 2 dropped for missing values (lines 3, 5), 3 used; sample indices count the rows used" -- "$bin" run "$tmp/dropped.json" --out "$tmp/dropped" --no-plots
+check csv_drop_rows_record 0 '"dropped_lines": [' -- cat "$tmp/dropped/data.json"
+check csv_drop_rows_summary 0 "2 dropped for missing values (data.missing drop_rows; lines in data.json), 3 used" -- cat "$tmp/dropped/summary.md"
+check csv_drop_rows_resolved 0 '"sample_indices": "remaining_rows"' -- cat "$tmp/dropped/config.resolved.json"
+printf 'a,b,label\n0.1,1,5\n0.4,0,1\n0.9,1,3\n0.3,0,5\n0.7,1,1\n0.2,0,3\n' > "$tmp/labels15.csv"
+printf '{"name": "labels", "data": {"source": "csv", "path": "labels15.csv", "target_columns": ["label"]}, "model": {"loss": "cross_entropy", "hidden": [4]}, %s}' "$small" > "$tmp/labels15.json"
+check csv_labels 0 "classes (class = label): 0 = 1, 1 = 3, 2 = 5" -- "$bin" run "$tmp/labels15.json" --out "$tmp/labels15" --no-plots
+check csv_labels_summary 0 "Classes (class = label in the file): 0 = 1, 1 = 3, 2 = 5." -- cat "$tmp/labels15/summary.md"
+check csv_labels_resolved 0 '"class_labels": [' -- cat "$tmp/labels15/config.resolved.json"
+# The resolved config runs again as it is, to the same mapping.
+check csv_labels_rerun 0 "" -- "$bin" run "$tmp/labels15/config.resolved.json" --out "$tmp/labels15b" --no-plots --verbose 0
+check csv_labels_rerun_same 0 "" -- cmp "$tmp/labels15/data.json" "$tmp/labels15b/data.json"
+# The real file of issue 16 (quoted header), as data/fair.csv holds it.
+check real_fair 0 "fair.csv: 6366 rows" -- "$bin" run "$src/configs/real_fair.json" --out "$tmp/fair" --no-plots --set pretrain.epochs=1 --set finetune.samples.count=2 --set finetune.epochs=2
+
 bad csv_bom_inside 'bom.csv:3:1: a UTF-8 byte-order mark inside the file' '{"name": "t", "data": {"source": "csv", "path": "bom.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
 printf 'a,b,y\n1,2,3\n4,x5,6\n' > "$tmp/text.csv"
-bad csv_text 'text.csv:3:3: column 2 ("b"): not a number: "x5"' '{"name": "t", "data": {"source": "csv", "path": "text.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+bad csv_text 'text.csv:3:3: column 2 ("b"): feature column "b" is not numeric (its first non-numeric value: "x5")' '{"name": "t", "data": {"source": "csv", "path": "text.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
 printf 'a,b,y\n1,nan,3\n4,5,6\n' > "$tmp/nan.csv"
-bad csv_nan 'nan.csv:2:3: column 2 ("b"): value "nan" is not finite' '{"name": "t", "data": {"source": "csv", "path": "nan.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+bad csv_nan 'nan.csv:2:3: column 2 ("b"): missing value "nan"; set data.missing to "drop_rows"' '{"name": "t", "data": {"source": "csv", "path": "nan.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+printf 'a,b,y\n1,2,3\n4,5,inf\n' > "$tmp/inf.csv"
+bad csv_inf 'inf.csv:3:5: column 3 ("y"): value "inf" is not finite in float32' '{"name": "t", "data": {"source": "csv", "path": "inf.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+# A quoted field that runs over a line break: the row it belongs to is counted from its first line.
+printf 'a,b,y\n1,2,3\n4,"5\n6",7,8\n9,10,11\n' > "$tmp/ragged_quoted.csv"
+bad csv_ragged_in_quotes 'ragged_quoted.csv:3: row has 4 cells, the header has 3' '{"name": "t", "data": {"source": "csv", "path": "ragged_quoted.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+printf 'a,b,y\n1,2,3\n4;5;6\n' > "$tmp/mixed.csv"
+bad csv_mixed_delimiters "mixed.csv:3: row has 1 cells, the header has 3 (it holds ';': mixed delimiters? data.delimiter is \",\")" '{"name": "t", "data": {"source": "csv", "path": "mixed.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+bad csv_wrong_delimiter 'set data.delimiter to ";" (it is ",")' '{"name": "t", "data": {"source": "csv", "path": "semi.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+printf 'name,a,y\nalice,1,3\nbob,4,6\n' > "$tmp/names.csv"
+bad csv_text_column 'names.csv:2:1: column 1 ("name"): feature column "name" is not numeric (its first non-numeric value: "alice"); leave it out by listing the features in data.feature_columns, e.g. ["a"]' '{"name": "t", "data": {"source": "csv", "path": "names.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
+printf 'a,label\n1,1\n2,2.5\n3,1\n' > "$tmp/labels.csv"
+bad csv_label_not_whole 'labels.csv:3:3: column 2 ("label"): class label "2.5" is not a whole number' '{"name": "t", "data": {"source": "csv", "path": "labels.csv", "target_columns": ["label"]}, "model": {"loss": "cross_entropy"}, "finetune": {"sample": 0}}'
+bad csv_sample_beyond_remaining 'finetune.sample: index 3 is beyond the data' '{"name": "t", "data": {"source": "csv", "path": "dropped.csv", "target_columns": ["y"], "missing": "drop_rows"}, "model": {"loss": "mse"}, "finetune": {"sample": 3}}'
+printf 'a,b,y\n1,2,3\n4,5,x6\n' > "$tmp/target_text.csv"
+bad csv_target_text 'target_text.csv:3:5: column 3 ("y"): not a number: "x6"' '{"name": "t", "data": {"source": "csv", "path": "target_text.csv", "target_columns": ["y"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
 bad csv_column 'missing target column "z"' '{"name": "t", "data": {"source": "csv", "path": "nan.csv", "target_columns": ["z"]}, "model": {"loss": "mse"}, "finetune": {"sample": 0}}'
 
 # Checkpoints: truncated, corrupt, or of another architecture; nothing else changes.

@@ -171,6 +171,39 @@ TEST(Config, ResolvedJsonRoundTrips) {
   EXPECT_EQ(bnlab::pretrain_cache_key(again), bnlab::pretrain_cache_key(c));
 }
 
+TEST(Config, CsvReadingSettings) {
+  const std::string head = R"({"name": "t", "strategies": ["train"], "data": {"source": "csv", "path": "d.csv", "target_columns": ["y"], )";
+  // Defaults, written out in the resolved config, which parses back to the same.
+  const auto c = parse_config(head + R"("delimiter": ";", "missing": "drop_rows"}})", "cfg.json");
+  EXPECT_EQ(c.data.delimiter, ";");
+  EXPECT_EQ(c.data.sample_indices(), "remaining_rows");
+  const std::string text = bnlab::to_json(c);
+  EXPECT_NE(text.find("\"sample_indices\": \"remaining_rows\""), std::string::npos) << text;
+  EXPECT_EQ(bnlab::to_json(parse_config(text, "resolved")), text);
+  const auto plain = parse_config(head + R"("delimiter": "\t"}})", "cfg.json");
+  EXPECT_EQ(plain.data.delimiter, "\t");
+  EXPECT_NE(bnlab::to_json(plain).find("\"missing\": \"error\""), std::string::npos);
+  EXPECT_NE(bnlab::to_json(plain).find("\"sample_indices\": \"file_rows\""), std::string::npos);
+  // Bad values, each named by its path.
+  auto p = problems_of(head + R"("delimiter": ";;", "missing": "drop_row"}})");
+  EXPECT_NE(p.find("data.delimiter: expected one character that cannot be part of a number"), std::string::npos) << p;
+  EXPECT_NE(p.find("data.missing: unknown value \"drop_row\"; did you mean \"drop_rows\"?"), std::string::npos) << p;
+  for (const char* del : {"\"1\"", "\".\"", "\"-\"", "\"\\\"\"", "\"\\n\"", "\"\""})
+    EXPECT_NE(problems_of(head + "\"delimiter\": " + del + "}}").find("data.delimiter: expected one character"), std::string::npos) << del;
+  p = problems_of(head + R"("sample_indices": "remaining_rows"}})");
+  EXPECT_NE(p.find("data.sample_indices: is \"file_rows\" with data.missing \"error\", got \"remaining_rows\""), std::string::npos) << p;
+  // class_labels: cross_entropy only, distinct, at least two.
+  p = problems_of(head + R"("class_labels": [1, 2]}})");
+  EXPECT_NE(p.find("data.class_labels: applies to model.loss cross_entropy only"), std::string::npos) << p;
+  p = problems_of(head + R"("class_labels": [3, 1, 3]}, "model": {"loss": "cross_entropy"}})");
+  EXPECT_NE(p.find("data.class_labels: label 3 is listed twice"), std::string::npos) << p;
+  p = problems_of(head + R"("class_labels": [1.5, 2]}, "model": {"loss": "cross_entropy"}})");
+  EXPECT_NE(p.find("data.class_labels"), std::string::npos) << p;
+  const auto cls = parse_config(head + R"("class_labels": [5, 1]}, "model": {"loss": "cross_entropy"}})", "cfg.json");
+  EXPECT_EQ(cls.data.class_labels, (std::vector<int64_t>{5, 1}));
+  EXPECT_EQ(bnlab::to_json(parse_config(bnlab::to_json(cls), "resolved")), bnlab::to_json(cls));
+}
+
 TEST(Config, CacheKeyIgnoresFinetuneButNotPretrain) {
   const auto a = parse_config(kMinimal, "c");
   EXPECT_EQ(bnlab::pretrain_cache_key(a), bnlab::pretrain_cache_key(parse_config(kMinimal, "c", {"finetune.epochs=3"})));

@@ -50,6 +50,14 @@ struct DataConfig {
   std::vector<std::string> feature_columns;    ///< default: every column that is not a target
   std::vector<std::string> target_columns;     ///< required for csv
   bool standardize = true;                     ///< standardize features with the data set's mean/std (all of it is pretraining data)
+  std::string delimiter = ",";                 ///< the field separator: one character (",", ";", "\t", "|", ...)
+  std::string missing = "error";               ///< a missing value (empty, NA, NaN, nan): "error" (exit 2) or "drop_rows"
+  /// cross_entropy: the label of each class in class order. Resolved from the data (the whole
+  /// numbers found, sorted) unless given; given, every label in the file must be one of them.
+  std::vector<int64_t> class_labels;
+  /// What finetune.sample(s) count: "file_rows" (every data row) or, with missing "drop_rows",
+  /// "remaining_rows" (the rows left after dropping). Written to the resolved config; fixed by `missing`.
+  std::string sample_indices() const { return missing == "drop_rows" ? "remaining_rows" : "file_rows"; }
 };
 
 /// model.batchnorm: the numerics convention of every BatchNorm layer, and the settings a
