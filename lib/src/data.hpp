@@ -14,7 +14,8 @@ namespace bnlab {
 
 struct Dataset {
   torch::Tensor x;       ///< [N, F] float32 model inputs (standardized when configured)
-  torch::Tensor x_raw;   ///< [N, F] float32 before standardization
+  torch::Tensor x_raw;   ///< [N, F] float32 before standardization (open_workspace keeps only sample_x_raw)
+  torch::Tensor sample_x_raw;  ///< [K, F] x_raw of the fine-tuned samples, in finetune.samples' order (set by open_workspace)
   torch::Tensor y;       ///< [N, T] float32 targets; class labels as whole numbers for cross_entropy
   torch::Tensor x_mean;  ///< [F] training-set mean used to standardize (0 when not standardized)
   torch::Tensor x_std;   ///< [F] training-set std used to standardize (1 when not standardized)
