@@ -95,6 +95,9 @@ Cell read_number(std::string_view raw, double& v) {
   return Cell::kNumber;
 }
 
+/// A delimiter as a config writes it: "\t" for tab, else the character.
+std::string delimiter_text(char c) { return c == '\t' ? "\\t" : std::string(1, c); }
+
 std::string join_numbers(const std::vector<int64_t>& v) {
   std::vector<std::string> parts;
   for (int64_t x : v) parts.push_back(std::to_string(x));
@@ -121,14 +124,14 @@ Dataset parse_csv(std::string_view text, const std::string& origin, const DataCo
   if (!reader.next(header, where)) throw InputError(origin + ": empty file: expected a header row with column names");
   for (auto& h : header) h = std::string(trim(h));
   const std::string at_header = origin + ":" + std::to_string(reader.line());
-  const std::string delimiter_name = delimiter == '\t' ? "\"\\t\"" : "\"" + std::string(1, delimiter) + "\"";
+  const std::string delimiter_name = "\"" + delimiter_text(delimiter) + "\"";
   // One column whose name holds another common delimiter: the file is delimited differently.
   std::string hint;
   if (header.size() == 1)
     for (const char other : {',', ';', '\t', '|'})
       if (other != delimiter && header[0].find(other) != std::string::npos) {
-        hint = "; the header is one column and holds '" + std::string(other == '\t' ? "\\t" : std::string(1, other)) +
-               "': set data.delimiter to \"" + (other == '\t' ? "\\t" : std::string(1, other)) + "\" (it is " + delimiter_name + ")";
+        hint = "; the header is one column and holds '" + delimiter_text(other) + "': set data.delimiter to \"" + delimiter_text(other) +
+               "\" (it is " + delimiter_name + ")";
         break;
       }
   const auto column_of = [&](const std::string& name) -> int64_t {
@@ -164,6 +167,7 @@ Dataset parse_csv(std::string_view text, const std::string& origin, const DataCo
   std::vector<float> xs, ys;
   xs.reserve((lines + 1) * static_cast<size_t>(f));
   ys.reserve((lines + 1) * static_cast<size_t>(t));
+  std::vector<int64_t> labels_read;  // cross_entropy: each row's label as the file writes it
   std::vector<int64_t> non_numeric;  // columns already reported as not numeric
   Dataset out;
   int64_t rows = 0;
@@ -179,7 +183,7 @@ Dataset parse_csv(std::string_view text, const std::string& origin, const DataCo
                         std::to_string(header.size());
       for (const char other : {',', ';', '\t', '|'})
         if (other != delimiter && std::any_of(cells.begin(), cells.end(), [&](const std::string& c) { return c.find(other) != std::string::npos; })) {
-          why += " (it holds '" + std::string(other == '\t' ? "\\t" : std::string(1, other)) + "': mixed delimiters? data.delimiter is " + delimiter_name + ")";
+          why += " (it holds '" + delimiter_text(other) + "': mixed delimiters? data.delimiter is " + delimiter_name + ")";
           break;
         }
       problems.push_back(why);
@@ -230,7 +234,9 @@ Dataset parse_csv(std::string_view text, const std::string& origin, const DataCo
       continue;
     }
     for (int64_t k = 0; k < f; ++k) xs.push_back(static_cast<float>(row[k]));
-    for (int64_t k = f; k < f + t; ++k) ys.push_back(static_cast<float>(row[k]));
+    if (classify) labels_read.push_back(static_cast<int64_t>(row[f]));  // exact: a float holds whole numbers only to 2^24
+    else
+      for (int64_t k = f; k < f + t; ++k) ys.push_back(static_cast<float>(row[k]));
     ++rows;
   }
   if (!problems.empty()) throw InputError(problems);
@@ -242,18 +248,17 @@ Dataset parse_csv(std::string_view text, const std::string& origin, const DataCo
     // Labels map to classes in sorted order (or in data.class_labels' order).
     std::vector<int64_t> labels = d.class_labels;
     if (labels.empty()) {
-      std::set<int64_t> found;
-      for (float y : ys) found.insert(static_cast<int64_t>(y));
+      const std::set<int64_t> found(labels_read.begin(), labels_read.end());
       labels.assign(found.begin(), found.end());
     }
     std::map<int64_t, float> index;
     for (size_t i = 0; i < labels.size(); ++i) index[labels[i]] = static_cast<float>(i);
-    for (float& y : ys) {
-      const auto it = index.find(static_cast<int64_t>(y));
+    for (const int64_t label : labels_read) {
+      const auto it = index.find(label);
       if (it == index.end())
-        throw InputError(origin + ": column \"" + d.target_columns[0] + "\" holds the label " + std::to_string(static_cast<int64_t>(y)) +
+        throw InputError(origin + ": column \"" + d.target_columns[0] + "\" holds the label " + std::to_string(label) +
                          ", which data.class_labels does not list (" + join_numbers(labels) + ")");
-      y = it->second;
+      ys.push_back(it->second);
     }
     if (labels.size() < 2)
       throw InputError(origin + ": cross_entropy needs at least 2 classes in column \"" + d.target_columns[0] + "\", found one (" +

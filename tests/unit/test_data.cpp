@@ -133,6 +133,10 @@ TEST(Csv, ClassLabelsMapToClassesInSortedOrder) {
   EXPECT_EQ(two.class_labels, (std::vector<int64_t>{2, 4}));
   EXPECT_EQ(parse_csv("x,label\n0,-1\n1,1\n", "d.csv", csv_config({"label"}), LossKind::kCrossEntropy).class_labels,
             (std::vector<int64_t>{-1, 1}));
+  // Labels beyond float32's whole numbers (2^24 + 1 rounds to 2^24 as a float) stay apart.
+  const auto big = parse_csv("x,label\n0,16777217\n1,16777216\n", "d.csv", csv_config({"label"}), LossKind::kCrossEntropy);
+  EXPECT_EQ(big.class_labels, (std::vector<int64_t>{16777216, 16777217}));
+  EXPECT_TRUE(torch::equal(big.y.flatten().to(torch::kLong), torch::tensor({1, 0}, torch::kLong)));
   // data.class_labels fixes the order, and may list a class the file does not hold.
   DataConfig fixed = csv_config({"label"});
   fixed.class_labels = {5, 3, 1, 7};
