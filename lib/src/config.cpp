@@ -82,6 +82,7 @@ const EnumTable<Schedule> kSchedules = {{"constant", Schedule::kConstant},
 const EnumTable<Monitor> kMonitors = {{"loss", Monitor::kLoss}, {"val_loss", Monitor::kValLoss}};
 const EnumTable<BnMode> kBnModes = {{"train", BnMode::kTrain}, {"eval", BnMode::kEval}};
 const EnumTable<BnModule> kBnModules = {{"batchnorm", BnModule::kBatchNorm}, {"frozen", BnModule::kFrozen}};
+const EnumTable<TrackingRule> kTrackingRules = {{"libtorch", TrackingRule::kLibTorch}, {"python", TrackingRule::kPython}};
 
 template <class E>
 const char* enum_name(const EnumTable<E>& table, E value) {
@@ -283,33 +284,75 @@ void read_optimizer(ObjectReader& parent, const std::string& key, OptimizerConfi
 struct Preset {
   const char* name;
   std::function<void(StrategyConfig&)> set;
+  const char* alias_of = nullptr;  ///< the preset whose computation this is, under a tool's name
 };
 
+/// prior_bn's p: a prior worth N = 16 samples against the one sample of a fit batch,
+/// p = N / (N + n) = 16/17 (robusta computes p this way, examples/batchnorm/src/evaluate.py).
+constexpr double kDefaultPrior = 16.0 / 17.0;
+
 const std::vector<Preset>& presets() {
-  static const std::vector<Preset> kPresets = {
-      {"train", [](StrategyConfig&) {}},
-      {"freeze_affine", [](StrategyConfig& s) { s.affine_trainable = false; }},
-      {"momentum_zero", [](StrategyConfig& s) { s.momentum = 0.0; }},
-      {"freeze_affine_momentum_zero",
-       [](StrategyConfig& s) {
-         s.affine_trainable = false;
-         s.momentum = 0.0;
-       }},
-      {"eval", [](StrategyConfig& s) { s.bn_mode = BnMode::kEval; }},
-      {"frozen",
-       [](StrategyConfig& s) {
-         s.bn_mode = BnMode::kEval;
-         s.affine_trainable = false;
-       }},
-      {"recalibrate_frozen",
-       [](StrategyConfig& s) {
-         s.recalibrate = kDefaultRecalibrateBatches;
-         s.bn_mode = BnMode::kEval;
-         s.affine_trainable = false;
-       }},
-      {"fold", [](StrategyConfig& s) { s.fold = true; }},
-      {"batch_stats", [](StrategyConfig& s) { s.track_running_stats = false; }},
-  };
+  static const std::vector<Preset> kPresets = [] {
+    std::vector<Preset> v = {
+        {"train", [](StrategyConfig&) {}},
+        {"freeze_affine", [](StrategyConfig& s) { s.affine_trainable = false; }},
+        {"momentum_zero", [](StrategyConfig& s) { s.momentum = 0.0; }},
+        {"freeze_affine_momentum_zero",
+         [](StrategyConfig& s) {
+           s.affine_trainable = false;
+           s.momentum = 0.0;
+         }},
+        {"eval", [](StrategyConfig& s) { s.bn_mode = BnMode::kEval; }},
+        {"frozen",
+         [](StrategyConfig& s) {
+           s.bn_mode = BnMode::kEval;
+           s.affine_trainable = false;
+         }},
+        {"recalibrate_frozen",
+         [](StrategyConfig& s) {
+           s.recalibrate = kDefaultRecalibrateBatches;
+           s.bn_mode = BnMode::kEval;
+           s.affine_trainable = false;
+         }},
+        {"fold", [](StrategyConfig& s) { s.fold = true; }},
+        {"batch_stats", [](StrategyConfig& s) { s.track_running_stats = false; }},
+        {"prior_bn", [](StrategyConfig& s) { s.prior = kDefaultPrior; }},
+        {"renorm",
+         [](StrategyConfig& s) {
+           // Ioffe (2017)'s final clipping, rmin = 1/rmax (torchrl's BatchRenorm1d defaults too).
+           s.renorm = true;
+           s.renorm_rmax = 3.0;
+           s.renorm_rmin = 1.0 / 3.0;
+           s.renorm_dmax = 5.0;
+         }},
+        {"frozen_bn_module", [](StrategyConfig& s) { s.bn_module = BnModule::kFrozen; }},
+        {"lightning_freeze",
+         [](StrategyConfig& s) {
+           s.affine_trainable = false;
+           s.track_running_stats = false;
+           s.tracking_rule = TrackingRule::kPython;
+         }},
+    };
+    // What a user of each tool gets, where it is one of the computations above
+    // (docs/strategies.md cites the code of each).
+    const std::pair<const char*, const char*> kAliases[] = {
+        {"keras2_trainable_false", "freeze_affine_momentum_zero"},
+        {"tf1_learning_phase", "frozen"},
+        {"tf2_trainable_false", "frozen"},
+        {"keras3_trainable_false", "frozen"},
+        {"keras3_training_false", "eval"},
+        {"torch_eval_then_train", "train"},
+        {"fastai_bn_freeze", "frozen"},
+        {"mmcv_norm_eval", "eval"},
+        {"detectron2_frozen_bn", "frozen_bn_module"},
+        {"timm_frozen_bn", "frozen_bn_module"},
+    };
+    for (const auto& [alias, target] : kAliases) {
+      const auto it = std::find_if(v.begin(), v.end(), [t = target](const Preset& p) { return std::string(p.name) == t; });
+      v.push_back({alias, it->set, it->name});
+    }
+    return v;
+  }();
   return kPresets;
 }
 
@@ -359,6 +402,43 @@ void read_strategy(const json& j, const std::string& path, StrategyConfig& s, Pr
     else s.momentum = m->get<double>();
   }
   r.get("track_running_stats", s.track_running_stats);
+  r.get_enum("tracking_rule", kTrackingRules, s.tracking_rule);
+  if (const json* pr = r.find("prior")) {
+    if (pr->is_number()) s.prior = pr->get<double>();
+    else if (pr->is_null()) s.prior.reset();
+    else r.type_error("prior", "a number p in [0, 1] (p = N / (N + n) for a prior strength N), or null", *pr);
+  }
+  r.get("renorm", s.renorm);
+  if (const json* rc = r.find("renorm_clipping")) {
+    const std::string cpath = r.child_path("renorm_clipping");
+    if (rc->is_object()) {
+      // Keras' renorm_clipping: the keys given are the clipping; a missing key clips nothing.
+      s.renorm_rmax.reset(), s.renorm_rmin.reset(), s.renorm_dmax.reset();
+      ObjectReader c(rc, cpath, problems);
+      const auto key = [&](const char* k, std::optional<double>& out) {
+        if (const json* v = c.find(k)) {
+          if (v->is_number()) out = v->get<double>();
+          else if (v->is_null()) out.reset();
+          else c.type_error(k, "a number or null (no clipping)", *v);
+        }
+      };
+      key("rmax", s.renorm_rmax);
+      key("rmin", s.renorm_rmin);
+      key("dmax", s.renorm_dmax);
+      c.finish();
+    } else {
+      r.type_error("renorm_clipping", "an object with rmax, rmin and/or dmax (Keras' renorm_clipping)", *rc);
+    }
+  }
+  if (const json* rm = r.find("renorm_momentum")) {
+    if (rm->is_number()) s.renorm_momentum = rm->get<double>();
+    else if (rm->is_null()) s.renorm_momentum.reset();
+    else r.type_error("renorm_momentum", "a number in [0, 1] (PyTorch's convention) or null (the layer's momentum)", *rm);
+  }
+  if (const json* ri = r.find("renorm_init")) {
+    if (ri->is_string() && (*ri == "moving" || *ri == "keras")) s.renorm_init = ri->get<std::string>();
+    else r.type_error("renorm_init", "\"moving\" or \"keras\"", *ri);
+  }
   if (const json* l = r.find("layers")) {
     const std::string lpath = r.child_path("layers");
     if (l->is_string() && *l == "all") {
@@ -1053,6 +1133,39 @@ void validate(const Config& c, Problems& p) {
     if (s.fold && s.bn_module == BnModule::kFrozen)
       p.add(path + ".bn_module", "fold removes the BatchNorm modules; there is nothing left to convert");
     if (s.bn_module == BnModule::kFrozen && bn_layers == 0) p.add(path + ".bn_module", "there is nothing to convert: " + no_bn);
+    if (s.tracking_rule == TrackingRule::kPython && s.track_running_stats)
+      p.add(path + ".tracking_rule", "\"python\" says how track_running_stats false reads; this strategy tracks running statistics");
+    if (s.renorm) {
+      const std::string rp = path + ".renorm";
+      if (bn_layers == 0) p.add(rp, "there is nothing to renormalise: " + no_bn);
+      if (bn.semantics != BnSemantics::kKeras)
+        p.add(rp, "renorm follows Keras 3.14's BatchNormalization(renorm=True) (biased batch variance, a batch of one allowed); "
+                  "set model.batchnorm.semantics \"keras\"");
+      if (s.bn_mode == BnMode::kEval) p.add(rp, "renorm is a training-mode computation; with bn_mode \"eval\" it would be plain eval");
+      if (!s.track_running_stats) p.add(rp, "renorm needs the moving statistics; remove track_running_stats false");
+      if (s.prior) p.add(rp, "give either renorm or prior, not both");
+      if (s.fold || s.bn_module == BnModule::kFrozen) p.add(rp, "renorm needs BatchNorm modules; fold and bn_module \"frozen\" remove them");
+      const std::string cp = path + ".renorm_clipping";
+      if (s.renorm_rmax && !(*s.renorm_rmax > 0 && std::isfinite(*s.renorm_rmax))) p.add(cp + ".rmax", "must be > 0, got " + fmt_double(*s.renorm_rmax));
+      if (s.renorm_rmin && !(*s.renorm_rmin >= 0 && std::isfinite(*s.renorm_rmin))) p.add(cp + ".rmin", "must be >= 0, got " + fmt_double(*s.renorm_rmin));
+      if (s.renorm_dmax && !(*s.renorm_dmax >= 0 && std::isfinite(*s.renorm_dmax))) p.add(cp + ".dmax", "must be >= 0, got " + fmt_double(*s.renorm_dmax));
+      if (s.renorm_rmax && s.renorm_rmin && *s.renorm_rmax < *s.renorm_rmin)
+        p.add(cp, "rmax " + fmt_double(*s.renorm_rmax) + " is below rmin " + fmt_double(*s.renorm_rmin));
+      if (s.renorm_momentum && !(*s.renorm_momentum >= 0 && *s.renorm_momentum <= 1))
+        p.add(path + ".renorm_momentum", "must be in [0, 1] (PyTorch's convention: the weight of the new batch), got " + fmt_double(*s.renorm_momentum));
+    } else if (s.renorm_rmax || s.renorm_rmin || s.renorm_dmax || s.renorm_momentum || s.renorm_init != "moving") {
+      p.add(path, "renorm_clipping, renorm_momentum and renorm_init apply only with \"renorm\": true");
+    }
+    if (s.prior) {
+      const std::string pp = path + ".prior";
+      if (!(*s.prior >= 0 && *s.prior <= 1)) p.add(pp, "must be a weight p in [0, 1] (p = N / (N + n) for a prior strength N), got " + fmt_double(*s.prior));
+      if (bn_layers == 0) p.add(pp, "there is nothing to normalise: " + no_bn);
+      // prior_bn decides the mode and the statistics itself; another field would be ignored.
+      if (s.bn_mode == BnMode::kEval) p.add(pp, "prior weights running against batch statistics in the fit forward; bn_mode \"eval\" would ignore it (p = 1 is eval)");
+      if (s.momentum) p.add(pp, "prior_bn never updates the running statistics; remove momentum/running_stats");
+      if (!s.track_running_stats) p.add(pp, "prior needs the running statistics; remove track_running_stats false");
+      if (s.fold || s.bn_module == BnModule::kFrozen) p.add(pp, "prior needs BatchNorm modules; fold and bn_module \"frozen\" remove them");
+    }
     for (int64_t idx : s.layers.indices)
       if (idx < 0 || idx >= bn_layers)
         p.add(path + ".layers", "BatchNorm index " + std::to_string(idx) + " does not exist: the model has " +
@@ -1063,7 +1176,11 @@ void validate(const Config& c, Problems& p) {
         p.add(path + ".layers", "no BatchNorm module is named \"" + name + "\"" + did_you_mean(name, bn_names) +
                                     "; BatchNorm modules: " + (bn_names.empty() ? std::string("none") : join(bn_names, ", ")));
     // Fine-tuning data is one sample, so every fit batch holds exactly one row.
-    if (torch_bn && uses_batch_stats_in_fit(layers, s))
+    if (torch_bn && s.prior && *s.prior < 1 && uses_batch_stats_in_fit(layers, s))
+      p.add(path, "strategy \"" + s.name + "\" (prior " + fmt_double(*s.prior) + ") mixes in the batch variance, which PyTorch "
+                  "semantics take unbiased (as robusta's momentum-1 BatchNorm does): undefined for a batch of ONE sample. Use "
+                  "model.batchnorm.semantics \"keras\" (the biased variance, 0 for one row) or prior 1 (the eval computation)");
+    else if (torch_bn && uses_batch_stats_in_fit(layers, s))
       p.add(path, "strategy \"" + s.name + "\" runs BatchNorm in training mode on a batch of ONE sample, which PyTorch "
                   "semantics cannot do (the batch variance needs n >= 2: \"Expected more than 1 value per channel when "
                   "training\"). Use model.batchnorm.semantics \"keras\" to see what Keras does (every BN unit outputs beta), "
@@ -1150,6 +1267,13 @@ const char* to_string(BnSemantics s) { return enum_name(kSemantics, s); }
 const char* to_string(OptimizerKind o) { return enum_name(kOptimizers, o); }
 const char* to_string(BnMode m) { return enum_name(kBnModes, m); }
 const char* to_string(BnModule m) { return enum_name(kBnModules, m); }
+const char* to_string(TrackingRule r) { return enum_name(kTrackingRules, r); }
+
+std::string preset_alias_of(const std::string& name) {
+  for (const auto& p : presets())
+    if (name == p.name) return p.alias_of ? p.alias_of : "";
+  return "";
+}
 
 namespace {
 
@@ -1211,6 +1335,7 @@ json layers_json(const std::vector<LayerSpec>& layers) {
         break;
       case LayerKind::kBatchNorm:
       case LayerKind::kFrozenBatchNorm:
+      case LayerKind::kBatchRenorm:
         j = json{{"batchnorm", {{"eps", l.eps}, {"momentum", l.momentum}, {"center", l.center}, {"scale", l.scale}}}};
         break;
       case LayerKind::kActivation: put_activation(j, l); break;
@@ -1261,6 +1386,19 @@ json strategy_json(const StrategyConfig& s) {
   if (s.momentum) j["momentum"] = *s.momentum;
   else j["running_stats"] = "update";
   j["track_running_stats"] = s.track_running_stats;
+  // Written where they apply, so that the identity of a study without them stays as it was.
+  if (!s.track_running_stats) j["tracking_rule"] = to_string(s.tracking_rule);
+  if (s.prior) j["prior"] = *s.prior;
+  if (s.renorm) {
+    j["renorm"] = true;
+    json clip = json::object();
+    if (s.renorm_rmax) clip["rmax"] = *s.renorm_rmax;
+    if (s.renorm_rmin) clip["rmin"] = *s.renorm_rmin;
+    if (s.renorm_dmax) clip["dmax"] = *s.renorm_dmax;
+    j["renorm_clipping"] = clip;
+    j["renorm_momentum"] = s.renorm_momentum ? json(*s.renorm_momentum) : json(nullptr);
+    j["renorm_init"] = s.renorm_init;
+  }
   j["layers"] = layers;
   j["freeze_linear"] = s.freeze_linear;
   j["recalibrate"] = s.recalibrate;
@@ -1370,6 +1508,7 @@ std::string architecture_json(const std::vector<LayerSpec>& sized, BnSemantics s
         break;
       case LayerKind::kBatchNorm:
       case LayerKind::kFrozenBatchNorm:
+      case LayerKind::kBatchRenorm:
         j["eps"] = l.eps;
         j["momentum"] = l.momentum;
         j["center"] = l.center;
@@ -1614,7 +1753,10 @@ KerasArchitecture read_keras_architecture(const json& root, const std::string& o
                                 (axis->is_array() && axis->size() == 1 && (*axis)[0].is_number_integer() &&
                                  ((*axis)[0].get<int64_t>() == -1 || (*axis)[0].get<int64_t>() == 1));
       if (!feature_axis) fail(where + ": axis " + axis->dump() + " is not the feature axis (-1); bnlab's BatchNorm1d normalises each feature over the batch");
-      if (flag("renorm", false)) fail(where + ": renorm is not supported");
+      if (flag("renorm", false))
+        fail(where + ": renorm=True is not read from a file (bnlab would drop its renorm statistics and build a plain "
+                     "BatchNormalization); save the model with renorm=False and fine-tune with the strategy \"renorm\", "
+                     "which starts the renorm statistics from the moving ones");
       LayerSpec b;
       b.kind = LayerKind::kBatchNorm;
       b.semantics = bn.semantics;
@@ -1750,10 +1892,12 @@ KerasExport keras_export_plan(const std::vector<LayerSpec>& sized) {
       }
       case LayerKind::kBatchNorm:
       case LayerKind::kFrozenBatchNorm:
-        // FrozenBatchNorm1d is what TF 2 makes of a BatchNormalization with trainable false.
+      case LayerKind::kBatchRenorm:
+        // FrozenBatchNorm1d is what TF 2 makes of a BatchNormalization with trainable false;
+        // BatchRenorm1d is written as the plain BatchNormalization its inference is.
         name = name_for("batch_normalization");
         entry = json{{"class_name", "BatchNormalization"},
-                     {"config", {{"name", name}, {"trainable", l.kind == LayerKind::kBatchNorm}, {"dtype", "float32"}, {"axis", -1},
+                     {"config", {{"name", name}, {"trainable", l.kind != LayerKind::kFrozenBatchNorm}, {"dtype", "float32"}, {"axis", -1},
                                  {"momentum", std::stod(fmt_printf("%.15g", 1.0 - l.momentum))}, {"epsilon", l.eps},
                                  {"center", l.kind == LayerKind::kFrozenBatchNorm || l.center},
                                  {"scale", l.kind == LayerKind::kFrozenBatchNorm || l.scale}}}};

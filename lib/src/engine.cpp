@@ -287,6 +287,7 @@ Model prepare_model(const ModelImpl& pretrained, const StrategyConfig& strategy,
   }
   if (strategy.fold) model = fold_batchnorm(*model);
   if (strategy.bn_module == BnModule::kFrozen) model->freeze_batchnorm_modules(strategy.layers);
+  if (strategy.renorm) model->renorm_batchnorm_modules(strategy);
   return model;
 }
 

@@ -113,6 +113,57 @@ class DenseKind final : public LayerKindDef {
 };
 
 // ------------------------------------------------------------------------------ BatchNorm
+/// Inference over one lane's n rows: alpha = gamma / sqrt(running_var + eps),
+/// y = x * alpha + (beta - mean * alpha); istd receives 1 / sqrt(running_var + eps). Loops over
+/// channels without branches, so that the products vectorize; this forward runs for every
+/// evaluation and every frozen-BatchNorm step.
+void bn_inference(const LaneStore& s, int64_t C, int64_t n, float eps, const float* gamma, const float* beta,
+                  const float* rm, const float* rv, float* istd, const float* X, float* Y) {
+  float* alpha = s.stat(C, 0);
+  float* shift = s.stat(C, 1);
+  kernels::inv_sqrt(rv, eps, istd, C);
+  if (gamma) {
+    for (int64_t c = 0; c < C; ++c) alpha[c] = gamma[c] * istd[c];
+  } else {
+    std::copy(istd, istd + C, alpha);
+  }
+  if (beta) {
+    for (int64_t c = 0; c < C; ++c) shift[c] = beta[c] - rm[c] * alpha[c];
+  } else {
+    for (int64_t c = 0; c < C; ++c) shift[c] = 0.f - rm[c] * alpha[c];
+  }
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < C; ++c) Y[r * C + c] = X[r * C + c] * alpha[c] + shift[c];
+}
+
+/// Mean and biased variance of n rows of C channels, two passes in row order.
+void bn_moments(const float* X, int64_t n, int64_t C, float* mean, float* var) {
+  std::fill(mean, mean + C, 0.f);
+  std::fill(var, var + C, 0.f);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < C; ++c) mean[c] += X[r * C + c];
+  for (int64_t c = 0; c < C; ++c) mean[c] /= static_cast<float>(n);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = X[r * C + c] - mean[c];
+      var[c] += d * d;
+    }
+  for (int64_t c = 0; c < C; ++c) var[c] /= static_cast<float>(n);
+}
+
+/// dL/dx of y = x-hat * scale + shift with x-hat = (x - mean) * istd over the batch's own
+/// statistics, for channel c: istd * (dh - mean(dh) - x-hat * mean(dh * x-hat)), dh = g * scale;
+/// sum_g and sum_gx are the sums of g and g * x-hat over the n rows.
+void bn_batch_dx(int64_t n, int64_t C, int64_t c, float scale, float istd, float sum_g, float sum_gx, const float* Gy,
+                 const float* xhat, float* Dx) {
+  const float mean_dh = sum_g * scale / static_cast<float>(n);
+  const float mean_dhh = sum_gx * scale / static_cast<float>(n);
+  for (int64_t r = 0; r < n; ++r) {
+    const float dh = Gy[r * C + c] * scale;
+    Dx[r * C + c] = istd * (dh - mean_dh - xhat[r * C + c] * mean_dhh);
+  }
+}
+
 /// Tensor positions in BatchNormKind::state(): gamma and beta exist only with scale/center.
 enum BnSlot { kGamma, kBeta, kMean, kVar, kCount };
 
@@ -151,24 +202,7 @@ class BatchNormKind final : public LayerKindDef {
       float* rv = s.B(lane) + L.at[kVar];
       float* istd = L.saved_c + lane * C;
       if (!batch) {
-        // Inference: alpha = gamma / sqrt(running_var + eps), y = x * alpha + (beta - mean * alpha).
-        // Loops over channels without branches, so that the products vectorize; this forward
-        // runs for every evaluation and every frozen-BatchNorm step.
-        float* alpha = s.stat(C, 0);
-        float* shift = s.stat(C, 1);
-        kernels::inv_sqrt(rv, eps, istd, C);
-        if (gamma) {
-          for (int64_t c = 0; c < C; ++c) alpha[c] = gamma[c] * istd[c];
-        } else {
-          std::copy(istd, istd + C, alpha);
-        }
-        if (beta) {
-          for (int64_t c = 0; c < C; ++c) shift[c] = beta[c] - rm[c] * alpha[c];
-        } else {
-          for (int64_t c = 0; c < C; ++c) shift[c] = 0.f - rm[c] * alpha[c];
-        }
-        for (int64_t r = 0; r < n; ++r)
-          for (int64_t c = 0; c < C; ++c) Y[r * C + c] = X[r * C + c] * alpha[c] + shift[c];
+        bn_inference(s, C, n, eps, gamma, beta, rm, rv, istd, X, Y);
         continue;
       }
       // Batch statistics: mean and biased variance over the rows (with one row, x - mean is
@@ -176,17 +210,18 @@ class BatchNormKind final : public LayerKindDef {
       float* xhat = L.saved + lane * s.stride * C;
       float* mean = s.stat(C, 0);
       float* var = s.stat(C, 1);
-      std::fill(mean, mean + C, 0.f);
-      std::fill(var, var + C, 0.f);
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t c = 0; c < C; ++c) mean[c] += X[r * C + c];
-      for (int64_t c = 0; c < C; ++c) mean[c] /= static_cast<float>(n);
-      for (int64_t r = 0; r < n; ++r)
+      bn_moments(X, n, C, mean, var);
+      const bool prior = pass == Pass::kFit && L.mode.prior >= 0;
+      if (prior) {
+        // prior_bn: p * running + (1 - p) * batch, the batch variance biased under Keras numerics
+        // and unbiased (robusta's momentum-1 BatchNorm) under PyTorch's; nothing is updated.
+        const float p = static_cast<float>(L.mode.prior), q = static_cast<float>(1.0 - L.mode.prior);
+        const float unbias = L.spec.semantics == BnSemantics::kKeras ? 1.f : static_cast<float>(n) / static_cast<float>(n - 1);
         for (int64_t c = 0; c < C; ++c) {
-          const float d = X[r * C + c] - mean[c];
-          var[c] += d * d;
+          mean[c] = rm[c] * p + mean[c] * q;
+          var[c] = rv[c] * p + var[c] * unbias * q;
         }
-      for (int64_t c = 0; c < C; ++c) var[c] /= static_cast<float>(n);
+      }
       kernels::inv_sqrt(var, eps, istd, C);
       for (int64_t r = 0; r < n; ++r)
         for (int64_t c = 0; c < C; ++c) {
@@ -196,6 +231,8 @@ class BatchNormKind final : public LayerKindDef {
           if (beta) y = y + beta[c];
           Y[r * C + c] = y;
         }
+      if (pass == Pass::kFit && L.mode.counts) ++s.C(lane)[L.at[kCount]];
+      if (pass == Pass::kFit && !L.mode.updates) continue;
       const float m = static_cast<float>(L.mode.momentum);
       if (L.spec.semantics == BnSemantics::kKeras) {
         for (int64_t c = 0; c < C; ++c) {
@@ -209,13 +246,14 @@ class BatchNormKind final : public LayerKindDef {
           rv[c] = m * var[c] * unbias + (1.f - m) * rv[c];
         }
       }
-      if (pass == Pass::kFit && L.mode.counts) ++s.C(lane)[L.at[kCount]];
     }
   }
   void backward(const LaneStore& s, const BatchedLayer& L, const float* in, const float*, const float* g,
                 float* dx) const override {
     const int64_t C = L.spec.out, n = s.rows;
+    // Batch statistics in the fit forward; prior_bn's mixed ones are constants in the gradient.
     const bool batch = L.mode.fit_batch_stats;
+    const bool through_stats = batch && L.mode.prior < 0;
     for (int64_t lane = 0; lane < s.lanes; ++lane) {
       const float* X = in + lane * s.stride * C;
       const float* Gy = g + lane * s.stride * C;
@@ -241,17 +279,11 @@ class BatchNormKind final : public LayerKindDef {
       if (!L.need_dx) continue;
       for (int64_t c = 0; c < C; ++c) {
         const float scale = gamma ? gamma[c] : 1.f;
-        if (!batch) {
+        if (!through_stats) {
           for (int64_t r = 0; r < n; ++r) Dx[r * C + c] = Gy[r * C + c] * scale * istd[c];
           continue;
         }
-        // d/dx of (x - mean) * istd with batch statistics: istd * (dh - mean(dh) - h * mean(dh * h)).
-        const float mean_dh = sum_g[c] * scale / static_cast<float>(n);
-        const float mean_dhh = sum_gx[c] * scale / static_cast<float>(n);
-        for (int64_t r = 0; r < n; ++r) {
-          const float dh = Gy[r * C + c] * scale;
-          Dx[r * C + c] = istd[c] * (dh - mean_dh - xhat[r * C + c] * mean_dhh);
-        }
+        bn_batch_dx(n, C, c, scale, istd[c], sum_g[c], sum_gx[c], Gy, xhat, Dx);
       }
     }
   }
@@ -279,6 +311,139 @@ class BatchNormKind final : public LayerKindDef {
             "    self.num_batches_tracked.add_(1)\n"
             "  return torch.batch_norm(input, self.weight, self.bias, self.running_mean, self.running_var, self.training, " +
                 script_float(l.momentum) + ", " + script_float(l.eps) + ", False)\n"};
+  }
+  bool selectable() const override { return true; }
+};
+
+// ------------------------------------------------------------------------- BatchRenorm1d
+/// Tensor positions in BatchRenormKind::state(): BatchNorm's five, then the renorm statistics.
+enum RenormSlot { kRenormMean = kCount + 1, kRenormStd, kMovingStd };
+
+/// Keras 3.14's BatchNormalization(renorm=True) under Keras numerics (see BatchRenormImpl in
+/// nn.hpp for the order of operations, which this follows in float).
+class BatchRenormKind final : public LayerKindDef {
+ public:
+  std::vector<StateTensor> state(const LayerSpec& l) const override {
+    auto s = layer_kind(LayerKind::kBatchNorm).state(l);
+    s.push_back({"renorm_mean", StateTensor::kBuffer, {l.out}});
+    s.push_back({"renorm_stddev", StateTensor::kBuffer, {l.out}});
+    s.push_back({"moving_stddev", StateTensor::kBuffer, {l.out}});
+    return s;
+  }
+  torch::nn::AnyModule module(const LayerSpec& l, const std::shared_ptr<at::Generator>&) const override {
+    return torch::nn::AnyModule(BatchRenorm(l));
+  }
+  void saved_sizes(const LayerSpec& l, int64_t lanes, int64_t stride, int64_t& saved, int64_t& saved_c) const override {
+    saved = lanes * stride * l.out;
+    saved_c = 3 * lanes * l.out;  // 1/sqrt(var + eps), r, d
+  }
+  void forward(const LaneStore& s, BatchedLayer& L, Pass pass, const float* in, float* out) const override {
+    const int64_t C = L.spec.out, n = s.rows;
+    const float eps = static_cast<float>(L.spec.eps);
+    const float sqrt_eps = std::sqrt(eps);
+    const LayerSpec& l = L.spec;
+    for (int64_t lane = 0; lane < s.lanes; ++lane) {
+      const float* X = in + lane * s.stride * C;
+      float* Y = out + lane * s.stride * C;
+      const float* gamma = L.at[kGamma] >= 0 ? s.P(lane) + L.at[kGamma] : nullptr;
+      const float* beta = L.at[kBeta] >= 0 ? s.P(lane) + L.at[kBeta] : nullptr;
+      float* b = s.B(lane);
+      float *rm = b + L.at[kMean], *rv = b + L.at[kVar];
+      float *ren_mean = b + L.at[kRenormMean], *ren_std = b + L.at[kRenormStd], *mov_std = b + L.at[kMovingStd];
+      float* istd = L.saved_c + 3 * lane * C;
+      float* r = istd + C;
+      float* d = istd + 2 * C;
+      if (pass != Pass::kFit) {  // inference is plain BatchNorm on the moving statistics
+        bn_inference(s, C, n, eps, gamma, beta, rm, rv, istd, X, Y);
+        continue;
+      }
+      float* xhat = L.saved + lane * s.stride * C;
+      float* mean = s.stat(C, 0);
+      float* var = s.stat(C, 1);
+      bn_moments(X, n, C, mean, var);
+      for (int64_t c = 0; c < C; ++c) {
+        const float stddev = std::sqrt(var[c] + eps);
+        const float rs = std::max(ren_std[c], sqrt_eps);
+        float rc = stddev / rs, dc = (mean[c] - ren_mean[c]) / rs;
+        if (l.renorm_has_rmin) rc = std::max(rc, static_cast<float>(l.renorm_rmin));
+        if (l.renorm_has_rmax) rc = std::min(rc, static_cast<float>(l.renorm_rmax));
+        if (l.renorm_has_dmax) dc = std::min(std::max(dc, static_cast<float>(-l.renorm_dmax)), static_cast<float>(l.renorm_dmax));
+        r[c] = rc;
+        d[c] = dc;
+      }
+      kernels::inv_sqrt(var, eps, istd, C);
+      for (int64_t c = 0; c < C; ++c) {
+        const float eff_gamma = gamma ? r[c] * gamma[c] : r[c];
+        float eff_beta = gamma ? d[c] * gamma[c] : d[c];
+        if (beta) eff_beta = eff_beta + beta[c];
+        const float scale = istd[c] * eff_gamma;
+        for (int64_t row = 0; row < n; ++row) {
+          const float centred = X[row * C + c] - mean[c];
+          xhat[row * C + c] = centred * istd[c];
+          Y[row * C + c] = centred * scale + eff_beta;
+        }
+      }
+      if (L.mode.counts) ++s.C(lane)[L.at[kCount]];
+      // Keras' updates in its own convention (momentum K = 1 - m, taken to float32 as Keras does).
+      const double km = 1.0 - L.mode.momentum, kr = 1.0 - l.renorm_momentum;
+      const float km_f = static_cast<float>(km), km_new = static_cast<float>(1.0 - km);
+      const float kr_f = static_cast<float>(kr), kr_new = static_cast<float>(1.0 - kr);
+      for (int64_t c = 0; c < C; ++c) {
+        const float stddev = std::sqrt(var[c] + eps);
+        ren_mean[c] = ren_mean[c] * kr_f + mean[c] * kr_new;
+        ren_std[c] = ren_std[c] * kr_f + stddev * kr_new;
+        rm[c] = rm[c] * km_f + mean[c] * km_new;
+        mov_std[c] = mov_std[c] * km_f + stddev * km_new;
+        rv[c] = std::max(mov_std[c] * mov_std[c] - eps, 0.f);
+      }
+    }
+  }
+  void backward(const LaneStore& s, const BatchedLayer& L, const float*, const float*, const float* g,
+                float* dx) const override {
+    const int64_t C = L.spec.out, n = s.rows;
+    for (int64_t lane = 0; lane < s.lanes; ++lane) {
+      const float* Gy = g + lane * s.stride * C;
+      float* Dx = dx + lane * s.stride * C;
+      const float* gamma = L.at[kGamma] >= 0 ? s.P(lane) + L.at[kGamma] : nullptr;
+      const float* istd = L.saved_c + 3 * lane * C;
+      const float* r = istd + C;
+      const float* d = istd + 2 * C;
+      const float* xhat = L.saved + lane * s.stride * C;
+      float* sum_g = s.stat(C, 0);
+      float* sum_gx = s.stat(C, 1);
+      std::fill(sum_g, sum_g + C, 0.f);
+      std::fill(sum_gx, sum_gx + C, 0.f);
+      for (int64_t row = 0; row < n; ++row)
+        for (int64_t c = 0; c < C; ++c) {
+          sum_g[c] += Gy[row * C + c];
+          sum_gx[c] += Gy[row * C + c] * xhat[row * C + c];
+        }
+      // y = x-hat * (r gamma) + (d gamma + beta), r and d constants: dgamma = r sum(g x-hat) + d sum(g).
+      if (L.mode.trainable) {
+        if (L.at[kGamma] >= 0)
+          for (int64_t c = 0; c < C; ++c) s.G(lane)[L.at[kGamma] + c] = sum_gx[c] * r[c] + sum_g[c] * d[c];
+        if (L.at[kBeta] >= 0) std::copy(sum_g, sum_g + C, s.G(lane) + L.at[kBeta]);
+      }
+      if (!L.need_dx) continue;
+      for (int64_t c = 0; c < C; ++c)
+        bn_batch_dx(n, C, c, gamma ? r[c] * gamma[c] : r[c], istd[c], sum_g[c], sum_gx[c], Gy, xhat, Dx);
+    }
+  }
+  const char* keras_class(const LayerSpec&) const override { return "BatchNormalization"; }
+  std::vector<KerasWeight> keras_weights(const LayerSpec& l) const override {
+    return layer_kind(LayerKind::kBatchNorm).keras_weights(l);  // what inference needs
+  }
+  TorchScriptClass torchscript(const LayerSpec& l) const override {
+    // Inference only (plain BatchNorm on the moving statistics): torch.nn has no renormalization.
+    std::vector<std::string> none;
+    if (!l.scale) none.emplace_back("weight");
+    if (!l.center) none.emplace_back("bias");
+    return {"__torch__.bnlab.BatchRenorm1d",
+            {{"eps", l.eps}, {"num_features", l.out}},
+            none,
+            "def forward(self, input: Tensor) -> Tensor:\n"
+            "  return torch.batch_norm(input, self.weight, self.bias, self.running_mean, self.running_var, False, 0.0, " +
+                script_float(l.eps) + ", False)\n"};
   }
   bool selectable() const override { return true; }
 };
@@ -512,12 +677,14 @@ const LayerKindDef& layer_kind(LayerKind kind) {
   static const FrozenBatchNormKind kFrozen;
   static const ActivationKind kActivation;
   static const DropoutKind kDropout;
+  static const BatchRenormKind kRenorm;
   switch (kind) {
     case LayerKind::kDense: return kDense;
     case LayerKind::kBatchNorm: return kBatchNorm;
     case LayerKind::kFrozenBatchNorm: return kFrozen;
     case LayerKind::kActivation: return kActivation;
     case LayerKind::kDropout: return kDropout;
+    case LayerKind::kBatchRenorm: return kRenorm;
   }
   throw std::logic_error("layer_kind: unregistered kind");
 }
@@ -541,7 +708,7 @@ void Arena::allocate() {
 
 const std::vector<LayerKind>& all_layer_kinds() {
   static const std::vector<LayerKind> kAll = {LayerKind::kDense, LayerKind::kBatchNorm, LayerKind::kFrozenBatchNorm,
-                                              LayerKind::kActivation, LayerKind::kDropout};
+                                              LayerKind::kActivation, LayerKind::kDropout, LayerKind::kBatchRenorm};
   return kAll;
 }
 

@@ -24,7 +24,9 @@ const ActivationEntry kActivationNames[] = {
     {Activation::kSilu, "silu"},         {Activation::kSoftplus, "softplus"}, {Activation::kLinear, "linear"},
 };
 
-bool is_bn(const LayerSpec& l) { return l.kind == LayerKind::kBatchNorm || l.kind == LayerKind::kFrozenBatchNorm; }
+bool is_bn(const LayerSpec& l) {
+  return l.kind == LayerKind::kBatchNorm || l.kind == LayerKind::kFrozenBatchNorm || l.kind == LayerKind::kBatchRenorm;
+}
 
 std::string num(double v) { return fmt_double(v); }
 
@@ -59,6 +61,7 @@ const char* layer_kind_name(LayerKind k) {
     case LayerKind::kDense: return "dense";
     case LayerKind::kBatchNorm: return "batchnorm";
     case LayerKind::kFrozenBatchNorm: return "frozen_batchnorm";
+    case LayerKind::kBatchRenorm: return "batch_renorm";
     case LayerKind::kActivation: return "activation";
     case LayerKind::kDropout: return "dropout";
   }
@@ -175,6 +178,7 @@ std::string pytorch_expression(const std::vector<LayerSpec>& sized) {
         parts.push_back("torch.nn.Linear(" + std::to_string(l.in) + ", " + std::to_string(l.out) +
                         (l.use_bias ? "" : ", bias=False") + ")");
         break;
+      case LayerKind::kBatchRenorm: return "";  // torch.nn has no batch renormalization
       case LayerKind::kBatchNorm:
       case LayerKind::kFrozenBatchNorm:
         if (l.scale != l.center) return "";  // PyTorch's BatchNorm1d has gamma and beta together or neither
@@ -220,6 +224,18 @@ std::vector<LayerSpec> prepared_layers(const std::vector<LayerSpec>& layers, con
   if (s.bn_module == BnModule::kFrozen)
     for (auto& l : out)
       if (l.kind == LayerKind::kBatchNorm && layer_selected(s.layers, l)) l.kind = LayerKind::kFrozenBatchNorm;
+  if (s.renorm)
+    for (auto& l : out) {
+      if (l.kind != LayerKind::kBatchNorm || !layer_selected(s.layers, l)) continue;
+      l.kind = LayerKind::kBatchRenorm;
+      l.renorm_has_rmax = s.renorm_rmax.has_value();
+      l.renorm_has_rmin = s.renorm_rmin.has_value();
+      l.renorm_has_dmax = s.renorm_dmax.has_value();
+      l.renorm_rmax = s.renorm_rmax.value_or(0);
+      l.renorm_rmin = s.renorm_rmin.value_or(0);
+      l.renorm_dmax = s.renorm_dmax.value_or(0);
+      l.renorm_momentum = s.renorm_momentum.value_or(l.momentum);
+    }
   return out;
 }
 
@@ -238,17 +254,31 @@ std::vector<LayerMode> resolve_modes(const std::vector<LayerSpec>& prepared, con
         // Unselected layers keep the model's defaults: they follow train mode, use their own
         // momentum and track running statistics.
         m.selected = s != nullptr && layer_selected(s->layers, l);
-        m.eval_mode = m.selected && s->bn_mode == BnMode::kEval;
+        const double prior = m.selected && s->prior ? *s->prior : -1;
+        // prior_bn with p = 1 is the eval computation, and runs as it.
+        m.eval_mode = m.selected && (s->bn_mode == BnMode::kEval || prior == 1);
         m.track_running_stats = m.selected ? s->track_running_stats : true;
         m.momentum = m.selected && s->momentum ? *s->momentum : l.momentum;
         m.trainable = (l.scale || l.center) && (!m.selected || s->affine_trainable);
-        m.fit_batch_stats = !m.eval_mode || !m.track_running_stats;
-        m.infer_batch_stats = !m.track_running_stats;
-        m.counts = !m.eval_mode && m.track_running_stats;
+        // Python's rule for an untracked module with buffers: batch statistics only in training,
+        // and then neither an update nor a count (the buffers are not passed to the kernel).
+        const bool python_untracked = m.selected && !m.track_running_stats && s->tracking_rule == TrackingRule::kPython;
+        m.fit_batch_stats = !m.eval_mode || (!m.track_running_stats && !python_untracked);
+        m.infer_batch_stats = !m.track_running_stats && !python_untracked;
+        m.counts = !m.eval_mode && m.track_running_stats && prior < 0;
+        m.updates = m.fit_batch_stats && !python_untracked && prior < 0;
+        m.prior = m.fit_batch_stats && prior >= 0 ? prior : -1;
         break;
       }
       case LayerKind::kFrozenBatchNorm:
         m.selected = s != nullptr && layer_selected(s->layers, l);
+        break;
+      case LayerKind::kBatchRenorm:
+        // Only a renorm strategy makes one, on the layers it selects (validation refuses eval).
+        m.selected = true;
+        m.momentum = s != nullptr && s->momentum ? *s->momentum : l.momentum;
+        m.trainable = (l.scale || l.center) && (s == nullptr || s->affine_trainable);
+        m.fit_batch_stats = m.counts = m.updates = true;
         break;
       case LayerKind::kActivation:
       case LayerKind::kDropout:
@@ -267,7 +297,8 @@ bool uses_batch_stats_in_fit(const std::vector<LayerSpec>& layers, const Strateg
   }
   const auto modes = resolve_modes(prepared, &s);
   for (size_t i = 0; i < prepared.size(); ++i)
-    if (prepared[i].kind == LayerKind::kBatchNorm && modes[i].fit_batch_stats) return true;
+    if ((prepared[i].kind == LayerKind::kBatchNorm || prepared[i].kind == LayerKind::kBatchRenorm) && modes[i].fit_batch_stats)
+      return true;
   return false;
 }
 

@@ -52,6 +52,85 @@ void FrozenBatchNormImpl::pretty_print(std::ostream& stream) const {
   stream << "bnlab::FrozenBatchNorm1d(" << num_features << ", eps=" << eps << ")";
 }
 
+BatchRenormImpl::BatchRenormImpl(const LayerSpec& spec_) : spec(spec_), momentum(spec_.momentum) { reset(); }
+
+void BatchRenormImpl::reset() {
+  TORCH_CHECK(spec.out > 0 && spec.eps > 0, "BatchRenorm: num_features and eps must be > 0");
+  const int64_t c = spec.out;
+  if (spec.scale) weight = register_parameter("weight", torch::ones({c}));
+  if (spec.center) bias = register_parameter("bias", torch::zeros({c}));
+  running_mean = register_buffer("running_mean", torch::zeros({c}));
+  running_var = register_buffer("running_var", torch::ones({c}));
+  num_batches_tracked = register_buffer("num_batches_tracked", torch::zeros({}, torch::kLong));
+  renorm_mean = register_buffer("renorm_mean", torch::zeros({c}));
+  renorm_stddev = register_buffer("renorm_stddev", torch::ones({c}));
+  moving_stddev = register_buffer("moving_stddev", torch::ones({c}));
+}
+
+torch::Tensor BatchRenormImpl::forward(const torch::Tensor& input) {
+  TORCH_CHECK(input.dim() == 2 && input.size(1) == spec.out, "BatchRenorm: expected input [N, ", spec.out, "], got ",
+              input.sizes());
+  if (!is_training()) {
+    namespace F = torch::nn::functional;
+    return F::batch_norm(input, running_mean, running_var,
+                         F::BatchNormFuncOptions().weight(weight).bias(bias).training(false).eps(spec.eps));
+  }
+  auto [mean, var] = batch_moments(input);
+  torch::Tensor r, d, stddev;
+  {
+    torch::NoGradGuard no_grad;
+    stddev = torch::sqrt(var.detach() + spec.eps);
+    const auto floor = torch::sqrt(torch::scalar_tensor(spec.eps, torch::kFloat));
+    const auto s = torch::maximum(renorm_stddev, floor);
+    r = stddev / s;
+    d = (mean.detach() - renorm_mean) / s;
+    if (spec.renorm_has_rmin) r = torch::clamp_min(r, static_cast<float>(spec.renorm_rmin));
+    if (spec.renorm_has_rmax) r = torch::clamp_max(r, static_cast<float>(spec.renorm_rmax));
+    if (spec.renorm_has_dmax) d = torch::clamp(d, -static_cast<float>(spec.renorm_dmax), static_cast<float>(spec.renorm_dmax));
+  }
+  const auto eff_gamma = weight.defined() ? r * weight : r;
+  auto eff_beta = weight.defined() ? d * weight : d;
+  if (bias.defined()) eff_beta = eff_beta + bias;
+  auto out = (input - mean) * (torch::rsqrt(var + spec.eps) * eff_gamma) + eff_beta;
+  {
+    torch::NoGradGuard no_grad;
+    num_batches_tracked.add_(1);
+    const auto mixed = [](const torch::Tensor& old, const torch::Tensor& now, double m) {
+      const double k = 1.0 - m;  // Keras' momentum
+      return old * static_cast<double>(static_cast<float>(k)) + now * static_cast<double>(static_cast<float>(1.0 - k));
+    };
+    const auto m = mean.detach();
+    renorm_mean.copy_(mixed(renorm_mean, m, spec.renorm_momentum));
+    renorm_stddev.copy_(mixed(renorm_stddev, stddev, spec.renorm_momentum));
+    running_mean.copy_(mixed(running_mean, m, momentum));
+    moving_stddev.copy_(mixed(moving_stddev, stddev, momentum));
+    running_var.copy_(torch::relu(moving_stddev * moving_stddev - spec.eps));
+  }
+  return out;
+}
+
+void BatchRenormImpl::pretty_print(std::ostream& stream) const {
+  stream << "bnlab::BatchRenorm1d(" << spec.out << ", eps=" << spec.eps << ", momentum=" << momentum
+         << ", renorm_momentum=" << spec.renorm_momentum << ")";
+}
+
+BatchRenorm to_renorm(const BatchNormImpl& bn, const LayerSpec& spec, bool keras_init) {
+  BatchRenorm r(spec);
+  torch::NoGradGuard no_grad;
+  if (bn.weight.defined()) r->weight.copy_(bn.weight);
+  if (bn.bias.defined()) r->bias.copy_(bn.bias);
+  r->running_mean.copy_(bn.running_mean);
+  r->running_var.copy_(bn.running_var);
+  r->num_batches_tracked.copy_(bn.num_batches_tracked);
+  if (!keras_init) {
+    const auto stddev = torch::sqrt(bn.running_var + spec.eps);
+    r->renorm_mean.copy_(bn.running_mean);
+    r->renorm_stddev.copy_(stddev);
+    r->moving_stddev.copy_(stddev);
+  }
+  return r;
+}
+
 FrozenBatchNorm to_frozen(const BatchNormImpl& bn) {
   FrozenBatchNorm f(bn.options.num_features(), bn.options.eps());
   torch::NoGradGuard no_grad;
@@ -84,14 +163,20 @@ torch::Tensor BatchNormImpl::forward(const torch::Tensor& input) {
               "BatchNorm: expected input [N, ", options.num_features(), "], got ", input.sizes());
   // LibTorch's rule: batch statistics whenever training OR not tracking running stats;
   // the buffers that exist are updated then, but the counter only while tracking.
-  const bool use_batch_stats = is_training() || !options.track_running_stats();
-  if (is_training() && options.track_running_stats() && num_batches_tracked.defined()) {
+  // Python's rule (python_rule) differs only for an untracked module: batch statistics in
+  // training alone, and the buffers are not handed to the kernel then.
+  const bool python_untracked = options.python_rule() && !options.track_running_stats();
+  const bool use_batch_stats = is_training() || (!options.track_running_stats() && !python_untracked);
+  const bool prior = is_training() && options.prior() >= 0;
+  if (is_training() && options.track_running_stats() && num_batches_tracked.defined() && !prior) {
     torch::NoGradGuard no_grad;
     num_batches_tracked.add_(1);
   }
+  if (prior) return prior_forward(input);
   if (!use_batch_stats || options.semantics() == BnSemantics::kTorch) {
     namespace F = torch::nn::functional;
-    return F::batch_norm(input, running_mean, running_var,
+    const bool pass_buffers = !(use_batch_stats && python_untracked);
+    return F::batch_norm(input, pass_buffers ? running_mean : torch::Tensor(), pass_buffers ? running_var : torch::Tensor(),
                          F::BatchNormFuncOptions()
                              .weight(weight)
                              .bias(bias)
@@ -106,13 +191,34 @@ torch::Tensor BatchNormImpl::forward(const torch::Tensor& input) {
   if (weight.defined() && bias.defined()) out = out * weight + bias;
   else if (weight.defined()) out = out * weight;
   else if (bias.defined()) out = out + bias;
-  if (running_mean.defined()) {
+  if (running_mean.defined() && !python_untracked) {
     torch::NoGradGuard no_grad;
     const double m = options.momentum();
     // Keras: moving -= (moving - batch) * (1 - momentum_keras), with 1 - momentum_keras = m.
     running_mean.sub_((running_mean - mean) * m);
     running_var.sub_((running_var - var) * m);
   }
+  return out;
+}
+
+torch::Tensor BatchNormImpl::prior_forward(const torch::Tensor& input) {
+  // Schneider et al. (2020), as bethgelab/robusta's BayesianBatchNorm computes it: the batch
+  // statistics come from a buffer there, so they are constants in the gradient here too.
+  torch::Tensor mean, var;
+  {
+    torch::NoGradGuard no_grad;
+    auto [bm, bv] = batch_moments(input.detach());
+    if (options.semantics() == BnSemantics::kTorch) {
+      const int64_t n = input.size(0);
+      bv = bv * static_cast<double>(static_cast<float>(n) / static_cast<float>(n - 1));
+    }
+    const double p = static_cast<float>(options.prior()), q = static_cast<float>(1.0 - options.prior());
+    mean = running_mean * p + bm * q;
+    var = running_var * p + bv * q;
+  }
+  auto out = (input - mean) * torch::rsqrt(var + options.eps());
+  if (weight.defined()) out = out * weight;
+  if (bias.defined()) out = out + bias;
   return out;
 }
 
@@ -227,6 +333,17 @@ void ModelImpl::freeze_batchnorm_modules(const LayerSelection& selection) {
   }
 }
 
+void ModelImpl::renorm_batchnorm_modules(const StrategyConfig& strategy) {
+  const auto prepared = prepared_layers(spec_, strategy);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    if (spec_[i].kind != LayerKind::kBatchNorm || prepared[i].kind != LayerKind::kBatchRenorm) continue;
+    auto renorm = to_renorm(*layers_[i].get<BatchNorm>(), prepared[i], strategy.renorm_init == "keras");
+    replace_module(spec_[i].name, renorm.ptr());
+    layers_[i] = torch::nn::AnyModule(renorm);
+    spec_[i] = prepared[i];
+  }
+}
+
 Model fold_batchnorm(const ModelImpl& model) {
   const auto& src = model.layers();
   std::string error;
@@ -294,10 +411,20 @@ void Policy::apply(ModelImpl& model) const {
         auto& bn = *std::dynamic_pointer_cast<BatchNormImpl>(model.module_at(i));
         bn.options.momentum(m.momentum);
         bn.options.track_running_stats(m.track_running_stats);
+        bn.options.python_rule(m.selected && !m.track_running_stats && !m.infer_batch_stats);
+        bn.options.prior(m.prior);
         if (bn.weight.defined()) bn.weight.requires_grad_(m.trainable);
         if (bn.bias.defined()) bn.bias.requires_grad_(m.trainable);
         if (m.eval_mode) bn.eval();
         else bn.train(model.is_training());
+        break;
+      }
+      case LayerKind::kBatchRenorm: {
+        auto& bn = *std::dynamic_pointer_cast<BatchRenormImpl>(model.module_at(i));
+        bn.momentum = m.momentum;
+        if (bn.weight.defined()) bn.weight.requires_grad_(m.trainable);
+        if (bn.bias.defined()) bn.bias.requires_grad_(m.trainable);
+        bn.train(model.is_training());
         break;
       }
       case LayerKind::kFrozenBatchNorm:  // buffers only: nothing to train, the same in both modes

@@ -26,6 +26,13 @@ struct BatchNormOptions {
   /// Mirrors LibTorch's module option: when false, the forward uses batch statistics in
   /// training AND eval mode, and still updates the buffers it has (LibTorch's own rule).
   TORCH_ARG(bool, track_running_stats) = true;
+  /// track_running_stats false read as torch.nn.BatchNorm1d reads it for a module whose buffers
+  /// exist: batch statistics in training only, with no buffer update and no count.
+  TORCH_ARG(bool, python_rule) = false;
+  /// >= 0: prior_bn's p. In training the forward normalises with p * running + (1 - p) * batch
+  /// statistics (the batch variance biased under Keras numerics, unbiased under PyTorch's),
+  /// detached, and updates nothing.
+  TORCH_ARG(double, prior) = -1;
   TORCH_ARG(BnSemantics, semantics) = BnSemantics::kTorch;
 };
 
@@ -43,6 +50,8 @@ class BatchNormImpl : public torch::nn::Cloneable<BatchNormImpl> {
   void pretty_print(std::ostream& stream) const override;
 
   BatchNormOptions options;
+  /// The training forward of prior_bn (options.prior() >= 0).
+  torch::Tensor prior_forward(const torch::Tensor& input);
   torch::Tensor weight, bias, running_mean, running_var, num_batches_tracked;
 };
 TORCH_MODULE(BatchNorm);
@@ -63,6 +72,37 @@ class FrozenBatchNormImpl : public torch::nn::Cloneable<FrozenBatchNormImpl> {
   torch::Tensor weight, bias, running_mean, running_var;
 };
 TORCH_MODULE(FrozenBatchNorm);
+
+/// Batch renormalization (Ioffe 2017) as Keras 3.14's BatchNormalization(renorm=True) computes
+/// it (keras/src/layers/normalization/batch_normalization.py, commit 019d9ed), under Keras
+/// numerics, on [N, C]. In training:
+///   mean, var   = the batch's mean and biased variance (constants neither)
+///   stddev      = sqrt(var + eps);  s = max(renorm_stddev, sqrt(eps))
+///   r = stddev / s, d = (mean - renorm_mean) / s, clipped to [rmin, rmax] and [-dmax, dmax]
+///       where given, then constants in the gradient (stop_gradient)
+///   y = (x - mean) * (rsqrt(var + eps) * (r * gamma)) + (d * gamma + beta)   (Keras' torch backend)
+/// then, with Keras' momenta K = 1 - m (this module's m: the policy's momentum, renorm_momentum):
+///   renorm_mean, renorm_stddev <- K * old + (1 - K) * (mean, stddev)   (r and d used the old ones)
+///   running_mean, moving_stddev <- K * old + (1 - K) * (mean, stddev)
+///   running_var = relu(moving_stddev^2 - eps);  num_batches_tracked += 1
+/// In eval it is plain BatchNorm on running_mean / running_var.
+class BatchRenormImpl : public torch::nn::Cloneable<BatchRenormImpl> {
+ public:
+  explicit BatchRenormImpl(const LayerSpec& spec);
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& input);
+  void pretty_print(std::ostream& stream) const override;
+
+  LayerSpec spec;          ///< eps, scale/center, clipping, renorm_momentum
+  double momentum = 0.01;  ///< of the moving statistics, PyTorch's convention (the policy sets it)
+  torch::Tensor weight, bias, running_mean, running_var, num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev;
+};
+TORCH_MODULE(BatchRenorm);
+
+/// A BatchRenorm1d holding `bn`'s state. The renorm statistics start from its moving statistics
+/// (renorm_mean = running_mean, renorm_stddev = moving_stddev = sqrt(running_var + eps)) or,
+/// with `keras_init`, as Keras creates them (0, 1, 1).
+BatchRenorm to_renorm(const BatchNormImpl& bn, const LayerSpec& spec, bool keras_init);
 
 /// Copies a BatchNorm's affine parameters (ones/zeros without affine) and running stats.
 FrozenBatchNorm to_frozen(const BatchNormImpl& bn);
@@ -135,6 +175,9 @@ class ModelImpl : public torch::nn::Module {
 
   /// Replaces the selected BatchNorm layers by FrozenBatchNorm1d modules with the same state.
   void freeze_batchnorm_modules(const LayerSelection& selection);
+  /// Replaces the BatchNorm layers a renorm strategy selects by BatchRenorm1d (to_renorm), with
+  /// the specs prepared_layers gives them.
+  void renorm_batchnorm_modules(const StrategyConfig& strategy);
 
   /// Copies every parameter and buffer from `other` (same architecture), bit for bit.
   void copy_state_from(const ModelImpl& other);

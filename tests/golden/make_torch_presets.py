@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
-"""Golden values for the nine presets under PyTorch semantics, made with Python PyTorch.
+"""Golden values for bnlab's presets under PyTorch semantics, made with Python PyTorch.
 
 Every preset is written the way a PyTorch user writes it, with PyTorch's own API and no bnlab
 code: requires_grad_(False), bn.momentum = 0, bn.eval() re-applied after every train(),
 torch.optim.swa_utils.update_bn for PreciseBN-style recalibration,
 torch.nn.utils.fusion.fuse_linear_bn_eval for folding, and flipping bn.track_running_stats
-on the existing module with its buffers dropped (TENT's recipe). Fine-tuning follows Keras' fit semantics
+on the existing module with its buffers dropped (TENT's recipe), Lightning's
+BaseFinetuning.freeze_module (track_running_stats flipped on the module, buffers kept),
+torchvision's FrozenBatchNorm2d formula for 1-D, bn.eval() undone by model.train(), and
+prior-weighted BatchNorm written after bethgelab/robusta's BayesianBatchNorm (a momentum-1
+BatchNorm for the batch statistics, mixed with the running ones by the prior p). A second
+section ("keras") runs prior_bn under Keras numerics (biased batch variance) on ONE sample in
+batches of one. Fine-tuning follows Keras' fit semantics
 (loss recorded before each update, val_loss in eval mode after the epoch), on a batch of 4
 samples in batches of 2, so PyTorch's BatchNorm can run in training mode.
 
@@ -28,20 +34,145 @@ CONFIG = {
                  "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
                  "monitor": "loss", "save_best_only": False},
     "strategies": ["train", "freeze_affine", "momentum_zero", "freeze_affine_momentum_zero",
-                   "eval", "frozen", "recalibrate_frozen", "fold", "batch_stats"],
+                   "eval", "frozen", "recalibrate_frozen", "fold", "batch_stats",
+                   "prior_bn", {"name": "prior_half", "preset": "prior_bn", "prior": 0.5},
+                   "lightning_freeze", "frozen_bn_module", "torch_eval_then_train"],
 }
+# Keras numerics, one sample, batches of one: the case prior_bn is for.
+KERAS_CONFIG = json.loads(json.dumps(CONFIG))
+KERAS_CONFIG["name"] = "golden_keras_prior"
+KERAS_CONFIG["model"]["batchnorm"] = {"semantics": "keras", "eps": 1e-3, "momentum": 0.01}
+KERAS_CONFIG["finetune"].update({"epochs": 4, "batch_size": 1})
+KERAS_CONFIG["strategies"] = ["prior_bn", {"name": "prior_half", "preset": "prior_bn", "prior": 0.5},
+                              {"name": "prior_quarter", "preset": "prior_bn", "prior": 0.25}]
+KERAS_CONFIG["strategies"] += ["renorm", {"name": "renorm_unclipped", "preset": "renorm", "renorm_clipping": {}},
+                               {"name": "renorm_keras_init", "preset": "renorm", "renorm_init": "keras",
+                                "renorm_momentum": 0.3}]
+# Keras numerics on the four samples in batches of two: renorm with real batches.
+KERAS_ROWS_CONFIG = json.loads(json.dumps(KERAS_CONFIG))
+KERAS_ROWS_CONFIG["name"] = "golden_keras_rows"
+KERAS_ROWS_CONFIG["finetune"].update({"epochs": 3, "batch_size": 2})
+KERAS_ROWS_CONFIG["strategies"] = ["renorm", {"name": "renorm_unclipped", "preset": "renorm", "renorm_clipping": {}},
+                                   {"name": "renorm_tight", "preset": "renorm", "renorm_momentum": 0.5,
+                                    "renorm_clipping": {"rmax": 1.1, "rmin": 0.9, "dmax": 0.2}}]
+PRIOR_BN_DEFAULT = 16.0 / 17.0  # bnlab's prior_bn preset: N = 16 against n = 1
+RENORM_CLIPPING = {"rmax": 3.0, "rmin": 1.0 / 3.0, "dmax": 5.0}  # bnlab's renorm preset
 RECALIBRATE_BATCHES = 100  # bnlab's recalibrate_frozen default
 
 
-def build():
-    m = CONFIG["model"]
+def name_of(strategy):
+    return strategy if isinstance(strategy, str) else strategy["name"]
+
+
+def prior_of(strategy):
+    if isinstance(strategy, dict) and "prior" in strategy:
+        return strategy["prior"]
+    return PRIOR_BN_DEFAULT
+
+
+class PriorBatchNorm(torch.nn.Module):
+    """Prior-weighted BatchNorm (Schneider et al. 2020) after robusta's BayesianBatchNorm: the
+    batch statistics come from a momentum-1 BatchNorm1d (PyTorch: unbiased variance) or, for
+    Keras numerics, from the biased moments; both are buffers, so constants in the gradient.
+    In eval mode it is the wrapped layer's inference (bnlab's definition: evaluation uses the
+    running statistics, which prior_bn never updates)."""
+
+    def __init__(self, layer, prior, keras):
+        super().__init__()
+        self.layer, self.prior, self.keras = layer, prior, keras
+        self.norm = torch.nn.BatchNorm1d(layer.num_features, affine=False, momentum=1.0)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.layer.eval()  # the wrapped layer's buffers never move
+        return self
+
+    def forward(self, x):
+        if not self.training:
+            return self.layer(x)
+        if self.keras:
+            bm, bv = x.detach().mean(0), x.detach().var(0, unbiased=False)
+        else:
+            self.norm(x)
+            bm, bv = self.norm.running_mean, self.norm.running_var
+        p = self.prior
+        mean = p * self.layer.running_mean + (1 - p) * bm
+        var = p * self.layer.running_var + (1 - p) * bv
+        return torch.nn.functional.batch_norm(x, mean, var, self.layer.weight, self.layer.bias, False, 0.0, self.layer.eps)
+
+
+class BatchRenorm1d(torch.nn.Module):
+    """Batch renormalization written from Ioffe (2017) and Keras 3.14's BatchNormalization
+    (renorm=True) with its torch backend: x-hat = (x - mean) / sqrt(var + eps) with the batch's
+    biased moments; r = sigma_B / max(renorm_stddev, sqrt(eps)), d = (mean - renorm_mean) / the
+    same, clipped, without gradient; y = (x - mean) * (rsqrt(var + eps) * r * gamma) + d * gamma
+    + beta. Then Keras' moving averages (momentum K = 1 - m): renorm_mean/renorm_stddev with the
+    renorm momentum, moving mean/stddev with the layer's, moving variance = relu(stddev^2 - eps).
+    The renorm statistics start from the moving ones (renorm_init "moving") or at 0, 1, 1."""
+
+    def __init__(self, bn, clipping, renorm_momentum, keras_init):
+        super().__init__()
+        self.weight, self.bias = bn.weight, bn.bias
+        self.eps, self.m, self.mr, self.clip = bn.eps, bn.momentum, renorm_momentum, clipping
+        std = (bn.running_var + bn.eps).sqrt()
+        for k, v in (("running_mean", bn.running_mean), ("running_var", bn.running_var),
+                     ("num_batches_tracked", bn.num_batches_tracked),
+                     ("renorm_mean", torch.zeros_like(std) if keras_init else bn.running_mean),
+                     ("renorm_stddev", torch.ones_like(std) if keras_init else std),
+                     ("moving_stddev", torch.ones_like(std) if keras_init else std)):
+            self.register_buffer(k, v.detach().clone())
+
+    def forward(self, x):
+        if not self.training:
+            return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                                  False, 0.0, self.eps)
+        mean = x.mean(0)
+        var = ((x - mean) ** 2).mean(0)
+        with torch.no_grad():
+            std = torch.sqrt(var + self.eps)
+            s = torch.maximum(self.renorm_stddev, torch.sqrt(torch.tensor(self.eps, dtype=torch.float32)))
+            r, d = std / s, (mean - self.renorm_mean) / s
+            if "rmin" in self.clip:
+                r = torch.clamp_min(r, self.clip["rmin"])
+            if "rmax" in self.clip:
+                r = torch.clamp_max(r, self.clip["rmax"])
+            if "dmax" in self.clip:
+                d = torch.clamp(d, -self.clip["dmax"], self.clip["dmax"])
+        out = (x - mean) * (torch.rsqrt(var + self.eps) * (r * self.weight)) + (d * self.weight + self.bias)
+        with torch.no_grad():
+            k, kr = 1.0 - self.m, 1.0 - self.mr
+            self.num_batches_tracked += 1
+            self.renorm_mean.copy_(self.renorm_mean * kr + mean * (1.0 - kr))
+            self.renorm_stddev.copy_(self.renorm_stddev * kr + std * (1.0 - kr))
+            self.running_mean.copy_(self.running_mean * k + mean * (1.0 - k))
+            self.moving_stddev.copy_(self.moving_stddev * k + std * (1.0 - k))
+            self.running_var.copy_(torch.relu(self.moving_stddev * self.moving_stddev - self.eps))
+        return out
+
+
+class FrozenBatchNorm1d(torch.nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d's formula (also timm's and detectron2's) for [N, C]."""
+
+    def __init__(self, bn):
+        super().__init__()
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            self.register_buffer(k, getattr(bn, k).detach().clone())
+        self.eps = bn.eps
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return x * scale + (self.bias - self.running_mean * scale)
+
+
+def build(config=None):
+    m = (config or CONFIG)["model"]
     bn = m["batchnorm"]
     layers, width = [], CONFIG["data"]["features"]
     for h in m["hidden"]:
         layers += [torch.nn.Linear(width, h), torch.nn.BatchNorm1d(h, eps=bn["eps"], momentum=bn["momentum"]),
                    torch.nn.Tanh()]
         width = h
-    layers.append(torch.nn.Linear(width, CONFIG["data"]["targets"]))
+    layers.append(torch.nn.Linear(width, (config or CONFIG)["data"]["targets"]))
     return torch.nn.Sequential(*layers)
 
 
@@ -73,8 +204,11 @@ def fold(model):
     return torch.nn.Sequential(*layers)
 
 
-def run(preset, state, x, y, pre_x):
-    model = build()
+def run(strategy, state, x, y, pre_x, config=None):
+    config = config or CONFIG
+    preset = name_of(strategy)
+    keras = config["model"]["batchnorm"]["semantics"] == "keras"
+    model = build(config)
     model.load_state_dict(state)
     loss_fn = lambda out, t: ((out - t) ** 2).mean()
     with torch.no_grad():
@@ -91,7 +225,26 @@ def run(preset, state, x, y, pre_x):
     with torch.no_grad():
         model.eval()
         evaluate_before = float(loss_fn(model(x), y))
+    if preset.startswith("prior"):
+        model = torch.nn.Sequential(*[PriorBatchNorm(l, prior_of(strategy), keras) if isinstance(l, torch.nn.BatchNorm1d)
+                                      else l for l in model])
+    if preset.startswith("renorm"):
+        clipping = strategy.get("renorm_clipping", RENORM_CLIPPING) if isinstance(strategy, dict) else RENORM_CLIPPING
+        momentum = strategy.get("renorm_momentum") if isinstance(strategy, dict) else None
+        keras_init = isinstance(strategy, dict) and strategy.get("renorm_init") == "keras"
+        model = torch.nn.Sequential(*[BatchRenorm1d(l, clipping, l.momentum if momentum is None else momentum, keras_init)
+                                      if isinstance(l, torch.nn.BatchNorm1d) else l for l in model])
+    if preset == "frozen_bn_module":
+        model = torch.nn.Sequential(*[FrozenBatchNorm1d(l) if isinstance(l, torch.nn.BatchNorm1d) else l for l in model])
+    if preset == "torch_eval_then_train":
+        for b in bns(model):
+            b.eval()  # undone by the model.train() each epoch starts with: the trap
     for b in bns(model):
+        if preset == "lightning_freeze":
+            # Lightning's BaseFinetuning.freeze_module on a BatchNorm (freeze(train_bn=False)).
+            b.track_running_stats = False
+            for param in b.parameters(recurse=False):
+                param.requires_grad = False
         if preset in ("freeze_affine", "freeze_affine_momentum_zero", "frozen", "recalibrate_frozen"):
             b.weight.requires_grad_(False)
             b.bias.requires_grad_(False)
@@ -104,11 +257,11 @@ def run(preset, state, x, y, pre_x):
             b.track_running_stats = False
             b.running_mean = None
             b.running_var = None
-    opt_cfg = CONFIG["finetune"]["optimizer"]
+    opt_cfg = config["finetune"]["optimizer"]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=opt_cfg["lr"], momentum=opt_cfg["momentum"])
     losses, val_losses = [], []
-    bs = CONFIG["finetune"]["batch_size"]
-    for _ in range(CONFIG["finetune"]["epochs"]):
+    bs = config["finetune"]["batch_size"]
+    for _ in range(config["finetune"]["epochs"]):
         model.train()
         if eval_mode:
             for b in bns(model):
@@ -130,7 +283,9 @@ def run(preset, state, x, y, pre_x):
         "evaluate_before": evaluate_before,
         "loss": losses,
         "val_loss": val_losses,
-        "state": {k: v.detach().flatten().tolist() for k, v in model.state_dict().items()},
+        # Named as bnlab names them: a PriorBatchNorm's wrapped layer is the BatchNorm itself.
+        "state": {k.replace(".layer.", "."): v.detach().flatten().tolist() for k, v in model.state_dict().items()
+                  if ".norm." not in k},
     }
 
 
@@ -156,7 +311,14 @@ def main():
         "x": x.flatten().tolist(),
         "y": y.flatten().tolist(),
         "initial_state": {k: v.flatten().tolist() for k, v in state.items()},
-        "presets": {p: run(p, state, x, y, pre_x) for p in CONFIG["strategies"]},
+        "presets": {name_of(p): run(p, state, x, y, pre_x) for p in CONFIG["strategies"]},
+        # Keras numerics: the first sample alone, batches of one.
+        "keras": {"config": KERAS_CONFIG,
+                  "presets": {name_of(p): run(p, state, x[:1], y[:1], pre_x, KERAS_CONFIG) for p in KERAS_CONFIG["strategies"]}},
+        # Keras numerics: all four samples in batches of two.
+        "keras_rows": {"config": KERAS_ROWS_CONFIG,
+                       "presets": {name_of(p): run(p, state, x, y, pre_x, KERAS_ROWS_CONFIG)
+                                   for p in KERAS_ROWS_CONFIG["strategies"]}},
     }
     print(json.dumps(out, indent=1))
 

@@ -31,8 +31,13 @@ StrategyConfig preset(const std::string& name) {
   return parse_config(R"({"name": "p", "strategies": [")" + name + R"("]})", "preset").strategies.at(0);
 }
 
-const std::vector<std::string> kAllPresets = {"train", "freeze_affine", "momentum_zero", "freeze_affine_momentum_zero",
-                                              "eval", "frozen", "recalibrate_frozen", "fold", "batch_stats"};
+/// Every preset that is its own computation (an alias runs its target's fields).
+const std::vector<std::string> kAllPresets = [] {
+  std::vector<std::string> names;
+  for (const auto& n : preset_names())
+    if (preset_alias_of(n).empty()) names.push_back(n);
+  return names;
+}();
 
 struct Trained {
   Config config;
@@ -176,7 +181,7 @@ TEST(BatchedEngine, EveryPresetMatchesTorchEngineKerasNll) {
   const Trained s = trained("configs/seed_repro.json", {"data.samples=5000", "pretrain.epochs=2"});
   double worst = 0;
   compare_engines(s, kAllPresets, {0, 7, 4321 % 5000, 999, 4999}, &worst);
-  std::cerr << "seed_repro model, 9 presets x 5 samples: max |batched - torch| = " << worst << "\n";
+  std::cerr << "seed_repro model, " << kAllPresets.size() << " presets x 5 samples: max |batched - torch| = " << worst << "\n";
 }
 
 TEST(BatchedEngine, EveryPresetMatchesTorchEngineWithAdamAndMomentum) {
@@ -209,9 +214,12 @@ TEST(BatchedEngine, CustomStrategiesMatchTorchEngine) {
       {"name": "batch_stats_second", "preset": "batch_stats", "layers": [1]},
       {"name": "momentum_half", "preset": "train", "momentum": 0.5},
       {"name": "momentum_split", "preset": "eval", "momentum": 0.3, "layers": [0]},
-      {"name": "recalibrated_module", "preset": "recalibrate_frozen", "bn_module": "frozen"}])";
+      {"name": "recalibrated_module", "preset": "recalibrate_frozen", "bn_module": "frozen"},
+      {"name": "prior_first", "preset": "prior_bn", "prior": 0.3, "layers": [0]},
+      {"name": "prior_frozen_affine", "preset": "prior_bn", "prior": 0.8, "affine": "frozen"},
+      {"name": "lightning_second", "preset": "lightning_freeze", "layers": [1]}])";
   const Trained s = trained("configs/smoke/keras_nll.json", {"finetune.optimizer.lr=0.001", custom});
-  ASSERT_EQ(s.config.strategies.size(), 8u);
+  ASSERT_EQ(s.config.strategies.size(), 11u);
   compare_strategies(s, s.config.strategies, {0, 11, 2999});
   compare_strategies(s, s.config.strategies, {3, 4}, nullptr, /*ready=*/true);
   const Trained plain = trained("configs/smoke/keras_nll.json", {"finetune.optimizer.lr=0.001", "model.batchnorm.affine=false"});
@@ -266,8 +274,8 @@ TEST(BatchedEngine, PresetsMatchTorchEngineUnderTorchNumerics) {
   // AdamW, tanh, mse, monitor val_loss. PyTorch numerics reject batch statistics on one row, so
   // only the presets that run BatchNorm on running statistics apply.
   const Trained s = trained("configs/smoke/torch_mse.json", {});
-  compare_engines(s, {"eval", "frozen", "recalibrate_frozen", "fold"}, {0, 1, 1999});
-  for (const auto& name : {"train", "batch_stats", "momentum_zero"})
+  compare_engines(s, {"eval", "frozen", "recalibrate_frozen", "fold", "frozen_bn_module"}, {0, 1, 1999});
+  for (const auto& name : {"train", "batch_stats", "momentum_zero", "prior_bn", "lightning_freeze"})
     EXPECT_NE(batched_unsupported(s.config, preset(name)), "") << name;
   EXPECT_EQ(batched_unsupported(s.config, preset("frozen")), "");
 }
@@ -276,7 +284,7 @@ TEST(BatchedEngine, LagIdentityIsExactWhereBatchNormUsesRunningStatistics) {
   // The training forward and the inference forward are the same kernels on the same state,
   // so loss[k+1] == val_loss[k] and loss[1] == evaluate_before hold bit for bit.
   const Trained s = trained("configs/seed_repro.json", {"data.samples=5000", "pretrain.epochs=2"});
-  for (const auto& name : {"eval", "frozen", "recalibrate_frozen", "fold"}) {
+  for (const auto& name : {"eval", "frozen", "recalibrate_frozen", "fold", "frozen_bn_module"}) {
     for (const auto& r : finetune_batched(*s.pretrained, preset(name), s.config, s.data, {1, 2, 3})) {
       EXPECT_EQ(r.lag_residual, 0.0) << name;
       EXPECT_TRUE(r.lag_identity_holds) << name;

@@ -109,6 +109,20 @@ std::vector<std::pair<std::string, std::vector<LayerSpec>>> variants(LayerKind k
       out.push_back({"dropout", {d, batchnorm(s)}});
       break;
     }
+    case LayerKind::kBatchRenorm: {
+      if (s != BnSemantics::kKeras) break;  // renorm follows Keras (validation refuses PyTorch numerics)
+      auto r = batchnorm(s);
+      r.kind = LayerKind::kBatchRenorm;
+      r.renorm_momentum = 0.3;
+      out.push_back({"batch renorm unclipped", {r}});
+      r.renorm_has_rmax = r.renorm_has_rmin = r.renorm_has_dmax = true;
+      r.renorm_rmax = 1.2, r.renorm_rmin = 0.8, r.renorm_dmax = 0.3;  // tight enough that rows get clipped
+      out.push_back({"batch renorm clipped", {r}});
+      auto bare = batchnorm(s, false, false);
+      bare.kind = LayerKind::kBatchRenorm;
+      out.push_back({"batch renorm affine false", {bare, activation(Activation::kTanh)}});
+      break;
+    }
   }
   return out;
 }
@@ -174,7 +188,8 @@ TEST(LayerKinds, StateMatchesTheTorchModule) {
           if (t.where == StateTensor::kCounter || !t.shape.empty()) declared[l.name + "." + t.name] = t.shape;
       EXPECT_EQ(declared, module_state) << what;
       for (const auto& l : m->layers())
-        EXPECT_EQ(layer_kind(l.kind).selectable(), l.kind == LayerKind::kBatchNorm || l.kind == LayerKind::kFrozenBatchNorm)
+        EXPECT_EQ(layer_kind(l.kind).selectable(), l.kind == LayerKind::kBatchNorm || l.kind == LayerKind::kFrozenBatchNorm ||
+                                                        l.kind == LayerKind::kBatchRenorm)
             << layer_kind_name(l.kind);
     }
 }

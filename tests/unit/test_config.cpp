@@ -1,6 +1,7 @@
 // Config parsing and validation: strictness, defaults, overrides, and every problem at once.
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "bnlab/config.hpp"
@@ -35,6 +36,7 @@ std::string layout(const bnlab::Config& c) {
       case bnlab::LayerKind::kDense: out += l.head ? "head" : "dense" + std::to_string(l.units) + (l.use_bias ? "" : "nobias"); break;
       case bnlab::LayerKind::kBatchNorm: out += "bn"; break;
       case bnlab::LayerKind::kFrozenBatchNorm: out += "frozen"; break;
+      case bnlab::LayerKind::kBatchRenorm: out += "renorm"; break;
       case bnlab::LayerKind::kActivation: out += bnlab::activation_name(l.activation); break;
       case bnlab::LayerKind::kDropout: out += "dropout"; break;
     }
@@ -123,6 +125,98 @@ TEST(Config, TorchSemanticsRejectsTrainModeBatchNormOnOneSample) {
             std::string::npos) << p;
   EXPECT_NE(p.find("Expected more than 1 value per channel when training"), std::string::npos) << p;
   EXPECT_EQ(p.find("strategies[1]"), std::string::npos) << "frozen uses eval-mode BN and is fine:\n" << p;
+}
+
+TEST(Config, FrameworkPresetsAreAliasesWithTheirTargetsFields) {
+  const auto c = parse_config(R"({"name": "t", "strategies": ["tf1_learning_phase", "frozen", "keras2_trainable_false",
+                                  "freeze_affine_momentum_zero", "lightning_freeze", "prior_bn"]})", "cfg.json");
+  const auto fields = [&](size_t i) {
+    auto j = nlohmann::json::parse(bnlab::to_json(c))["strategies"][i];
+    j.erase("name");
+    j.erase("preset");
+    return j.dump();
+  };
+  EXPECT_EQ(fields(0), fields(1));
+  EXPECT_EQ(fields(2), fields(3));
+  EXPECT_EQ(bnlab::preset_alias_of("tf1_learning_phase"), "frozen");
+  EXPECT_EQ(bnlab::preset_alias_of("frozen"), "");
+  EXPECT_EQ(bnlab::preset_alias_of("lightning_freeze"), "");
+  EXPECT_EQ(c.strategies[0].preset, "tf1_learning_phase");
+  EXPECT_EQ(c.strategies[4].tracking_rule, bnlab::TrackingRule::kPython);
+  EXPECT_FALSE(c.strategies[4].track_running_stats);
+  ASSERT_TRUE(c.strategies[5].prior.has_value());
+  EXPECT_EQ(*c.strategies[5].prior, 16.0 / 17.0);
+  // The resolved config reads back to itself, prior and tracking rule included.
+  EXPECT_EQ(bnlab::to_json(parse_config(bnlab::to_json(c), "resolved")), bnlab::to_json(c));
+  const auto text = bnlab::to_json(c);
+  EXPECT_NE(text.find("\"tracking_rule\": \"python\""), std::string::npos) << text;
+  EXPECT_NE(text.find("\"prior\": 0.9411764705882"), std::string::npos) << text;
+}
+
+TEST(Config, PriorAndTrackingRuleAreChecked) {
+  const auto p = problems_of(R"({"name": "t", "strategies": [
+      {"preset": "prior_bn", "name": "a", "prior": 1.5},
+      {"preset": "prior_bn", "name": "b", "prior": "high"},
+      {"preset": "prior_bn", "name": "c", "bn_mode": "eval"},
+      {"preset": "prior_bn", "name": "d", "momentum": 0.1},
+      {"preset": "prior_bn", "name": "e", "fold": true},
+      {"preset": "train", "name": "f", "tracking_rule": "python"},
+      {"preset": "batch_stats", "name": "g", "tracking_rule": "tensorflow"}]})");
+  for (const char* needle : {"strategies[0].prior: must be a weight p in [0, 1]", "strategies[1].prior: expected a number p in [0, 1]",
+                             "strategies[2].prior: prior weights running against batch statistics",
+                             "strategies[3].prior: prior_bn never updates the running statistics",
+                             "strategies[4].prior: prior needs BatchNorm modules",
+                             "strategies[5].tracking_rule: \"python\" says how track_running_stats false reads",
+                             "strategies[6].tracking_rule: unknown value \"tensorflow\""})
+    EXPECT_NE(p.find(needle), std::string::npos) << "missing \"" << needle << "\" in:\n" << p;
+  const auto torch = problems_of(R"({"name": "t", "model": {"batchnorm": {"semantics": "torch"}},
+                                     "strategies": ["prior_bn", {"preset": "prior_bn", "name": "one", "prior": 1}]})");
+  EXPECT_NE(torch.find("strategies[0]: strategy \"prior_bn\" (prior 0.941176"), std::string::npos) << torch;
+  EXPECT_EQ(torch.find("strategies[1]"), std::string::npos) << "prior 1 is eval:\n" << torch;
+}
+
+TEST(Config, RenormFieldsReadCheckAndRoundTrip) {
+  const auto c = parse_config(R"({"name": "t", "strategies": ["renorm",
+      {"preset": "renorm", "name": "open", "renorm_clipping": {"rmax": 2}, "renorm_momentum": 0.1, "renorm_init": "keras"}]})",
+                              "cfg.json");
+  ASSERT_TRUE(c.strategies[0].renorm_rmax && c.strategies[0].renorm_rmin && c.strategies[0].renorm_dmax);
+  EXPECT_EQ(*c.strategies[0].renorm_rmin, 1.0 / 3.0);
+  // A given renorm_clipping is the whole clipping, as in Keras: the keys it lacks clip nothing.
+  EXPECT_EQ(*c.strategies[1].renorm_rmax, 2.0);
+  EXPECT_FALSE(c.strategies[1].renorm_rmin.has_value());
+  EXPECT_FALSE(c.strategies[1].renorm_dmax.has_value());
+  EXPECT_EQ(c.strategies[1].renorm_init, "keras");
+  EXPECT_EQ(bnlab::to_json(parse_config(bnlab::to_json(c), "resolved")), bnlab::to_json(c));
+  const auto p = problems_of(R"({"name": "t", "strategies": [
+      {"preset": "renorm", "name": "a", "renorm_clipping": {"rmax": 0.5, "rmin": 2}},
+      {"preset": "renorm", "name": "b", "renorm_clipping": {"dmax": -1, "rmx": 3}},
+      {"preset": "renorm", "name": "c", "renorm_momentum": 2, "bn_mode": "eval"},
+      {"preset": "train", "name": "d", "renorm_momentum": 0.1},
+      {"preset": "renorm", "name": "e", "prior": 0.5, "renorm_init": "zeros"}]})");
+  for (const char* needle : {"strategies[0].renorm_clipping: rmax 0.5 is below rmin 2",
+                             "strategies[1].renorm_clipping.dmax: must be >= 0", "strategies[1].renorm_clipping.rmx: unknown key; did you mean \"rmax\"?",
+                             "strategies[2].renorm_momentum: must be in [0, 1]", "strategies[2].renorm: renorm is a training-mode computation",
+                             "strategies[3]: renorm_clipping, renorm_momentum and renorm_init apply only with",
+                             "strategies[4].renorm: give either renorm or prior", "strategies[4].renorm_init: expected \"moving\" or \"keras\""})
+    EXPECT_NE(p.find(needle), std::string::npos) << "missing \"" << needle << "\" in:\n" << p;
+  const auto torch = problems_of(R"({"name": "t", "model": {"batchnorm": {"semantics": "torch"}}, "strategies": ["renorm"]})");
+  EXPECT_NE(torch.find("strategies[0].renorm: renorm follows Keras 3.14"), std::string::npos) << torch;
+}
+
+TEST(Config, AKerasRenormLayerIsRefusedWithTheWayOut) {
+  const std::string json = R"({"class_name": "Sequential", "config": {"name": "s", "layers": [
+      {"class_name": "InputLayer", "config": {"batch_input_shape": [null, 4], "name": "in"}},
+      {"class_name": "Dense", "config": {"name": "d", "units": 3, "activation": "linear", "use_bias": true}},
+      {"class_name": "BatchNormalization", "config": {"name": "bn", "axis": -1, "momentum": 0.99, "epsilon": 0.001,
+                                                       "center": true, "scale": true, "renorm": true}},
+      {"class_name": "Dense", "config": {"name": "head", "units": 2, "activation": "linear", "use_bias": true}}]}})";
+  try {
+    bnlab::keras_architecture(json, "model.h5", bnlab::BatchNormConfig{});
+    FAIL() << "a renorm layer was read";
+  } catch (const bnlab::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("renorm=True is not read from a file"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("the strategy \"renorm\""), std::string::npos) << e.what();
+  }
 }
 
 TEST(Config, TorchSemanticsRejectsALastPretrainBatchOfOne) {
@@ -420,6 +514,7 @@ std::string keras_layout(const bnlab::KerasArchitecture& a) {
       case bnlab::LayerKind::kDense: out += (l.head ? "head" : "dense") + std::to_string(l.units); break;
       case bnlab::LayerKind::kBatchNorm: out += "bn"; break;
       case bnlab::LayerKind::kFrozenBatchNorm: out += "frozen"; break;
+      case bnlab::LayerKind::kBatchRenorm: out += "renorm"; break;
       case bnlab::LayerKind::kActivation: out += bnlab::activation_name(l.activation); break;
       case bnlab::LayerKind::kDropout: out += "dropout"; break;
     }

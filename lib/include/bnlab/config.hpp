@@ -19,6 +19,7 @@ enum class Schedule { kConstant, kCosine };
 enum class Monitor { kLoss, kValLoss };
 enum class BnMode { kTrain, kEval };
 enum class BnModule { kBatchNorm, kFrozen };
+enum class TrackingRule { kLibTorch, kPython };
 
 /// Settings of an optimizer; fields that do not apply to the chosen kind are ignored
 /// and rejected by the parser when given.
@@ -121,6 +122,25 @@ struct StrategyConfig {
   bool affine_trainable = true;                ///< gamma/beta get gradients and optimizer steps
   std::optional<double> momentum;              ///< running-stat momentum override (0 = frozen)
   bool track_running_stats = true;             ///< false: batch stats in train AND eval (LibTorch rule)
+  /// How track_running_stats false reads. "libtorch": batch statistics in training and eval, the
+  /// buffers still written, no count (torch::nn::BatchNorm1d). "python": torch.nn.BatchNorm1d's
+  /// rule for a module whose buffers exist: batch statistics in training with no buffer update and
+  /// no count, the stored buffers in eval (what Lightning's track_running_stats=False flip gives).
+  TrackingRule tracking_rule = TrackingRule::kLibTorch;
+  /// prior_bn (Schneider et al. 2020): the fit forward normalises with p * running + (1 - p) *
+  /// batch statistics, held constant in the gradient; inference uses the running statistics,
+  /// which it never updates. The value is p itself, in [0, 1] (p = N / (N + n) for a prior
+  /// strength N and n rows per batch); p = 1 is the eval computation. Unset: off.
+  std::optional<double> prior;
+  /// Batch renormalization (Ioffe 2017) as Keras 3.14's BatchNormalization(renorm=True): the
+  /// selected layers become BatchRenorm1d. renorm_clipping's keys; unset: no clip on that side.
+  bool renorm = false;
+  std::optional<double> renorm_rmax, renorm_rmin, renorm_dmax;
+  std::optional<double> renorm_momentum;       ///< PyTorch convention; unset: the layer's momentum
+  /// Where the renorm statistics start: "moving" (from the pretrained moving statistics:
+  /// renorm_mean = moving_mean, renorm_stddev = moving_stddev = sqrt(moving_variance + eps))
+  /// or "keras" (as Keras creates the variables: 0, 1, 1).
+  std::string renorm_init = "moving";
   LayerSelection layers;
   int64_t freeze_linear = 0;                   ///< freeze the first N Linear layers (weight and bias)
   /// PreciseBN: before fine-tuning, set the selected layers' running statistics to the true
@@ -281,6 +301,10 @@ struct LayerMode {
   bool infer_batch_stats = false;    ///< inference does too (track_running_stats false: LibTorch's rule)
   bool counts = false;               ///< num_batches_tracked advances in the fit forward
   double momentum = 0;               ///< of the running-statistics update in the fit forward
+  bool updates = false;              ///< the batch-statistics forward writes the running statistics
+  /// prior_bn's p when the fit forward mixes running and batch statistics (fit_batch_stats is
+  /// then true, the statistics are constants in the gradient); < 0 otherwise.
+  double prior = -1;
 };
 
 /// Per layer of `prepared` (prepared_layers' result), what `strategy` sets; nullptr: the
@@ -335,5 +359,10 @@ const char* to_string(BnSemantics s);
 const char* to_string(OptimizerKind o);
 const char* to_string(BnMode m);
 const char* to_string(BnModule m);
+const char* to_string(TrackingRule r);
+
+/// A preset that is another preset's computation under a tool's name ("tf2_trainable_false" is
+/// "frozen"): the preset it stands for, or "" when `name` is not an alias.
+std::string preset_alias_of(const std::string& name);
 
 }  // namespace bnlab

@@ -8,9 +8,9 @@
 
 namespace bnlab {
 
-/// Every kind of module a network holds. FrozenBatchNorm1d is made by strategies
-/// (bn_module "frozen"), never listed by a user.
-enum class LayerKind { kDense, kBatchNorm, kFrozenBatchNorm, kActivation, kDropout };
+/// Every kind of module a network holds. FrozenBatchNorm1d (bn_module "frozen") and
+/// BatchRenorm1d (renorm) are made by strategies, never listed by a user.
+enum class LayerKind { kDense, kBatchNorm, kFrozenBatchNorm, kActivation, kDropout, kBatchRenorm };
 
 /// BatchNorm numerics: PyTorch's (unbiased running variance, a batch of one is an error in
 /// training) or Keras' (biased, a batch of one outputs beta).
@@ -35,7 +35,12 @@ struct LayerSpec {
   bool scale = true;           ///< gamma ("weight") exists and is a parameter (Keras' scale)
   bool center = true;          ///< beta ("bias") exists and is a parameter (Keras' center)
   int64_t bn_index = -1;       ///< position among the model's BatchNorm layers, kept after a
-                               ///< strategy converts the layer to FrozenBatchNorm1d
+                               ///< strategy converts the layer to FrozenBatchNorm1d or BatchRenorm1d
+  // batch renormalization (BatchRenorm1d): Keras' renorm_clipping, +-inf / 0 where not given,
+  // and the renorm statistics' momentum (PyTorch convention)
+  double renorm_rmax = 0, renorm_rmin = 0, renorm_dmax = 0;
+  bool renorm_has_rmax = false, renorm_has_rmin = false, renorm_has_dmax = false;
+  double renorm_momentum = 0.01;
   // activation
   Activation activation = Activation::kRelu;
   double alpha = 0;            ///< leaky_relu: negative slope; elu: alpha
