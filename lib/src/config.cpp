@@ -426,6 +426,8 @@ void read_strategy(const json& j, const std::string& path, StrategyConfig& s, Pr
       key("rmin", s.renorm_rmin);
       key("dmax", s.renorm_dmax);
       c.finish();
+    } else if (rc->is_null()) {  // Keras' renorm_clipping=None: no clipping
+      s.renorm_rmax.reset(), s.renorm_rmin.reset(), s.renorm_dmax.reset();
     } else {
       r.type_error("renorm_clipping", "an object with rmax, rmin and/or dmax (Keras' renorm_clipping)", *rc);
     }
@@ -439,6 +441,12 @@ void read_strategy(const json& j, const std::string& path, StrategyConfig& s, Pr
     if (ri->is_string() && (*ri == "moving" || *ri == "keras")) s.renorm_init = ri->get<std::string>();
     else r.type_error("renorm_init", "\"moving\" or \"keras\"", *ri);
   }
+  // Switching a preset's computation off takes its settings with it, unless they are given here.
+  if (r.has("renorm") && !s.renorm && !r.has("renorm_clipping") && !r.has("renorm_momentum") && !r.has("renorm_init")) {
+    s.renorm_rmax.reset(), s.renorm_rmin.reset(), s.renorm_dmax.reset(), s.renorm_momentum.reset();
+    s.renorm_init = "moving";
+  }
+  if (r.has("track_running_stats") && s.track_running_stats && !r.has("tracking_rule")) s.tracking_rule = TrackingRule::kLibTorch;
   if (const json* l = r.find("layers")) {
     const std::string lpath = r.child_path("layers");
     if (l->is_string() && *l == "all") {
@@ -1135,6 +1143,8 @@ void validate(const Config& c, Problems& p) {
     if (s.bn_module == BnModule::kFrozen && bn_layers == 0) p.add(path + ".bn_module", "there is nothing to convert: " + no_bn);
     if (s.tracking_rule == TrackingRule::kPython && s.track_running_stats)
       p.add(path + ".tracking_rule", "\"python\" says how track_running_stats false reads; this strategy tracks running statistics");
+    if (s.tracking_rule == TrackingRule::kPython && !s.track_running_stats && s.momentum)
+      p.add(path + ".tracking_rule", "under \"python\" an untracked BatchNorm never updates its buffers; remove momentum/running_stats");
     if (s.renorm) {
       const std::string rp = path + ".renorm";
       if (bn_layers == 0) p.add(rp, "there is nothing to renormalise: " + no_bn);

@@ -159,7 +159,7 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
     const bool within = !same && relative(lt, le) <= kLagTolerance && relative(lt, lp) <= kLagTolerance;
     const bool lag = (same && torch::equal(out_plain, out_eval)) || within;
     std::string verdict;
-    if (within) verdict = "holds within the tolerance (" + fmt("%.0e", kLagTolerance) + " relative): the forward passes differ by rounding, " + fmt("%.3g", max_abs(out_train - out_eval));
+    if (within) verdict = "holds at the start within the tolerance (" + fmt("%.0e", kLagTolerance) + " relative): the forward passes differ by rounding, " + fmt("%.3g", max_abs(out_train - out_eval)) + " (a later step can break it, e.g. once renorm clips d)";
     else if (lag) verdict = "holds: loss[k+1] == val_loss[k], loss[1] == evaluate before";
     else if (same) verdict = "broken at epoch 1 only: evaluation also uses batch statistics, so val_loss follows loss, both " + fmt("%.3g", std::abs(lt - lp)) + " from evaluate before";
     else verdict = "broken: loss and val_loss differ by " + fmt("%.3g", std::abs(lt - le));

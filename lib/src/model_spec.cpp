@@ -234,7 +234,7 @@ std::vector<LayerSpec> prepared_layers(const std::vector<LayerSpec>& layers, con
       l.renorm_rmax = s.renorm_rmax.value_or(0);
       l.renorm_rmin = s.renorm_rmin.value_or(0);
       l.renorm_dmax = s.renorm_dmax.value_or(0);
-      l.renorm_momentum = s.renorm_momentum.value_or(l.momentum);
+      l.renorm_momentum = s.renorm_momentum.value_or(s.momentum.value_or(l.momentum));
     }
   return out;
 }

@@ -217,9 +217,13 @@ TEST(BatchedEngine, CustomStrategiesMatchTorchEngine) {
       {"name": "recalibrated_module", "preset": "recalibrate_frozen", "bn_module": "frozen"},
       {"name": "prior_first", "preset": "prior_bn", "prior": 0.3, "layers": [0]},
       {"name": "prior_frozen_affine", "preset": "prior_bn", "prior": 0.8, "affine": "frozen"},
-      {"name": "lightning_second", "preset": "lightning_freeze", "layers": [1]}])";
+      {"name": "lightning_second", "preset": "lightning_freeze", "layers": [1]},
+      {"name": "renorm_own_momentum", "preset": "renorm", "renorm_momentum": 0.3, "layers": [0]},
+      {"name": "renorm_keras_init", "preset": "renorm", "renorm_init": "keras", "renorm_momentum": 0.05},
+      {"name": "renorm_tight", "preset": "renorm", "renorm_clipping": {"rmax": 1.05, "rmin": 0.95, "dmax": 0.1},
+       "momentum": 0.2, "affine": "frozen"}])";
   const Trained s = trained("configs/smoke/keras_nll.json", {"finetune.optimizer.lr=0.001", custom});
-  ASSERT_EQ(s.config.strategies.size(), 11u);
+  ASSERT_EQ(s.config.strategies.size(), 14u);
   compare_strategies(s, s.config.strategies, {0, 11, 2999});
   compare_strategies(s, s.config.strategies, {3, 4}, nullptr, /*ready=*/true);
   const Trained plain = trained("configs/smoke/keras_nll.json", {"finetune.optimizer.lr=0.001", "model.batchnorm.affine=false"});

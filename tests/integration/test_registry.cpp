@@ -68,7 +68,9 @@ Model network(std::vector<LayerSpec> body, uint64_t seed) {
   for (auto& p : m->parameters()) p.copy_(torch::randn_like(p) * 0.7);
   for (auto& b : m->named_buffers()) {
     const std::string& name = b.key();
-    if (name.size() > 12 && name.substr(name.size() - 12) == ".running_var") b.value().copy_(torch::rand_like(b.value()) + 0.5);
+    const auto ends = [&](const std::string& tail) { return name.size() > tail.size() && name.substr(name.size() - tail.size()) == tail; };
+    // Positive spreads (renorm's stddevs too, so that the sqrt(eps) floor is the exception).
+    if (ends(".running_var") || ends("stddev")) b.value().copy_(torch::rand_like(b.value()) + 0.5);
     else if (b.value().is_floating_point()) b.value().copy_(torch::randn_like(b.value()) * 0.5);  // FrozenBatchNorm1d's too
   }
   return m;

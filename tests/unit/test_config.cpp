@@ -161,13 +161,15 @@ TEST(Config, PriorAndTrackingRuleAreChecked) {
       {"preset": "prior_bn", "name": "d", "momentum": 0.1},
       {"preset": "prior_bn", "name": "e", "fold": true},
       {"preset": "train", "name": "f", "tracking_rule": "python"},
-      {"preset": "batch_stats", "name": "g", "tracking_rule": "tensorflow"}]})");
+      {"preset": "batch_stats", "name": "g", "tracking_rule": "tensorflow"},
+      {"preset": "lightning_freeze", "name": "h", "running_stats": "freeze"}]})");
   for (const char* needle : {"strategies[0].prior: must be a weight p in [0, 1]", "strategies[1].prior: expected a number p in [0, 1]",
                              "strategies[2].prior: prior weights running against batch statistics",
                              "strategies[3].prior: prior_bn never updates the running statistics",
                              "strategies[4].prior: prior needs BatchNorm modules",
                              "strategies[5].tracking_rule: \"python\" says how track_running_stats false reads",
-                             "strategies[6].tracking_rule: unknown value \"tensorflow\""})
+                             "strategies[6].tracking_rule: unknown value \"tensorflow\"",
+                             "strategies[7].tracking_rule: under \"python\" an untracked BatchNorm never updates its buffers"})
     EXPECT_NE(p.find(needle), std::string::npos) << "missing \"" << needle << "\" in:\n" << p;
   const auto torch = problems_of(R"({"name": "t", "model": {"batchnorm": {"semantics": "torch"}},
                                      "strategies": ["prior_bn", {"preset": "prior_bn", "name": "one", "prior": 1}]})");
@@ -187,6 +189,13 @@ TEST(Config, RenormFieldsReadCheckAndRoundTrip) {
   EXPECT_FALSE(c.strategies[1].renorm_dmax.has_value());
   EXPECT_EQ(c.strategies[1].renorm_init, "keras");
   EXPECT_EQ(bnlab::to_json(parse_config(bnlab::to_json(c), "resolved")), bnlab::to_json(c));
+  // Switched off, a preset's renorm settings go with it; a preset's python rule too when tracking.
+  const auto off = parse_config(R"({"name": "t", "strategies": [{"preset": "renorm", "name": "off", "renorm": false},
+      {"preset": "lightning_freeze", "name": "tracked", "track_running_stats": true},
+      {"preset": "renorm", "name": "none", "renorm_clipping": null}]})", "cfg.json");
+  EXPECT_FALSE(off.strategies[0].renorm_rmax.has_value());
+  EXPECT_EQ(off.strategies[1].tracking_rule, bnlab::TrackingRule::kLibTorch);
+  EXPECT_FALSE(off.strategies[2].renorm_dmax.has_value());
   const auto p = problems_of(R"({"name": "t", "strategies": [
       {"preset": "renorm", "name": "a", "renorm_clipping": {"rmax": 0.5, "rmin": 2}},
       {"preset": "renorm", "name": "b", "renorm_clipping": {"dmax": -1, "rmx": 3}},

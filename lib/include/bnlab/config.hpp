@@ -136,7 +136,7 @@ struct StrategyConfig {
   /// selected layers become BatchRenorm1d. renorm_clipping's keys; unset: no clip on that side.
   bool renorm = false;
   std::optional<double> renorm_rmax, renorm_rmin, renorm_dmax;
-  std::optional<double> renorm_momentum;       ///< PyTorch convention; unset: the layer's momentum
+  std::optional<double> renorm_momentum;       ///< PyTorch convention; unset: the strategy's momentum, else the layer's
   /// Where the renorm statistics start: "moving" (from the pretrained moving statistics:
   /// renorm_mean = moving_mean, renorm_stddev = moving_stddev = sqrt(moving_variance + eps))
   /// or "keras" (as Keras creates the variables: 0, 1, 1).
