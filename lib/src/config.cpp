@@ -1396,9 +1396,13 @@ json strategy_json(const StrategyConfig& s) {
   if (s.momentum) j["momentum"] = *s.momentum;
   else j["running_stats"] = "update";
   j["track_running_stats"] = s.track_running_stats;
-  // Written where they apply, so that the identity of a study without them stays as it was.
-  if (!s.track_running_stats) j["tracking_rule"] = to_string(s.tracking_rule);
-  if (s.prior) j["prior"] = *s.prior;
+  // Written where they apply or where the preset set them (so that a config that switched one
+  // off reads back the same), and nowhere else: the identity of a study without them stays as it was.
+  StrategyConfig base;
+  if (!s.preset.empty()) apply_preset(s.preset, base);
+  if (!s.track_running_stats || base.tracking_rule != TrackingRule::kLibTorch) j["tracking_rule"] = to_string(s.tracking_rule);
+  if (s.prior || base.prior) j["prior"] = s.prior ? json(*s.prior) : json(nullptr);
+  if (!s.renorm && base.renorm) j["renorm"] = false;
   if (s.renorm) {
     j["renorm"] = true;
     json clip = json::object();

@@ -196,6 +196,11 @@ TEST(Config, RenormFieldsReadCheckAndRoundTrip) {
   EXPECT_FALSE(off.strategies[0].renorm_rmax.has_value());
   EXPECT_EQ(off.strategies[1].tracking_rule, bnlab::TrackingRule::kLibTorch);
   EXPECT_FALSE(off.strategies[2].renorm_dmax.has_value());
+  // ... and the resolved config says so, so that it reads back the same (found by the config fuzzer).
+  EXPECT_EQ(bnlab::to_json(parse_config(bnlab::to_json(off), "resolved")), bnlab::to_json(off));
+  const auto no_prior = parse_config(R"({"name": "t", "strategies": [{"preset": "prior_bn", "name": "x", "prior": null}]})", "cfg.json");
+  EXPECT_FALSE(no_prior.strategies[0].prior.has_value());
+  EXPECT_EQ(bnlab::to_json(parse_config(bnlab::to_json(no_prior), "resolved")), bnlab::to_json(no_prior));
   const auto p = problems_of(R"({"name": "t", "strategies": [
       {"preset": "renorm", "name": "a", "renorm_clipping": {"rmax": 0.5, "rmin": 2}},
       {"preset": "renorm", "name": "b", "renorm_clipping": {"dmax": -1, "rmx": 3}},
