@@ -154,9 +154,8 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
     const double le = compute_loss(loss, out_eval, y).item<double>();
     const double lt = compute_loss(loss, out_train, y).item<double>();
     const bool same = torch::equal(out_eval, out_train);
-    const auto relative = [](double a, double b) { return std::abs(a - b) / std::max({std::abs(a), std::abs(b), 1e-300}); };
     // renorm on one sample: the two forward passes are the same function in another float order.
-    const bool within = !same && relative(lt, le) <= kLagTolerance && relative(lt, lp) <= kLagTolerance;
+    const bool within = !same && relative_difference(lt, le) <= kLagTolerance && relative_difference(lt, lp) <= kLagTolerance;
     const bool lag = (same && torch::equal(out_plain, out_eval)) || within;
     std::string verdict;
     if (within) verdict = "holds at the start within the tolerance (" + fmt("%.0e", kLagTolerance) + " relative): the forward passes differ by rounding, " + fmt("%.3g", max_abs(out_train - out_eval)) + " (a later step can break it, e.g. once renorm clips d)";

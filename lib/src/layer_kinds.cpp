@@ -167,6 +167,19 @@ void bn_batch_dx(int64_t n, int64_t C, int64_t c, float scale, float istd, float
 /// Tensor positions in BatchNormKind::state(): gamma and beta exist only with scale/center.
 enum BnSlot { kGamma, kBeta, kMean, kVar, kCount };
 
+/// One lane's gamma and beta (nullptr when absent) and running statistics, for the kinds that
+/// share BatchNorm's first slots.
+struct BnLane {
+  const float* gamma;
+  const float* beta;
+  float* rm;
+  float* rv;
+};
+BnLane bn_lane(const LaneStore& s, const BatchedLayer& L, int64_t lane) {
+  return {L.at[kGamma] >= 0 ? s.P(lane) + L.at[kGamma] : nullptr, L.at[kBeta] >= 0 ? s.P(lane) + L.at[kBeta] : nullptr,
+          s.B(lane) + L.at[kMean], s.B(lane) + L.at[kVar]};
+}
+
 class BatchNormKind final : public LayerKindDef {
  public:
   std::vector<StateTensor> state(const LayerSpec& l) const override {
@@ -196,10 +209,7 @@ class BatchNormKind final : public LayerKindDef {
     for (int64_t lane = 0; lane < s.lanes; ++lane) {
       const float* X = in + lane * s.stride * C;
       float* Y = out + lane * s.stride * C;
-      const float* gamma = L.at[kGamma] >= 0 ? s.P(lane) + L.at[kGamma] : nullptr;
-      const float* beta = L.at[kBeta] >= 0 ? s.P(lane) + L.at[kBeta] : nullptr;
-      float* rm = s.B(lane) + L.at[kMean];
-      float* rv = s.B(lane) + L.at[kVar];
+      const auto [gamma, beta, rm, rv] = bn_lane(s, L, lane);
       float* istd = L.saved_c + lane * C;
       if (!batch) {
         bn_inference(s, C, n, eps, gamma, beta, rm, rv, istd, X, Y);
@@ -258,8 +268,9 @@ class BatchNormKind final : public LayerKindDef {
       const float* X = in + lane * s.stride * C;
       const float* Gy = g + lane * s.stride * C;
       float* Dx = dx + lane * s.stride * C;
-      const float* gamma = L.at[kGamma] >= 0 ? s.P(lane) + L.at[kGamma] : nullptr;
-      const float* rm = s.B(lane) + L.at[kMean];
+      const BnLane state = bn_lane(s, L, lane);
+      const float* gamma = state.gamma;
+      const float* rm = state.rm;
       const float* istd = L.saved_c + lane * C;
       const float* xhat = L.saved + lane * s.stride * C;
       float* sum_g = s.stat(C, 0);
@@ -318,6 +329,8 @@ class BatchNormKind final : public LayerKindDef {
 // ------------------------------------------------------------------------- BatchRenorm1d
 /// Tensor positions in BatchRenormKind::state(): BatchNorm's five, then the renorm statistics.
 enum RenormSlot { kRenormMean = kCount + 1, kRenormStd, kMovingStd };
+/// Per-channel values a renorm forward keeps per lane: 1/sqrt(var + eps), r, d, sqrt(var + eps).
+constexpr int64_t kRenormSaved = 4;
 
 /// Keras 3.14's BatchNormalization(renorm=True) under Keras numerics (see BatchRenormImpl in
 /// nn.hpp for the order of operations, which this follows in float).
@@ -335,7 +348,7 @@ class BatchRenormKind final : public LayerKindDef {
   }
   void saved_sizes(const LayerSpec& l, int64_t lanes, int64_t stride, int64_t& saved, int64_t& saved_c) const override {
     saved = lanes * stride * l.out;
-    saved_c = 3 * lanes * l.out;  // 1/sqrt(var + eps), r, d
+    saved_c = kRenormSaved * lanes * l.out;  // 1/sqrt(var + eps), r, d, sqrt(var + eps)
   }
   void forward(const LaneStore& s, BatchedLayer& L, Pass pass, const float* in, float* out) const override {
     const int64_t C = L.spec.out, n = s.rows;
@@ -345,14 +358,13 @@ class BatchRenormKind final : public LayerKindDef {
     for (int64_t lane = 0; lane < s.lanes; ++lane) {
       const float* X = in + lane * s.stride * C;
       float* Y = out + lane * s.stride * C;
-      const float* gamma = L.at[kGamma] >= 0 ? s.P(lane) + L.at[kGamma] : nullptr;
-      const float* beta = L.at[kBeta] >= 0 ? s.P(lane) + L.at[kBeta] : nullptr;
+      const auto [gamma, beta, rm, rv] = bn_lane(s, L, lane);
       float* b = s.B(lane);
-      float *rm = b + L.at[kMean], *rv = b + L.at[kVar];
       float *ren_mean = b + L.at[kRenormMean], *ren_std = b + L.at[kRenormStd], *mov_std = b + L.at[kMovingStd];
-      float* istd = L.saved_c + 3 * lane * C;
+      float* istd = L.saved_c + kRenormSaved * lane * C;
       float* r = istd + C;
       float* d = istd + 2 * C;
+      float* stddev = istd + 3 * C;  // sqrt(var + eps), for the updates
       if (pass != Pass::kFit) {  // inference is plain BatchNorm on the moving statistics
         bn_inference(s, C, n, eps, gamma, beta, rm, rv, istd, X, Y);
         continue;
@@ -362,9 +374,9 @@ class BatchRenormKind final : public LayerKindDef {
       float* var = s.stat(C, 1);
       bn_moments(X, n, C, mean, var);
       for (int64_t c = 0; c < C; ++c) {
-        const float stddev = std::sqrt(var[c] + eps);
+        stddev[c] = std::sqrt(var[c] + eps);
         const float rs = std::max(ren_std[c], sqrt_eps);
-        float rc = stddev / rs, dc = (mean[c] - ren_mean[c]) / rs;
+        float rc = stddev[c] / rs, dc = (mean[c] - ren_mean[c]) / rs;
         if (l.renorm_has_rmin) rc = std::max(rc, static_cast<float>(l.renorm_rmin));
         if (l.renorm_has_rmax) rc = std::min(rc, static_cast<float>(l.renorm_rmax));
         if (l.renorm_has_dmax) dc = std::min(std::max(dc, static_cast<float>(-l.renorm_dmax)), static_cast<float>(l.renorm_dmax));
@@ -389,11 +401,10 @@ class BatchRenormKind final : public LayerKindDef {
       const float km_f = static_cast<float>(km), km_new = static_cast<float>(1.0 - km);
       const float kr_f = static_cast<float>(kr), kr_new = static_cast<float>(1.0 - kr);
       for (int64_t c = 0; c < C; ++c) {
-        const float stddev = std::sqrt(var[c] + eps);
         ren_mean[c] = ren_mean[c] * kr_f + mean[c] * kr_new;
-        ren_std[c] = ren_std[c] * kr_f + stddev * kr_new;
+        ren_std[c] = ren_std[c] * kr_f + stddev[c] * kr_new;
         rm[c] = rm[c] * km_f + mean[c] * km_new;
-        mov_std[c] = mov_std[c] * km_f + stddev * km_new;
+        mov_std[c] = mov_std[c] * km_f + stddev[c] * km_new;
         rv[c] = std::max(mov_std[c] * mov_std[c] - eps, 0.f);
       }
     }
@@ -404,8 +415,8 @@ class BatchRenormKind final : public LayerKindDef {
     for (int64_t lane = 0; lane < s.lanes; ++lane) {
       const float* Gy = g + lane * s.stride * C;
       float* Dx = dx + lane * s.stride * C;
-      const float* gamma = L.at[kGamma] >= 0 ? s.P(lane) + L.at[kGamma] : nullptr;
-      const float* istd = L.saved_c + 3 * lane * C;
+      const float* gamma = bn_lane(s, L, lane).gamma;
+      const float* istd = L.saved_c + kRenormSaved * lane * C;
       const float* r = istd + C;
       const float* d = istd + 2 * C;
       const float* xhat = L.saved + lane * s.stride * C;

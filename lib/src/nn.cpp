@@ -411,7 +411,7 @@ void Policy::apply(ModelImpl& model) const {
         auto& bn = *std::dynamic_pointer_cast<BatchNormImpl>(model.module_at(i));
         bn.options.momentum(m.momentum);
         bn.options.track_running_stats(m.track_running_stats);
-        bn.options.python_rule(m.selected && !m.track_running_stats && !m.infer_batch_stats);
+        bn.options.python_rule(m.selected && strategy.tracking_rule == TrackingRule::kPython);
         bn.options.prior(m.prior);
         if (bn.weight.defined()) bn.weight.requires_grad_(m.trainable);
         if (bn.bias.defined()) bn.bias.requires_grad_(m.trainable);

@@ -24,20 +24,19 @@ namespace bnlab {
 
 using ojson = nlohmann::ordered_json;
 
+double relative_difference(double a, double b) { return std::abs(a - b) / std::max({std::abs(a), std::abs(b), 1e-30}); }
+
 void compute_lag(StrategyResult& r) {
-  const auto relative = [](double a, double b) {
-    return std::abs(a - b) / std::max({std::abs(a), std::abs(b), 1e-30});
-  };
   r.max_gap = r.lag_first = r.lag_steps = r.lag_relative = 0;
   r.final_gap = r.loss.empty() ? 0 : r.loss.back() - r.val_loss.back();
   for (size_t k = 0; k < r.loss.size(); ++k) r.max_gap = std::max(r.max_gap, std::abs(r.loss[k] - r.val_loss[k]));
   if (!r.loss.empty()) {
     r.lag_first = std::abs(r.loss[0] - r.evaluate_before);
-    r.lag_relative = relative(r.loss[0], r.evaluate_before);
+    r.lag_relative = relative_difference(r.loss[0], r.evaluate_before);
   }
   for (size_t k = 0; k + 1 < r.loss.size(); ++k) {
     r.lag_steps = std::max(r.lag_steps, std::abs(r.loss[k + 1] - r.val_loss[k]));
-    r.lag_relative = std::max(r.lag_relative, relative(r.loss[k + 1], r.val_loss[k]));
+    r.lag_relative = std::max(r.lag_relative, relative_difference(r.loss[k + 1], r.val_loss[k]));
   }
   r.lag_residual = std::max(r.lag_first, r.lag_steps);
   r.lag_identity_holds = r.lag_relative <= kLagTolerance;

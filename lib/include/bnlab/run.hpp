@@ -62,6 +62,8 @@ struct StrategyResult {
 };
 
 inline constexpr double kLagTolerance = 1e-6;
+/// |a - b| / max(|a|, |b|): the measure the lag identity is judged by (compute_lag, explain).
+double relative_difference(double a, double b);
 
 struct RunResult {
   std::string out_dir;
