@@ -101,6 +101,7 @@ class Net {
   }
 
   int64_t lanes() const { return store_.lanes; }
+  int64_t stride() const { return store_.stride; }  ///< rows each lane's block has room for
   int64_t outputs() const { return outputs_; }
   int64_t n_params() const { return n_params_; }
   const std::vector<Segment>& trainable() const { return trainable_; }
@@ -157,7 +158,7 @@ class Net {
     }
   }
 
-  /// Forward pass of every lane over `rows` rows (<= the capacity); x is [lanes][rows][in].
+  /// Forward pass of every lane over `rows` rows (<= the capacity); x is [lanes][stride][in].
   void forward(Pass pass, const float* x, int64_t rows) {
     store_.rows = rows;
     const float* in = x;
@@ -263,11 +264,11 @@ class Net {
 };
 
 /// Per-lane loss of the last forward pass (rows x outputs per lane) against y (rows x targets
-/// per lane), as compute_loss computes it; with `grad`, dL/d(output) goes to net.output_grad().
+/// per lane; each lane's block starts stride rows after the last), as compute_loss computes it; with `grad`, dL/d(output) goes to net.output_grad().
 /// `correct` (cross_entropy) receives each lane's count of correct argmax predictions.
 void lane_losses(Net& net, LossKind kind, const float* y, int64_t rows, int64_t targets, bool grad,
                  std::vector<double>& loss, std::vector<double>* correct) {
-  const int64_t O = net.outputs(), L = net.lanes();
+  const int64_t O = net.outputs(), L = net.lanes(), stride = net.stride();
   const float* out = net.output();
   float* g = net.output_grad();
   loss.assign(static_cast<size_t>(L), 0.0);
@@ -275,9 +276,9 @@ void lane_losses(Net& net, LossKind kind, const float* y, int64_t rows, int64_t 
   static const float kLog2Pi = static_cast<float>(std::log(2.0 * M_PI));
   for (int64_t lane = 0; lane < L; ++lane) {
     float sum = 0.f;
-    const float* o = out + lane * rows * O;
-    const float* t = y + lane * rows * targets;
-    float* d = g + lane * rows * O;
+    const float* o = out + lane * stride * O;
+    const float* t = y + lane * stride * targets;
+    float* d = g + lane * stride * O;
     switch (kind) {
       case LossKind::kGaussianNll: {
         const int64_t T = O / 2;
@@ -379,7 +380,9 @@ std::vector<float> gather_rows(const torch::Tensor& t, const std::vector<int64_t
 std::string batched_unsupported(const Config& config, const StrategyConfig& strategy) {
   // The predicate config validation uses, so that anything validation lets through that the
   // batched engine cannot do goes to the torch engine, which reports LibTorch's own error.
-  if (config.model.batchnorm.semantics == BnSemantics::kTorch && uses_batch_stats_in_fit(config.model.layers, strategy))
+  int64_t smallest = std::numeric_limits<int64_t>::max();
+  for (const auto& g : config.grid) smallest = std::min(smallest, smallest_fit_batch(g.finetune));
+  if (smallest < 2 && config.model.batchnorm.semantics == BnSemantics::kTorch && uses_batch_stats_in_fit(config.model.layers, strategy))
     return "PyTorch-numerics BatchNorm on the batch statistics of one row (an error the torch engine reports)";
   return "";
 }
@@ -396,17 +399,25 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
   const LossKind loss_kind = config.model.loss;
   const bool classification = loss_kind == LossKind::kCrossEntropy;
   const auto L = static_cast<int64_t>(samples.size());
-  const std::vector<float> x = gather_rows(data.x, samples), y = gather_rows(data.y, samples);
-  const int64_t targets = data.y.size(1);
+  // Each lane fine-tunes the k rows of one sample or set: x is [lanes][k][inputs] in the set's order.
+  const int64_t k = ft.set_size();
+  std::vector<int64_t> rows;
+  for (int64_t id : samples) {
+    const auto r = ft.rows_of(id);
+    TORCH_CHECK(static_cast<int64_t>(r.size()) == k, "finetune_batched: every set of a study has the same size");
+    rows.insert(rows.end(), r.begin(), r.end());
+  }
+  const std::vector<float> x = gather_rows(data.x, rows), y = gather_rows(data.y, rows);
+  const int64_t inputs = data.x.size(1), targets = data.y.size(1);
   std::vector<StrategyResult> results(samples.size());
   std::vector<double> values, correct;
 
   // Evaluate the untouched pretrained weights: one shared copy for every lane.
   {
-    Net base(pretrained, L, 1, /*shared=*/true);
+    Net base(pretrained, L, k, /*shared=*/true);
     base.load(0, pretrained);
-    base.forward(Pass::kPlain, x.data(), 1);
-    lane_losses(base, loss_kind, y.data(), 1, targets, false, values, nullptr);
+    base.forward(Pass::kPlain, x.data(), k);
+    lane_losses(base, loss_kind, y.data(), k, targets, false, values, nullptr);
     for (int64_t l = 0; l < L; ++l) results[static_cast<size_t>(l)].evaluate_pretrained = values[static_cast<size_t>(l)];
   }
 
@@ -419,7 +430,7 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
   Model own{nullptr};
   if (ready == nullptr || per_lane) own = prepare_model(pretrained, strategy, config, lane, &data);
   const ModelImpl& source = own ? *own : *ready;
-  Net net(source, L, 1, /*shared=*/false);
+  Net net(source, L, k, /*shared=*/false);
   net.load(0, source);
   if (!per_lane) net.replicate(0);
   for (int64_t l = 0; l < L; ++l) {
@@ -432,8 +443,8 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
       net.set_generator(l, std::make_shared<at::Generator>(at::make_generator<at::CPUGeneratorImpl>(dropout_seed(lane))));
     }
   }
-  net.forward(Pass::kPlain, x.data(), 1);
-  lane_losses(net, loss_kind, y.data(), 1, targets, false, values, nullptr);
+  net.forward(Pass::kPlain, x.data(), k);
+  lane_losses(net, loss_kind, y.data(), k, targets, false, values, nullptr);
   for (int64_t l = 0; l < L; ++l) results[static_cast<size_t>(l)].evaluate_before = values[static_cast<size_t>(l)];
 
   net.set_policy(&strategy);
@@ -446,24 +457,52 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
   rec.strategy = strategy.name;
   rec.epochs = ft.epochs;
   rec.classification = classification;
+  // A set's epoch: its rows in the lane's own order (finetune()'s, from the same stream), in
+  // batches of batch_size gathered into xb/yb; Keras' epoch loss is the row-weighted mean of
+  // the batches' pre-update losses. One row (a sample) feeds x itself.
+  const bool gather = k > 1;
+  const int64_t b = std::min(std::max<int64_t>(1, ft.batch_size), k);
+  std::vector<float> xb(gather ? x.size() : 0), yb(gather ? y.size() : 0);
+  std::vector<uint64_t> shuffle(samples.size());
+  std::vector<std::vector<int64_t>> order(samples.size(), std::vector<int64_t>(static_cast<size_t>(k)));
+  for (size_t l = 0; l < samples.size(); ++l) shuffle[l] = shuffle_state(run.seed, samples[l]);
+  std::vector<double> sum(samples.size()), sum_correct(samples.size());
   for (int64_t epoch = 1; epoch <= ft.epochs; ++epoch) {
     rec.epoch = epoch;
-    net.forward(Pass::kFit, x.data(), 1);
-    lane_losses(net, loss_kind, y.data(), 1, targets, steps, values, classification ? &correct : nullptr);
-    if (steps) {
-      net.backward(x.data());
-      optimizer.step();
+    for (size_t l = 0; l < samples.size(); ++l) epoch_order(ft.shuffle && gather, shuffle[l], order[l]);
+    std::fill(sum.begin(), sum.end(), 0.0);
+    std::fill(sum_correct.begin(), sum_correct.end(), 0.0);
+    for (int64_t start = 0; start < k; start += b) {
+      const int64_t len = std::min(b, k - start);
+      if (gather)
+        for (int64_t l = 0; l < L; ++l)
+          for (int64_t r = 0; r < len; ++r) {
+            const int64_t from = l * k + order[static_cast<size_t>(l)][static_cast<size_t>(start + r)], to = l * k + r;
+            std::copy_n(x.data() + from * inputs, inputs, xb.data() + to * inputs);
+            std::copy_n(y.data() + from * targets, targets, yb.data() + to * targets);
+          }
+      const float* xs = gather ? xb.data() : x.data();
+      net.forward(Pass::kFit, xs, len);
+      lane_losses(net, loss_kind, gather ? yb.data() : y.data(), len, targets, steps, values, classification ? &correct : nullptr);
+      for (size_t l = 0; l < samples.size(); ++l) {
+        sum[l] += values[l] * static_cast<double>(len);
+        if (classification) sum_correct[l] += correct[l];
+      }
+      if (steps) {
+        net.backward(xs);
+        optimizer.step();
+      }
     }
-    net.forward(Pass::kInfer, x.data(), 1);
-    lane_losses(net, loss_kind, y.data(), 1, targets, false, val, classification ? &val_correct : nullptr);
+    net.forward(Pass::kInfer, x.data(), k);
+    lane_losses(net, loss_kind, y.data(), k, targets, false, val, classification ? &val_correct : nullptr);
     for (size_t l = 0; l < samples.size(); ++l) {
       auto& r = results[l];
       if (r.failed) continue;
-      rec.loss = values[l];
+      rec.loss = sum[l] / static_cast<double>(k);
       rec.val_loss = val[l];
       if (classification) {
-        rec.accuracy = correct[l];
-        rec.val_accuracy = val_correct[l];
+        rec.accuracy = sum_correct[l] / static_cast<double>(k);
+        rec.val_accuracy = val_correct[l] / static_cast<double>(k);
       }
       if (!std::isfinite(rec.loss) || !std::isfinite(rec.val_loss)) {
         r = StrategyResult{};
@@ -485,8 +524,8 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
   if (finetuned != nullptr) {
     for (size_t l = 0; l < samples.size(); ++l)
       if (!best[l].values.empty()) net.snapshot(static_cast<int64_t>(l), best[l], false);
-    net.forward(Pass::kInfer, x.data(), 1);
-    lane_losses(net, loss_kind, y.data(), 1, targets, false, values, nullptr);
+    net.forward(Pass::kInfer, x.data(), k);
+    lane_losses(net, loss_kind, y.data(), k, targets, false, values, nullptr);
   }
   for (size_t l = 0; l < samples.size(); ++l) {
     auto& r = results[l];

@@ -12,6 +12,7 @@
 #include <fstream>
 #include <functional>
 #include <iomanip>
+#include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -495,11 +496,13 @@ bool set_path(json& root, const std::string& dotted, const json& value, std::str
     if (node->is_object()) {
       // An override of one of two keys that say the same thing replaces the other: --set
       // finetune.samples=... on a file that gives finetune.sample turns the job into a study.
-      static const std::pair<const char*, const char*> kSynonyms[] = {{"sample", "samples"}, {"seed", "seeds"}, {"keras", "keras_h5"}};
-      for (const auto& [a, b] : kSynonyms) {
-        if (key == a) node->erase(b);
-        if (key == b) node->erase(a);
-      }
+      // So does --set finetune.sets=... on a file that gives samples (one or the other is used).
+      static const std::vector<std::vector<std::string>> kSynonyms = {
+          {"sample", "samples", "set", "sets"}, {"seed", "seeds"}, {"keras", "keras_h5"}};
+      for (const auto& group : kSynonyms)
+        if (std::find(group.begin(), group.end(), key) != group.end())
+          for (const auto& other : group)
+            if (other != key) node->erase(other);
       node = &(*node)[key];
     } else if (node->is_array()) {
       char* end = nullptr;
@@ -520,13 +523,109 @@ bool set_path(json& root, const std::string& dotted, const json& value, std::str
   return true;
 }
 
+/// finetune.set (one set: a list of row indices, or a draw {"size": k, "seed": S}) and
+/// finetune.sets (a list of such lists, or a draw {"count": n, "size": k, "seed": S}). With sets,
+/// samples become the set positions 0..n-1 (the runs' ids); a draw fills them once resolved.
+void read_sets(ObjectReader& r, const std::string& path, FinetuneConfig& f, Problems& problems) {
+  const bool one = r.has("set");
+  const char* key = one ? "set" : "sets";
+  const json* v = r.find(key);
+  if (v == nullptr) return;
+  const std::string at = path + "." + key;
+  f.samples.clear();
+  if (v->is_object()) {
+    ObjectReader d(v, at, problems);
+    f.set_draw_count = 1;
+    if (!one) d.get("count", f.set_draw_count);
+    d.get("size", f.set_draw_size);
+    d.get("seed", f.set_draw_seed);
+    if (!one && !d.has("count")) problems.add(at, "a random draw of sets needs \"count\" and \"size\" (and optionally \"seed\")");
+    else if (f.set_draw_count < 1) problems.add(at + ".count", "must be >= 1, got " + std::to_string(f.set_draw_count));
+    if (!d.has("size")) problems.add(at, std::string("a random draw of ") + (one ? "a set" : "sets") + " needs \"size\", the samples per set");
+    else if (f.set_draw_size < 1) problems.add(at + ".size", "must be >= 1, got " + std::to_string(f.set_draw_size));
+    d.finish();
+    if (f.set_draw_count < 1 || f.set_draw_size < 1) f.set_draw_count = f.set_draw_size = 0;
+    return;
+  }
+  const char* expected = one ? "a list of sample indices or {\"size\": k, \"seed\": S}"
+                             : "a list of sets (lists of sample indices) or {\"count\": n, \"size\": k, \"seed\": S}";
+  if (!v->is_array()) return r.type_error(key, expected, *v);
+  std::vector<char> malformed;  // per set: not a list (reported already)
+  if (one) {
+    f.sets.assign(1, {});
+    malformed.assign(1, 0);
+    r.get("set", f.sets[0]);
+  } else {
+    for (size_t i = 0; i < v->size(); ++i) {
+      const json& e = (*v)[i];
+      const std::string here = at + "[" + std::to_string(i) + "]";
+      malformed.push_back(!e.is_array());
+      if (!e.is_array()) {
+        problems.add(here, "expected a list of sample indices, got " + shown(e));
+        f.sets.emplace_back();
+        continue;
+      }
+      std::vector<int64_t> set;
+      for (size_t k = 0; k < e.size(); ++k) {
+        if (!e[k].is_number_integer()) {
+          problems.add(here + "[" + std::to_string(k) + "]", "expected a whole number (a sample index), got " + shown(e[k]));
+          continue;
+        }
+        set.push_back(e[k].get<int64_t>());
+      }
+      f.sets.push_back(std::move(set));
+    }
+    if (f.sets.empty()) problems.add(at, "is empty: list at least one set");
+  }
+  std::set<std::vector<int64_t>> seen;
+  for (size_t i = 0; i < f.sets.size(); ++i) {
+    const auto& set = f.sets[i];
+    const std::string here = one ? at : at + "[" + std::to_string(i) + "]";
+    if (malformed[i]) continue;
+    if (set.empty()) problems.add(here, "is empty: a set holds at least one sample index");
+    if (set.size() != f.sets.front().size())
+      problems.add(here, "holds " + std::to_string(set.size()) + " samples, the first set " + std::to_string(f.sets.front().size()) +
+                             ": every set of a study has the same size (its runs compare as one population)");
+    std::set<int64_t> members;
+    for (int64_t idx : set) {
+      if (idx < 0) problems.add(here, "a sample index must be >= 0, got " + std::to_string(idx));
+      if (!members.insert(idx).second) problems.add(here, "lists sample " + std::to_string(idx) + " more than once");
+    }
+    if (!set.empty() && !seen.insert(set).second) problems.add(here, "lists the same set as an earlier one");
+  }
+  for (size_t i = 0; i < f.sets.size(); ++i) f.samples.push_back(static_cast<int64_t>(i));
+}
+
+/// Whether the samples, or the sets and their draw, fit data of n rows (`noun` in messages):
+/// add(path, message) per problem; `why` is appended to an index's message.
+void check_rows_fit(const FinetuneConfig& f, int64_t n, const char* noun, const std::string& why,
+                    const std::function<void(const std::string&, const std::string&)>& add) {
+  const auto beyond = [&](int64_t idx) {
+    return "index " + std::to_string(idx) + " is beyond the data (" + std::to_string(n) + " " + noun + ": 0.." + std::to_string(n - 1) + ")" + why;
+  };
+  if (!f.on_sets()) {
+    for (int64_t idx : f.samples)
+      if (idx < 0 || idx >= n) add(f.samples.size() == 1 ? "finetune.sample" : "finetune.samples", beyond(idx));
+    if (f.draw_count > n)
+      add("finetune.samples.count", "cannot draw " + std::to_string(f.draw_count) + " distinct samples from " + std::to_string(n));
+    return;
+  }
+  if (f.set_draw_size > n)
+    add("finetune.sets.size", "cannot draw a set of " + std::to_string(f.set_draw_size) + " distinct samples from " + std::to_string(n));
+  for (size_t i = 0; i < f.sets.size(); ++i)
+    for (int64_t idx : f.sets[i])
+      if (idx < 0 || idx >= n) add(f.sets.size() == 1 ? "finetune.set" : "finetune.sets[" + std::to_string(i) + "]", beyond(idx));
+}
+
 void read_finetune(const json* j, const std::string& path, FinetuneConfig& f, Problems& problems, bool in_grid) {
   ObjectReader r(j, path, problems);
-  if (in_grid) {  // the study's samples were read with the base settings
-    r.find("sample");
-    r.find("samples");
+  if (in_grid) {  // the study's samples and sets were read with the base settings
+    for (const char* key : {"sample", "samples", "set", "sets"}) r.find(key);
   } else {
     if (r.has("sample") && r.has("samples")) problems.add(path, "give either sample or samples, not both");
+    if (r.has("set") && r.has("sets")) problems.add(path, "give either set or sets, not both");
+    if ((r.has("set") || r.has("sets")) && (r.has("sample") || r.has("samples")))
+      problems.add(path, "give either samples (each fine-tuned on its own) or sets (k samples fine-tuned together), not both");
     if (const json* one = r.find("sample")) {
       int64_t v = 0;
       r.get("sample", v);
@@ -548,8 +647,10 @@ void read_finetune(const json* j, const std::string& path, FinetuneConfig& f, Pr
         r.type_error("samples", "a list of sample indices or {\"count\": N, \"seed\": S}", *many);
       }
     }
+    read_sets(r, path, f, problems);
     if (!f.samples.empty()) f.sample = f.samples.front();
   }
+  r.get("shuffle", f.shuffle);
   r.get("epochs", f.epochs);
   r.get("batch_size", f.batch_size);
   read_optimizer(r, "optimizer", f.optimizer, problems);
@@ -571,6 +672,10 @@ void read_grid(ObjectReader& top, const json& root, Config& c, Problems& problem
     const std::string key = it.key();
     if (key == "sample" || key == "samples" || key.rfind("sample", 0) == 0) {
       problems.add("grid." + key, "samples are not a grid setting: list them in finetune.samples");
+      continue;
+    }
+    if (key == "set" || key == "sets" || key.rfind("set.", 0) == 0 || key.rfind("sets.", 0) == 0) {
+      problems.add("grid." + key, "sets are not a grid setting: list them in finetune.sets");
       continue;
     }
     if (!it->is_array() || it->empty()) {
@@ -1045,19 +1150,13 @@ void validate(const Config& c, Problems& p) {
     if (d.classes < 2) p.add("data.classes", "must be >= 2, got " + std::to_string(d.classes));
     if (!(d.scale > 0)) p.add("data.scale", "must be > 0, got " + fmt_double(d.scale));
     if (!(d.noise >= 0)) p.add("data.noise", "must be >= 0, got " + fmt_double(d.noise));
-    for (int64_t idx : c.finetune.samples)
-      if (d.samples >= 2 && (idx < 0 || idx >= d.samples))
-        p.add(c.finetune.samples.size() == 1 ? "finetune.sample" : "finetune.samples",
-              "index " + std::to_string(idx) + " is beyond the data (" + std::to_string(d.samples) + " samples: 0.." +
-                  std::to_string(d.samples - 1) + ")");
-    if (c.finetune.draw_count > d.samples)
-      p.add("finetune.samples.count", "cannot draw " + std::to_string(c.finetune.draw_count) + " distinct samples from " +
-                                          std::to_string(d.samples));
+    if (d.samples >= 2) check_rows_fit(c.finetune, d.samples, "samples", "", [&](const std::string& at, const std::string& m) { p.add(at, m); });
   } else if (d.source == "csv") {
     if (d.path.empty()) p.add("data.path", "missing: a csv source needs the path of its file");
     if (d.target_columns.empty()) p.add("data.target_columns", "missing: name the target column(s)");
-    for (int64_t idx : c.finetune.samples)
-      if (idx < 0) p.add("finetune.samples", "a sample index must be >= 0, got " + std::to_string(idx));
+    if (!c.finetune.on_sets())
+      for (int64_t idx : c.finetune.samples)
+        if (idx < 0) p.add("finetune.samples", "a sample index must be >= 0, got " + std::to_string(idx));
     const std::string& del = d.delimiter;
     if (del.size() != 1 || del[0] == '"' || del[0] == '\r' || del[0] == '\n' || std::isalnum(static_cast<unsigned char>(del[0])) ||
         del[0] == '.' || del[0] == '-' || del[0] == '+' || static_cast<unsigned char>(del[0]) >= 0x80)
@@ -1090,10 +1189,15 @@ void validate(const Config& c, Problems& p) {
     const std::string where = g.label.empty() ? "finetune" : "grid[" + g.label + "]: finetune";
     check_loop(where, g.finetune.epochs, g.finetune.batch_size);
     check_optimizer(g.finetune.optimizer, where + ".optimizer", p);
+    const int64_t k = g.finetune.set_size();
+    if (g.finetune.on_sets() && k >= 1 && g.finetune.batch_size > k)
+      p.add(where + ".batch_size", std::to_string(g.finetune.batch_size) + " is more than the " + std::to_string(k) +
+                                       " samples of a set: use at most " + std::to_string(k) + " (" + std::to_string(k) +
+                                       " is one batch per epoch)");
   }
   {
     std::set<int64_t> distinct(c.finetune.samples.begin(), c.finetune.samples.end());
-    if (distinct.size() != c.finetune.samples.size()) p.add("finetune.samples", "lists a sample more than once");
+    if (distinct.size() != c.finetune.samples.size() && !c.finetune.on_sets()) p.add("finetune.samples", "lists a sample more than once");
     std::set<uint64_t> seeds(c.seeds.begin(), c.seeds.end());
     if (seeds.size() != c.seeds.size()) p.add("seeds", "lists a seed more than once");
   }
@@ -1185,8 +1289,11 @@ void validate(const Config& c, Problems& p) {
       if (std::find(bn_names.begin(), bn_names.end(), name) == bn_names.end())
         p.add(path + ".layers", "no BatchNorm module is named \"" + name + "\"" + did_you_mean(name, bn_names) +
                                     "; BatchNorm modules: " + (bn_names.empty() ? std::string("none") : join(bn_names, ", ")));
-    // Fine-tuning data is one sample, so every fit batch holds exactly one row.
-    if (torch_bn && s.prior && *s.prior < 1 && uses_batch_stats_in_fit(layers, s))
+    // A sample is a fit batch of one row; a set's smallest batch may be one row too.
+    int64_t smallest = std::numeric_limits<int64_t>::max();
+    for (const auto& g : c.grid) smallest = std::min(smallest, smallest_fit_batch(g.finetune));
+    if (smallest >= 2) {
+    } else if (torch_bn && s.prior && *s.prior < 1 && uses_batch_stats_in_fit(layers, s))
       p.add(path, "strategy \"" + s.name + "\" (prior " + fmt_double(*s.prior) + ") mixes in the batch variance, which PyTorch "
                   "semantics take unbiased (as robusta's momentum-1 BatchNorm does): undefined for a batch of ONE sample. Use "
                   "model.batchnorm.semantics \"keras\" (the biased variance, 0 for one row) or prior 1 (the eval computation)");
@@ -1194,7 +1301,10 @@ void validate(const Config& c, Problems& p) {
       p.add(path, "strategy \"" + s.name + "\" runs BatchNorm in training mode on a batch of ONE sample, which PyTorch "
                   "semantics cannot do (the batch variance needs n >= 2: \"Expected more than 1 value per channel when "
                   "training\"). Use model.batchnorm.semantics \"keras\" to see what Keras does (every BN unit outputs beta), "
-                  "or a strategy whose BatchNorm layers are all in eval mode with running statistics (e.g. \"eval\", \"frozen\")");
+                  "or a strategy whose BatchNorm layers are all in eval mode with running statistics (e.g. \"eval\", \"frozen\")" +
+                  (c.finetune.on_sets() ? std::string(", or a finetune.batch_size that leaves no batch of one row in a set of ") +
+                                              std::to_string(c.finetune.set_size())
+                                        : std::string()));
   }
 }
 
@@ -1426,15 +1536,21 @@ json strategy_json(const StrategyConfig& s) {
 std::string to_json(const Config& c) {
   json strategies = json::array();
   for (const auto& s : c.strategies) strategies.push_back(strategy_json(s));
-  json samples = c.finetune.samples;
-  if (c.finetune.draw_count > 0) samples = json{{"count", c.finetune.draw_count}, {"seed", c.finetune.draw_seed}};
+  const auto& f = c.finetune;
+  json samples = f.samples;
+  if (f.draw_count > 0) samples = json{{"count", f.draw_count}, {"seed", f.draw_seed}};
+  // Sets stand where samples would (the runs' ids are then their positions).
+  const char* unit = f.on_sets() ? "sets" : "samples";
+  if (f.on_sets()) samples = f.set_draw_count > 0 ? json{{"count", f.set_draw_count}, {"size", f.set_draw_size}, {"seed", f.set_draw_seed}}
+                                                  : json(f.sets);
   json j{{"name", c.name},
          {"seeds", c.seeds},
          {"data", data_json(c.data)},
          {"model", model_json(c.model)},
          {"pretrain", pretrain_json(c.pretrain)},
          {"finetune",
-          {{"samples", samples},
+          {{unit, samples},
+           {"shuffle", f.shuffle},
            {"epochs", c.finetune.epochs},
            {"batch_size", c.finetune.batch_size},
            {"optimizer", optimizer_json(c.finetune.optimizer)},
@@ -1461,40 +1577,90 @@ const std::vector<std::string>& report_export_names() {
   return names;
 }
 
+uint64_t splitmix64_next(uint64_t& state) {
+  uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+int64_t smallest_fit_batch(const FinetuneConfig& f) {
+  const int64_t k = f.set_size(), b = std::max<int64_t>(1, f.batch_size);
+  if (b >= k) return k;
+  return k % b == 0 ? b : k % b;
+}
+
+std::vector<int64_t> fine_tuned_rows(const FinetuneConfig& f) {
+  if (!f.on_sets()) return f.samples;
+  std::set<int64_t> rows;
+  for (const auto& set : f.sets) rows.insert(set.begin(), set.end());
+  return std::vector<int64_t>(rows.begin(), rows.end());
+}
+
+std::string set_members(const FinetuneConfig& f, int64_t id) {
+  if (!f.on_sets() || id < 0 || static_cast<size_t>(id) >= f.sets.size()) return "";
+  std::vector<std::string> rows;
+  for (int64_t r : f.sets[static_cast<size_t>(id)]) rows.push_back(std::to_string(r));
+  return " (rows " + join(rows, ", ") + ")";
+}
+
+uint64_t shuffle_state(uint64_t seed, int64_t id) {
+  // Its own stream, apart from dropout's (dropout_seed) and the draws' (their seeds).
+  return (seed * 1000003ULL + static_cast<uint64_t>(id)) ^ 0x53485546464C45ULL;  // "SHUFFLE"
+}
+
+void epoch_order(bool shuffle, uint64_t& state, std::vector<int64_t>& order) {
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  if (!shuffle) return;
+  for (size_t i = order.size(); i-- > 1;) std::swap(order[i], order[static_cast<size_t>(splitmix64_next(state) % (i + 1))]);
+}
+
+namespace {
+
+/// `count` distinct indices of 0..n-1 by a partial Fisher-Yates shuffle driven by splitmix64
+/// from `state` (which goes on), sorted.
+std::vector<int64_t> draw_distinct(int64_t n, int64_t count, uint64_t& state) {
+  std::vector<int64_t> idx(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) idx[static_cast<size_t>(i)] = i;
+  for (int64_t i = 0; i < count; ++i) {
+    const auto j = i + static_cast<int64_t>(splitmix64_next(state) % static_cast<uint64_t>(n - i));
+    std::swap(idx[static_cast<size_t>(i)], idx[static_cast<size_t>(j)]);
+  }
+  std::vector<int64_t> out(idx.begin(), idx.begin() + count);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+}  // namespace
+
 void resolve_samples(Config& c, int64_t n) {
   auto& f = c.finetune;
+  const auto fail = [](const std::string& at, const std::string& m) { throw InputError(at + ": " + m); };
+  const std::string why = c.data.missing == "drop_rows" ? "; indices count the rows that remain after data.missing drop_rows" : "";
+  check_rows_fit(f, n, "rows", why, fail);  // a draw too large for the data first
   if (f.draw_count > 0) {
-    if (f.draw_count > n)
-      throw InputError("finetune.samples.count: cannot draw " + std::to_string(f.draw_count) + " distinct samples from " +
-                       std::to_string(n));
     // A partial Fisher-Yates shuffle driven by splitmix64: the draw depends only on (seed, n).
-    std::vector<int64_t> idx(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) idx[static_cast<size_t>(i)] = i;
     uint64_t state = f.draw_seed;
-    const auto next = [&state] {
-      uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
-      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-      z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-      return z ^ (z >> 31);
-    };
-    for (int64_t i = 0; i < f.draw_count; ++i) {
-      const auto j = i + static_cast<int64_t>(next() % static_cast<uint64_t>(n - i));
-      std::swap(idx[static_cast<size_t>(i)], idx[static_cast<size_t>(j)]);
-    }
-    f.samples.assign(idx.begin(), idx.begin() + f.draw_count);
-    std::sort(f.samples.begin(), f.samples.end());
+    f.samples = draw_distinct(n, f.draw_count, state);
     f.draw_count = 0;
   }
-  for (int64_t i : f.samples)
-    if (i < 0 || i >= n)
-      throw InputError(std::string(f.samples.size() == 1 ? "finetune.sample" : "finetune.samples") + ": index " +
-                       std::to_string(i) + " is beyond the data (" + std::to_string(n) + " rows: 0.." + std::to_string(n - 1) + ")" +
-                       (c.data.missing == "drop_rows" ? "; indices count the rows that remain after data.missing drop_rows" : ""));
+  if (f.set_draw_count > 0) {
+    // Each set its own draw, from one stream: sets may share samples, never within a set.
+    uint64_t state = f.set_draw_seed;
+    f.sets.clear();
+    for (int64_t i = 0; i < f.set_draw_count; ++i) f.sets.push_back(draw_distinct(n, f.set_draw_size, state));
+    f.samples.clear();
+    for (int64_t i = 0; i < f.set_draw_count; ++i) f.samples.push_back(i);
+    f.set_draw_count = f.set_draw_size = 0;
+  }
+  check_rows_fit(f, n, "rows", why, fail);
   f.sample = f.samples.front();
   for (auto& g : c.grid) {
     g.finetune.samples = f.samples;
     g.finetune.sample = f.sample;
     g.finetune.draw_count = 0;
+    g.finetune.sets = f.sets;
+    g.finetune.set_draw_count = g.finetune.set_draw_size = 0;
   }
 }
 

@@ -319,12 +319,18 @@ StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strat
     best.clear();
     for (const auto& [name, t] : state_dict(*model)) best.emplace_back(name, t.detach().clone());
   };
+  // The rows' order in each epoch (Keras' fit(shuffle=True) on a set; one row has one order).
+  uint64_t shuffle = shuffle_state(run.seed, run.sample);
+  std::vector<int64_t> order(static_cast<size_t>(n));
   for (int64_t epoch = 1; epoch <= ft.epochs; ++epoch) {
     model->train();  // Model::train re-applies the strategy, as a freeze must survive this call
+    epoch_order(ft.shuffle && n > 1, shuffle, order);
+    const auto rows = torch::tensor(order, torch::kLong);
     double sum = 0, correct = 0;
     for (int64_t start = 0; start < n; start += ft.batch_size) {
       const int64_t len = std::min(ft.batch_size, n - start);
-      const auto xb = x.narrow(0, start, len), yb = y.narrow(0, start, len);
+      const auto idx = rows.narrow(0, start, len);
+      const auto xb = x.index_select(0, idx), yb = y.index_select(0, idx);
       if (optimizer) optimizer->zero_grad();
       const auto out = model->forward(xb);
       auto loss = compute_loss(loss_kind, out, yb);

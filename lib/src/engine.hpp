@@ -94,7 +94,9 @@ inline Model prepare_model(const ModelImpl& pretrained, const StrategyConfig& st
 /// `data` (the pretraining set) is needed by strategies that recalibrate.
 /// `finetuned`, when given, receives the model as it ends (best weights loaded).
 /// `study` gives the model, loss and pretraining settings; `run` the seed, the fine-tuning
-/// settings and the sample (x, y are its row).
+/// settings and the sample or set (x, y are its rows: one sample, or the set's rows in the set's
+/// order; each epoch feeds them in epoch_order's order, in batches of batch_size, and logs
+/// Keras' epoch loss: the row-weighted mean of the batches' pre-update losses).
 StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strategy,
                         const torch::Tensor& x, const torch::Tensor& y, const Config& study, const RunSpec& run,
                         const std::function<void(const EpochRecord&)>& on_epoch,

@@ -56,7 +56,11 @@ std::string fmt(const char* f, double v) {
 
 std::string explain(const Config& config, const ExplainOptions& options, std::ostream& out, std::ostream& log) {
   torch::set_num_threads(std::max(1, options.threads));
-  const int64_t sample = options.sample >= 0 ? options.sample : config.finetune.sample;
+  // explain looks at one sample; with sets, the first member of the first set unless --sample.
+  const auto& f = config.finetune;
+  if (options.sample < 0 && f.on_sets() && f.sets.empty())
+    throw InputError("finetune.sets is a random draw: explain looks at one sample; pass --sample N (a row of one of the sets)");
+  const int64_t sample = options.sample >= 0 ? options.sample : f.on_sets() ? f.sets.front().front() : f.sample;
   std::vector<const StrategyConfig*> strategies;
   for (const auto& s : config.strategies)
     if (options.strategy.empty() || s.name == options.strategy) strategies.push_back(&s);
@@ -73,6 +77,13 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
   first.finetune.samples = {sample};
   first.finetune.sample = sample;
   first.finetune.draw_count = 0;
+  first.finetune.sets.clear();
+  first.finetune.set_draw_count = first.finetune.set_draw_size = 0;
+  for (auto& g : first.grid) {  // each grid point keeps its own settings, not the sets
+    g.finetune.samples = first.finetune.samples;
+    g.finetune.sets.clear();
+    g.finetune.set_draw_count = g.finetune.set_draw_size = 0;
+  }
   Workspace w = open_workspace(first, options.out_dir, options.force);
   ensure_pretrained(w, log, options.verbose);
   const Config& cfg = w.config;
@@ -181,7 +192,9 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
     const bool same_weights = keys.is_array() && !keys.empty() && keys[0] == w.keys.front();
     if (!same_weights)
       out << "\n(" << store.path() << " holds a study that started from other pretrained weights; its runs are not shown.)\n";
-    if (same_weights) store.for_each([&](const StrategyResult& r) {
+    if (same_weights && config.finetune.on_sets())
+      out << "\n(" << store.path() << " holds a study of sets, each fine-tuned as one batch stream; its runs are not this one sample's.)\n";
+    if (same_weights && !config.finetune.on_sets()) store.for_each([&](const StrategyResult& r) {
       if (r.sample != sample || r.seed != cfg.seeds.front()) return;
       if (!options.strategy.empty() && r.name != options.strategy) return;
       char buf[300];

@@ -483,7 +483,7 @@ void write_exports(const std::string& dir, const Config& c, Store& store, const 
     aggs_json.push_back(ojson{{"grid", a.grid}, {"strategy", a.strategy}, {"runs", a.runs}, {"failed", a.failed},
                               {"diverged", a.diverged}, {"final_gap", stats_json(a.final_gap)},
                               {"lag_residual", stats_json(a.lag_residual)}, {"eval_change", stats_json(a.eval_change)}});
-  const ojson head{{"experiment", c.name},
+  ojson head{{"experiment", c.name},
                    {"loss", to_string(c.model.loss)},
                    {"semantics", to_string(c.model.batchnorm.semantics)},
                    {"seeds", c.seeds},
@@ -494,6 +494,7 @@ void write_exports(const std::string& dir, const Config& c, Store& store, const 
                    {"store", kStoreName},
                    {"diverged_rule", "final loss - first loss > " + fmt_double(c.report.diverged_factor) + " * max(1, |first loss|)"},
                    {"aggregates", aggs_json}};
+  if (c.finetune.on_sets()) head["sets"] = c.finetune.sets;  // each run's "sample" is then its set's position in "sets"
   summary = std::make_unique<AtomicWriter>(dir + "/summary.json");
   std::string text = head.dump(2);
   text.pop_back();  // the closing brace: the runs follow, one record per line
@@ -620,7 +621,10 @@ std::string write_reports(const std::string& dir, const Config& c, Store& store,
     md += "**Incomplete:** " + std::to_string(stored) + " of " + std::to_string(planned) +
           " runs finished; rerun the same command to resume.\n\n";
   md += std::to_string(c.strategies.size()) + " strategies x " + std::to_string(c.seeds.size()) + " seed(s) x " +
-        std::to_string(c.finetune.samples.size()) + " sample(s)" +
+        std::to_string(c.finetune.samples.size()) + " " + c.finetune.unit() + "(s)" +
+        (c.finetune.on_sets() ? " of " + std::to_string(c.finetune.set_size()) + " samples fine-tuned together (batch_size " +
+                                    std::to_string(c.finetune.batch_size) + ", " + (c.finetune.shuffle ? "shuffled" : "not shuffled") + ")"
+                              : std::string()) +
         (with_grid ? " x " + std::to_string(c.grid.size()) + " grid points" : "") + " = " + std::to_string(stored) +
         " runs (" + std::to_string(stored - failed - diverged) + " ok, " + std::to_string(diverged) + " diverged, " +
         std::to_string(failed) + " failed); loss " + to_string(c.model.loss) + ", BatchNorm semantics " +
@@ -628,7 +632,8 @@ std::string write_reports(const std::string& dir, const Config& c, Store& store,
   md += data_paragraph(dir, c);
   std::string console;
   if (single) {
-    md += "Sample " + std::to_string(c.finetune.sample) + ", seed " + std::to_string(c.seed) + ".\n\n";
+    md += (c.finetune.on_sets() ? "Set " : "Sample ") + std::to_string(c.finetune.sample) + set_members(c.finetune, c.finetune.sample) +
+          ", seed " + std::to_string(c.seed) + ".\n\n";
     console = per_run_table(few, with_grid);
   } else {
     console = aggregate_table(aggs, with_grid);

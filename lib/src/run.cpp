@@ -237,7 +237,7 @@ void check_memory(const Config& c, const Dataset& data, int jobs, int lanes) {
   int slots = 0;
   for (const auto* o : {&c.pretrain.optimizer, &c.finetune.optimizer}) slots = std::max(slots, optimizer_kind(o->kind).slots(*o));
   // Each lane: parameters, gradients and optimizer state, buffers, and a few activations per unit.
-  const double lane = 4.0 * (params * (2 + slots) + buffers + 4 * widths);
+  const double lane = 4.0 * (params * (2 + slots) + buffers + 4 * widths * static_cast<double>(c.finetune.set_size()));
   if (jobs <= 0) jobs = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));  // 0: every core
   // Work items: runs of one grid point, strategy and seed, up to `lanes` samples each.
   const auto samples = static_cast<int64_t>(c.finetune.samples.size());
@@ -267,7 +267,7 @@ Workspace open_workspace(const Config& config, const std::string& out_dir, bool 
   resolve_samples(w.config, w.data.size());
   // Only the fine-tuned rows' raw values are needed (sample.pt); all of them would hold the data
   // a second time (190 MiB for 1,000,000 x 50).
-  w.data.sample_x_raw = w.data.x_raw.index_select(0, torch::tensor(w.config.finetune.samples, torch::kLong));
+  w.data.sample_x_raw = w.data.x_raw.index_select(0, torch::tensor(fine_tuned_rows(w.config.finetune), torch::kLong));
   w.data.x_raw = torch::Tensor();
   check_memory(w.config, w.data, jobs, lanes);  // before any model is built
   const bool keras = !config.init_keras.empty();
@@ -693,8 +693,9 @@ class Executor {
   std::string header(const RunKey& key) const {
     if (verbose_ < 2) return std::string();
     std::string text = "\nstrategy " + c_.strategies[key.strategy].name + (c_.grid[key.grid].label.empty() ? "" : ", " + c_.grid[key.grid].label);
-    if (c_.seeds.size() > 1 || c_.finetune.samples.size() > 1)
-      text += ", seed " + std::to_string(c_.seeds[key.seed]) + ", sample " + std::to_string(c_.finetune.samples[key.sample]);
+    if (c_.seeds.size() > 1 || c_.finetune.samples.size() > 1 || c_.finetune.on_sets())
+      text += ", seed " + std::to_string(c_.seeds[key.seed]) + ", " + c_.finetune.unit() + " " +
+              std::to_string(c_.finetune.samples[key.sample]) + set_members(c_.finetune, c_.finetune.samples[key.sample]);
     return text + "\n";
   }
   std::string epoch_line(const EpochRecord& e) const {
@@ -733,7 +734,8 @@ class Executor {
   std::vector<Finished> torch(size_t m) {
     const RunKey& key = plan_.mine[m];
     const RunSpec run = spec(key);
-    const auto x = w_.data.x.narrow(0, run.sample, 1), y = w_.data.y.narrow(0, run.sample, 1);
+    const auto rows = torch::tensor(run.finetune->rows_of(run.sample), torch::kLong);
+    const auto x = w_.data.x.index_select(0, rows), y = w_.data.y.index_select(0, rows);
     std::vector<Finished> out(1);
     out[0].m = m;
     out[0].text = header(key);
@@ -839,13 +841,18 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
 
   // The fine-tuned rows of every seed, loadable by torch.load (the data do not depend on the seed,
   // but each seed's file sits beside that seed's weights).
-  const auto idx = torch::tensor(config.finetune.samples, torch::kLong);
+  const auto idx = torch::tensor(fine_tuned_rows(config.finetune), torch::kLong);
   for (size_t i = 0; i < config.seeds.size(); ++i) {
     c10::impl::GenericDict sample(c10::StringType::get(), c10::AnyType::get());
     sample.insert("x", w.data.x.index_select(0, idx));
     sample.insert("y", w.data.y.index_select(0, idx));
     sample.insert("index", idx);
     sample.insert("x_raw", w.data.sample_x_raw);
+    if (config.finetune.on_sets()) {  // [sets, k]: the data rows of each set, in its order
+      std::vector<int64_t> members;
+      for (const auto& set : config.finetune.sets) members.insert(members.end(), set.begin(), set.end());
+      sample.insert("sets", torch::tensor(members, torch::kLong).view({static_cast<int64_t>(config.finetune.sets.size()), -1}));
+    }
     const auto bytes = torch::pickle_save(c10::IValue(sample));
     write_file_atomic(w.sample_path(i), std::string(bytes.begin(), bytes.end()));
   }

@@ -66,6 +66,8 @@ bad lr 'finetune.optimizer.lr: must be > 0, got -0.1' '{"name": "t", "finetune":
 bad epochs 'pretrain.epochs: must be >= 1, got 0' '{"name": "t", "pretrain": {"epochs": 0}}'
 bad batch 'finetune.batch_size: must be >= 1, got 0' '{"name": "t", "finetune": {"batch_size": 0}}'
 bad sample 'finetune.sample: index 100 is beyond the data (100 samples: 0..99)' '{"name": "t", "data": {"samples": 100}, "finetune": {"sample": 100}}'
+bad set_member 'finetune.sets[1]: index 100 is beyond the data (100 samples: 0..99)' '{"name": "t", "data": {"samples": 100}, "finetune": {"sets": [[1, 2], [3, 100]]}}'
+bad set_draw 'finetune.sets.size: cannot draw a set of 200 distinct samples from 100' '{"name": "t", "data": {"samples": 100}, "finetune": {"sets": {"count": 2, "size": 200}}}'
 bad empty_name 'strategies[0].name: must not be empty' '{"name": "t", "strategies": [{"preset": "train", "name": ""}]}'
 bad dup_name 'duplicate strategy name "frozen"' '{"name": "t", "strategies": ["frozen", "frozen"]}'
 bad layer 'BatchNorm index 7 does not exist: the model has 2 BatchNorm layer(s)' '{"name": "t", "strategies": [{"preset": "frozen", "name": "f", "layers": [7]}]}'

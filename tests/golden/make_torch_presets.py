@@ -30,7 +30,7 @@ CONFIG = {
     "model": {"hidden": [6, 5], "activation": "tanh", "loss": "mse",
               "batchnorm": {"semantics": "torch", "eps": 1e-5, "momentum": 0.1}},
     "pretrain": {"epochs": 1, "batch_size": 5},
-    "finetune": {"sample": 0, "epochs": 3, "batch_size": 2,
+    "finetune": {"sample": 0, "epochs": 3, "batch_size": 2, "shuffle": False,
                  "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
                  "monitor": "loss", "save_best_only": False},
     "strategies": ["train", "freeze_affine", "momentum_zero", "freeze_affine_momentum_zero",
@@ -55,9 +55,47 @@ KERAS_ROWS_CONFIG["finetune"].update({"epochs": 3, "batch_size": 2})
 KERAS_ROWS_CONFIG["strategies"] = ["renorm", {"name": "renorm_unclipped", "preset": "renorm", "renorm_clipping": {}},
                                    {"name": "renorm_tight", "preset": "renorm", "renorm_momentum": 0.5,
                                     "renorm_clipping": {"rmax": 1.1, "rmin": 0.9, "dmax": 0.2}}]
+# The four samples as one set in ONE batch of four (finetune.sets with batch_size = k), under
+# torch numerics for every preset that numerics allow, and renorm under Keras numerics.
+SETS_B4_CONFIG = json.loads(json.dumps(CONFIG))
+SETS_B4_CONFIG["name"] = "golden_sets_b4"
+SETS_B4_CONFIG["finetune"]["batch_size"] = 4
+KERAS_ROWS_B4_CONFIG = json.loads(json.dumps(KERAS_ROWS_CONFIG))
+KERAS_ROWS_B4_CONFIG["name"] = "golden_keras_rows_b4"
+KERAS_ROWS_B4_CONFIG["finetune"]["batch_size"] = 4
+# Batches of two, each epoch in the order bnlab's finetune.shuffle draws (epoch_orders below).
+SHUFFLED_CONFIG = json.loads(json.dumps(CONFIG))
+SHUFFLED_CONFIG["name"] = "golden_shuffled"
+SHUFFLED_CONFIG["finetune"]["shuffle"] = True
+MASK64 = (1 << 64) - 1
 PRIOR_BN_DEFAULT = 16.0 / 17.0  # bnlab's prior_bn preset: N = 16 against n = 1
 RENORM_CLIPPING = {"rmax": 3.0, "rmin": 1.0 / 3.0, "dmax": 5.0}  # bnlab's renorm preset
 RECALIBRATE_BATCHES = 100  # bnlab's recalibrate_frozen default
+
+
+def splitmix64(state):
+    """One step of splitmix64 (Steele, Lea and Flood 2014): (new state, output)."""
+    state = (state + 0x9E3779B97F4A7C15) & MASK64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return state, z ^ (z >> 31)
+
+
+def epoch_orders(seed, run_id, k, epochs):
+    """The rows' order in each epoch as docs/config.md specifies finetune.shuffle: a stream
+    started at (seed * 1000003 + id) XOR 0x53485546464C45, each epoch a Fisher-Yates shuffle
+    of 0..k-1 (j = next % (i + 1) for i = k-1 down to 1)."""
+    state = ((seed * 1000003 + run_id) & MASK64) ^ 0x53485546464C45
+    orders = []
+    for _ in range(epochs):
+        order = list(range(k))
+        for i in range(k - 1, 0, -1):
+            state, v = splitmix64(state)
+            j = v % (i + 1)
+            order[i], order[j] = order[j], order[i]
+        orders.append(order)
+    return orders
 
 
 def name_of(strategy):
@@ -261,14 +299,21 @@ def run(strategy, state, x, y, pre_x, config=None):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=opt_cfg["lr"], momentum=opt_cfg["momentum"])
     losses, val_losses = [], []
     bs = config["finetune"]["batch_size"]
-    for _ in range(config["finetune"]["epochs"]):
+    epochs = config["finetune"]["epochs"]
+    k = x.shape[0]
+    if config["finetune"]["shuffle"] and k > 1:
+        orders = epoch_orders(config["seed"], config["finetune"]["sample"], k, epochs)
+    else:
+        orders = [list(range(k))] * epochs
+    for epoch in range(epochs):
         model.train()
         if eval_mode:
             for b in bns(model):
                 b.eval()
         total = 0.0
-        for start in range(0, x.shape[0], bs):
-            xb, yb = x[start:start + bs], y[start:start + bs]
+        xs, ys = x[orders[epoch]], y[orders[epoch]]
+        for start in range(0, k, bs):
+            xb, yb = xs[start:start + bs], ys[start:start + bs]
             opt.zero_grad()
             loss = loss_fn(model(xb), yb)
             total += float(loss) * xb.shape[0]
@@ -319,6 +364,16 @@ def main():
         "keras_rows": {"config": KERAS_ROWS_CONFIG,
                        "presets": {name_of(p): run(p, state, x, y, pre_x, KERAS_ROWS_CONFIG)
                                    for p in KERAS_ROWS_CONFIG["strategies"]}},
+        # One set of the four samples in one batch of four.
+        "sets_b4": {"config": SETS_B4_CONFIG,
+                    "presets": {name_of(p): run(p, state, x, y, pre_x, SETS_B4_CONFIG) for p in SETS_B4_CONFIG["strategies"]}},
+        "keras_rows_b4": {"config": KERAS_ROWS_B4_CONFIG,
+                          "presets": {name_of(p): run(p, state, x, y, pre_x, KERAS_ROWS_B4_CONFIG)
+                                      for p in KERAS_ROWS_B4_CONFIG["strategies"]}},
+        # Batches of two in the shuffled order of each epoch.
+        "shuffled": {"config": SHUFFLED_CONFIG,
+                     "orders": epoch_orders(SHUFFLED_CONFIG["seed"], 0, 4, SHUFFLED_CONFIG["finetune"]["epochs"]),
+                     "presets": {name_of(p): run(p, state, x, y, pre_x, SHUFFLED_CONFIG) for p in SHUFFLED_CONFIG["strategies"]}},
     }
     print(json.dumps(out, indent=1))
 

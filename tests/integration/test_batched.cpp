@@ -49,6 +49,7 @@ Trained trained(const std::string& config_file, const std::vector<std::string>& 
   Trained s;
   s.config = load_config(source(config_file), overrides);
   s.data = load_data(s.config);
+  resolve_samples(s.config, s.data.size());  // a draw of samples or sets
   torch::manual_seed(s.config.seed);
   s.pretrained = build_model(s.config, s.data);
   pretrain(*s.pretrained, s.data, s.config, std::cerr, 0);
@@ -127,8 +128,9 @@ void compare_strategies(const Trained& s, const std::vector<StrategyConfig>& str
     ASSERT_EQ(batched.size(), samples.size());
     for (size_t i = 0; i < samples.size(); ++i) {
       Config c = s.config;
-      c.finetune.sample = samples[i];
-      const auto x = s.data.x.narrow(0, samples[i], 1), y = s.data.y.narrow(0, samples[i], 1);
+      c.finetune.sample = samples[i];  // a sample's row, or a set's position (its rows in the set's order)
+      const auto rows = torch::tensor(c.finetune.rows_of(samples[i]), torch::kLong);
+      const auto x = s.data.x.index_select(0, rows), y = s.data.y.index_select(0, rows);
       const auto ref = finetune(*s.pretrained, strategy, x, y, c, {}, {}, &s.data);
       const auto& got = batched[i];
       const std::string where = name + ", sample " + std::to_string(samples[i]);
@@ -146,14 +148,19 @@ void compare_strategies(const Trained& s, const std::vector<StrategyConfig>& str
       } else {
         EXPECT_EQ(got.best_epoch, ref.best_epoch) << where << ": save_best_only false keeps the last epoch";
       }
-      EXPECT_EQ(got.lag_identity_holds, ref.lag_identity_holds) << where;
+      // With several batches per epoch (a set, batch_size < k) the lag identity is not expected to
+      // hold, and whether its residual falls under the tolerance is a coin toss between engines.
+      if (c.finetune.set_size() <= c.finetune.batch_size) EXPECT_EQ(got.lag_identity_holds, ref.lag_identity_holds) << where;
       const auto track = [&](double a, double b, const std::string& what) {
         expect_close(a, b, where + ", " + what);
         worst = std::max(worst, std::abs(a - b));
       };
       track(got.evaluate_pretrained, ref.evaluate_pretrained, "evaluate_pretrained");
       track(got.evaluate_before, ref.evaluate_before, "evaluate_before");
-      track(got.evaluate_after, ref.evaluate_after, "evaluate_after");
+      // A tie in the monitored value (a flat training loss on batch statistics) may make the
+      // engines keep different epochs: compare the inference loss of the epoch this one kept.
+      track(got.evaluate_after, got.best_epoch == ref.best_epoch ? ref.evaluate_after : ref.val_loss[static_cast<size_t>(got.best_epoch - 1)],
+            "evaluate_after");
       ASSERT_EQ(got.loss.size(), ref.loss.size()) << where;
       ASSERT_EQ(got.accuracy.size(), ref.accuracy.size()) << where;
       for (size_t k = 0; k < ref.loss.size(); ++k) {
@@ -282,6 +289,74 @@ TEST(BatchedEngine, PresetsMatchTorchEngineUnderTorchNumerics) {
   for (const auto& name : {"train", "batch_stats", "momentum_zero", "prior_bn", "lightning_freeze"})
     EXPECT_NE(batched_unsupported(s.config, preset(name)), "") << name;
   EXPECT_EQ(batched_unsupported(s.config, preset("frozen")), "");
+}
+
+TEST(BatchedEngine, SetsMatchTorchEngineForEveryPreset) {
+  // finetune.sets (issue 17, part 4): each lane fine-tunes k = 5 rows, in batches of 2 (the last
+  // one a single row, which Keras numerics allow), 3, and 5 (one batch per epoch), each epoch in
+  // its own shuffled order; and without shuffling.
+  const std::string sets = R"(finetune.sets=[[0, 7, 999, 4999, 12], [3, 4, 5, 6, 8], [4321, 1, 2, 4000, 77]])";
+  for (const char* b : {"2", "3", "5"}) {
+    const Trained s = trained("configs/seed_repro.json", {"data.samples=5000", "pretrain.epochs=2", sets,
+                                                           std::string("finetune.batch_size=") + b});
+    ASSERT_EQ(s.config.finetune.set_size(), 5);
+    double worst = 0;
+    compare_engines(s, kAllPresets, {0, 1, 2}, &worst);
+    std::cerr << "sets of 5 in batches of " << b << ", " << kAllPresets.size() << " presets: max |batched - torch| = " << worst << "\n";
+  }
+  const Trained u = trained("configs/seed_repro.json", {"data.samples=5000", "pretrain.epochs=2", sets, "finetune.batch_size=2",
+                                                         "finetune.shuffle=false"});
+  compare_engines(u, kAllPresets, {0, 2});
+}
+
+TEST(BatchedEngine, SetsMatchTorchEngineUnderTorchNumericsAndWithDropout) {
+  // PyTorch numerics run BatchNorm on batch statistics once no batch holds one row: sets of 4 in
+  // batches of 2 and 4, every preset that numerics allow (renorm is Keras numerics only).
+  for (const char* b : {"2", "4"}) {
+    // SGD, not the config's AdamW: on batch statistics of 2+ rows the gradient of a Linear bias
+    // feeding a BatchNorm is 0 up to rounding, and Adam turns that noise into steps of +-lr, so
+    // two correct engines drift apart by 1e-4 (measured); SGD keeps them within rounding.
+    const Trained s = trained("configs/smoke/torch_mse.json", {R"(finetune.sets={"count": 3, "size": 4, "seed": 5})",
+                                                                std::string("finetune.batch_size=") + b,
+                                                                R"(finetune.optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.9})"});
+    std::vector<std::string> presets;
+    for (const auto& name : kAllPresets)
+      if (name != "renorm") presets.push_back(name);
+    for (const auto& name : presets) EXPECT_EQ(batched_unsupported(s.config, preset(name)), "") << name;
+    compare_engines(s, presets, {0, 1, 2});
+  }
+  // Dropout masks from each set's generator, accuracy over the set, a batch of 3 then 1.
+  const Trained c = trained("configs/smoke/classify.json", {R"(finetune.sets={"count": 2, "size": 4, "seed": 9})", "finetune.batch_size=3"});
+  compare_engines(c, kAllPresets, {0, 1});
+}
+
+TEST(BatchedEngine, OnASetTheLagIdentityHoldsOnlyForOneBatchPerEpoch) {
+  // A set of k = 4 under frozen: with batch_size = k each epoch is one step, so loss[e+1] is the
+  // training forward of the state val_loss[e] measured, in another row order when shuffled
+  // (rounding only). With batch_size < k the epoch loss averages batches taken at different
+  // states, and nothing ties it to val_loss; both engines agree on that.
+  const std::string sets = "finetune.sets=[[0, 7, 999, 4999], [3, 4, 5, 6]]";
+  const std::string lr = R"(finetune.optimizer={"name": "sgd", "lr": 0.01})";
+  for (const char* shuffle : {"false", "true"}) {
+    const Trained s = trained("configs/seed_repro.json", {"data.samples=5000", "pretrain.epochs=2", sets, lr, "finetune.batch_size=4",
+                                                           std::string("finetune.shuffle=") + shuffle});
+    for (const auto& name : {"eval", "frozen"}) {
+      const auto rows = torch::tensor(s.config.finetune.rows_of(1), torch::kLong);
+      const auto ref = finetune(*s.pretrained, preset(name), s.data.x.index_select(0, rows), s.data.y.index_select(0, rows),
+                                [&] { Config c = s.config; c.finetune.sample = 1; return c; }(), {}, {}, &s.data);
+      const auto got = finetune_batched(*s.pretrained, preset(name), s.config, s.data, {0, 1});
+      for (const auto* r : {&ref, &got[1]}) {
+        EXPECT_TRUE(r->lag_identity_holds) << name << ", shuffle " << shuffle << ": relative " << r->lag_relative;
+        if (std::string(shuffle) == "false") EXPECT_EQ(r->lag_residual, 0.0) << name << ": same rows, same order, same kernels";
+      }
+      EXPECT_GT(std::abs(got[1].val_loss.back() - got[1].evaluate_before), 1e-4) << "the weights did move";
+    }
+  }
+  const Trained b = trained("configs/seed_repro.json", {"data.samples=5000", "pretrain.epochs=2", sets, lr, "finetune.batch_size=2"});
+  for (const auto& r : finetune_batched(*b.pretrained, preset("frozen"), b.config, b.data, {0, 1})) {
+    EXPECT_FALSE(r.lag_identity_holds) << "two steps per epoch";
+    EXPECT_GT(r.lag_relative, 1e-4);
+  }
 }
 
 TEST(BatchedEngine, LagIdentityIsExactWhereBatchNormUsesRunningStatistics) {

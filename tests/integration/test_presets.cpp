@@ -286,9 +286,9 @@ TEST(Presets, PriorBnEndsAreEvalAndTrain) {
 // One section of torch_presets.json: bnlab's finetune() from the same initial state on the same
 // rows, every curve point and final tensor within 1e-5 of Python's (relative above 1).
 void check_golden_section(const nlohmann::json& golden, const nlohmann::json& section, int64_t rows, size_t strategies) {
-  // finetune() is driven directly; the CLI's validation, which assumes one fine-tuning sample,
-  // would refuse the train-mode presets under torch numerics. So the config is read with an
-  // eval-only strategy and the strategies are expanded separately.
+  // finetune() is driven directly on the golden rows; the config says "sample" (its batches of
+  // one row would make validation refuse the train-mode presets under torch numerics), so it is
+  // read with an eval-only strategy and the strategies are expanded separately.
   auto cfg_json = section["config"];
   const auto listed = cfg_json["strategies"];
   cfg_json["strategies"] = nlohmann::json::array({"frozen"});
@@ -364,6 +364,34 @@ TEST(Presets, PriorBnAndRenormMatchPythonUnderKerasNumerics) {
 TEST(Presets, RenormMatchesPythonOnBatchesOfTwo) {
   const auto golden = nlohmann::json::parse(read_file(source("tests/golden/torch_presets.json")));
   check_golden_section(golden, golden["keras_rows"], 4, 3);
+}
+
+// Fine-tuning on a set (issue 17, part 4): the four samples in ONE batch of four, every preset
+// under torch numerics (14 strategies) and renorm under Keras numerics; batches of two are the
+// sections above.
+TEST(Presets, SetInOneBatchMatchesPythonForEveryPreset) {
+  const auto golden = nlohmann::json::parse(read_file(source("tests/golden/torch_presets.json")));
+  check_golden_section(golden, golden["sets_b4"], 4, 14);
+  check_golden_section(golden, golden["keras_rows_b4"], 4, 3);
+}
+
+// finetune.shuffle: each epoch's order is the one Python derives from the documented stream
+// (splitmix64 written again there), and every preset's curves follow it in batches of two.
+TEST(Presets, ShuffledEpochsMatchPython) {
+  const auto golden = nlohmann::json::parse(read_file(source("tests/golden/torch_presets.json")));
+  const auto& section = golden["shuffled"];
+  uint64_t state = shuffle_state(section["config"]["seed"].get<uint64_t>(), section["config"]["finetune"]["sample"].get<int64_t>());
+  std::vector<int64_t> order(4);
+  bool moved = false;
+  for (const auto& want : section["orders"]) {
+    epoch_order(true, state, order);
+    EXPECT_EQ(order, want.get<std::vector<int64_t>>());
+    moved = moved || order != std::vector<int64_t>{0, 1, 2, 3};
+  }
+  EXPECT_TRUE(moved) << "no epoch was shuffled: the test would not see a missing shuffle";
+  epoch_order(false, state, order);
+  EXPECT_EQ(order, (std::vector<int64_t>{0, 1, 2, 3}));
+  check_golden_section(golden, section, 4, 14);
 }
 
 TEST(FrozenBatchNorm, MatchesEvalBatchNormAndConvertsBack) {

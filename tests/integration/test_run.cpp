@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
@@ -63,6 +64,50 @@ TEST(Run, SmokeWritesACompleteSelfDescribingRunDirectory) {
   EXPECT_FALSE(manifest["pretrain_cached"].get<bool>());
   // The resolved config parses back to the same experiment.
   EXPECT_EQ(to_json(parse_config(read_file(dir + "/config.resolved.json"), "resolved")), to_json(c));
+}
+
+TEST(Run, SetsAreRunsWithTheirRowsRecordedAndCurvesIndependentOfLanes) {
+  // finetune.sets (issue 17, part 4) end to end: three drawn sets of four samples, batches of two.
+  const auto c = load_config(source("configs/smoke/keras_nll.json"),
+                             {R"(finetune.sets={"count": 3, "size": 4, "seed": 2})", "finetune.batch_size=2"});
+  const auto base = temp_dir("sets");
+  std::vector<std::string> curves;
+  for (int lanes : {1, 3}) {
+    RunOptions o;
+    o.out_dir = base + "/lanes" + std::to_string(lanes);
+    o.verbose = 0;
+    o.lanes = lanes;
+    o.jobs = 1;
+    std::ostringstream log;
+    const auto r = run(c, o, log);
+    ASSERT_EQ(r.runs.size(), c.strategies.size() * 3);
+    for (const auto& s : r.runs) {
+      EXPECT_FALSE(s.failed) << s.error;
+      EXPECT_GE(s.sample, 0);
+      EXPECT_LT(s.sample, 3);  // a run's id is its set's position
+    }
+    curves.push_back(read_file(o.out_dir + "/curves.csv"));
+  }
+  EXPECT_EQ(curves[0], curves[1]) << "a set's curves depend on --lanes";
+  const std::string dir = base + "/lanes3";
+  const auto summary = nlohmann::json::parse(read_file(dir + "/summary.json"));
+  ASSERT_EQ(summary["sets"].size(), 3u);
+  const auto resolved = nlohmann::json::parse(read_file(dir + "/config.resolved.json"));
+  EXPECT_EQ(resolved["finetune"]["sets"], summary["sets"]);
+  EXPECT_FALSE(resolved["finetune"].contains("samples"));
+  for (const auto& set : summary["sets"]) {
+    const auto rows = set.get<std::vector<int64_t>>();
+    ASSERT_EQ(rows.size(), 4u);
+    EXPECT_TRUE(std::is_sorted(rows.begin(), rows.end()));
+    EXPECT_EQ(std::adjacent_find(rows.begin(), rows.end()), rows.end()) << "a drawn set repeats a sample";
+    for (int64_t i : rows) EXPECT_TRUE(i >= 0 && i < c.data.samples) << i;
+  }
+  // The resolved config reads back as the same study, its draw now explicit sets.
+  const auto again = parse_config(read_file(dir + "/config.resolved.json"), "resolved");
+  EXPECT_EQ(to_json(again), read_file(dir + "/config.resolved.json"));
+  EXPECT_EQ(again.finetune.sets.size(), 3u);
+  EXPECT_NE(read_file(dir + "/summary.md").find("3 set(s) of 4 samples fine-tuned together (batch_size 2, shuffled)"), std::string::npos)
+      << read_file(dir + "/summary.md");
 }
 
 TEST(Run, SecondRunReusesTheCacheAndIsBitIdentical) {

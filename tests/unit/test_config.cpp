@@ -1,6 +1,8 @@
 // Config parsing and validation: strictness, defaults, overrides, and every problem at once.
 #include <gtest/gtest.h>
 
+#include <set>
+
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -175,6 +177,73 @@ TEST(Config, PriorAndTrackingRuleAreChecked) {
                                      "strategies": ["prior_bn", {"preset": "prior_bn", "name": "one", "prior": 1}]})");
   EXPECT_NE(torch.find("strategies[0]: strategy \"prior_bn\" (prior 0.941176"), std::string::npos) << torch;
   EXPECT_EQ(torch.find("strategies[1]"), std::string::npos) << "prior 1 is eval:\n" << torch;
+}
+
+TEST(Config, SetsReadCheckAndRoundTrip) {
+  // finetune.set / finetune.sets (issue 17, part 4): runs are the sets' positions.
+  const auto c = parse_config(R"({"name": "t", "finetune": {"sets": [[5, 1, 9], [2, 3, 4]], "batch_size": 2, "shuffle": false}})", "cfg.json");
+  EXPECT_TRUE(c.finetune.on_sets());
+  EXPECT_EQ(c.finetune.samples, (std::vector<int64_t>{0, 1}));
+  EXPECT_EQ(c.finetune.rows_of(0), (std::vector<int64_t>{5, 1, 9}));  // the set's own order, kept
+  EXPECT_EQ(c.finetune.set_size(), 3);
+  EXPECT_EQ(smallest_fit_batch(c.finetune), 1);  // 2 then 1
+  EXPECT_EQ(fine_tuned_rows(c.finetune), (std::vector<int64_t>{1, 2, 3, 4, 5, 9}));
+  EXPECT_FALSE(c.grid.front().finetune.shuffle);
+  EXPECT_EQ(to_json(parse_config(to_json(c), "resolved")), to_json(c));
+  const auto one = parse_config(R"({"name": "t", "finetune": {"set": [7, 8]}})", "cfg.json");
+  EXPECT_EQ(one.finetune.sets, (std::vector<std::vector<int64_t>>{{7, 8}}));
+  EXPECT_TRUE(one.finetune.shuffle) << "Keras' fit shuffles by default";
+  // A draw resolves against the data: distinct rows within a set, the same for the same seed.
+  auto drawn = parse_config(R"({"name": "t", "finetune": {"sets": {"count": 4, "size": 3, "seed": 8}}})", "cfg.json");
+  auto again = drawn;
+  resolve_samples(drawn, 10);
+  resolve_samples(again, 10);
+  ASSERT_EQ(drawn.finetune.sets.size(), 4u);
+  EXPECT_EQ(drawn.finetune.sets, again.finetune.sets);
+  EXPECT_EQ(drawn.grid.front().finetune.sets, drawn.finetune.sets);
+  for (const auto& set : drawn.finetune.sets) EXPECT_EQ(std::set<int64_t>(set.begin(), set.end()).size(), 3u);
+  EXPECT_NE(drawn.finetune.sets[0], drawn.finetune.sets[1]);
+  // --set finetune.sets=... replaces the file's sample, not conflicts with it.
+  const auto over = parse_config(R"({"name": "t", "finetune": {"sample": 3}})", "cfg.json", {"finetune.sets=[[1, 2]]"});
+  EXPECT_EQ(over.finetune.sets.size(), 1u);
+  try {
+    auto big = parse_config(R"({"name": "t", "data": {"source": "csv", "path": "x.csv", "target_columns": ["y"]},
+                                "finetune": {"sets": {"count": 2, "size": 30}}})", "cfg.json");
+    resolve_samples(big, 20);
+    ADD_FAILURE() << "a set of 30 from 20 rows was drawn";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("finetune.sets.size: cannot draw a set of 30 distinct samples from 20"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Config, BadSetsAreNamedWhereTheyAre) {
+  const auto p = problems_of(R"({"name": "t", "data": {"samples": 100},
+      "finetune": {"sets": [[1, 2, 2], [3], [4, "x", 5], [1, 2, 2], 7, [-1, 100, 6]], "batch_size": 5}})");
+  for (const char* needle : {"finetune.sets[0]: lists sample 2 more than once",
+                             "finetune.sets[1]: holds 1 samples, the first set 3: every set of a study has the same size",
+                             "finetune.sets[2][1]: expected a whole number (a sample index), got \"x\"",
+                             "finetune.sets[3]: lists the same set as an earlier one",
+                             "finetune.sets[4]: expected a list of sample indices, got 7",
+                             "finetune.sets[5]: a sample index must be >= 0, got -1",
+                             "finetune.sets[5]: index 100 is beyond the data (100 samples: 0..99)",
+                             "finetune.batch_size: 5 is more than the 3 samples of a set: use at most 3"})
+    EXPECT_NE(p.find(needle), std::string::npos) << "missing \"" << needle << "\" in:\n" << p;
+  for (const auto& [text, needle] : std::vector<std::pair<const char*, const char*>>{
+           {R"({"name": "t", "finetune": {"sample": 1, "set": [1, 2]}})", "finetune: give either samples (each fine-tuned on its own) or sets"},
+           {R"({"name": "t", "finetune": {"set": [1, 2], "sets": [[1, 2]]}})", "finetune: give either set or sets, not both"},
+           {R"({"name": "t", "finetune": {"sets": {"size": 2}}})", "finetune.sets: a random draw of sets needs \"count\""},
+           {R"({"name": "t", "finetune": {"set": {"size": 0}}})", "finetune.set.size: must be >= 1, got 0"},
+           {R"({"name": "t", "finetune": {"sets": []}})", "finetune.sets: is empty: list at least one set"},
+           {R"({"name": "t", "finetune": {"set": "all"}})", "finetune.set: expected a list of sample indices or {\"size\": k"},
+           {R"({"name": "t", "finetune": {"set": [1, 2]}, "grid": {"set": [[1], [2]]}})", "grid.set: sets are not a grid setting"},
+           {R"({"name": "t", "finetune": {"set": [1, 2], "shuffle": 1}})", "finetune.shuffle: expected a boolean"}})
+    EXPECT_NE(problems_of(text).find(needle), std::string::npos) << "missing \"" << needle << "\" in:\n" << problems_of(text);
+  // PyTorch numerics: batch statistics need no batch of one row; batches of 2 and 2 are fine.
+  const std::string torch = R"({"name": "t", "model": {"batchnorm": {"semantics": "torch"}}, "strategies": ["train"], "finetune": {"set": [1, 2, 3, 4, 5], )";
+  EXPECT_NE(problems_of(torch + R"("batch_size": 2}})").find("or a finetune.batch_size that leaves no batch of one row in a set of 5"),
+            std::string::npos)
+      << problems_of(torch + R"("batch_size": 2}})");
+  EXPECT_NO_THROW(parse_config(torch + R"("batch_size": 5}})", "cfg.json"));
 }
 
 TEST(Config, RenormFieldsReadCheckAndRoundTrip) {

@@ -99,6 +99,26 @@ struct FinetuneConfig {
   std::vector<int64_t> samples = {4321};
   int64_t draw_count = 0;                     ///< > 0: draw this many distinct indices at random
   uint64_t draw_seed = 0;                     ///< seed of that draw
+  /// Fine-tuning on sets of k samples together (finetune.set / finetune.sets) instead of one: each
+  /// set is one run, its rows fed in batches of batch_size as Keras' fit feeds k rows. Empty (and
+  /// no set draw): every run fine-tunes one sample. With sets, `samples` holds the runs' ids, the
+  /// set positions 0..n-1, and every set has the same size.
+  std::vector<std::vector<int64_t>> sets;
+  int64_t set_draw_count = 0, set_draw_size = 0;  ///< > 0: draw this many sets of that many distinct rows
+  uint64_t set_draw_seed = 0;
+  /// Keras fit(shuffle=True): each epoch feeds the set's rows in a new order (fine_tune_order).
+  bool shuffle = true;
+  bool on_sets() const { return !sets.empty() || set_draw_count > 0; }
+  /// Rows one fit on a set holds: k (1 for a sample).
+  int64_t set_size() const {
+    return !sets.empty() ? static_cast<int64_t>(sets.front().size()) : set_draw_count > 0 ? set_draw_size : 1;
+  }
+  /// The data rows the run `id` (an entry of samples) fine-tunes on, in the set's order.
+  std::vector<int64_t> rows_of(int64_t id) const {
+    return sets.empty() ? std::vector<int64_t>{id} : sets.at(static_cast<size_t>(id));
+  }
+  /// What a run fine-tunes on, for messages and headings: "sample" or "set".
+  const char* unit() const { return on_sets() ? "set" : "sample"; }
   int64_t epochs = 10;
   int64_t batch_size = 1;
   OptimizerConfig optimizer{OptimizerKind::kSgd, 1e-3};
@@ -280,6 +300,28 @@ std::string study_identity(const Config& config);
 /// Resolves a random sample draw against the data size (no-op for explicit samples);
 /// throws InputError when the draw or an index does not fit.
 void resolve_samples(Config& config, int64_t data_size);
+
+/// splitmix64 (Steele, Lea and Flood 2014): the generator of every draw of samples and sets and
+/// of the per-epoch order of a set; advances `state` and returns the next 64-bit value.
+uint64_t splitmix64_next(uint64_t& state);
+
+/// The smallest fit batch one epoch on a set holds: k when batch_size >= k, else the last
+/// batch's k % batch_size rows (batch_size when it divides k). 1 for a sample.
+int64_t smallest_fit_batch(const FinetuneConfig& finetune);
+
+/// Every data row the study fine-tunes on, sorted and distinct: the samples, or the members of
+/// the sets (what sample.pt holds).
+std::vector<int64_t> fine_tuned_rows(const FinetuneConfig& finetune);
+
+/// " (rows 3, 17, 42)" for a set, "" for a sample: what a run's heading adds to its id.
+std::string set_members(const FinetuneConfig& finetune, int64_t id);
+
+/// The order in which one epoch feeds a set's k rows (positions 0..k-1 in the set): Keras'
+/// fit(shuffle=True) draws a new one each epoch. `state` starts at shuffle_state(seed, id) and
+/// goes on from epoch to epoch; each epoch is a Fisher-Yates shuffle of 0..k-1 driven by
+/// splitmix64 (j = next % (i + 1) for i = k-1 down to 1). Without shuffle, 0..k-1.
+uint64_t shuffle_state(uint64_t seed, int64_t id);
+void epoch_order(bool shuffle, uint64_t& state, std::vector<int64_t>& order);
 
 /// Whether a strategy's layer selection picks this BatchNorm (by bn_index or module name).
 bool layer_selected(const LayerSelection& selection, const LayerSpec& layer);
