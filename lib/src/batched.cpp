@@ -380,9 +380,7 @@ std::vector<float> gather_rows(const torch::Tensor& t, const std::vector<int64_t
 std::string batched_unsupported(const Config& config, const StrategyConfig& strategy) {
   // The predicate config validation uses, so that anything validation lets through that the
   // batched engine cannot do goes to the torch engine, which reports LibTorch's own error.
-  int64_t smallest = std::numeric_limits<int64_t>::max();
-  for (const auto& g : config.grid) smallest = std::min(smallest, smallest_fit_batch(g.finetune));
-  if (smallest < 2 && config.model.batchnorm.semantics == BnSemantics::kTorch && uses_batch_stats_in_fit(config.model.layers, strategy))
+  if (smallest_fit_batch(config) < 2 && config.model.batchnorm.semantics == BnSemantics::kTorch && uses_batch_stats_in_fit(config.model.layers, strategy))
     return "PyTorch-numerics BatchNorm on the batch statistics of one row (an error the torch engine reports)";
   return "";
 }

@@ -1290,14 +1290,12 @@ void validate(const Config& c, Problems& p) {
         p.add(path + ".layers", "no BatchNorm module is named \"" + name + "\"" + did_you_mean(name, bn_names) +
                                     "; BatchNorm modules: " + (bn_names.empty() ? std::string("none") : join(bn_names, ", ")));
     // A sample is a fit batch of one row; a set's smallest batch may be one row too.
-    int64_t smallest = std::numeric_limits<int64_t>::max();
-    for (const auto& g : c.grid) smallest = std::min(smallest, smallest_fit_batch(g.finetune));
-    if (smallest >= 2) {
-    } else if (torch_bn && s.prior && *s.prior < 1 && uses_batch_stats_in_fit(layers, s))
+    const bool one_row = torch_bn && smallest_fit_batch(c) < 2;
+    if (one_row && s.prior && *s.prior < 1 && uses_batch_stats_in_fit(layers, s))
       p.add(path, "strategy \"" + s.name + "\" (prior " + fmt_double(*s.prior) + ") mixes in the batch variance, which PyTorch "
                   "semantics take unbiased (as robusta's momentum-1 BatchNorm does): undefined for a batch of ONE sample. Use "
                   "model.batchnorm.semantics \"keras\" (the biased variance, 0 for one row) or prior 1 (the eval computation)");
-    else if (torch_bn && uses_batch_stats_in_fit(layers, s))
+    else if (one_row && uses_batch_stats_in_fit(layers, s))
       p.add(path, "strategy \"" + s.name + "\" runs BatchNorm in training mode on a batch of ONE sample, which PyTorch "
                   "semantics cannot do (the batch variance needs n >= 2: \"Expected more than 1 value per channel when "
                   "training\"). Use model.batchnorm.semantics \"keras\" to see what Keras does (every BN unit outputs beta), "
@@ -1590,6 +1588,12 @@ int64_t smallest_fit_batch(const FinetuneConfig& f) {
   return k % b == 0 ? b : k % b;
 }
 
+int64_t smallest_fit_batch(const Config& c) {
+  int64_t smallest = std::numeric_limits<int64_t>::max();
+  for (const auto& g : c.grid) smallest = std::min(smallest, smallest_fit_batch(g.finetune));
+  return smallest;
+}
+
 std::vector<int64_t> fine_tuned_rows(const FinetuneConfig& f) {
   if (!f.on_sets()) return f.samples;
   std::set<int64_t> rows;
@@ -1637,7 +1641,7 @@ void resolve_samples(Config& c, int64_t n) {
   auto& f = c.finetune;
   const auto fail = [](const std::string& at, const std::string& m) { throw InputError(at + ": " + m); };
   const std::string why = c.data.missing == "drop_rows" ? "; indices count the rows that remain after data.missing drop_rows" : "";
-  check_rows_fit(f, n, "rows", why, fail);  // a draw too large for the data first
+  check_rows_fit(f, n, "rows", why, fail);  // given indices, and draws too large for the data; drawn rows fit
   if (f.draw_count > 0) {
     // A partial Fisher-Yates shuffle driven by splitmix64: the draw depends only on (seed, n).
     uint64_t state = f.draw_seed;
@@ -1653,7 +1657,6 @@ void resolve_samples(Config& c, int64_t n) {
     for (int64_t i = 0; i < f.set_draw_count; ++i) f.samples.push_back(i);
     f.set_draw_count = f.set_draw_size = 0;
   }
-  check_rows_fit(f, n, "rows", why, fail);
   f.sample = f.samples.front();
   for (auto& g : c.grid) {
     g.finetune.samples = f.samples;

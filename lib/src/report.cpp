@@ -484,16 +484,16 @@ void write_exports(const std::string& dir, const Config& c, Store& store, const 
                               {"diverged", a.diverged}, {"final_gap", stats_json(a.final_gap)},
                               {"lag_residual", stats_json(a.lag_residual)}, {"eval_change", stats_json(a.eval_change)}});
   ojson head{{"experiment", c.name},
-                   {"loss", to_string(c.model.loss)},
-                   {"semantics", to_string(c.model.batchnorm.semantics)},
-                   {"seeds", c.seeds},
-                   {"samples", c.finetune.samples},
-                   {"complete", stored == planned},
-                   {"runs_planned", planned},
-                   {"runs_finished", stored},
-                   {"store", kStoreName},
-                   {"diverged_rule", "final loss - first loss > " + fmt_double(c.report.diverged_factor) + " * max(1, |first loss|)"},
-                   {"aggregates", aggs_json}};
+             {"loss", to_string(c.model.loss)},
+             {"semantics", to_string(c.model.batchnorm.semantics)},
+             {"seeds", c.seeds},
+             {"samples", c.finetune.samples},
+             {"complete", stored == planned},
+             {"runs_planned", planned},
+             {"runs_finished", stored},
+             {"store", kStoreName},
+             {"diverged_rule", "final loss - first loss > " + fmt_double(c.report.diverged_factor) + " * max(1, |first loss|)"},
+             {"aggregates", aggs_json}};
   if (c.finetune.on_sets()) head["sets"] = c.finetune.sets;  // each run's "sample" is then its set's position in "sets"
   summary = std::make_unique<AtomicWriter>(dir + "/summary.json");
   std::string text = head.dump(2);

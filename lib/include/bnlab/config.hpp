@@ -308,6 +308,8 @@ uint64_t splitmix64_next(uint64_t& state);
 /// The smallest fit batch one epoch on a set holds: k when batch_size >= k, else the last
 /// batch's k % batch_size rows (batch_size when it divides k). 1 for a sample.
 int64_t smallest_fit_batch(const FinetuneConfig& finetune);
+/// The smallest over the study's grid points (what the PyTorch-numerics rule reads).
+int64_t smallest_fit_batch(const Config& config);
 
 /// Every data row the study fine-tunes on, sorted and distinct: the samples, or the members of
 /// the sets (what sample.pt holds).
