@@ -272,6 +272,10 @@ int main(int argc, char** argv) {
     return bnlab::kExitBadInput;
   }
   const std::string command = argv[1];
+  if (const std::string isa = bnlab::isa_environment_error(); !isa.empty()) {
+    std::cerr << "bnlab: error: " << isa << "\n";
+    return bnlab::kExitBadInput;
+  }
   try {
     if (command == "--help" || command == "-h" || command == "help") {
       std::cout << kUsage;

@@ -51,8 +51,9 @@ for engine in batched torch; do
 done
 echo "bench: bnlab studies..." >&2
 run_study() {  # NAME CONFIG ENGINE JOBS
-  rm -rf "$tmp/$1"; mkdir -p "$tmp/$1"
-  cp "$tmp/cache_$3/pretrained.pt" "$tmp/$1/"
+  # A copy of the cache run: bnlab reuses its weights (a folder holding only pretrained.pt is
+  # not a bnlab run directory, and bnlab refuses it).
+  rm -rf "$tmp/$1"; cp -r "$tmp/cache_$3" "$tmp/$1"; rm -f "$tmp/$1"/finetuned_*.pt
   timed "$tmp/$1.rss" "$bin" run "$2" --out "$tmp/$1" --engine "$3" --verbose 0 --no-plots --jobs "$4"
 }
 run_study study1 "$tmp/study.json" batched 1

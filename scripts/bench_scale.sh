@@ -29,8 +29,9 @@ echo "bench_scale: pretraining once (cached for every measured study)..." >&2
 "$bin" run "$tmp/s1000.json" --out "$tmp/cache" --verbose 0 --no-plots --set 'strategies=["frozen"]' >/dev/null 2>&1 || true
 test -f "$tmp/cache/pretrained.pt"
 
-measure() {  # NAME CONFIG: a fresh directory with the cached weights, the whole command timed
-  rm -rf "$tmp/$1"; mkdir -p "$tmp/$1"; cp "$tmp/cache/pretrained.pt" "$tmp/$1/"
+measure() {  # NAME CONFIG: a copy of the cache run (bnlab reuses its weights), the whole command timed
+  # (a folder holding only pretrained.pt is not a bnlab run directory, and bnlab refuses it)
+  rm -rf "$tmp/$1"; cp -r "$tmp/cache" "$tmp/$1"; rm -f "$tmp/$1"/finetuned_*.pt
   /usr/bin/time -f "%e %M" -o "$tmp/$1.time" "$bin" run "$2" --out "$tmp/$1" --verbose 0 --jobs "$jobs" >/dev/null 2>"$tmp/$1.err" ||
     [ $? -eq 1 ]  # exit 1: some runs failed (non-finite); the study is still complete
   rm -f "$tmp/$1/pretrained.pt" "$tmp/$1/sample.pt"  # not part of what the study writes

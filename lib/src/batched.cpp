@@ -15,6 +15,7 @@
 
 #include <map>
 
+#include "lane_kernels.hpp"
 #include "layer_kinds.hpp"
 #include "optimizers.hpp"
 #include "text.hpp"
@@ -40,9 +41,16 @@ class Net {
   /// Reads the layers of `model`; `shared`: every lane reads one copy of the state
   /// (inference only), else each lane has its own.
   Net(const ModelImpl& model, int64_t lanes, int64_t rows, bool shared) {
+    // Many lanes are interleaved in groups of lanes::kWidth (vertical SIMD, the last group padded);
+    // one lane, or one shared copy, keeps the plain layout.
+    const int64_t V = !shared && lanes > 1 ? lanes::kWidth : 1;
+    store_.V = V;
+    store_.used = lanes;
+    lanes = (lanes + V - 1) / V * V;
     store_.lanes = lanes;
     store_.stride = rows;
     store_.shared = shared;
+    inputs_ = model.inputs();
     int64_t max_width = model.inputs();
     for (const auto& spec : model.layers()) {
       BatchedLayer l;
@@ -74,7 +82,9 @@ class Net {
       saved_c.push_back(arena_.reserve(n_c));
     }
     const size_t ga = arena_.reserve(lanes * rows * max_width), gb = arena_.reserve(lanes * rows * max_width);
+    const size_t xin = arena_.reserve(V > 1 ? lanes * rows * inputs_ : 0);
     arena_.allocate();
+    xin_ = arena_.at(xin);
     params_ = arena_.at(p);
     grads_ = shared ? nullptr : arena_.at(g);
     buffers_ = arena_.at(b);
@@ -100,9 +110,16 @@ class Net {
     set_policy(nullptr);
   }
 
-  int64_t lanes() const { return store_.lanes; }
+  int64_t lanes() const { return store_.lanes; }  ///< with the padding of the last group
+  int64_t used() const { return store_.used; }    ///< lanes that hold a run
+  /// Where element (row, col) of a `width`-wide activation of `lane` sits.
+  int64_t offset(int64_t lane, int64_t row, int64_t col, int64_t width) const {
+    const int64_t V = store_.V;
+    return (((lane / V) * store_.stride + row) * width + col) * V + lane % V;
+  }
   int64_t stride() const { return store_.stride; }  ///< rows each lane's block has room for
   int64_t outputs() const { return outputs_; }
+  int64_t group_width() const { return store_.V; }
   int64_t n_params() const { return n_params_; }
   const std::vector<Segment>& trainable() const { return trainable_; }
   float* params() { return params_; }
@@ -116,14 +133,28 @@ class Net {
   /// Writes `lane`'s state into `model`.
   void store(int64_t lane, ModelImpl& model) const { const_cast<Net*>(this)->transfer(lane, model, false); }
 
-  /// Copies lane `from`'s state to every other lane.
+  /// Copies lane `from`'s state to every other lane (the padding too).
   void replicate(int64_t from) {
+    const int64_t V = store_.V;
     for (int64_t lane = 0; lane < store_.lanes; ++lane) {
       if (lane == from) continue;
-      std::copy_n(params_ + from * n_params_, n_params_, params_ + lane * n_params_);
-      std::copy_n(buffers_ + from * n_buffers_, n_buffers_, buffers_ + lane * n_buffers_);
       std::copy_n(counts_.data() + from * n_counts_, n_counts_, counts_.data() + lane * n_counts_);
+      if (V == 1) {
+        std::copy_n(params_ + from * n_params_, n_params_, params_ + lane * n_params_);
+        std::copy_n(buffers_ + from * n_buffers_, n_buffers_, buffers_ + lane * n_buffers_);
+      }
     }
+    if (V == 1) return;
+    const auto spread = [&](float* block, int64_t n) {
+      const float* src = block + (from / V) * n * V + from % V;
+      for (int64_t grp = 0; grp < store_.groups(); ++grp) {
+        float* dst = block + grp * n * V;
+        for (int64_t e = 0; e < n; ++e)
+          for (int64_t v = 0; v < V; ++v) dst[e * V + v] = src[e * V];
+      }
+    };
+    spread(params_, n_params_);
+    spread(buffers_, n_buffers_);
   }
 
   void set_generator(int64_t lane, std::shared_ptr<at::Generator> gen) { generators_[static_cast<size_t>(lane)] = std::move(gen); }
@@ -161,7 +192,7 @@ class Net {
   /// Forward pass of every lane over `rows` rows (<= the capacity); x is [lanes][stride][in].
   void forward(Pass pass, const float* x, int64_t rows) {
     store_.rows = rows;
-    const float* in = x;
+    const float* in = pack(x, rows);
     for (size_t i = 0; i < layers_.size(); ++i) {
       float* out = acts_[i];
       layer_kind(layers_[i].spec.kind).forward(store_, layers_[i], pass, in, out);
@@ -174,6 +205,7 @@ class Net {
   void backward(const float* x) {
     float* g = ga_;
     float* next = gb_;
+    if (store_.V > 1) x = xin_;  // packed by the forward pass
     for (size_t i = layers_.size(); i-- > 0;) {
       const BatchedLayer& l = layers_[i];
       if (!l.need_dx && !l.mode.trainable) break;
@@ -203,18 +235,20 @@ class Net {
   };
   /// Copies the state of `lane` into `dst` (save) or back from it.
   void snapshot(int64_t lane, Snapshot& dst, bool save) {
-    float* p = params_ + lane * n_params_;
-    float* b = buffers_ + lane * n_buffers_;
+    const int64_t V = store_.V, v = lane % V;
+    float* p = store_.P(lane / V) + v;
+    float* b = store_.B(lane / V) + v;
     int64_t* c = counts_.data() + lane * n_counts_;
     if (save) {
-      dst.values.assign(p, p + n_params_);
-      dst.values.insert(dst.values.end(), b, b + n_buffers_);
+      dst.values.resize(static_cast<size_t>(n_params_ + n_buffers_));
       dst.counts.assign(c, c + n_counts_);
     } else {
-      std::copy_n(dst.values.data(), n_params_, p);
-      std::copy_n(dst.values.data() + n_params_, n_buffers_, b);
       std::copy_n(dst.counts.data(), n_counts_, c);
     }
+    float* values = dst.values.data();
+    for (int64_t e = 0; e < n_params_; ++e) save ? void(values[e] = p[e * V]) : void(p[e * V] = values[e]);
+    for (int64_t e = 0; e < n_buffers_; ++e)
+      save ? void(values[n_params_ + e] = b[e * V]) : void(b[e * V] = values[n_params_ + e]);
   }
 
  private:
@@ -238,15 +272,32 @@ class Net {
           else tensor.fill_(count);
           continue;
         }
-        float* base = state[t].where == StateTensor::kParameter ? store_.P(lane) : store_.B(lane);
-        auto view = wrap(base + l.at[t], {tensor.numel()});
+        const int64_t V = store_.V;
+        float* base = state[t].where == StateTensor::kParameter ? store_.P(lane / V) : store_.B(lane / V);
+        auto view = torch::from_blob(base + l.at[t] * V + lane % V, {tensor.numel()}, {V},
+                                     torch::TensorOptions().dtype(torch::kFloat));
         if (in) view.copy_(tensor.reshape({-1}));
         else tensor.view({-1}).copy_(view);
       }
     }
   }
 
+  /// x as the first layer reads it: itself, or interleaved into xin_ (the padding stays 0).
+  const float* pack(const float* x, int64_t rows) {
+    const int64_t V = store_.V;
+    if (V == 1) return x;
+    for (int64_t lane = 0; lane < store_.used; ++lane)
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* src = x + (lane * store_.stride + r) * inputs_;
+        float* dst = xin_ + offset(lane, r, 0, inputs_);
+        for (int64_t c = 0; c < inputs_; ++c) dst[c * V] = src[c];
+      }
+    return xin_;
+  }
+
   LaneStore store_;
+  int64_t inputs_ = 0;
+  float* xin_ = nullptr;
   std::vector<BatchedLayer> layers_;
   int64_t n_params_ = 0, n_buffers_ = 0, n_counts_ = 0, outputs_ = 0;
   Arena arena_;
@@ -268,17 +319,35 @@ class Net {
 /// `correct` (cross_entropy) receives each lane's count of correct argmax predictions.
 void lane_losses(Net& net, LossKind kind, const float* y, int64_t rows, int64_t targets, bool grad,
                  std::vector<double>& loss, std::vector<double>* correct) {
-  const int64_t O = net.outputs(), L = net.lanes(), stride = net.stride();
+  const int64_t O = net.outputs(), L = net.used(), stride = net.stride();
+  const bool interleaved = net.group_width() > 1;
   const float* out = net.output();
   float* g = net.output_grad();
-  loss.assign(static_cast<size_t>(L), 0.0);
-  if (correct) correct->assign(static_cast<size_t>(L), 0.0);
+  loss.assign(static_cast<size_t>(net.lanes()), 0.0);
+  if (correct) correct->assign(static_cast<size_t>(net.lanes()), 0.0);
   static const float kLog2Pi = static_cast<float>(std::log(2.0 * M_PI));
+  // An interleaved lane's outputs are copied out (and its gradient back): the loss is computed
+  // on a plain [rows][outputs] block either way.
+  thread_local std::vector<float> lane_out, lane_grad;
+  if (interleaved) {
+    lane_out.resize(static_cast<size_t>(rows * O));
+    lane_grad.resize(static_cast<size_t>(rows * O));
+    if (grad)  // the padding lanes get no gradient
+      for (int64_t lane = L; lane < net.lanes(); ++lane)
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t k = 0; k < O; ++k) g[net.offset(lane, r, k, O)] = 0.f;
+  }
   for (int64_t lane = 0; lane < L; ++lane) {
     float sum = 0.f;
     const float* o = out + lane * stride * O;
     const float* t = y + lane * stride * targets;
     float* d = g + lane * stride * O;
+    if (interleaved) {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t k = 0; k < O; ++k) lane_out[static_cast<size_t>(r * O + k)] = out[net.offset(lane, r, k, O)];
+      o = lane_out.data();
+      d = lane_grad.data();
+    }
     switch (kind) {
       case LossKind::kGaussianNll: {
         const int64_t T = O / 2;
@@ -329,6 +398,9 @@ void lane_losses(Net& net, LossKind kind, const float* y, int64_t rows, int64_t 
         break;
       }
     }
+    if (interleaved && grad)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t k = 0; k < O; ++k) g[net.offset(lane, r, k, O)] = lane_grad[static_cast<size_t>(r * O + k)];
   }
 }
 
@@ -350,11 +422,13 @@ class Optimizer {
     const int64_t P = net_.n_params();
     float* params = net_.params();
     const float* grads = net_.grads();
-    for (int64_t lane = 0; lane < net_.lanes(); ++lane)
+    // Element-wise, so a group's interleaved segment is one range of V times the lane's length.
+    const int64_t V = net_.group_width();
+    for (int64_t grp = 0; grp < net_.lanes() / V; ++grp)
       for (const auto& s : net_.trainable()) {
-        const int64_t off = lane * P + s.offset;
+        const int64_t off = (grp * P + s.offset) * V;
         for (size_t k = 0; k < slots_.size(); ++k) ptrs_[k] = slots_[k] + off;
-        def_.update(c_, lr_, step_, params + off, grads + off, ptrs_.data(), s.size);
+        def_.update(c_, lr_, step_, params + off, grads + off, ptrs_.data(), s.size * V);
       }
   }
 

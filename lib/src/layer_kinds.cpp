@@ -11,6 +11,7 @@
 #include <stdexcept>
 
 #include "kernels.hpp"
+#include "lane_kernels.hpp"
 
 namespace bnlab {
 
@@ -23,6 +24,7 @@ constexpr int64_t kGemmRows = 8;
 torch::Tensor wrap(float* p, std::initializer_list<int64_t> sizes) {
   return torch::from_blob(p, sizes, torch::TensorOptions().dtype(torch::kFloat));
 }
+
 
 /// A double as a TorchScript float literal that reads back to the same value ("0.10000000000000001").
 std::string script_float(double v) {
@@ -46,6 +48,14 @@ class DenseKind final : public LayerKindDef {
   }
   void forward(const LaneStore& s, BatchedLayer& L, Pass, const float* in, float* out) const override {
     const LayerSpec& l = L.spec;
+    if (s.V > 1) {  // interleaved groups: vertical SIMD over the lanes, each in its one-lane order
+      const auto& k = lanes::active();
+      for (int64_t grp = 0; grp < s.groups(); ++grp)
+        k.dense_forward(s.P(grp) + L.at[0] * s.V, l.use_bias ? s.P(grp) + L.at[1] * s.V : nullptr,
+                        in + grp * s.stride * l.in * s.V, out + grp * s.stride * l.out * s.V, s.rows, l.out, l.in,
+                        s.rows >= kGemmRows);
+      return;
+    }
     for (int64_t lane = 0; lane < s.lanes; ++lane) {
       const float* W = s.P(lane) + L.at[0];
       const float* bias = l.use_bias ? s.P(lane) + L.at[1] : nullptr;
@@ -64,6 +74,16 @@ class DenseKind final : public LayerKindDef {
                 float* dx) const override {
     const LayerSpec& l = L.spec;
     const bool trainable = L.mode.trainable;
+    if (s.V > 1) {
+      const auto& k = lanes::active();
+      const int64_t V = s.V;
+      for (int64_t grp = 0; grp < s.groups(); ++grp)
+        k.dense_backward(s.P(grp) + L.at[0] * V, in + grp * s.stride * l.in * V, g + grp * s.stride * l.out * V,
+                         trainable ? s.G(grp) + L.at[0] * V : nullptr,
+                         trainable && l.use_bias ? s.G(grp) + L.at[1] * V : nullptr,
+                         L.need_dx ? dx + grp * s.stride * l.in * V : nullptr, s.rows, l.out, l.in, s.rows >= kGemmRows);
+      return;
+    }
     for (int64_t lane = 0; lane < s.lanes; ++lane) {
       const float* W = s.P(lane) + L.at[0];
       const float* X = in + lane * s.stride * l.in;
@@ -175,9 +195,10 @@ struct BnLane {
   float* rm;
   float* rv;
 };
-BnLane bn_lane(const LaneStore& s, const BatchedLayer& L, int64_t lane) {
-  return {L.at[kGamma] >= 0 ? s.P(lane) + L.at[kGamma] : nullptr, L.at[kBeta] >= 0 ? s.P(lane) + L.at[kBeta] : nullptr,
-          s.B(lane) + L.at[kMean], s.B(lane) + L.at[kVar]};
+BnLane bn_lane(const LaneStore& s, const BatchedLayer& L, int64_t group) {
+  const int64_t V = s.V;
+  return {L.at[kGamma] >= 0 ? s.P(group) + L.at[kGamma] * V : nullptr, L.at[kBeta] >= 0 ? s.P(group) + L.at[kBeta] * V : nullptr,
+          s.B(group) + L.at[kMean] * V, s.B(group) + L.at[kVar] * V};
 }
 
 class BatchNormKind final : public LayerKindDef {
@@ -203,21 +224,21 @@ class BatchNormKind final : public LayerKindDef {
     return pass == Pass::kFit ? L.mode.fit_batch_stats : pass == Pass::kInfer ? L.mode.infer_batch_stats : false;
   }
   void forward(const LaneStore& s, BatchedLayer& L, Pass pass, const float* in, float* out) const override {
-    const int64_t C = L.spec.out, n = s.rows;
+    const int64_t C = L.spec.out * s.V, n = s.rows;  // a group's channels x lanes
     const bool batch = batch_stats(L, pass);
     const float eps = static_cast<float>(L.spec.eps);
-    for (int64_t lane = 0; lane < s.lanes; ++lane) {
-      const float* X = in + lane * s.stride * C;
-      float* Y = out + lane * s.stride * C;
-      const auto [gamma, beta, rm, rv] = bn_lane(s, L, lane);
-      float* istd = L.saved_c + lane * C;
+    for (int64_t grp = 0; grp < s.groups(); ++grp) {
+      const float* X = in + grp * s.stride * C;
+      float* Y = out + grp * s.stride * C;
+      const auto [gamma, beta, rm, rv] = bn_lane(s, L, grp);
+      float* istd = L.saved_c + grp * C;
       if (!batch) {
         bn_inference(s, C, n, eps, gamma, beta, rm, rv, istd, X, Y);
         continue;
       }
       // Batch statistics: mean and biased variance over the rows (with one row, x - mean is
       // exactly 0 and every unit outputs beta, as in Keras).
-      float* xhat = L.saved + lane * s.stride * C;
+      float* xhat = L.saved + grp * s.stride * C;
       float* mean = s.stat(C, 0);
       float* var = s.stat(C, 1);
       bn_moments(X, n, C, mean, var);
@@ -241,7 +262,7 @@ class BatchNormKind final : public LayerKindDef {
           if (beta) y = y + beta[c];
           Y[r * C + c] = y;
         }
-      if (pass == Pass::kFit && L.mode.counts) ++s.C(lane)[L.at[kCount]];
+      if (pass == Pass::kFit && L.mode.counts) s.count(grp, L.at[kCount]);
       if (pass == Pass::kFit && !L.mode.updates) continue;
       const float m = static_cast<float>(L.mode.momentum);
       if (L.spec.semantics == BnSemantics::kKeras) {
@@ -260,19 +281,19 @@ class BatchNormKind final : public LayerKindDef {
   }
   void backward(const LaneStore& s, const BatchedLayer& L, const float* in, const float*, const float* g,
                 float* dx) const override {
-    const int64_t C = L.spec.out, n = s.rows;
+    const int64_t C = L.spec.out * s.V, n = s.rows;  // a group's channels x lanes
     // Batch statistics in the fit forward; prior_bn's mixed ones are constants in the gradient.
     const bool batch = L.mode.fit_batch_stats;
     const bool through_stats = batch && L.mode.prior < 0;
-    for (int64_t lane = 0; lane < s.lanes; ++lane) {
-      const float* X = in + lane * s.stride * C;
-      const float* Gy = g + lane * s.stride * C;
-      float* Dx = dx + lane * s.stride * C;
-      const BnLane state = bn_lane(s, L, lane);
+    for (int64_t grp = 0; grp < s.groups(); ++grp) {
+      const float* X = in + grp * s.stride * C;
+      const float* Gy = g + grp * s.stride * C;
+      float* Dx = dx + grp * s.stride * C;
+      const BnLane state = bn_lane(s, L, grp);
       const float* gamma = state.gamma;
       const float* rm = state.rm;
-      const float* istd = L.saved_c + lane * C;
-      const float* xhat = L.saved + lane * s.stride * C;
+      const float* istd = L.saved_c + grp * C;
+      const float* xhat = L.saved + grp * s.stride * C;
       float* sum_g = s.stat(C, 0);
       float* sum_gx = s.stat(C, 1);
       std::fill(sum_g, sum_g + C, 0.f);
@@ -284,8 +305,8 @@ class BatchNormKind final : public LayerKindDef {
           sum_gx[c] += Gy[r * C + c] * h;
         }
       if (L.mode.trainable) {
-        if (L.at[kGamma] >= 0) std::copy(sum_gx, sum_gx + C, s.G(lane) + L.at[kGamma]);
-        if (L.at[kBeta] >= 0) std::copy(sum_g, sum_g + C, s.G(lane) + L.at[kBeta]);
+        if (L.at[kGamma] >= 0) std::copy(sum_gx, sum_gx + C, s.G(grp) + L.at[kGamma] * s.V);
+        if (L.at[kBeta] >= 0) std::copy(sum_g, sum_g + C, s.G(grp) + L.at[kBeta] * s.V);
       }
       if (!L.need_dx) continue;
       for (int64_t c = 0; c < C; ++c) {
@@ -351,17 +372,17 @@ class BatchRenormKind final : public LayerKindDef {
     saved_c = kRenormSaved * lanes * l.out;  // 1/sqrt(var + eps), r, d, sqrt(var + eps)
   }
   void forward(const LaneStore& s, BatchedLayer& L, Pass pass, const float* in, float* out) const override {
-    const int64_t C = L.spec.out, n = s.rows;
+    const int64_t C = L.spec.out * s.V, n = s.rows;  // a group's channels x lanes
     const float eps = static_cast<float>(L.spec.eps);
     const float sqrt_eps = std::sqrt(eps);
     const LayerSpec& l = L.spec;
-    for (int64_t lane = 0; lane < s.lanes; ++lane) {
-      const float* X = in + lane * s.stride * C;
-      float* Y = out + lane * s.stride * C;
-      const auto [gamma, beta, rm, rv] = bn_lane(s, L, lane);
-      float* b = s.B(lane);
-      float *ren_mean = b + L.at[kRenormMean], *ren_std = b + L.at[kRenormStd], *mov_std = b + L.at[kMovingStd];
-      float* istd = L.saved_c + kRenormSaved * lane * C;
+    for (int64_t grp = 0; grp < s.groups(); ++grp) {
+      const float* X = in + grp * s.stride * C;
+      float* Y = out + grp * s.stride * C;
+      const auto [gamma, beta, rm, rv] = bn_lane(s, L, grp);
+      float* b = s.B(grp);
+      float *ren_mean = b + L.at[kRenormMean] * s.V, *ren_std = b + L.at[kRenormStd] * s.V, *mov_std = b + L.at[kMovingStd] * s.V;
+      float* istd = L.saved_c + kRenormSaved * grp * C;
       float* r = istd + C;
       float* d = istd + 2 * C;
       float* stddev = istd + 3 * C;  // sqrt(var + eps), for the updates
@@ -369,7 +390,7 @@ class BatchRenormKind final : public LayerKindDef {
         bn_inference(s, C, n, eps, gamma, beta, rm, rv, istd, X, Y);
         continue;
       }
-      float* xhat = L.saved + lane * s.stride * C;
+      float* xhat = L.saved + grp * s.stride * C;
       float* mean = s.stat(C, 0);
       float* var = s.stat(C, 1);
       bn_moments(X, n, C, mean, var);
@@ -395,7 +416,7 @@ class BatchRenormKind final : public LayerKindDef {
           Y[row * C + c] = centred * scale + eff_beta;
         }
       }
-      if (L.mode.counts) ++s.C(lane)[L.at[kCount]];
+      if (L.mode.counts) s.count(grp, L.at[kCount]);
       // Keras' updates in its own convention (momentum K = 1 - m, taken to float32 as Keras does).
       const double km = 1.0 - L.mode.momentum, kr = 1.0 - l.renorm_momentum;
       const float km_f = static_cast<float>(km), km_new = static_cast<float>(1.0 - km);
@@ -411,15 +432,15 @@ class BatchRenormKind final : public LayerKindDef {
   }
   void backward(const LaneStore& s, const BatchedLayer& L, const float*, const float*, const float* g,
                 float* dx) const override {
-    const int64_t C = L.spec.out, n = s.rows;
-    for (int64_t lane = 0; lane < s.lanes; ++lane) {
-      const float* Gy = g + lane * s.stride * C;
-      float* Dx = dx + lane * s.stride * C;
-      const float* gamma = bn_lane(s, L, lane).gamma;
-      const float* istd = L.saved_c + kRenormSaved * lane * C;
+    const int64_t C = L.spec.out * s.V, n = s.rows;  // a group's channels x lanes
+    for (int64_t grp = 0; grp < s.groups(); ++grp) {
+      const float* Gy = g + grp * s.stride * C;
+      float* Dx = dx + grp * s.stride * C;
+      const float* gamma = bn_lane(s, L, grp).gamma;
+      const float* istd = L.saved_c + kRenormSaved * grp * C;
       const float* r = istd + C;
       const float* d = istd + 2 * C;
-      const float* xhat = L.saved + lane * s.stride * C;
+      const float* xhat = L.saved + grp * s.stride * C;
       float* sum_g = s.stat(C, 0);
       float* sum_gx = s.stat(C, 1);
       std::fill(sum_g, sum_g + C, 0.f);
@@ -432,8 +453,8 @@ class BatchRenormKind final : public LayerKindDef {
       // y = x-hat * (r gamma) + (d gamma + beta), r and d constants: dgamma = r sum(g x-hat) + d sum(g).
       if (L.mode.trainable) {
         if (L.at[kGamma] >= 0)
-          for (int64_t c = 0; c < C; ++c) s.G(lane)[L.at[kGamma] + c] = sum_gx[c] * r[c] + sum_g[c] * d[c];
-        if (L.at[kBeta] >= 0) std::copy(sum_g, sum_g + C, s.G(lane) + L.at[kBeta]);
+          for (int64_t c = 0; c < C; ++c) s.G(grp)[L.at[kGamma] * s.V + c] = sum_gx[c] * r[c] + sum_g[c] * d[c];
+        if (L.at[kBeta] >= 0) std::copy(sum_g, sum_g + C, s.G(grp) + L.at[kBeta] * s.V);
       }
       if (!L.need_dx) continue;
       for (int64_t c = 0; c < C; ++c)
@@ -472,28 +493,28 @@ class FrozenBatchNormKind final : public LayerKindDef {
     return torch::nn::AnyModule(FrozenBatchNorm(l.out, l.eps));
   }
   void forward(const LaneStore& s, BatchedLayer& L, Pass, const float* in, float* out) const override {
-    const int64_t C = L.spec.out;
+    const int64_t C = L.spec.out * s.V;  // a group's channels x lanes
     const float eps = static_cast<float>(L.spec.eps);
-    for (int64_t lane = 0; lane < s.lanes; ++lane) {
-      const float* b = s.B(lane);
-      const float* X = in + lane * s.stride * C;
-      float* Y = out + lane * s.stride * C;
+    for (int64_t grp = 0; grp < s.groups(); ++grp) {
+      const float* b = s.B(grp);
+      const float* X = in + grp * s.stride * C;
+      float* Y = out + grp * s.stride * C;
       for (int64_t c = 0; c < C; ++c) {
-        const float scale = b[L.at[0] + c] * (1.f / std::sqrt(b[L.at[3] + c] + eps));
-        const float shift = b[L.at[1] + c] - b[L.at[2] + c] * scale;
+        const float scale = b[L.at[0] * s.V + c] * (1.f / std::sqrt(b[L.at[3] * s.V + c] + eps));
+        const float shift = b[L.at[1] * s.V + c] - b[L.at[2] * s.V + c] * scale;
         for (int64_t r = 0; r < s.rows; ++r) Y[r * C + c] = X[r * C + c] * scale + shift;
       }
     }
   }
   void backward(const LaneStore& s, const BatchedLayer& L, const float*, const float*, const float* g,
                 float* dx) const override {
-    const int64_t C = L.spec.out;
+    const int64_t C = L.spec.out * s.V;  // a group's channels x lanes
     const float eps = static_cast<float>(L.spec.eps);
-    for (int64_t lane = 0; lane < s.lanes; ++lane) {
-      const float* b = s.B(lane);
+    for (int64_t grp = 0; grp < s.groups(); ++grp) {
+      const float* b = s.B(grp);
       for (int64_t c = 0; c < C; ++c) {
-        const float scale = b[L.at[0] + c] * (1.f / std::sqrt(b[L.at[3] + c] + eps));
-        for (int64_t r = 0; r < s.rows; ++r) dx[(lane * s.stride + r) * C + c] = g[(lane * s.stride + r) * C + c] * scale;
+        const float scale = b[L.at[0] * s.V + c] * (1.f / std::sqrt(b[L.at[3] * s.V + c] + eps));
+        for (int64_t r = 0; r < s.rows; ++r) dx[(grp * s.stride + r) * C + c] = g[(grp * s.stride + r) * C + c] * scale;
       }
     }
   }
@@ -650,15 +671,28 @@ class DropoutKind final : public LayerKindDef {
       return;
     }
     const float keep = static_cast<float>(1 - L.spec.rate);
+    const int64_t V = s.V;
     for (int64_t lane = 0; lane < s.lanes; ++lane) {
-      float* mask = L.saved + lane * s.stride * W;
-      // The same draw as bnlab::Dropout: bernoulli_(1 - p) on a [rows, width] tensor from the lane's generator.
+      const int64_t grp = lane / V, v = lane % V;
+      float* mask = L.saved + grp * s.stride * W * V;
+      // The same draw as bnlab::Dropout: bernoulli_(1 - p) on a [rows, width] tensor from the lane's
+      // generator (a padding lane of a group has none and keeps its mask of zeros).
       auto& gen = (*s.generators)[static_cast<size_t>(lane)];
+      if (gen == nullptr && lane >= s.used) continue;
       TORCH_CHECK(gen != nullptr, "batched engine: lane ", lane, " has no dropout generator");
-      wrap(mask, {s.rows, W}).bernoulli_(1 - L.spec.rate, *gen);
-      const float* X = in + lane * s.stride * W;
-      float* Y = out + lane * s.stride * W;
-      for (int64_t k = 0; k < s.rows * W; ++k) Y[k] = X[k] * mask[k] / keep;
+      if (V == 1) {
+        wrap(mask, {s.rows, W}).bernoulli_(1 - L.spec.rate, *gen);
+        continue;
+      }
+      // Drawn contiguously, as the torch engine draws, then spread to the lane's column.
+      s.scratch->resize(static_cast<size_t>(s.rows * W));
+      float* draw = s.scratch->data();
+      wrap(draw, {s.rows, W}).bernoulli_(1 - L.spec.rate, *gen);
+      for (int64_t k = 0; k < s.rows * W; ++k) mask[k * V + v] = draw[k];
+    }
+    for (int64_t grp = 0; grp < s.groups(); ++grp) {  // element-wise over each group's rows in use
+      const int64_t base = grp * s.stride * W * V, used = s.rows * W * V;
+      for (int64_t k = base; k < base + used; ++k) out[k] = in[k] * L.saved[k] / keep;
     }
   }
   void backward(const LaneStore& s, const BatchedLayer& L, const float*, const float*, const float* g,

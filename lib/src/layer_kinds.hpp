@@ -37,10 +37,15 @@ struct KerasWeight {
 };
 
 /// The batched engine's storage, as every kind's kernels see it: `lanes` copies of a flat
-/// parameter block (and its gradients), a buffer block and int64 counters; activations are
-/// [lanes][stride rows][width] with `rows` rows in use.
+/// parameter block (and its gradients), a buffer block and int64 counters. Lanes come in groups
+/// of V, interleaved: element e of lane v of group g is at [g][e][v] (block(g)[e * V + v]), and
+/// activations are [groups][stride rows][width][V] with `rows` rows in use. With V = 1 that is
+/// one plain block per lane; with V = lanes::kWidth one lane's arithmetic is a column of vertical
+/// SIMD. Element-wise loops over a group's block (V times a lane's length) need no change.
 struct LaneStore {
   int64_t lanes = 0, stride = 0, rows = 0;
+  int64_t V = 1;        ///< lanes per group; `lanes` is a multiple of it
+  int64_t used = 0;     ///< lanes that hold a run; the rest pad the last group
   bool shared = false;  ///< every lane reads copy 0 (inference on shared weights)
   float* params = nullptr;
   float* grads = nullptr;
@@ -50,10 +55,17 @@ struct LaneStore {
   std::vector<std::shared_ptr<at::Generator>>* generators = nullptr;  ///< per lane (dropout)
   std::vector<float>* scratch = nullptr;  ///< transposes for the GEMM path
   std::vector<float>* stats = nullptr;    ///< per-channel sums
-  float* P(int64_t lane) const { return params + (shared ? 0 : lane * n_params); }
-  float* G(int64_t lane) const { return grads + lane * n_params; }
-  float* B(int64_t lane) const { return buffers + (shared ? 0 : lane * n_buffers); }
+  int64_t groups() const { return lanes / V; }
+  /// The parameter, gradient and buffer blocks of a group (of a lane where V = 1).
+  float* P(int64_t group) const { return params + (shared ? 0 : group * n_params * V); }
+  float* G(int64_t group) const { return grads + group * n_params * V; }
+  float* B(int64_t group) const { return buffers + (shared ? 0 : group * n_buffers * V); }
+  /// A lane's counters (never interleaved).
   int64_t* C(int64_t lane) const { return counts + (shared ? 0 : lane * n_counts); }
+  /// Adds one to counter `at` of every lane of `group`.
+  void count(int64_t group, int64_t at) const {
+    for (int64_t v = 0; v < V; ++v) ++C(group * V + v)[at];
+  }
   /// Two per-channel scratch vectors of `c` floats.
   float* stat(int64_t c, int which) const {
     if (static_cast<int64_t>(stats->size()) < 2 * c) stats->resize(static_cast<size_t>(2 * c));

@@ -27,6 +27,8 @@ check version 0 "LibTorch" -- "$bin" --version
 check run_help 0 "--set" -- "$bin" run --help
 check no_args 2 "usage: bnlab" -- "$bin"
 check unknown_command 2 "unknown command \"fly\"" -- "$bin" fly
+check bad_isa 2 "BNLAB_ISA=sse9: not an instruction set this CPU runs (it runs portable" -- env BNLAB_ISA=sse9 "$bin" --version
+check forced_isa 0 "LibTorch" -- env BNLAB_ISA=portable "$bin" --version
 check unknown_flag 2 "bogus" -- "$bin" run "$src/configs/smoke/keras_nll.json" --bogus
 check missing_config_arg 2 "missing CONFIG" -- "$bin" run
 check missing_file 2 "no_such.json: cannot read the config file" -- "$bin" run "$tmp/no_such.json"

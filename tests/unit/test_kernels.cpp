@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels.hpp"
+#include "lane_kernels.hpp"
 
 namespace {
 
@@ -113,3 +114,76 @@ TEST(Kernels, InverseSquareRootIsCorrectlyRounded) {
 }
 
 }  // namespace
+
+// ---- The lane-interleaved kernels (lane_kernels.hpp), on every instruction set this CPU runs:
+// each of kWidth lanes must come out bit for bit as the one-lane kernels above compute it alone.
+namespace {
+
+namespace lanes = bnlab::lanes;
+constexpr int64_t kW = lanes::kWidth;
+
+/// Lane v's copy of an interleaved array of n elements.
+std::vector<float> column(const std::vector<float>& a, int64_t n, int64_t v) {
+  std::vector<float> out(static_cast<size_t>(n));
+  for (int64_t e = 0; e < n; ++e) out[static_cast<size_t>(e)] = a[static_cast<size_t>(e * kW + v)];
+  return out;
+}
+
+std::vector<float> transposed(const std::vector<float>& a, int64_t rows, int64_t cols) {
+  std::vector<float> t(a.size());
+  bnlab::kernels::transpose(a.data(), t.data(), rows, cols);
+  return t;
+}
+
+}  // namespace
+
+TEST(LaneKernels, EveryLaneMatchesTheOneLaneKernelsOnEveryInstructionSet) {
+  const auto isas = lanes::available();
+  ASSERT_FALSE(isas.empty());
+  EXPECT_EQ(isas.front(), "portable");
+  int checked = 0;
+  for (const auto& isa : isas) {
+    ASSERT_TRUE(lanes::set_isa(isa));
+    ASSERT_STREQ(lanes::active().isa, isa.c_str());
+    for (int64_t out : {1, 2, 7, 9, 64})
+      for (int64_t in : {1, 7, 8, 9, 64, 65})
+        for (int64_t rows : {1, 3, 8, 9}) {
+          SCOPED_TRACE(isa + ": out " + std::to_string(out) + ", in " + std::to_string(in) + ", rows " + std::to_string(rows));
+          const bool gemm_order = rows >= 8;  // what the Dense kind picks (kGemmRows)
+          const auto W = values(out * in * kW, 11), bias = values(out * kW, 12), x = values(rows * in * kW, 13),
+                     g = values(rows * out * kW, 14);
+          std::vector<float> y(static_cast<size_t>(rows * out * kW)), dW(W.size()), db(bias.size()), dx(x.size());
+          lanes::active().dense_forward(W.data(), bias.data(), x.data(), y.data(), rows, out, in, gemm_order);
+          lanes::active().dense_backward(W.data(), x.data(), g.data(), dW.data(), db.data(), dx.data(), rows, out, in,
+                                         gemm_order);
+          for (int64_t v = 0; v < kW; ++v) {
+            // Lane v alone, as the one-lane path of the Dense kind computes it.
+            const auto Wv = column(W, out * in, v), bv = column(bias, out, v), xv = column(x, rows * in, v),
+                       gv = column(g, rows * out, v);
+            std::vector<float> yv(static_cast<size_t>(rows * out)), dWv(Wv.size()), dbv(bv.size(), 0.f), dxv(xv.size());
+            if (gemm_order) {
+              const auto Wt = transposed(Wv, out, in), gt = transposed(gv, rows, out);
+              bnlab::kernels::gemm(xv.data(), Wt.data(), yv.data(), rows, in, out, bv.data());
+              bnlab::kernels::gemm(gt.data(), xv.data(), dWv.data(), out, rows, in, nullptr);
+              bnlab::kernels::gemm(gv.data(), Wv.data(), dxv.data(), rows, out, in, nullptr);
+            } else {
+              for (int64_t r = 0; r < rows; ++r) {
+                gemv(Wv.data(), xv.data() + r * in, bv.data(), yv.data() + r * out, out, in);
+                bnlab::kernels::outer(gv.data() + r * out, xv.data() + r * in, dWv.data(), out, in, r > 0);
+                gemv_t(Wv.data(), gv.data() + r * out, dxv.data() + r * in, out, in);
+              }
+            }
+            for (int64_t o = 0; o < out; ++o)
+              for (int64_t r = 0; r < rows; ++r) dbv[static_cast<size_t>(o)] += gv[static_cast<size_t>(r * out + o)];
+            ASSERT_TRUE(same_bits(column(y, rows * out, v), yv)) << "forward, lane " << v;
+            ASSERT_TRUE(same_bits(column(dW, out * in, v), dWv)) << "dW, lane " << v;
+            ASSERT_TRUE(same_bits(column(db, out, v), dbv)) << "db, lane " << v;
+            ASSERT_TRUE(same_bits(column(dx, rows * in, v), dxv)) << "dx, lane " << v;
+          }
+          ++checked;
+        }
+  }
+  EXPECT_EQ(checked, static_cast<int>(isas.size()) * 5 * 6 * 4);
+  EXPECT_FALSE(lanes::set_isa("sse9"));  // unknown: refused, nothing changes
+  ASSERT_TRUE(lanes::set_isa(isas.back()));
+}

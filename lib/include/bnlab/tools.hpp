@@ -28,4 +28,8 @@ size_t check_golden(const std::string& run_dir, const std::string& golden_file, 
 void merge_shards(const std::vector<std::string>& shard_dirs, const std::string& out_dir, bool force, bool plots,
                   std::ostream& log);
 
+/// "" unless the environment's BNLAB_ISA (which forces the batched engine's instruction set:
+/// portable, avx2 or avx512) names one this CPU cannot run; then the message saying so.
+std::string isa_environment_error();
+
 }  // namespace bnlab

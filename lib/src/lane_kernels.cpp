@@ -1,0 +1,78 @@
+// Picks the lane kernels' instruction set once, at first use (see lane_kernels.hpp).
+#include "lane_kernels.hpp"
+
+#include <atomic>
+#include <cstdlib>
+
+namespace bnlab::lanes {
+
+namespace portable { const Kernels& kernels(); }
+namespace avx2 { const Kernels& kernels(); }
+namespace avx512 { const Kernels& kernels(); }
+
+namespace {
+
+bool runs(const std::string& isa) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (isa == "avx512") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  if (isa == "avx2") return __builtin_cpu_supports("avx2");
+#endif
+  return isa == "portable";
+}
+
+const Kernels* by_name(const std::string& isa) {
+  if (!runs(isa)) return nullptr;
+  if (isa == "avx512") return &avx512::kernels();
+  if (isa == "avx2") return &avx2::kernels();
+  return &portable::kernels();
+}
+
+const Kernels* best() {
+  // A BNLAB_ISA this CPU cannot run is refused by the command line (isa_environment_error).
+  const char* forced = std::getenv("BNLAB_ISA");
+  if (forced != nullptr && *forced != '\0') {
+    if (const Kernels* k = by_name(forced)) return k;
+  }
+  for (const char* isa : {"avx512", "avx2"})
+    if (const Kernels* k = by_name(isa)) return k;
+  return &portable::kernels();
+}
+
+std::atomic<const Kernels*>& current() {
+  static std::atomic<const Kernels*> k{best()};
+  return k;
+}
+
+}  // namespace
+
+const Kernels& active() { return *current().load(std::memory_order_relaxed); }
+
+std::vector<std::string> available() {
+  std::vector<std::string> out;
+  for (const char* isa : {"portable", "avx2", "avx512"})
+    if (runs(isa)) out.emplace_back(isa);
+  return out;
+}
+
+bool set_isa(const std::string& isa) {
+  const Kernels* k = by_name(isa);
+  if (k == nullptr) return false;
+  current().store(k, std::memory_order_relaxed);
+  return true;
+}
+
+}  // namespace bnlab::lanes
+
+namespace bnlab {
+
+std::string isa_environment_error() {
+  const char* forced = std::getenv("BNLAB_ISA");
+  if (forced == nullptr || *forced == '\0' || lanes::set_isa(forced)) return "";
+  std::string list;
+  for (const auto& isa : lanes::available()) list += (list.empty() ? "" : ", ") + isa;
+  return std::string("BNLAB_ISA=") + forced + ": not an instruction set this CPU runs (it runs " + list +
+         "; unset BNLAB_ISA to pick the best)";
+}
+
+}  // namespace bnlab
