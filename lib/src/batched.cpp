@@ -27,6 +27,7 @@ namespace {
 /// A segment of the parameter block that the optimizer steps.
 struct Segment {
   int64_t offset, size;
+  bool empty() const { return size == 0; }
 };
 
 torch::Tensor wrap(float* p, std::initializer_list<int64_t> sizes) {
@@ -70,8 +71,10 @@ class Net {
     // Every float array in one arena (see Arena); the hottest pair, parameters and gradients, first.
     const int64_t copies = shared ? 1 : lanes;
     param_floats_ = static_cast<size_t>(copies * n_params_);
-    const size_t p = arena_.reserve(copies * n_params_);
-    const size_t g = arena_.reserve(shared ? 0 : copies * n_params_);
+    // Parameters are written whole by load() and replicate() before any use, and gradients by
+    // every backward pass before the optimizer reads them: neither is zeroed.
+    const size_t p = arena_.reserve(copies * n_params_, /*zeroed=*/false);
+    const size_t g = arena_.reserve(shared ? 0 : copies * n_params_, /*zeroed=*/false);
     const size_t b = arena_.reserve(copies * n_buffers_);
     std::vector<size_t> act, saved, saved_c;
     for (const auto& l : layers_) {
@@ -82,6 +85,7 @@ class Net {
       saved_c.push_back(arena_.reserve(n_c));
     }
     const size_t ga = arena_.reserve(lanes * rows * max_width), gb = arena_.reserve(lanes * rows * max_width);
+    const size_t ia = arena_.reserve(lanes * rows * max_width), ib = arena_.reserve(lanes * rows * max_width);
     const size_t xin = arena_.reserve(V > 1 ? lanes * rows * inputs_ : 0);
     arena_.allocate();
     xin_ = arena_.at(xin);
@@ -95,6 +99,8 @@ class Net {
     }
     ga_ = arena_.at(ga);
     gb_ = arena_.at(gb);
+    ia_ = arena_.at(ia);
+    ib_ = arena_.at(ib);
     counts_.assign(static_cast<size_t>(copies * n_counts_), 0);
     generators_.resize(static_cast<size_t>(lanes));
     store_.params = params_;
@@ -117,11 +123,23 @@ class Net {
     const int64_t V = store_.V;
     return (((lane / V) * store_.stride + row) * width + col) * V + lane % V;
   }
+  /// Lane `lane`'s rows x width block of an activation-layout array, copied out to a plain
+  /// [rows][width] block (get) or in from one (put).
+  void get_lane(const float* acts, int64_t lane, int64_t rows, int64_t width, float* plain) const {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < width; ++c) plain[r * width + c] = acts[offset(lane, r, c, width)];
+  }
+  void put_lane(float* acts, int64_t lane, int64_t rows, int64_t width, const float* plain) const {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < width; ++c) acts[offset(lane, r, c, width)] = plain[r * width + c];
+  }
   int64_t stride() const { return store_.stride; }  ///< rows each lane's block has room for
   int64_t outputs() const { return outputs_; }
   int64_t group_width() const { return store_.V; }
   int64_t n_params() const { return n_params_; }
   const std::vector<Segment>& trainable() const { return trainable_; }
+  /// What the optimizer steps: trainable() less the layers that apply the SGD rule themselves.
+  const std::vector<Segment>& stepped() const { return stepped_; }
   float* params() { return params_; }
   float* grads() { return grads_; }
   size_t param_floats() const { return param_floats_; }  ///< of every lane together
@@ -135,26 +153,15 @@ class Net {
 
   /// Copies lane `from`'s state to every other lane (the padding too).
   void replicate(int64_t from) {
-    const int64_t V = store_.V;
-    for (int64_t lane = 0; lane < store_.lanes; ++lane) {
-      if (lane == from) continue;
+    for (int64_t lane = 0; lane < store_.lanes; ++lane)
       std::copy_n(counts_.data() + from * n_counts_, n_counts_, counts_.data() + lane * n_counts_);
-      if (V == 1) {
-        std::copy_n(params_ + from * n_params_, n_params_, params_ + lane * n_params_);
-        std::copy_n(buffers_ + from * n_buffers_, n_buffers_, buffers_ + lane * n_buffers_);
-      }
+    if (store_.V == lanes::kWidth) {
+      spread<lanes::kWidth>(params_, n_params_, from);
+      spread<lanes::kWidth>(buffers_, n_buffers_, from);
+    } else {
+      spread<1>(params_, n_params_, from);
+      spread<1>(buffers_, n_buffers_, from);
     }
-    if (V == 1) return;
-    const auto spread = [&](float* block, int64_t n) {
-      const float* src = block + (from / V) * n * V + from % V;
-      for (int64_t grp = 0; grp < store_.groups(); ++grp) {
-        float* dst = block + grp * n * V;
-        for (int64_t e = 0; e < n; ++e)
-          for (int64_t v = 0; v < V; ++v) dst[e * V + v] = src[e * V];
-      }
-    };
-    spread(params_, n_params_);
-    spread(buffers_, n_buffers_);
   }
 
   void set_generator(int64_t lane, std::shared_ptr<at::Generator> gen) { generators_[static_cast<size_t>(lane)] = std::move(gen); }
@@ -165,28 +172,22 @@ class Net {
     std::vector<LayerSpec> specs;
     for (const auto& l : layers_) specs.push_back(l.spec);
     const auto modes = resolve_modes(specs, s);
-    trainable_.clear();
     bool below = false;
     for (size_t i = 0; i < layers_.size(); ++i) {
       auto& l = layers_[i];
       l.mode = modes[i];
       l.need_dx = below;
-      if (!l.mode.trainable) continue;
-      // A layer's parameters are contiguous: one segment from its first to its last.
-      int64_t first = -1, end = -1;
-      const auto state = layer_kind(l.spec.kind).state(l.spec);
-      for (size_t t = 0; t < state.size(); ++t) {
-        if (state[t].where != StateTensor::kParameter || l.at[t] < 0) continue;
-        int64_t n = 1;
-        for (int64_t d : state[t].shape) n *= d;
-        if (first < 0) first = l.at[t];
-        end = l.at[t] + n;
-      }
-      if (first < 0) continue;
-      if (!trainable_.empty() && trainable_.back().offset + trainable_.back().size == first) trainable_.back().size += end - first;
-      else trainable_.push_back({first, end - first});
-      below = true;
+      below = below || (l.mode.trainable && !parameter_range(l).empty());
     }
+    trainable_ = segments(false);
+    stepped_ = segments(store_.sgd != nullptr);
+  }
+
+  /// Lets the trainable layers that can (interleaved lanes, fuses_sgd()) apply `rule` in their
+  /// backward pass; nullptr: every gradient is written and stepped by the optimizer.
+  void set_sgd(const lanes::Sgd* rule) {
+    store_.sgd = store_.V > 1 ? rule : nullptr;
+    stepped_ = segments(store_.sgd != nullptr);
   }
 
   /// Forward pass of every lane over `rows` rows (<= the capacity); x is [lanes][stride][in].
@@ -199,6 +200,24 @@ class Net {
       in = out;
     }
   }
+
+  /// An inference pass and then a fit pass over the same x and the same state, layer by layer
+  /// (each layer's pair through its kind's forward_pair, which may load its weights once for
+  /// both): the values of forward(kInfer) followed by forward(kFit). The fit pass is what
+  /// output() and backward() see; the inference pass's output is inferred().
+  void forward_pair(const float* x, int64_t rows) {
+    store_.rows = rows;
+    const float* in_a = pack(x, rows);
+    const float* in_b = in_a;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      float* out_a = i % 2 == 0 ? ia_ : ib_;
+      layer_kind(layers_[i].spec.kind).forward_pair(store_, layers_[i], Pass::kInfer, in_a, out_a, Pass::kFit, in_b, acts_[i]);
+      in_a = out_a;
+      in_b = acts_[i];
+    }
+    inferred_ = in_a;
+  }
+  const float* inferred() const { return inferred_; }
 
   /// Backward pass from output_grad() through the last forward (a fit pass); fills grads()
   /// for the trainable layers and stops below the lowest of them.
@@ -272,26 +291,71 @@ class Net {
           else tensor.fill_(count);
           continue;
         }
-        const int64_t V = store_.V;
-        float* base = state[t].where == StateTensor::kParameter ? store_.P(lane / V) : store_.B(lane / V);
-        auto view = torch::from_blob(base + l.at[t] * V + lane % V, {tensor.numel()}, {V},
-                                     torch::TensorOptions().dtype(torch::kFloat));
-        if (in) view.copy_(tensor.reshape({-1}));
-        else tensor.view({-1}).copy_(view);
+        // Element by element through a plain float copy of the tensor (a strided torch copy costs
+        // more than the copying itself for tensors this small).
+        const int64_t V = store_.V, n = tensor.numel();
+        float* base = (state[t].where == StateTensor::kParameter ? store_.P(lane / V) : store_.B(lane / V)) +
+                      l.at[t] * V + lane % V;
+        if (in) {
+          const torch::Tensor src = tensor.to(torch::kFloat).contiguous();
+          const float* from = src.data_ptr<float>();
+          for (int64_t e = 0; e < n; ++e) base[e * V] = from[e];
+        } else {
+          torch::Tensor dst = torch::empty({n}, torch::TensorOptions().dtype(torch::kFloat));
+          float* to = dst.data_ptr<float>();
+          for (int64_t e = 0; e < n; ++e) to[e] = base[e * V];
+          tensor.view({-1}).copy_(dst);
+        }
       }
+    }
+  }
+
+  /// A layer's parameters as one segment, from its first to its last (they are contiguous);
+  /// empty when it has none.
+  Segment parameter_range(const BatchedLayer& l) const {
+    int64_t first = -1, end = -1;
+    const auto state = layer_kind(l.spec.kind).state(l.spec);
+    for (size_t t = 0; t < state.size(); ++t) {
+      if (state[t].where != StateTensor::kParameter || l.at[t] < 0) continue;
+      int64_t n = 1;
+      for (int64_t d : state[t].shape) n *= d;
+      if (first < 0) first = l.at[t];
+      end = l.at[t] + n;
+    }
+    return first < 0 ? Segment{0, 0} : Segment{first, end - first};
+  }
+
+  /// The trainable layers' parameters as merged segments; `fused`: without the layers that
+  /// apply LaneStore::sgd themselves.
+  std::vector<Segment> segments(bool fused) const {
+    std::vector<Segment> out;
+    for (const auto& l : layers_) {
+      const Segment r = parameter_range(l);
+      if (!l.mode.trainable || r.empty() || (fused && layer_kind(l.spec.kind).fuses_sgd())) continue;
+      if (!out.empty() && out.back().offset + out.back().size == r.offset) out.back().size += r.size;
+      else out.push_back(r);
+    }
+    return out;
+  }
+
+  /// Writes lane `from`'s copy of a block of n elements per lane into every lane of every group.
+  template <int64_t V>
+  void spread(float* block, int64_t n, int64_t from) {
+    thread_local std::vector<float> column;
+    column.resize(static_cast<size_t>(n));
+    const float* src = block + (from / V) * n * V + from % V;
+    for (int64_t e = 0; e < n; ++e) column[static_cast<size_t>(e)] = src[e * V];
+    for (int64_t grp = 0; grp < store_.groups(); ++grp) {
+      float* dst = block + grp * n * V;
+      for (int64_t e = 0; e < n; ++e)
+        for (int64_t v = 0; v < V; ++v) dst[e * V + v] = column[static_cast<size_t>(e)];
     }
   }
 
   /// x as the first layer reads it: itself, or interleaved into xin_ (the padding stays 0).
   const float* pack(const float* x, int64_t rows) {
-    const int64_t V = store_.V;
-    if (V == 1) return x;
-    for (int64_t lane = 0; lane < store_.used; ++lane)
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* src = x + (lane * store_.stride + r) * inputs_;
-        float* dst = xin_ + offset(lane, r, 0, inputs_);
-        for (int64_t c = 0; c < inputs_; ++c) dst[c * V] = src[c];
-      }
+    if (store_.V == 1) return x;
+    for (int64_t lane = 0; lane < store_.used; ++lane) put_lane(xin_, lane, rows, inputs_, x + lane * store_.stride * inputs_);
     return xin_;
   }
 
@@ -309,19 +373,23 @@ class Net {
   std::vector<float*> acts_;
   float* ga_ = nullptr;
   float* gb_ = nullptr;
+  float* ia_ = nullptr;  // forward_pair's inference pass, layer by layer (ping-pong)
+  float* ib_ = nullptr;
+  const float* inferred_ = nullptr;
   std::vector<float> stats_, scratch_;
-  std::vector<Segment> trainable_;
+  std::vector<Segment> trainable_, stepped_;
   std::vector<std::shared_ptr<at::Generator>> generators_;
 };
 
-/// Per-lane loss of the last forward pass (rows x outputs per lane) against y (rows x targets
+/// Per-lane loss of the last forward pass (rows x outputs per lane; of `output` where given, laid
+/// out as net.output()) against y (rows x targets
 /// per lane; each lane's block starts stride rows after the last), as compute_loss computes it; with `grad`, dL/d(output) goes to net.output_grad().
 /// `correct` (cross_entropy) receives each lane's count of correct argmax predictions.
 void lane_losses(Net& net, LossKind kind, const float* y, int64_t rows, int64_t targets, bool grad,
-                 std::vector<double>& loss, std::vector<double>* correct) {
+                 std::vector<double>& loss, std::vector<double>* correct, const float* output = nullptr) {
   const int64_t O = net.outputs(), L = net.used(), stride = net.stride();
   const bool interleaved = net.group_width() > 1;
-  const float* out = net.output();
+  const float* out = output != nullptr ? output : net.output();
   float* g = net.output_grad();
   loss.assign(static_cast<size_t>(net.lanes()), 0.0);
   if (correct) correct->assign(static_cast<size_t>(net.lanes()), 0.0);
@@ -331,11 +399,9 @@ void lane_losses(Net& net, LossKind kind, const float* y, int64_t rows, int64_t 
   thread_local std::vector<float> lane_out, lane_grad;
   if (interleaved) {
     lane_out.resize(static_cast<size_t>(rows * O));
-    lane_grad.resize(static_cast<size_t>(rows * O));
+    lane_grad.assign(static_cast<size_t>(rows * O), 0.f);
     if (grad)  // the padding lanes get no gradient
-      for (int64_t lane = L; lane < net.lanes(); ++lane)
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t k = 0; k < O; ++k) g[net.offset(lane, r, k, O)] = 0.f;
+      for (int64_t lane = L; lane < net.lanes(); ++lane) net.put_lane(g, lane, rows, O, lane_grad.data());
   }
   for (int64_t lane = 0; lane < L; ++lane) {
     float sum = 0.f;
@@ -343,8 +409,7 @@ void lane_losses(Net& net, LossKind kind, const float* y, int64_t rows, int64_t 
     const float* t = y + lane * stride * targets;
     float* d = g + lane * stride * O;
     if (interleaved) {
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t k = 0; k < O; ++k) lane_out[static_cast<size_t>(r * O + k)] = out[net.offset(lane, r, k, O)];
+      net.get_lane(out, lane, rows, O, lane_out.data());
       o = lane_out.data();
       d = lane_grad.data();
     }
@@ -398,9 +463,7 @@ void lane_losses(Net& net, LossKind kind, const float* y, int64_t rows, int64_t 
         break;
       }
     }
-    if (interleaved && grad)
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t k = 0; k < O; ++k) g[net.offset(lane, r, k, O)] = lane_grad[static_cast<size_t>(r * O + k)];
+    if (interleaved && grad) net.put_lane(g, lane, rows, O, lane_grad.data());
   }
 }
 
@@ -415,8 +478,15 @@ class Optimizer {
     arena_.allocate();
     for (size_t r : regions) slots_.push_back(arena_.at(r));
     ptrs_.resize(slots_.size());
+    if (def_.plain(c_, lr_, sgd_)) net_.set_sgd(&sgd_);
   }
-  void set_lr(double lr) { lr_ = lr; }
+  ~Optimizer() { net_.set_sgd(nullptr); }
+  Optimizer(const Optimizer&) = delete;
+  Optimizer& operator=(const Optimizer&) = delete;
+  void set_lr(double lr) {
+    lr_ = lr;
+    if (def_.plain(c_, lr_, sgd_)) net_.set_sgd(&sgd_);
+  }
   void step() {
     ++step_;
     const int64_t P = net_.n_params();
@@ -425,7 +495,7 @@ class Optimizer {
     // Element-wise, so a group's interleaved segment is one range of V times the lane's length.
     const int64_t V = net_.group_width();
     for (int64_t grp = 0; grp < net_.lanes() / V; ++grp)
-      for (const auto& s : net_.trainable()) {
+      for (const auto& s : net_.stepped()) {
         const int64_t off = (grp * P + s.offset) * V;
         for (size_t k = 0; k < slots_.size(); ++k) ptrs_[k] = slots_[k] + off;
         def_.update(c_, lr_, step_, params + off, grads + off, ptrs_.data(), s.size * V);
@@ -440,13 +510,22 @@ class Optimizer {
   Arena arena_;
   std::vector<float*> slots_;
   std::vector<float*> ptrs_;
+  lanes::Sgd sgd_;  ///< the plain SGD rule the Net's Dense layers apply, when it is one
   int64_t step_ = 0;
 };
 
 /// Rows `samples` of a [N, W] float tensor, as one contiguous [samples, W] block.
 std::vector<float> gather_rows(const torch::Tensor& t, const std::vector<int64_t>& samples) {
-  const auto rows = t.index_select(0, torch::tensor(samples, torch::kLong)).to(torch::kFloat).contiguous();
-  return std::vector<float>(rows.data_ptr<float>(), rows.data_ptr<float>() + rows.numel());
+  // Dataset tensors are contiguous float32: row copies (index_select costs more than the copy).
+  const torch::Tensor src = t.dim() == 2 && t.scalar_type() == torch::kFloat ? t.contiguous() : t.to(torch::kFloat).contiguous();
+  const int64_t width = src.size(1), n = src.size(0);
+  const float* from = src.data_ptr<float>();
+  std::vector<float> out(samples.size() * static_cast<size_t>(width));
+  for (size_t i = 0; i < samples.size(); ++i) {
+    TORCH_CHECK(samples[i] >= 0 && samples[i] < n, "gather_rows: row ", samples[i], " of ", n);
+    std::copy_n(from + samples[i] * width, width, out.data() + i * static_cast<size_t>(width));
+  }
+  return out;
 }
 
 }  // namespace
@@ -504,7 +583,7 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
   const ModelImpl& source = own ? *own : *ready;
   Net net(source, L, k, /*shared=*/false);
   net.load(0, source);
-  if (!per_lane) net.replicate(0);
+  net.replicate(0);  // every lane (the padding too) starts from lane 0; per_lane loads its own below
   for (int64_t l = 0; l < L; ++l) {
     lane.sample = samples[static_cast<size_t>(l)];
     if (per_lane) {
@@ -539,6 +618,12 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
   std::vector<std::vector<int64_t>> order(samples.size(), std::vector<int64_t>(static_cast<size_t>(k)));
   for (size_t l = 0; l < samples.size(); ++l) shuffle[l] = shuffle_state(run.seed, samples[l]);
   std::vector<double> sum(samples.size()), sum_correct(samples.size());
+  // With one row per lane, an epoch's inference pass and the next epoch's fit pass read the same
+  // x and the same state: they run as one forward_pair, each weight loaded once for both. Not
+  // with an export, whose checkpoint is taken after the inference pass and before the next fit
+  // pass changes running statistics.
+  const bool pairs = !gather && finetuned == nullptr;
+  bool fit_ready = false;  // this epoch's fit pass already ran (with the last inference pass)
   for (int64_t epoch = 1; epoch <= ft.epochs; ++epoch) {
     rec.epoch = epoch;
     for (size_t l = 0; l < samples.size(); ++l) epoch_order(ft.shuffle && gather, shuffle[l], order[l]);
@@ -554,7 +639,7 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
             std::copy_n(y.data() + from * targets, targets, yb.data() + to * targets);
           }
       const float* xs = gather ? xb.data() : x.data();
-      net.forward(Pass::kFit, xs, len);
+      if (!fit_ready) net.forward(Pass::kFit, xs, len);
       lane_losses(net, loss_kind, gather ? yb.data() : y.data(), len, targets, steps, values, classification ? &correct : nullptr);
       for (size_t l = 0; l < samples.size(); ++l) {
         sum[l] += values[l] * static_cast<double>(len);
@@ -565,8 +650,11 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
         optimizer.step();
       }
     }
-    net.forward(Pass::kInfer, x.data(), k);
-    lane_losses(net, loss_kind, y.data(), k, targets, false, val, classification ? &val_correct : nullptr);
+    fit_ready = pairs && epoch < ft.epochs;
+    if (fit_ready) net.forward_pair(x.data(), k);
+    else net.forward(Pass::kInfer, x.data(), k);
+    lane_losses(net, loss_kind, y.data(), k, targets, false, val, classification ? &val_correct : nullptr,
+                fit_ready ? net.inferred() : nullptr);
     for (size_t l = 0; l < samples.size(); ++l) {
       auto& r = results[l];
       if (r.failed) continue;
@@ -670,6 +758,8 @@ double batched_gradients(const ModelImpl& model, const StrategyConfig* strategy,
 double benchmark_step(const ModelImpl& model, const StrategyConfig& strategy, const Config& config,
                       const Dataset& data, int64_t lanes, int64_t steps) {
   Net net(model, lanes, 1, /*shared=*/false);
+  net.load(0, model);
+  net.replicate(0);  // the padding lanes too
   std::vector<int64_t> samples;
   for (int64_t l = 0; l < lanes; ++l) {
     net.load(l, model);

@@ -1,6 +1,8 @@
 // Dense kernels of the batched engine; see kernels.hpp.
 #include "kernels.hpp"
 
+#include "lane_kernels.hpp"
+
 #include <algorithm>
 #include <cmath>
 
@@ -13,9 +15,6 @@ namespace {
 #else
 #define BNLAB_CLONES
 #endif
-
-constexpr int64_t kRows = 4;   // rows of C per micro-tile
-constexpr int64_t kCols = 16;  // columns of C per micro-tile: two 8-float vectors per row
 
 // Eight floats as one value (GCC/Clang vector extension): one AVX register in the AVX2 clone,
 // two SSE registers otherwise. Element-wise + and *, so sums keep their order.
@@ -30,48 +29,10 @@ inline void store8(float* p, v8 v) { __builtin_memcpy(p, &v, sizeof v); }
 
 }  // namespace
 
-BNLAB_CLONES
+// The tiled product lives with the lane kernels, compiled per instruction set (AVX-512 tiles
+// of 4 x 64 floats; the order of every sum is the same on each path).
 void gemm(const float* A, const float* B, float* C, int64_t M, int64_t K, int64_t N, const float* init) {
-  int64_t i = 0;
-  for (; i + kRows <= M; i += kRows) {
-    int64_t j = 0;
-    for (; j + kCols <= N; j += kCols) {
-      // A 4 x 16 tile of C in registers; each B row slice is loaded once for four rows of A.
-      v8 acc[kRows][2];
-      const v8 i0 = init ? load8(init + j) : v8{}, i1 = init ? load8(init + j + 8) : v8{};
-      for (int64_t r = 0; r < kRows; ++r) {
-        acc[r][0] = i0;
-        acc[r][1] = i1;
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        const v8 b0 = load8(B + k * N + j), b1 = load8(B + k * N + j + 8);
-        for (int64_t r = 0; r < kRows; ++r) {
-          const float a = A[(i + r) * K + k];
-          acc[r][0] += a * b0;
-          acc[r][1] += a * b1;
-        }
-      }
-      for (int64_t r = 0; r < kRows; ++r) {
-        store8(C + (i + r) * N + j, acc[r][0]);
-        store8(C + (i + r) * N + j + 8, acc[r][1]);
-      }
-    }
-    for (; j < N; ++j)
-      for (int64_t r = 0; r < kRows; ++r) {
-        float s = init ? init[j] : 0.f;
-        for (int64_t k = 0; k < K; ++k) s += A[(i + r) * K + k] * B[k * N + j];
-        C[(i + r) * N + j] = s;
-      }
-  }
-  for (; i < M; ++i) {
-    float* c = C + i * N;
-    for (int64_t j = 0; j < N; ++j) c[j] = init ? init[j] : 0.f;
-    for (int64_t k = 0; k < K; ++k) {
-      const float a = A[i * K + k];
-      const float* b = B + k * N;
-      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
-    }
-  }
+  lanes::active().gemm(A, B, C, M, K, N, init);
 }
 
 void transpose(const float* A, float* At, int64_t rows, int64_t cols) {
@@ -182,11 +143,6 @@ void gemv_t(const float* W, const float* g, float* dx, int64_t out, int64_t in) 
     const float* w = W + o * in;
     for (int64_t k = k0; k < in; ++k) dx[k] += go * w[k];
   }
-}
-
-BNLAB_CLONES
-void inv_sqrt(const float* v, float eps, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = 1.f / std::sqrt(v[i] + eps);
 }
 
 }  // namespace bnlab::kernels

@@ -27,8 +27,5 @@ void outer(const float* g, const float* x, float* dW, int64_t out, int64_t in, b
 /// dx[k] = sum_o g[o] * W[o, k], o ascending from 0; W is [out, in] row-major.
 void gemv_t(const float* W, const float* g, float* dx, int64_t out, int64_t in);
 
-/// out[i] = 1 / sqrt(v[i] + eps): correctly rounded square root and division, as std::sqrt
-/// gives them (this file is compiled without errno from sqrt, so that the loop vectorizes).
-void inv_sqrt(const float* v, float eps, float* out, int64_t n);
 
 }  // namespace bnlab::kernels

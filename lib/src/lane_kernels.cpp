@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <stdexcept>
 
 namespace bnlab::lanes {
 
@@ -28,12 +29,23 @@ const Kernels* by_name(const std::string& isa) {
   return &portable::kernels();
 }
 
-const Kernels* best() {
-  // A BNLAB_ISA this CPU cannot run is refused by the command line (isa_environment_error).
+/// Why BNLAB_ISA cannot be used ("" when it is unset or names a path this CPU runs).
+std::string forced_error() {
   const char* forced = std::getenv("BNLAB_ISA");
-  if (forced != nullptr && *forced != '\0') {
-    if (const Kernels* k = by_name(forced)) return k;
-  }
+  if (forced == nullptr || *forced == '\0' || by_name(forced) != nullptr) return "";
+  std::string list;
+  for (const auto& isa : available()) list += (list.empty() ? "" : ", ") + isa;
+  return std::string("BNLAB_ISA=") + forced + ": not an instruction set this CPU runs (it runs " + list +
+         "; unset BNLAB_ISA to pick the best)";
+}
+
+const Kernels* best() {
+  // The command line refuses a bad BNLAB_ISA before any work (isa_environment_error); a program
+  // using the library gets the same message as an exception on the first use of the kernels.
+  const std::string error = forced_error();
+  if (!error.empty()) throw std::runtime_error(error);
+  const char* forced = std::getenv("BNLAB_ISA");
+  if (forced != nullptr && *forced != '\0') return by_name(forced);
   for (const char* isa : {"avx512", "avx2"})
     if (const Kernels* k = by_name(isa)) return k;
   return &portable::kernels();
@@ -66,13 +78,6 @@ bool set_isa(const std::string& isa) {
 
 namespace bnlab {
 
-std::string isa_environment_error() {
-  const char* forced = std::getenv("BNLAB_ISA");
-  if (forced == nullptr || *forced == '\0' || lanes::set_isa(forced)) return "";
-  std::string list;
-  for (const auto& isa : lanes::available()) list += (list.empty() ? "" : ", ") + isa;
-  return std::string("BNLAB_ISA=") + forced + ": not an instruction set this CPU runs (it runs " + list +
-         "; unset BNLAB_ISA to pick the best)";
-}
+std::string isa_environment_error() { return lanes::forced_error(); }
 
 }  // namespace bnlab

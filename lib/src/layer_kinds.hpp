@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "bnlab/config.hpp"
+#include "lane_kernels.hpp"
 #include "nn.hpp"
 
 namespace bnlab {
@@ -55,6 +56,9 @@ struct LaneStore {
   std::vector<std::shared_ptr<at::Generator>>* generators = nullptr;  ///< per lane (dropout)
   std::vector<float>* scratch = nullptr;  ///< transposes for the GEMM path
   std::vector<float>* stats = nullptr;    ///< per-channel sums
+  /// Set (interleaved lanes only): a trainable layer whose kind fuses_sgd() applies this rule to
+  /// its parameters in its backward pass instead of writing their gradients.
+  const lanes::Sgd* sgd = nullptr;
   int64_t groups() const { return lanes / V; }
   /// The parameter, gradient and buffer blocks of a group (of a lane where V = 1).
   float* P(int64_t group) const { return params + (shared ? 0 : group * n_params * V); }
@@ -66,9 +70,10 @@ struct LaneStore {
   void count(int64_t group, int64_t at) const {
     for (int64_t v = 0; v < V; ++v) ++C(group * V + v)[at];
   }
-  /// Two per-channel scratch vectors of `c` floats.
+  /// Three per-channel scratch vectors of `c` floats (which = 0, 1, 2); all three are sized at
+  /// once, so a pointer taken earlier stays valid for the same c.
   float* stat(int64_t c, int which) const {
-    if (static_cast<int64_t>(stats->size()) < 2 * c) stats->resize(static_cast<size_t>(2 * c));
+    if (static_cast<int64_t>(stats->size()) < 3 * c) stats->resize(static_cast<size_t>(3 * c));
     return stats->data() + which * c;
   }
 };
@@ -110,10 +115,20 @@ class LayerKindDef {
   }
   /// out = layer(in) for every lane over store.rows rows.
   virtual void forward(const LaneStore& store, BatchedLayer& l, Pass pass, const float* in, float* out) const = 0;
+  /// Two forward passes over the same state, `first` on in_a then `second` on in_b (what two
+  /// forward() calls in that order compute); a kind may share its loads between them.
+  virtual void forward_pair(const LaneStore& store, BatchedLayer& l, Pass first, const float* in_a, float* out_a,
+                            Pass second, const float* in_b, float* out_b) const {
+    forward(store, l, first, in_a, out_a);
+    forward(store, l, second, in_b, out_b);
+  }
   /// From g = dL/d(out): the parameter gradients (when l.mode.trainable) and dx = dL/d(in)
   /// (when l.need_dx), after a fit forward.
   virtual void backward(const LaneStore& store, const BatchedLayer& l, const float* in, const float* out,
                         const float* g, float* dx) const = 0;
+  /// Whether backward applies LaneStore::sgd itself when one is set (the optimizer then skips
+  /// the layer's parameters).
+  virtual bool fuses_sgd() const { return false; }
   /// Keras: the class name of the layer and its weights in file order.
   virtual const char* keras_class(const LayerSpec& l) const = 0;
   virtual std::vector<KerasWeight> keras_weights(const LayerSpec&) const { return {}; }
@@ -125,11 +140,12 @@ class LayerKindDef {
 /// The definition of a kind: an exhaustive switch, no default.
 const LayerKindDef& layer_kind(LayerKind kind);
 
-/// One page-aligned, zeroed allocation cut into regions whose starts are spread over the 4 KiB
+/// One page-aligned allocation cut into regions whose starts are spread over the 4 KiB
 /// page (phases 512 bytes apart, visited 2560 bytes apart), so that arrays a loop walks at the
 /// same index never sit a near-multiple of 4 KiB from each other. There a load waits on an
 /// unrelated earlier store to the same page offset (4K aliasing); measured on this machine,
 /// that cost a one-lane fine-tuning step 15 to 35% depending on where malloc put the arrays.
+/// Blocks are reused within a thread (a freed arena's block serves the next one of its size).
 /// `first_phase` lets a second arena (the optimizer's state) take the phases the first one's
 /// hottest regions do not use.
 class Arena {
@@ -137,17 +153,20 @@ class Arena {
   explicit Arena(int first_phase = 0) : phase_(first_phase) {}
   Arena(const Arena&) = delete;
   Arena& operator=(const Arena&) = delete;
-  ~Arena() { std::free(base_); }
-  /// Reserves `floats` floats; returns the region's id, valid once allocate() ran.
-  size_t reserve(int64_t floats);
+  ~Arena();  ///< the block goes to the thread's spares (see allocate)
+  /// Reserves `floats` floats, zeroed unless `zeroed` is false (a region its owner writes whole
+  /// before reading); returns the region's id, valid once allocate() ran.
+  size_t reserve(int64_t floats, bool zeroed = true);
   void allocate();
   float* at(size_t region) const { return base_ + offsets_[region]; }
 
  private:
   int phase_;
-  std::vector<size_t> offsets_;
+  std::vector<size_t> offsets_, sizes_;
+  std::vector<bool> zeroed_;
   size_t end_ = 0;
   float* base_ = nullptr;
+  size_t bytes_ = 0;
 };
 /// Every registered kind (what the generic tests iterate over).
 const std::vector<LayerKind>& all_layer_kinds();

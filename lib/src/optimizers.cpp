@@ -27,18 +27,27 @@ class TorchOptim final : public TorchOptimizer {
 class SgdDef final : public OptimizerDef {
  public:
   int slots(const OptimizerConfig& c) const override { return c.momentum != 0 ? 1 : 0; }
+  bool plain(const OptimizerConfig& c, double lr, lanes::Sgd& rule) const override {
+    if (c.momentum != 0) return false;
+    rule.neg_lr = static_cast<float>(-lr);
+    rule.wd = static_cast<float>(c.weight_decay);
+    rule.decay = c.weight_decay != 0;
+    return true;
+  }
   void update(const OptimizerConfig& c, double lr_d, int64_t step, float* p, const float* g, float* const* slot,
               int64_t n) const override {
     const float lr = static_cast<float>(-lr_d);
     const float mom = static_cast<float>(c.momentum);
     const float wd = static_cast<float>(c.weight_decay);
-    // The common cases as loops without branches, so that they vectorize (this is the hottest
-    // loop of a fine-tuning step); the same float operations in the same order as the general one.
-    if (c.momentum == 0) {
-      if (c.weight_decay == 0) {
-        for (int64_t k = 0; k < n; ++k) p[k] = p[k] + lr * g[k];
+    // Without momentum: the rule the batched Dense kernels fuse into their backward pass, as
+    // loops without branches so that they vectorize; the same float operations in the same
+    // order as the general loop below.
+    lanes::Sgd rule;
+    if (plain(c, lr_d, rule)) {
+      if (rule.decay) {
+        for (int64_t k = 0; k < n; ++k) p[k] = rule(p[k], g[k]);
       } else {
-        for (int64_t k = 0; k < n; ++k) p[k] = p[k] + lr * (g[k] + wd * p[k]);
+        for (int64_t k = 0; k < n; ++k) p[k] = rule(p[k], g[k]);
       }
       return;
     }

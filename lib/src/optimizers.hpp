@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bnlab/config.hpp"
+#include "lane_kernels.hpp"
 
 namespace bnlab {
 
@@ -31,6 +32,9 @@ class OptimizerDef {
   /// the same element range; slots start at 0.
   virtual void update(const OptimizerConfig& c, double lr, int64_t step, float* p, const float* g, float* const* slot,
                       int64_t n) const = 0;
+  /// Whether one step at `lr` is the plain SGD rule, element by element with no state (then
+  /// `rule` is set): what the batched engine may apply inside the backward pass.
+  virtual bool plain(const OptimizerConfig&, double /*lr*/, lanes::Sgd& /*rule*/) const { return false; }
   /// The torch engine's optimizer over `params` (all of which require grad).
   virtual std::unique_ptr<TorchOptimizer> torch(const OptimizerConfig& c, const std::vector<torch::Tensor>& params) const = 0;
 };

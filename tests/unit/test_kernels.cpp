@@ -18,7 +18,6 @@ namespace {
 
 using bnlab::kernels::gemv;
 using bnlab::kernels::gemv_t;
-using bnlab::kernels::inv_sqrt;
 
 /// dot(): eight partial sums (sum j takes k = j mod 8 while a whole block of eight remains),
 /// combined as ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)), then the tail in order.
@@ -41,6 +40,12 @@ std::vector<float> values(int64_t n, uint32_t seed) {
   std::vector<float> v(static_cast<size_t>(n));
   for (auto& x : v) x = mantissa(gen) * std::pow(10.f, static_cast<float>(exponent(gen)));
   return v;
+}
+
+uint32_t bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
 }
 
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
@@ -101,17 +106,6 @@ TEST(Kernels, GemvTransposedSumsOverOutputsInOrder) {
     }
 }
 
-TEST(Kernels, InverseSquareRootIsCorrectlyRounded) {
-  auto v = values(203, 8);
-  for (auto& x : v) x = std::fabs(x);
-  v[0] = 0.f;  // 1 / sqrt(eps)
-  for (float eps : {1e-3f, 1e-5f}) {
-    std::vector<float> got(v.size()), want(v.size());
-    inv_sqrt(v.data(), eps, got.data(), static_cast<int64_t>(v.size()));
-    for (size_t i = 0; i < v.size(); ++i) want[i] = 1.f / std::sqrt(v[i] + eps);
-    EXPECT_TRUE(same_bits(got, want)) << "eps " << eps;
-  }
-}
 
 }  // namespace
 
@@ -180,10 +174,181 @@ TEST(LaneKernels, EveryLaneMatchesTheOneLaneKernelsOnEveryInstructionSet) {
             ASSERT_TRUE(same_bits(column(db, out, v), dbv)) << "db, lane " << v;
             ASSERT_TRUE(same_bits(column(dx, rows * in, v), dxv)) << "dx, lane " << v;
           }
+          if (rows == 1) {  // two inputs at once: each as dense_forward computes it alone
+            const auto x2 = values(in * kW, 15);
+            std::vector<float> ya(y.size()), yb(y.size()), y2(y.size());
+            lanes::active().dense_forward(W.data(), bias.data(), x2.data(), y2.data(), 1, out, in, false);
+            lanes::active().dense_forward_pair(W.data(), bias.data(), x.data(), ya.data(), x2.data(), yb.data(), out, in);
+            ASSERT_TRUE(same_bits(ya, y)) << "forward pair, first";
+            ASSERT_TRUE(same_bits(yb, y2)) << "forward pair, second";
+          }
+          // Fused with plain SGD (with and without weight decay): the same weights as the
+          // unfused gradients (checked above) stepped by the rule, and the same dx.
+          lanes::Sgd sgd;
+          sgd.neg_lr = -0.37f;
+          sgd.decay = checked % 2 == 1;
+          sgd.wd = sgd.decay ? 0.01f : 0.f;
+          auto W2 = W, bias2 = bias;
+          std::vector<float> dx2(x.size());
+          lanes::active().dense_backward_sgd(W2.data(), bias2.data(), x.data(), g.data(), dx2.data(), rows, out, in,
+                                             gemm_order, sgd);
+          auto Wexp = W, bexp = bias;
+          for (size_t e = 0; e < W.size(); ++e) Wexp[e] = sgd(W[e], dW[e]);
+          for (size_t e = 0; e < bias.size(); ++e) bexp[e] = sgd(bias[e], db[e]);
+          ASSERT_TRUE(same_bits(W2, Wexp)) << "fused SGD, weights";
+          ASSERT_TRUE(same_bits(bias2, bexp)) << "fused SGD, bias";
+          ASSERT_TRUE(same_bits(dx2, dx)) << "fused SGD, dx";
+          ASSERT_FALSE(same_bits(W2, W)) << "the step changed nothing";
           ++checked;
         }
   }
   EXPECT_EQ(checked, static_cast<int>(isas.size()) * 5 * 6 * 4);
   EXPECT_FALSE(lanes::set_isa("sse9"));  // unknown: refused, nothing changes
   ASSERT_TRUE(lanes::set_isa(isas.back()));
+}
+
+// The element-wise kernels (BatchNorm, ReLU) on every instruction set against the formulas
+// written out here one element at a time, bit for bit, with each optional pointer present and
+// absent.
+TEST(LaneKernels, ElementWiseKernelsMatchTheirFormulasOnEveryInstructionSet) {
+  int checked = 0;
+  for (const auto& isa : lanes::available()) {
+    ASSERT_TRUE(lanes::set_isa(isa));
+    const auto& k = lanes::active();
+    for (int64_t n : {1, 2, 5})
+      for (int64_t C : {1, 7, 16, 100, 1029}) {
+        SCOPED_TRACE(isa + ": rows " + std::to_string(n) + ", channels " + std::to_string(C));
+        const auto X = values(n * C, 21), G = values(n * C, 22), gamma = values(C, 23), beta = values(C, 24),
+                   mean = values(C, 25);
+        auto var = values(C, 26);
+        for (auto& v : var) v = std::fabs(v);
+        var[0] = 0.f;  // 1 / sqrt(eps)
+        const size_t nc = static_cast<size_t>(n * C), c_ = static_cast<size_t>(C);
+        std::vector<float> a(c_), b(c_), got(nc), want(nc), got2(nc);
+        const float eps = 1e-3f, rows = static_cast<float>(n);
+
+        k.inv_sqrt(var.data(), eps, a.data(), C);
+        for (size_t c = 0; c < c_; ++c) b[c] = 1.f / std::sqrt(var[c] + eps);
+        ASSERT_TRUE(same_bits(a, b)) << "inv_sqrt";
+        const auto istd = a;
+
+        k.bn_moments(X.data(), n, C, a.data(), b.data());
+        for (size_t c = 0; c < c_; ++c) {
+          float m = 0.f, v = 0.f;
+          for (size_t r = 0; r < static_cast<size_t>(n); ++r) m += X[r * c_ + c];
+          m /= rows;
+          for (size_t r = 0; r < static_cast<size_t>(n); ++r) v += (X[r * c_ + c] - m) * (X[r * c_ + c] - m);
+          v /= rows;
+          ASSERT_EQ(bits(a[c]), bits(m)) << "bn_moments mean " << c;
+          ASSERT_EQ(bits(b[c]), bits(v)) << "bn_moments var " << c;
+        }
+
+        for (int with = 0; with < 4; ++with) {  // gamma and beta present or absent
+          const float* gp = with & 1 ? gamma.data() : nullptr;
+          const float* bp = with & 2 ? beta.data() : nullptr;
+          k.bn_scale_shift(gp, bp, mean.data(), istd.data(), a.data(), b.data(), C);
+          for (size_t c = 0; c < c_; ++c) {
+            const float alpha = gp ? gp[c] * istd[c] : istd[c];
+            ASSERT_EQ(bits(a[c]), bits(alpha)) << "bn_scale_shift alpha";
+            ASSERT_EQ(bits(b[c]), bits((bp ? bp[c] : 0.f) - mean[c] * alpha)) << "bn_scale_shift shift";
+          }
+          std::vector<float> h(nc);
+          k.bn_normalize(X.data(), mean.data(), istd.data(), gp, bp, h.data(), got.data(), n, C);
+          for (size_t e = 0; e < nc; ++e) {
+            const size_t c = e % c_;
+            const float he = (X[e] - mean[c]) * istd[c];
+            float y = gp ? he * gp[c] : he;
+            if (bp) y = y + bp[c];
+            ASSERT_EQ(bits(h[e]), bits(he)) << "bn_normalize xhat";
+            ASSERT_EQ(bits(got[e]), bits(y)) << "bn_normalize y";
+          }
+          // dx: through fixed statistics and through the batch's (scale = gamma or 1).
+          k.bn_dx_fixed(G.data(), gp, istd.data(), got.data(), n, C);
+          std::vector<float> sg(c_), sgx(c_);
+          k.bn_sums(G.data(), h.data(), nullptr, nullptr, nullptr, sg.data(), sgx.data(), n, C);
+          k.bn_dx_batch(G.data(), h.data(), gp, istd.data(), sg.data(), sgx.data(), got2.data(), n, C);
+          for (size_t e = 0; e < nc; ++e) {
+            const size_t c = e % c_;
+            const float sc = gp ? gp[c] : 1.f;
+            ASSERT_EQ(bits(got[e]), bits(G[e] * sc * istd[c])) << "bn_dx_fixed";
+            const float mdh = sg[c] * sc / rows, mdhh = sgx[c] * sc / rows;
+            ASSERT_EQ(bits(got2[e]), bits(istd[c] * (G[e] * sc - mdh - h[e] * mdhh))) << "bn_dx_batch";
+          }
+        }
+
+        // bn_sums from x-hat and from (x - running mean) * istd; bn_affine with and without shift.
+        std::vector<float> h(nc);
+        for (size_t e = 0; e < nc; ++e) h[e] = X[e] * 0.5f;
+        for (bool from_xhat : {true, false}) {
+          k.bn_sums(G.data(), from_xhat ? h.data() : nullptr, X.data(), mean.data(), istd.data(), a.data(), b.data(), n,
+                    C);
+          for (size_t c = 0; c < c_; ++c) {
+            float sg = 0.f, sgx = 0.f;
+            for (size_t r = 0; r < static_cast<size_t>(n); ++r) {
+              const size_t e = r * c_ + c;
+              sg += G[e];
+              sgx += G[e] * (from_xhat ? h[e] : (X[e] - mean[c]) * istd[c]);
+            }
+            ASSERT_EQ(bits(a[c]), bits(sg)) << "bn_sums g";
+            ASSERT_EQ(bits(b[c]), bits(sgx)) << "bn_sums gx";
+          }
+        }
+        for (bool shift : {true, false}) {
+          k.bn_affine(X.data(), gamma.data(), shift ? beta.data() : nullptr, got.data(), n, C);
+          for (size_t e = 0; e < nc; ++e)
+            ASSERT_EQ(bits(got[e]), bits(shift ? X[e] * gamma[e % c_] + beta[e % c_] : X[e] * gamma[e % c_])) << "bn_affine";
+        }
+
+        for (bool keras : {true, false}) {  // the running statistics' update
+          auto rm = gamma, rv = var;
+          const float m = 0.01f, unbias = keras ? 1.f : rows / (rows + 1.f);
+          k.bn_running(rm.data(), rv.data(), mean.data(), beta.data(), m, keras, unbias, C);
+          for (size_t c = 0; c < c_; ++c) {
+            const float wm = keras ? gamma[c] - (gamma[c] - mean[c]) * m : m * mean[c] + (1.f - m) * gamma[c];
+            const float wv = keras ? var[c] - (var[c] - beta[c]) * m : m * beta[c] * unbias + (1.f - m) * var[c];
+            ASSERT_EQ(bits(rm[c]), bits(wm)) << "bn_running mean";
+            ASSERT_EQ(bits(rv[c]), bits(wv)) << "bn_running var";
+          }
+        }
+
+        k.relu_forward(X.data(), got.data(), n * C);
+        k.relu_backward(got.data(), G.data(), got2.data(), n * C);
+        for (size_t e = 0; e < nc; ++e) {
+          ASSERT_EQ(bits(got[e]), bits(X[e] > 0.f ? X[e] : 0.f)) << "relu_forward";
+          ASSERT_EQ(bits(got2[e]), bits(got[e] > 0.f ? G[e] : 0.f)) << "relu_backward";
+        }
+        ++checked;
+      }
+  }
+  EXPECT_EQ(checked, static_cast<int>(lanes::available().size()) * 3 * 5);
+  ASSERT_TRUE(lanes::set_isa(lanes::available().back()));
+}
+
+// The one-lane product on every instruction set against its order written out element by
+// element: from init (or 0), k ascending. Shapes cover the 4-row tiles and their remainder rows,
+// the wide tiles, single-vector tiles and scalar columns of each path.
+TEST(LaneKernels, GemmSumsEachElementInKOrderOnEveryInstructionSet) {
+  int checked = 0;
+  for (const auto& isa : lanes::available()) {
+    ASSERT_TRUE(lanes::set_isa(isa));
+    for (int64_t M : {1, 3, 4, 5, 8, 13})
+      for (int64_t K : {1, 7, 64, 256})
+        for (int64_t N : {1, 2, 7, 8, 15, 16, 17, 63, 64, 65, 130})
+          for (bool with_init : {false, true}) {
+            SCOPED_TRACE(isa + ": M " + std::to_string(M) + ", K " + std::to_string(K) + ", N " + std::to_string(N));
+            const auto A = values(M * K, 31), B = values(K * N, 32), init = values(N, 33);
+            std::vector<float> C(static_cast<size_t>(M * N)), want(C.size());
+            lanes::active().gemm(A.data(), B.data(), C.data(), M, K, N, with_init ? init.data() : nullptr);
+            for (int64_t i = 0; i < M; ++i)
+              for (int64_t j = 0; j < N; ++j) {
+                float s = with_init ? init[static_cast<size_t>(j)] : 0.f;
+                for (int64_t k = 0; k < K; ++k) s += A[static_cast<size_t>(i * K + k)] * B[static_cast<size_t>(k * N + j)];
+                want[static_cast<size_t>(i * N + j)] = s;
+              }
+            ASSERT_TRUE(same_bits(C, want));
+            ++checked;
+          }
+  }
+  EXPECT_EQ(checked, static_cast<int>(lanes::available().size()) * 6 * 4 * 11 * 2);
+  ASSERT_TRUE(lanes::set_isa(lanes::available().back()));
 }
