@@ -53,6 +53,7 @@ Output, one line per approach and strategy, then the best (lowest mean over the 
 approaches that pass every strategy; --no-shortcuts leaves the lanes_shortcut* ones out of it):
   peer APPROACH STRATEGY US_PER_SAMPLE_EPOCH MAX_ABS_DIFF ok|FAIL
   peer_best APPROACH US_PER_SAMPLE_EPOCH
+  peer_best_no_shortcuts APPROACH US_PER_SAMPLE_EPOCH   (the best of the others, when one passes)
   peer_best_STRATEGY APPROACH US_PER_SAMPLE_EPOCH
 Lines starting with '#' are notes. Exit 0; 1 if no approach passes; 2 on bad usage or a study this
 script does not cover (strategies it cannot run are skipped with a note).
@@ -677,6 +678,10 @@ def main():
     mean = {n: sum(results[(n, s.name)][0] for s in st.strategies) / len(st.strategies) for n in passing}
     best = min(passing, key=mean.get)
     print(f"peer_best {best} {mean[best]:.3f}")
+    plain = [n for n in passing if n not in SHORTCUTS]
+    if plain:
+        b = min(plain, key=mean.get)
+        print(f"peer_best_no_shortcuts {b} {mean[b]:.3f}")
     for s in st.strategies:
         ok = [n for n in eligible if results[(n, s.name)][1]]
         if ok:

@@ -25,6 +25,20 @@ int main(int argc, char** argv) {
   const auto data = bnlab::make_synthetic(c.data, c.model.loss, c.data.seed);
   torch::manual_seed(c.seed);
   bnlab::Model model = bnlab::build_model(c, data);
+  // The Dense layers' sizes, for the roofline line: multiply-adds of one forward pass, of the
+  // input gradients (every Dense layer but the lowest, the rest being trainable under train and
+  // frozen), and the weights and biases an SGD step updates.
+  long long macs = 0, dx_macs = 0, weights = 0, biases = 0;
+  bool lowest = true;
+  for (const auto& l : model->layers()) {
+    if (l.kind != bnlab::LayerKind::kDense) continue;
+    macs += l.in * l.out;
+    if (!lowest) dx_macs += l.in * l.out;
+    lowest = false;
+    weights += l.in * l.out;
+    if (l.use_bias) biases += l.out;
+  }
+  std::printf("model dense_macs %lld dx_macs %lld weights %lld biases %lld\n", macs, dx_macs, weights, biases);
   for (const char* preset : {"frozen", "train"}) {
     bnlab::StrategyConfig s = bnlab::parse_config(std::string(R"({"name": "b", "strategies": [")") + preset + "\"]}", "b")
                                   .strategies.front();

@@ -11,7 +11,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ "${1:-}" = "--scale" ]; then exec "$root/scripts/bench_scale.sh"; fi
 "$root/scripts/setup.sh"
-"$root/scripts/build.sh" bnlab_app bench_step >&2
+"$root/scripts/build.sh" bnlab_app bench_step bench_roofline >&2
 build="${BNLAB_BUILD_DIR:-$root/build}"
 bin="$build/bin/bnlab"
 samples="${1:-1000}"
@@ -34,6 +34,10 @@ for name, count in (("study", int(sys.argv[3])), ("study_slow", int(sys.argv[4])
     finetune = {k: v for k, v in base["finetune"].items() if k != "sample"}
     finetune["samples"] = {"count": count, "seed": 1}
     json.dump(dict(base, finetune=finetune), open(sys.argv[2] + f"/{name}.json", "w"))
+    if name == "study":  # the peer's study (train and frozen), and each strategy alone
+        json.dump(dict(base, finetune=finetune, strategies=["train", "frozen"]), open(sys.argv[2] + "/peer.json", "w"))
+        for s in ("train", "frozen"):
+            json.dump(dict(base, finetune=finetune, strategies=[s]), open(sys.argv[2] + f"/peer_{s}.json", "w"))
 PY
 
 echo "bench: bnlab pretraining (both engines)..." >&2
@@ -60,6 +64,7 @@ run_study study1 "$tmp/study.json" batched 1
 run_study study2 "$tmp/study.json" batched "$(nproc)"
 run_study torch1 "$tmp/study_slow.json" torch 1
 
+
 val() { /usr/bin/python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
 pre_b=$(val "$tmp/pre_batched/manifest.json" "100000 / m['timings_s']['pretrain']")
 pre_t=$(val "$tmp/pre_torch/manifest.json" "100000 / m['timings_s']['pretrain']")
@@ -70,6 +75,28 @@ step() { sed -n "s/^step_us $1 $2 $3 //p" "$tmp/step.out"; }
 ratio() { /usr/bin/python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}x')" "$1" "$2"; }
 py_study=$(py study_sample_epochs_per_s)
 cross=$(cmp -s "$tmp/study1/curves.csv" "$tmp/study2/curves.csv" && echo "byte-identical" || echo "DIFFERENT")
+
+# Against the strongest Python peer (bench/bench_peer.py, checked against bnlab's curves before it
+# is timed) and against this core's measured limits (bench_roofline). bnlab: best of three runs of
+# each strategy alone, 1 job, no exports (the peer writes nothing either).
+echo "bench: the peer study (train, frozen) in bnlab and in Python; the machine's limits..." >&2
+best_phase() {  # CONFIG -> the best fine-tuning phase of three runs, us per sample-epoch
+  local best=""
+  for i in 1 2 3; do
+    rm -rf "$tmp/peer_best"; cp -r "$tmp/cache_batched" "$tmp/peer_best"; rm -f "$tmp/peer_best"/finetuned_*.pt
+    "$bin" run "$1" --out "$tmp/peer_best" --verbose 0 --no-plots --jobs 1 --export none >/dev/null
+    best=$(val "$tmp/peer_best/manifest.json" "min(${best:-1e30}, m['timings_s']['finetune'] * 1e6 / $(( samples * 10 )))")
+  done
+  echo "$best"
+}
+bn_train=$(best_phase "$tmp/peer_train.json")
+bn_frozen=$(best_phase "$tmp/peer_frozen.json")
+rm -rf "$tmp/peer_run"; cp -r "$tmp/cache_batched" "$tmp/peer_run"; rm -f "$tmp/peer_run"/finetuned_*.pt
+"$bin" run "$tmp/peer.json" --out "$tmp/peer_run" --verbose 0 --no-plots --jobs 1 >/dev/null
+/usr/bin/python3 "$root/bench/bench_peer.py" "$tmp/peer_run" --repeat 3 > "$tmp/peer.out"
+"$build/bin/bench_roofline" > "$tmp/roof.out"
+peer() { sed -n "s/^$1 //p" "$tmp/peer.out"; }
+roof() { sed -n "s/^$1 //p" "$tmp/roof.out"; }
 
 out="$root/BENCHMARKS.md"
 {
@@ -107,6 +134,71 @@ out="$root/BENCHMARKS.md"
   echo "adds loading the cached weights, writing every report and process start-up. curves.csv at 1 and $(nproc) jobs: $cross."
   echo "The 32-lane engine step is $(step batched train 32) us per lane (train preset). Memory flatness over 3000 epochs is a test:"
   echo "\`Memory.FlatAcrossEpochs\` in tests/integration/test_batched.cpp."
+  echo
+  echo "## Against the strongest Python peer and against the machine"
+  echo
+  echo "The study: seed_repro, $samples samples, 10 epochs, strategies train and frozen, 1 job, 1 thread. bnlab: the fine-tuning"
+  echo "phase of each strategy alone, best of three runs, no exports. The peer: \`bench/bench_peer.py\`, nine ways to write this study"
+  echo "in PyTorch (stacked [K, out, in] tensors with autograd, functorch vmap, hand-written batched backward eager and TorchScript,"
+  echo "lanes-last tensors in bnlab's float order, with and without two shortcuts exact for this study), each checked against"
+  echo "bnlab's curves.csv (max |diff| <= 1e-5) before it is timed; the best that passes is the peer."
+  echo
+  echo "| approach | train, us/sample-epoch | frozen, us/sample-epoch | curves check |"
+  echo "|---|---|---|---|"
+  printf '| **bnlab** | %.2f | %.2f | (the reference) |\n' "$bn_train" "$bn_frozen"
+  /usr/bin/python3 - "$tmp/peer.out" <<'PY'
+import collections, sys
+rows = collections.OrderedDict()
+for line in open(sys.argv[1]):
+    f = line.split()
+    if f and f[0] == "peer":
+        rows.setdefault(f[1], {})[f[2]] = (float(f[3]), float(f[4]), f[5])
+for name, r in rows.items():
+    cell = lambda s: f"{r[s][0]:.2f}" if s in r else "-"
+    ok = all(v[2] == "ok" for v in r.values())
+    worst = max(v[1] for v in r.values())
+    print(f"| {name} | {cell('train')} | {cell('frozen')} | {'ok' if ok else 'FAIL'} (max diff {worst:.2g}) |")
+PY
+  echo
+  peer_all=$(peer peer_best); peer_plain=$(peer peer_best_no_shortcuts)
+  echo "The peer: $peer_all us per sample-epoch (mean over the two strategies); without this study's shortcuts: $peer_plain."
+  /usr/bin/python3 - "$bn_train" "$bn_frozen" "$peer_all" "$peer_plain" <<'PY'
+import sys
+t, f = float(sys.argv[1]), float(sys.argv[2])
+bn = (t + f) / 2
+for label, arg in (("the peer", sys.argv[3]), ("the peer without shortcuts", sys.argv[4])):
+    name, us = arg.split()[0], float(arg.split()[1])
+    print(f"bnlab ({bn:.2f} us, the mean of the two) is {us / bn:.1f}x faster than {label} ({name}).")
+PY
+  echo
+  echo "The machine, measured by \`bench_roofline\` in this run: peak without FMA $(roof 'peak_gflops avx512') GFLOP/s (AVX-512),"
+  echo "$(roof 'peak_gflops avx2') (AVX2), $(roof 'peak_gflops portable') (SSE, the portable path); read bandwidth $(roof 'bandwidth_gbs L1 read') GB/s from L1,"
+  echo "$(roof 'bandwidth_gbs L2 read') GB/s from L2; a load-and-store sweep of L2 $(roof 'bandwidth_gbs L2 update') GB/s (bytes read plus written)."
+  /usr/bin/python3 - "$tmp/step.out" "$tmp/roof.out" "$bn_train" "$bn_frozen" <<'PY'
+import sys
+model = dict(zip(*[iter(next(l for l in open(sys.argv[1]) if l.startswith("model ")).split()[1:])] * 2))
+roof = {" ".join(l.split()[:-1]): float(l.split()[-1]) for l in open(sys.argv[2]) if not l.startswith("#")}
+M, D, W, B = (int(model[k]) for k in ("dense_macs", "dx_macs", "weights", "biases"))
+# Per sample-epoch, Dense layers and SGD only: two forward passes (fit, inference) of 2 flops per
+# multiply-add, the input gradients (2 per multiply-add), the weight gradient and its update
+# (product, times -lr, add: 3 per weight; 2 per bias). Bytes: the weights and biases read once by
+# the paired forward passes and read and written once by the fused backward and update.
+flops = 4 * M + 2 * D + 3 * W + 2 * B
+bytes_ = 12 * (W + B)
+peak = roof.get("peak_gflops avx512") or roof.get("peak_gflops avx2") or roof["peak_gflops portable"]
+bw = roof.get("bandwidth_gbs L2 read")
+for label, us in (("train", float(sys.argv[3])), ("frozen", float(sys.argv[4]))):
+    gf = flops / us / 1e3
+    line = f"Roofline, {label}: {flops / 1e3:.1f} kFLOP and {bytes_ / 1e3:.1f} KB of weights per sample-epoch; bnlab {gf:.1f} GFLOP/s, {100 * gf / peak:.0f}% of the peak"
+    if bw:
+        floor = max(flops / peak / 1e3, bytes_ / bw / 1e3)
+        line += f"; the L2 floor (bytes / L2 read bandwidth) is {bytes_ / bw / 1e3:.2f} us, bnlab is at {100 * floor / us:.0f}% of the roofline"
+    print(line + ".")
+ai = flops / bytes_
+print(f"\nArithmetic intensity {ai:.2f} flop per byte of weights: a lane group's weights (16 lanes of {4 * (W + B) / 1e3:.0f} KB) exceed L1, so")
+if bw:
+    print(f"the attainable rate is min(peak, intensity x L2 bandwidth) = {min(peak, ai * bw):.0f} GFLOP/s; see docs/performance.md.")
+PY
 } > "$out.tmp"
 mv "$out.tmp" "$out"
 cat "$out"
