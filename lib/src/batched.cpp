@@ -85,7 +85,9 @@ class Net {
       saved_c.push_back(arena_.reserve(n_c));
     }
     const size_t ga = arena_.reserve(lanes * rows * max_width), gb = arena_.reserve(lanes * rows * max_width);
-    const size_t ia = arena_.reserve(lanes * rows * max_width), ib = arena_.reserve(lanes * rows * max_width);
+    // forward_pair's inference pass: one row per lane, own state (fine-tuning on a sample) only.
+    const int64_t pair = !shared && rows == 1 ? lanes * max_width : 0;
+    const size_t ia = arena_.reserve(pair), ib = arena_.reserve(pair);
     const size_t xin = arena_.reserve(V > 1 ? lanes * rows * inputs_ : 0);
     arena_.allocate();
     xin_ = arena_.at(xin);
@@ -141,6 +143,8 @@ class Net {
   /// What the optimizer steps: trainable() less the layers that apply the SGD rule themselves.
   const std::vector<Segment>& stepped() const { return stepped_; }
   float* params() { return params_; }
+  /// The gradients of the last backward pass; not those of layers that applied an SGD rule
+  /// themselves (set_sgd), which are never written.
   float* grads() { return grads_; }
   size_t param_floats() const { return param_floats_; }  ///< of every lane together
   const float* output() const { return acts_.back(); }
@@ -206,6 +210,7 @@ class Net {
   /// both): the values of forward(kInfer) followed by forward(kFit). The fit pass is what
   /// output() and backward() see; the inference pass's output is inferred().
   void forward_pair(const float* x, int64_t rows) {
+    TORCH_CHECK(!store_.shared && store_.stride == 1 && rows == 1, "forward_pair: one row per lane, own state");
     store_.rows = rows;
     const float* in_a = pack(x, rows);
     const float* in_b = in_a;
@@ -234,7 +239,8 @@ class Net {
     }
   }
 
-  /// Each trainable parameter: its state-dict name, offset and shape.
+  /// Each trainable parameter: its state-dict name, offset and shape (in grads() when no SGD
+  /// rule is set).
   std::vector<std::tuple<std::string, int64_t, std::vector<int64_t>>> trainable_tensors() const {
     std::vector<std::tuple<std::string, int64_t, std::vector<int64_t>>> out;
     for (const auto& l : layers_) {
@@ -478,14 +484,19 @@ class Optimizer {
     arena_.allocate();
     for (size_t r : regions) slots_.push_back(arena_.at(r));
     ptrs_.resize(slots_.size());
-    if (def_.plain(c_, lr_, sgd_)) net_.set_sgd(&sgd_);
+    fused_ = def_.plain(c_, lr_, sgd_);
+    if (fused_) net_.set_sgd(&sgd_);
   }
-  ~Optimizer() { net_.set_sgd(nullptr); }
+  ~Optimizer() {
+    if (fused_) net_.set_sgd(nullptr);
+  }
   Optimizer(const Optimizer&) = delete;
   Optimizer& operator=(const Optimizer&) = delete;
+  /// The learning rate of the next step. Set it before backward(): the Net's fused layers apply
+  /// the rule there (the Net holds a pointer to sgd_, updated in place).
   void set_lr(double lr) {
     lr_ = lr;
-    if (def_.plain(c_, lr_, sgd_)) net_.set_sgd(&sgd_);
+    if (fused_) def_.plain(c_, lr_, sgd_);
   }
   void step() {
     ++step_;
@@ -510,7 +521,8 @@ class Optimizer {
   Arena arena_;
   std::vector<float*> slots_;
   std::vector<float*> ptrs_;
-  lanes::Sgd sgd_;  ///< the plain SGD rule the Net's Dense layers apply, when it is one
+  lanes::Sgd sgd_;      ///< the plain SGD rule the Net's Dense layers apply, when it is one
+  bool fused_ = false;  ///< the optimizer is that rule (fixed by the config)
   int64_t step_ = 0;
 };
 
@@ -518,13 +530,8 @@ class Optimizer {
 std::vector<float> gather_rows(const torch::Tensor& t, const std::vector<int64_t>& samples) {
   // Dataset tensors are contiguous float32: row copies (index_select costs more than the copy).
   const torch::Tensor src = t.dim() == 2 && t.scalar_type() == torch::kFloat ? t.contiguous() : t.to(torch::kFloat).contiguous();
-  const int64_t width = src.size(1), n = src.size(0);
-  const float* from = src.data_ptr<float>();
-  std::vector<float> out(samples.size() * static_cast<size_t>(width));
-  for (size_t i = 0; i < samples.size(); ++i) {
-    TORCH_CHECK(samples[i] >= 0 && samples[i] < n, "gather_rows: row ", samples[i], " of ", n);
-    std::copy_n(from + samples[i] * width, width, out.data() + i * static_cast<size_t>(width));
-  }
+  std::vector<float> out(samples.size() * static_cast<size_t>(src.size(1)));
+  copy_rows(src.data_ptr<float>(), src.size(0), src.size(1), samples.data(), static_cast<int64_t>(samples.size()), out.data());
   return out;
 }
 
@@ -676,7 +683,8 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
     }
   }
   // evaluate_after is the inference loss of the best epoch's state. The val pass of that epoch
-  // ran the same kernels on that same state (the checkpoint is taken right after it, and
+  // computed the same values on that same state (forward_pair's inference pass is forward(kInfer)
+  // value for value; the checkpoint is taken right after it, and
   // inference reads no buffer it writes), so it IS val_loss[best_epoch], bit for bit; the
   // torch engine recomputes it, and BatchedEngine.EvaluateAfterIsTheBestEpochsValLoss checks
   // there that the two are identical for every preset. With an export, the state is restored
@@ -718,10 +726,10 @@ double pretrain_batched(ModelImpl& model, const Dataset& data, const Config& con
   const double loss = pretrain_loop(data, config, log, verbose, [&](const torch::Tensor& xb, const torch::Tensor& yb, double lr) {
     const int64_t rows = xb.size(0);
     const float* x = xb.data_ptr<float>();
+    optimizer.set_lr(lr);  // before backward(), where a fused update applies it
     net.forward(Pass::kFit, x, rows);
     lane_losses(net, config.model.loss, yb.data_ptr<float>(), rows, targets, true, values, nullptr);
     net.backward(x);
-    optimizer.set_lr(lr);
     optimizer.step();
     return values[0];
   });

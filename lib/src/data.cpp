@@ -367,4 +367,11 @@ std::string data_line(const Config& c, const Dataset& d) {
   return s;
 }
 
+void copy_rows(const float* src, int64_t n, int64_t width, const int64_t* ids, int64_t count, float* dst) {
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < n, "copy_rows: row ", ids[i], " of ", n);
+    std::copy_n(src + ids[i] * width, width, dst + i * width);
+  }
+}
+
 }  // namespace bnlab

@@ -56,4 +56,8 @@ void prepare_inputs(Dataset& d, bool standardized);
 /// Standardizes x in place with its own mean/std (std 0 becomes 1) and records them.
 void standardize(Dataset& d);
 
+/// Rows ids[0..count) of src, a [n, width] float32 matrix, in that order, into dst (count x
+/// width floats): what index_select(0, ids) gives, as row copies. Each id is checked against n.
+void copy_rows(const float* src, int64_t n, int64_t width, const int64_t* ids, int64_t count, float* dst);
+
 }  // namespace bnlab

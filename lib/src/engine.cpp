@@ -118,15 +118,8 @@ torch::Tensor take_rows(const torch::Tensor& t, const torch::Tensor& idx) {
   if (t.dim() != 2 || t.scalar_type() != torch::kFloat || !t.is_contiguous() || idx.scalar_type() != torch::kLong ||
       !idx.is_contiguous())
     return t.index_select(0, idx);
-  const int64_t n = idx.size(0), width = t.size(1), rows = t.size(0);
-  auto out = torch::empty({n, width}, t.options());
-  const int64_t* ids = idx.data_ptr<int64_t>();
-  const float* from = t.data_ptr<float>();
-  float* to = out.data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(ids[i] >= 0 && ids[i] < rows, "take_rows: row ", ids[i], " of ", rows);
-    std::copy_n(from + ids[i] * width, width, to + i * width);
-  }
+  auto out = torch::empty({idx.size(0), t.size(1)}, t.options());
+  copy_rows(t.data_ptr<float>(), t.size(0), t.size(1), idx.data_ptr<int64_t>(), idx.size(0), out.data_ptr<float>());
   return out;
 }
 }  // namespace

@@ -51,14 +51,18 @@ const Kernels* best() {
   return &portable::kernels();
 }
 
-std::atomic<const Kernels*>& current() {
-  static std::atomic<const Kernels*> k{best()};
-  return k;
-}
+std::atomic<const Kernels*> chosen{nullptr};  // set_isa's choice, or best() at first use
 
 }  // namespace
 
-const Kernels& active() { return *current().load(std::memory_order_relaxed); }
+const Kernels& active() {
+  const Kernels* k = chosen.load(std::memory_order_relaxed);
+  if (k == nullptr) {  // first use (several threads may get here; they all pick the same)
+    k = best();
+    chosen.store(k, std::memory_order_relaxed);
+  }
+  return *k;
+}
 
 std::vector<std::string> available() {
   std::vector<std::string> out;
@@ -70,7 +74,7 @@ std::vector<std::string> available() {
 bool set_isa(const std::string& isa) {
   const Kernels* k = by_name(isa);
   if (k == nullptr) return false;
-  current().store(k, std::memory_order_relaxed);
+  chosen.store(k, std::memory_order_relaxed);
   return true;
 }
 

@@ -1,6 +1,8 @@
-// Dense kernels over a group of kWidth lanes whose state is interleaved: element e of lane v of
-// a group sits at [e * kWidth + v], so one lane's sum is a vertical SIMD operation with no
-// horizontal step, and every lane keeps exactly the scalar summation order of kernels.hpp.
+// The batched engine's kernels, compiled per instruction set. Dense kernels over a group of
+// kWidth lanes whose state is interleaved (element e of lane v of a group sits at
+// [e * kWidth + v], so one lane's sum is a vertical SIMD operation with no horizontal step, and
+// every lane keeps exactly the scalar summation order of kernels.hpp); the one-lane gemm; and the
+// element-wise kernels (BatchNorm, ReLU), which run on plain or interleaved arrays alike.
 // Compiled once per instruction set (portable x86-64, AVX2, AVX-512; never with FMA), picked at
 // load time from the CPU, or forced with BNLAB_ISA=portable|avx2|avx512 (what the tests compare).
 #pragma once
@@ -15,8 +17,8 @@ namespace bnlab::lanes {
 constexpr int64_t kWidth = 16;
 
 /// Plain SGD (no momentum), p <- p + (-lr) * g, with weight decay p + (-lr) * (g + wd * p): the
-/// rule SgdDef::update applies (optimizers.cpp) and the one dense_backward applies in place of
-/// writing dW and db when the optimizer allows it (fused: each weight read once, written once).
+/// rule SgdDef::update applies (optimizers.cpp) and the one dense_backward_sgd applies in place
+/// of writing dW and db when the optimizer allows it (fused: each weight read once, written once).
 /// One definition for floats and for vectors of lanes, so both compute the same operations.
 struct Sgd {
   float neg_lr = 0.f;  ///< -lr
@@ -32,8 +34,9 @@ struct Sgd {
   float operator()(float p, float g) const { return apply(p, g); }
 };
 
-/// One instruction set's kernels. Shapes as in kernels.hpp, every array interleaved by lane:
-/// W [out][in][kWidth], bias [out][kWidth], x [rows][in][kWidth], y [rows][out][kWidth].
+/// One instruction set's kernels. Shapes as in kernels.hpp; the Dense kernels' arrays are
+/// interleaved by lane: W [out][in][kWidth], bias [out][kWidth], x [rows][in][kWidth],
+/// y [rows][out][kWidth] (gemm's and the element-wise kernels' are not).
 struct Kernels {
   const char* isa;
   /// y[r] = W x[r] + bias: with `sequential` in kernels::gemm's order (k ascending from the
@@ -49,8 +52,8 @@ struct Kernels {
   /// each output skipped when its pointer is null.
   void (*dense_backward)(const float* W, const float* x, const float* g, float* dW, float* db, float* dx,
                          int64_t rows, int64_t out, int64_t in, bool from_zero);
-  /// dense_backward followed by `sgd` on W and bias (bias may be null), one row of W at a time:
-  /// dx from the row before its update, dW and db never stored. The same values as
+  /// dense_backward followed by `sgd` on W and bias (bias may be null), row by row of W (four
+  /// rows per sweep with one row of x): dx from each row before its update, dW and db never stored. The same values as
   /// dense_backward then Sgd over dW and db, bit for bit.
   void (*dense_backward_sgd)(float* W, float* bias, const float* x, const float* g, float* dx, int64_t rows,
                              int64_t out, int64_t in, bool from_zero, Sgd sgd);
@@ -91,7 +94,9 @@ struct Kernels {
   void (*relu_backward)(const float* y, const float* g, float* dx, int64_t n);
 };
 
-/// The kernels in use: the best the CPU runs, unless BNLAB_ISA or set_isa() chose.
+/// The kernels in use: the best the CPU runs, unless BNLAB_ISA or set_isa() chose. Throws
+/// std::runtime_error (the message isa_environment_error() gives) when BNLAB_ISA names a path
+/// this CPU cannot run and set_isa() has not chosen one.
 const Kernels& active();
 /// Every instruction set this CPU can run ("portable" first).
 std::vector<std::string> available();

@@ -702,43 +702,54 @@ size_t Arena::reserve(int64_t floats, bool zeroed) {
 }
 
 namespace {
+constexpr size_t kSpareBlocks = 4;
+constexpr size_t kSpareBytes = size_t{64} << 20;  // a larger block goes back to the system
 /// Blocks a thread's arenas gave back, kept for the next ones: a study builds several arenas per
 /// work item, and fresh pages from the system cost a fault each on first touch (measured: 5 to 10%
-/// of a 32-lane, 10-epoch work item). Per thread, so no lock; a few blocks at most.
+/// of a 32-lane, 10-epoch work item). Per thread, so no lock; at most kSpareBlocks blocks of at
+/// most kSpareBytes each, in a fixed array (giving a block back allocates nothing). An Arena must
+/// not outlive its thread (Nets are locals of the functions that run them).
 struct SpareBlocks {
   struct Block {
-    float* base;
-    size_t bytes;
+    float* base = nullptr;
+    size_t bytes = 0;
   };
-  std::vector<Block> blocks;
+  Block blocks[kSpareBlocks];
+  size_t count = 0;
   ~SpareBlocks() {
-    for (const auto& b : blocks) std::free(b.base);
+    for (size_t i = 0; i < count; ++i) std::free(blocks[i].base);
   }
 };
 thread_local SpareBlocks spare;
-constexpr size_t kSpareBlocks = 4;
 }  // namespace
 
 Arena::~Arena() {
   if (base_ == nullptr) return;
-  if (spare.blocks.size() == kSpareBlocks) {
-    std::free(spare.blocks.front().base);
-    spare.blocks.erase(spare.blocks.begin());
+  if (bytes_ > kSpareBytes) {
+    std::free(base_);
+    return;
   }
-  spare.blocks.push_back({base_, bytes_});
+  if (spare.count == kSpareBlocks) {  // the oldest goes
+    std::free(spare.blocks[0].base);
+    for (size_t i = 1; i < kSpareBlocks; ++i) spare.blocks[i - 1] = spare.blocks[i];
+    --spare.count;
+  }
+  spare.blocks[spare.count++] = {base_, bytes_};
 }
 
 void Arena::allocate() {
   const size_t bytes = std::max<size_t>((end_ * sizeof(float) + 4095) / 4096 * 4096, 4096);
   // The smallest spare block that holds it and is at most twice its size, else a new one.
-  auto& blocks = spare.blocks;
-  auto best = blocks.end();
-  for (auto it = blocks.begin(); it != blocks.end(); ++it)
-    if (it->bytes >= bytes && it->bytes <= 2 * bytes && (best == blocks.end() || it->bytes < best->bytes)) best = it;
-  if (best != blocks.end()) {
-    base_ = best->base;
-    bytes_ = best->bytes;
-    blocks.erase(best);
+  size_t best = kSpareBlocks;
+  for (size_t i = 0; i < spare.count; ++i) {
+    const size_t b = spare.blocks[i].bytes;
+    if (b >= bytes && b <= 2 * bytes && (best == kSpareBlocks || b < spare.blocks[best].bytes)) best = i;
+  }
+  if (best != kSpareBlocks) {
+    base_ = spare.blocks[best].base;
+    bytes_ = spare.blocks[best].bytes;
+    for (size_t i = best + 1; i < spare.count; ++i) spare.blocks[i - 1] = spare.blocks[i];
+    --spare.count;
   } else {
     base_ = static_cast<float*>(std::aligned_alloc(4096, bytes));
     if (base_ == nullptr) throw std::bad_alloc();

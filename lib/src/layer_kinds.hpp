@@ -115,8 +115,11 @@ class LayerKindDef {
   }
   /// out = layer(in) for every lane over store.rows rows.
   virtual void forward(const LaneStore& store, BatchedLayer& l, Pass pass, const float* in, float* out) const = 0;
-  /// Two forward passes over the same state, `first` on in_a then `second` on in_b (what two
-  /// forward() calls in that order compute); a kind may share its loads between them.
+  /// Two forward passes over the same state, `first` on in_a then `second` on in_b: the values
+  /// of two forward() calls in that order (a kind may share its loads between them). Net runs
+  /// every layer's pair before the next layer's, which gives the values of the two whole passes
+  /// in sequence because a layer's forward reads and writes only its own state, and `first` (the
+  /// inference pass) draws no random numbers: a kind that broke either would have to opt out.
   virtual void forward_pair(const LaneStore& store, BatchedLayer& l, Pass first, const float* in_a, float* out_a,
                             Pass second, const float* in_b, float* out_b) const {
     forward(store, l, first, in_a, out_a);

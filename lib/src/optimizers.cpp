@@ -39,16 +39,11 @@ class SgdDef final : public OptimizerDef {
     const float lr = static_cast<float>(-lr_d);
     const float mom = static_cast<float>(c.momentum);
     const float wd = static_cast<float>(c.weight_decay);
-    // Without momentum: the rule the batched Dense kernels fuse into their backward pass, as
-    // loops without branches so that they vectorize; the same float operations in the same
-    // order as the general loop below.
+    // Without momentum: the rule the batched Dense kernels fuse into their backward pass; the
+    // same float operations in the same order as the general loop below.
     lanes::Sgd rule;
     if (plain(c, lr_d, rule)) {
-      if (rule.decay) {
-        for (int64_t k = 0; k < n; ++k) p[k] = rule(p[k], g[k]);
-      } else {
-        for (int64_t k = 0; k < n; ++k) p[k] = rule(p[k], g[k]);
-      }
+      for (int64_t k = 0; k < n; ++k) p[k] = rule(p[k], g[k]);
       return;
     }
     float* m = slot[0];

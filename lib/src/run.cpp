@@ -493,7 +493,8 @@ class Sink {
 };
 
 /// Inserts runs into the store from a writer thread, in transactions of whatever finished since
-/// the last one (at most every 0.2 s), and keeps progress.json (counts, rate, ETA) current.
+/// the last one (every 0.2 s, or as soon as half the queue's bound is waiting), and keeps
+/// progress.json (counts, rate, ETA) current.
 class StoreSink : public Sink {
  public:
   StoreSink(Store& store, std::string dir, size_t planned, size_t resumed)

@@ -150,7 +150,9 @@ void compare_strategies(const Trained& s, const std::vector<StrategyConfig>& str
       }
       // With several batches per epoch (a set, batch_size < k) the lag identity is not expected to
       // hold, and whether its residual falls under the tolerance is a coin toss between engines.
-      if (c.finetune.set_size() <= c.finetune.batch_size) EXPECT_EQ(got.lag_identity_holds, ref.lag_identity_holds) << where;
+      if (c.finetune.set_size() <= c.finetune.batch_size) {
+        EXPECT_EQ(got.lag_identity_holds, ref.lag_identity_holds) << where;
+      }
       const auto track = [&](double a, double b, const std::string& what) {
         expect_close(a, b, where + ", " + what);
         worst = std::max(worst, std::abs(a - b));
@@ -347,7 +349,9 @@ TEST(BatchedEngine, OnASetTheLagIdentityHoldsOnlyForOneBatchPerEpoch) {
       const auto got = finetune_batched(*s.pretrained, preset(name), s.config, s.data, {0, 1});
       for (const auto* r : {&ref, &got[1]}) {
         EXPECT_TRUE(r->lag_identity_holds) << name << ", shuffle " << shuffle << ": relative " << r->lag_relative;
-        if (std::string(shuffle) == "false") EXPECT_EQ(r->lag_residual, 0.0) << name << ": same rows, same order, same kernels";
+        if (std::string(shuffle) == "false") {
+          EXPECT_EQ(r->lag_residual, 0.0) << name << ": same rows, same order, same kernels";
+        }
       }
       EXPECT_GT(std::abs(got[1].val_loss.back() - got[1].evaluate_before), 1e-4) << "the weights did move";
     }
