@@ -22,8 +22,12 @@ bin="$out/fuzz_$target"
 lib="$root/lib/src"
 # bnlab's torch-free sources are compiled once into $out/core for every target (ctest runs the
 # targets in parallel: one builds while the others wait on the lock), then linked with each one.
-core=(config model_spec text json_input run_dir pickle store report tools csv)
-flags=(-std=c++17 -O1 -g -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined -I"$root/lib/include" -I"$lib")
+# tensorboard.cpp includes the Event proto's code, which the CMake build generates with protoc
+# into the build folder's lib/ (scripts/build.sh has run before any fuzz target).
+core=(config model_spec text json_input run_dir pickle store report html_report tensorboard tools csv)
+gen="${BNLAB_BUILD_DIR:-$root/build}/lib"
+[ -f "$gen/tensorboard_event.pb.cc" ] || { echo "fuzz.sh: $gen/tensorboard_event.pb.cc is missing: run scripts/build.sh first" >&2; exit 2; }
+flags=(-std=c++17 -O1 -g -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined -I"$root/lib/include" -I"$lib" -I"$gen")
 (
   flock 9
   mkdir -p "$out/core"
@@ -33,11 +37,15 @@ flags=(-std=c++17 -O1 -g -fsanitize=fuzzer-no-link,address,undefined -fno-saniti
       clang++ "${flags[@]}" -c "$lib/$name.cpp" -o "$obj.tmp" && mv "$obj.tmp" "$obj"
     fi
   done
+  obj="$out/core/tensorboard_event.pb.o"
+  if [ ! -f "$obj" ] || [ "$gen/tensorboard_event.pb.cc" -nt "$obj" ]; then
+    clang++ "${flags[@]}" -w -c "$gen/tensorboard_event.pb.cc" -o "$obj.tmp" && mv "$obj.tmp" "$obj"
+  fi
 ) 9>"$out/.core.lock"
 objs=()
-for name in "${core[@]}"; do objs+=("$out/core/$name.o"); done
+for name in "${core[@]}" tensorboard_event.pb; do objs+=("$out/core/$name.o"); done
 if [ ! -x "$bin" ] || [ "$root/fuzz/fuzz_$target.cpp" -nt "$bin" ] || [ -n "$(find "${objs[@]}" -newer "$bin")" ]; then
-  clang++ "${flags[@]}" -fsanitize=fuzzer "$root/fuzz/fuzz_$target.cpp" "${objs[@]}" -lsqlite3 -o "$bin.tmp"
+  clang++ "${flags[@]}" -fsanitize=fuzzer "$root/fuzz/fuzz_$target.cpp" "${objs[@]}" -lsqlite3 -lprotobuf -o "$bin.tmp"
   mv "$bin.tmp" "$bin"
 fi
 dict=()

@@ -9,6 +9,10 @@ packages=(
   python3-torch python3-numpy gnuplot-nox
   clang libclang-rt-14-dev libhdf5-dev python3-h5py libzip-dev libsqlite3-dev python3-pandas
   slurm-wlm munge util-linux
+  python3-yaml yamllint  # tests/ci/test_ci_recipes.py
+  protobuf-compiler libprotobuf-dev  # tensorboard/ event files (lib/proto)
+  python3-crc32c  # tests/report/test_tensorboard.py
+  chromium python3-pil fonts-dejavu-core  # tests/report/test_report_html.py
 )
 
 missing=()

@@ -11,6 +11,7 @@
 #include "bnlab/errors.hpp"
 #include "bnlab/run.hpp"
 #include "engine.hpp"
+#include "html_report.hpp"
 #include "json_input.hpp"
 #include "text.hpp"
 #include "store.hpp"
@@ -215,30 +216,17 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
          "| gamma/beta | momentum |\n|---|---|---|---|---|---|---|\n";
   for (size_t k = 0; k < strategies.size(); ++k) {
     const auto* s = strategies[k];
-    const auto prepared = prepared_layers(cfg.model.layers, *s);
-    const auto modes = resolve_modes(prepared, s);
     ojson per_layer = ojson::array();
-    for (size_t i = 0; i < prepared.size(); ++i) {
-      const auto& l = prepared[i];
-      if (l.kind != LayerKind::kBatchNorm && l.kind != LayerKind::kFrozenBatchNorm && l.kind != LayerKind::kBatchRenorm) continue;
-      const auto& m = modes[i];
-      const bool frozen_module = l.kind == LayerKind::kFrozenBatchNorm;
-      const std::string fit = frozen_module       ? "running (FrozenBatchNorm1d)"
-                              : m.prior >= 0        ? "p = " + fmt("%.6g", m.prior) + " of running, 1 - p of batch (prior)"
-                              : l.kind == LayerKind::kBatchRenorm ? std::string("batch, renormalised: x-hat * r + d (renorm)")
-                              : m.fit_batch_stats   ? "batch"
-                                                    : "running";
-      const std::string infer = frozen_module ? "running (FrozenBatchNorm1d)" : m.infer_batch_stats ? "batch" : "running";
-      const bool updates = !frozen_module && m.updates && m.momentum > 0;
-      const std::string affine = frozen_module || !(l.scale || l.center) ? "none trainable" : m.trainable ? "trainable" : "frozen";
-      out << "| " << s->name << " | " << l.name << " | " << fit << " | " << infer << " | " << (updates ? "updated" : "unchanged")
-          << " | " << affine << " | " << (frozen_module ? std::string("-") : fmt("%g", m.momentum)) << " |\n";
-      per_layer.push_back(ojson{{"module", l.name}, {"bn_index", l.bn_index}, {"kind", layer_kind_name(l.kind)},
-                                {"selected", m.selected}, {"fit_batch_statistics", !frozen_module && m.fit_batch_stats},
-                                {"inference_batch_statistics", !frozen_module && m.infer_batch_stats},
-                                {"running_statistics_updated", updates}, {"affine", affine},
-                                {"prior", m.prior >= 0 ? ojson(m.prior) : ojson(nullptr)},
-                                {"momentum", frozen_module ? ojson(nullptr) : ojson(m.momentum)}});
+    for (const auto& r : batchnorm_mode_rows(cfg.model.layers, *s)) {
+      out << "| " << s->name << " | " << r.module << " | " << r.fit << " | " << r.inference << " | "
+          << (r.running_statistics_updated ? "updated" : "unchanged") << " | " << r.affine << " | "
+          << (r.frozen_module ? std::string("-") : fmt("%g", r.momentum)) << " |\n";
+      per_layer.push_back(ojson{{"module", r.module}, {"bn_index", r.bn_index}, {"kind", r.kind},
+                                {"selected", r.selected}, {"fit_batch_statistics", r.fit_batch_statistics},
+                                {"inference_batch_statistics", r.inference_batch_statistics},
+                                {"running_statistics_updated", r.running_statistics_updated}, {"affine", r.affine},
+                                {"prior", r.prior >= 0 ? ojson(r.prior) : ojson(nullptr)},
+                                {"momentum", r.frozen_module ? ojson(nullptr) : ojson(r.momentum)}});
     }
     if (per_layer.empty()) out << "| " << s->name << " | (none: folded into the Linear layers) | | | | | |\n";
     strategies_json[k]["batchnorm_layers"] = per_layer;
@@ -270,6 +258,11 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
   if (!measured.empty()) result["measured"] = measured;
   const std::string text = result.dump(2) + "\n";
   write_file_atomic(w.dir + "/explain.json", text);
+  try {
+    refresh_html_report(w.dir);  // the study's report.html, now with the measured layers
+  } catch (const InputError& e) {  // a damaged store: its report stays as it was
+    log << "note: report.html not refreshed: " << e.what() << "\n";
+  }
   if (options.verbose > 0) log << "explain.json written to " << w.dir << "\n";
   return text;
 }

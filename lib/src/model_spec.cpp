@@ -302,4 +302,37 @@ bool uses_batch_stats_in_fit(const std::vector<LayerSpec>& layers, const Strateg
   return false;
 }
 
+std::vector<BatchNormModeRow> batchnorm_mode_rows(const std::vector<LayerSpec>& layers, const StrategyConfig& strategy) {
+  const auto prepared = prepared_layers(layers, strategy);
+  const auto modes = resolve_modes(prepared, &strategy);
+  std::vector<BatchNormModeRow> rows;
+  for (size_t i = 0; i < prepared.size(); ++i) {
+    const auto& l = prepared[i];
+    if (l.kind != LayerKind::kBatchNorm && l.kind != LayerKind::kFrozenBatchNorm && l.kind != LayerKind::kBatchRenorm) continue;
+    const auto& m = modes[i];
+    BatchNormModeRow r;
+    r.module = l.name;
+    r.kind = layer_kind_name(l.kind);
+    r.bn_index = l.bn_index;
+    r.selected = m.selected;
+    r.frozen_module = l.kind == LayerKind::kFrozenBatchNorm;
+    r.fit_batch_statistics = !r.frozen_module && m.fit_batch_stats;
+    r.inference_batch_statistics = !r.frozen_module && m.infer_batch_stats;
+    r.running_statistics_updated = !r.frozen_module && m.updates && m.momentum > 0;
+    char p[64];
+    std::snprintf(p, sizeof p, "%.6g", m.prior);
+    r.fit = r.frozen_module                    ? "running (FrozenBatchNorm1d)"
+            : m.prior >= 0                     ? "p = " + std::string(p) + " of running, 1 - p of batch (prior)"
+            : l.kind == LayerKind::kBatchRenorm ? std::string("batch, renormalised: x-hat * r + d (renorm)")
+            : m.fit_batch_stats                ? "batch"
+                                               : "running";
+    r.inference = r.frozen_module ? "running (FrozenBatchNorm1d)" : m.infer_batch_stats ? "batch" : "running";
+    r.affine = r.frozen_module || !(l.scale || l.center) ? "none trainable" : m.trainable ? "trainable" : "frozen";
+    r.prior = m.prior;
+    r.momentum = m.momentum;
+    rows.push_back(r);
+  }
+  return rows;
+}
+
 }  // namespace bnlab

@@ -18,6 +18,7 @@
 #include "bnlab/errors.hpp"
 #include "json_input.hpp"
 #include "run_dir.hpp"
+#include "tensorboard.hpp"
 #include "text.hpp"
 
 namespace bnlab {
@@ -91,26 +92,13 @@ std::string keras_line(int64_t epoch, int64_t epochs, double loss, double val_lo
 
 namespace {
 
-std::string num(double v) { return std::isfinite(v) ? fmt_double(v) : std::string(); }
+std::string num(double v) { return csv_number(v); }
 
 /// Points per strategy the gap distribution draws at most (evenly strided in run order), so
 /// the SVG stays small however many runs there are.
 constexpr size_t kGapPoints = 1000;
 
-/// A per-epoch band of one group: median and quartiles over its runs.
-struct Band {
-  std::vector<double> median, p25, p75;
-};
-
-/// One (grid point, strategy) group, digested.
-struct Group {
-  Aggregate agg;
-  size_t grid = 0, strategy = 0;
-  size_t curves = 0;            ///< runs whose curves the bands cover (not failed)
-  Band loss, val_loss;
-  std::vector<double> gaps;     ///< sorted final gaps (first grid point only: the distribution plot)
-  std::vector<double> shown;    ///< at most kGapPoints of them, strided in run order
-};
+using Group = GroupDigest;
 
 /// Feeds runs one by one (in run order, where each group's runs are consecutive) and keeps only
 /// the current group's figures; a finished group becomes a Group.
@@ -127,6 +115,9 @@ class Digest {
       return;
     }
     a.diverged += r.diverged ? 1 : 0;
+    cur_.lag_holds += r.lag_identity_holds ? 1 : 0;
+    before_.push_back(r.evaluate_before);
+    after_.push_back(r.evaluate_after);
     gap_.push_back(r.final_gap);
     lag_.push_back(r.lag_residual);
     change_.push_back(r.evaluate_after - r.evaluate_before);
@@ -197,9 +188,11 @@ class Digest {
     cur_.agg.final_gap = describe(std::move(gap_));
     cur_.agg.lag_residual = describe(std::move(lag_));
     cur_.agg.eval_change = describe(std::move(change_));
+    cur_.evaluate_before = describe(std::move(before_));
+    cur_.evaluate_after = describe(std::move(after_));
     cur_.loss = band(loss_);
     cur_.val_loss = band(val_);
-    gap_.clear(), lag_.clear(), change_.clear(), loss_.clear(), val_.clear();
+    gap_.clear(), lag_.clear(), change_.clear(), before_.clear(), after_.clear(), loss_.clear(), val_.clear();
     done_.emplace(std::make_pair(cur_.grid, cur_.strategy), std::move(cur_));
     open_ = false;
   }
@@ -208,7 +201,7 @@ class Digest {
   bool bands_;
   bool open_ = false;
   Group cur_;
-  std::vector<double> gap_, lag_, change_;
+  std::vector<double> gap_, lag_, change_, before_, after_;
   std::vector<std::vector<double>> loss_, val_;
   std::map<std::pair<size_t, size_t>, Group> done_;
 };
@@ -530,6 +523,15 @@ void write_exports(const std::string& dir, const Config& c, Store& store, const 
 
 }  // namespace
 
+std::string csv_number(double v) { return std::isfinite(v) ? fmt_double(v) : std::string(); }
+
+StudyReport digest_study(const Config& c, const Store& store, size_t planned) {
+  Digest d(c, /*bands=*/true);
+  size_t stored = 0;
+  store.for_each([&](const StrategyResult& r) { d.add(r), ++stored; }, /*curves=*/true);
+  return StudyReport{"", d.finish(), stored, planned};
+}
+
 std::vector<Aggregate> aggregate(const Config& c, const std::vector<StrategyResult>& runs) {
   Digest d(c, false);
   for (const auto& r : runs) d.add(r);
@@ -596,11 +598,11 @@ std::string data_paragraph(const std::string& dir, const Config& c) {
 
 }  // namespace
 
-std::string write_reports(const std::string& dir, const Config& c, Store& store, bool plots, std::ostream& log,
+StudyReport write_reports(const std::string& dir, const Config& c, Store& store, bool plots, std::ostream& log,
                           size_t planned) {
   const bool with_grid = c.grid.size() > 1;
   const bool single = c.seeds.size() == 1 && c.finetune.samples.size() == 1;
-  Digest digest(c, plots);
+  Digest digest(c, /*bands=*/true);  // the curves of tensorboard/ and report.html, with or without plots
   size_t stored = 0;
   std::vector<StrategyResult> few;  // single-run-per-strategy studies: their table lists every run
   store.for_each([&](const StrategyResult& r) {
@@ -608,7 +610,7 @@ std::string write_reports(const std::string& dir, const Config& c, Store& store,
     ++stored;
     if (single) few.push_back(r);
   }, /*curves=*/true);
-  const std::vector<Group> groups = digest.finish();
+  std::vector<Group> groups = digest.finish();
   std::vector<Aggregate> aggs;
   for (const auto& g : groups) aggs.push_back(g.agg);
   write_exports(dir, c, store, aggs, exports_for(c, planned), planned, stored);
@@ -658,7 +660,8 @@ std::string write_reports(const std::string& dir, const Config& c, Store& store,
                       [&](const std::string& term, const std::string& out) { return gap_script(c, groups, term, out); }});
     render(dir, todo, log);
   }
-  return console;
+  write_tensorboard(dir, c, groups);
+  return StudyReport{console, std::move(groups), stored, planned};
 }
 
 }  // namespace bnlab

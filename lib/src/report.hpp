@@ -51,13 +51,45 @@ std::string metrics_lines(const StrategyResult& run);
 /// Which text exports a study of `runs` runs gets under config.report ("curves", "metrics", "runs").
 std::vector<std::string> exports_for(const Config& config, size_t runs);
 
+/// A per-epoch band of one group: median and quartiles over its runs that did not fail.
+struct Band {
+  std::vector<double> median, p25, p75;
+};
+
+/// One (grid point, strategy) group digested from the store: what every report draws from.
+struct GroupDigest {
+  Aggregate agg;
+  size_t grid = 0, strategy = 0;  ///< indices into the config's grid and strategies
+  size_t curves = 0;              ///< runs the bands and figures cover (not failed)
+  size_t lag_holds = 0;           ///< of those, runs whose lag identity holds
+  Band loss, val_loss;
+  Stats evaluate_before, evaluate_after;
+  std::vector<double> gaps;     ///< sorted final gaps (first grid point only: the distribution)
+  std::vector<double> shown;    ///< at most 1000 of them, strided in run order
+};
+
+/// What write_reports found: the console table, the groups in config order, and the counts.
+struct StudyReport {
+  std::string table;
+  std::vector<GroupDigest> groups;
+  size_t stored = 0, planned = 0;
+};
+
+/// A figure as summary.csv writes it: the shortest text that reads back as the same double;
+/// "" when not finite.
+std::string csv_number(double v);
+
+/// The digest write_reports draws from, without writing anything (report.html after explain).
+StudyReport digest_study(const Config& c, const Store& store, size_t planned);
+
 /// Writes a study's reports from its store, each file atomically: summary.json (aggregates, and
 /// per-run records when exported), summary.csv, summary.md, the exports of exports_for (streamed
 /// from the store; an export not written this time is removed, so none disagrees with the
 /// store) and, when `plots`, curves.png/svg and (more than one run per strategy)
-/// gap_distribution.png/svg. `planned` is how many runs the directory should hold. Returns the
-/// summary table for the console.
-std::string write_reports(const std::string& dir, const Config& config, Store& store, bool plots,
+/// gap_distribution.png/svg, and tensorboard/ (tensorboard.hpp). `planned` is how many runs
+/// the directory should hold. report.html is written afterwards (html_report.hpp), when the
+/// manifest is.
+StudyReport write_reports(const std::string& dir, const Config& config, Store& store, bool plots,
                           std::ostream& log, size_t planned);
 
 }  // namespace bnlab

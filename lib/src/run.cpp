@@ -31,6 +31,7 @@
 #include "engine.hpp"
 #include "keras_io.hpp"
 #include "torch_io.hpp"
+#include "html_report.hpp"
 #include "report.hpp"
 #include "store.hpp"
 #include "layer_kinds.hpp"
@@ -905,7 +906,8 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   result.interrupted = stored < plan.mine.size();
 
   t = clock::now();
-  const std::string table = write_reports(dir, config, store, options.plots && !result.interrupted, log, plan.mine.size());
+  const StudyReport report = write_reports(dir, config, store, options.plots && !result.interrupted, log, plan.mine.size());
+  const std::string& table = report.table;
   // Callers of small studies get the runs; large ones read the store.
   if (plan.mine.size() <= static_cast<size_t>(config.report.export_limit)) result.runs = store.read_all();
   const double report_seconds = since(t);
@@ -940,6 +942,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
                    {"reports", report_seconds},
                    {"total", since(t_start)}}}};
   write_file_atomic(dir + "/manifest.json", manifest.dump(2) + "\n");
+  write_html_report(dir, config, report);  // after the manifest, which it shows
   if (verbose > 0) {
     log << "\n" << table << "\nresults in " << dir << " (every run in " << store.path() << ")\n";
     if (result.failed) log << result.failed << " run(s) failed; see summary.md\n";

@@ -140,7 +140,7 @@ bool is_bnlab_output_name(const std::string& name) {
       "config.resolved.json", "keras.json", "architecture.json", "manifest.json", "progress.json", "summary.json",
       "summary.csv", "summary.md", "curves.csv", "metrics.jsonl", "curves.png", "curves.svg", "gap_distribution.png",
       "gap_distribution.svg", "explain.json", "data.json", "study.sqlite", "study.sqlite-wal", "study.sqlite-shm",
-      "study.sqlite-journal", kLedgerName, kLockName};
+      "study.sqlite-journal", "report.html", "tensorboard", kLedgerName, kLockName};
   if (kFixed.count(name)) return true;
   return ends_with(name, ".pt") && (starts_with(name, "pretrained") || starts_with(name, "sample") || starts_with(name, "finetuned_"));
 }
@@ -234,28 +234,62 @@ void own_output_dir(const std::string& dir, const std::string& what) {
   save_ledger(dir, o.ledger);
 }
 
+namespace {
+
+/// The owned run directory `path` lies in (itself or a folder above it) and the path's name
+/// relative to it ("summary.md", "tensorboard/train/events..."); nullptr when there is none.
+/// Called with g_mutex held.
+Owned* owner_of(const std::string& path, std::string& dir, std::string& name) {
+  split(path, dir, name);
+  std::string d = dir, rel = name;
+  for (int depth = 0; depth < 8; ++depth) {
+    const auto it = owned().find(real_dir(d));
+    if (it != owned().end()) {
+      dir = d;
+      name = rel;
+      return &it->second;
+    }
+    std::string parent, base;
+    split(d, parent, base);
+    if (base.empty() || base == "." || base == ".." || parent == d) break;
+    rel = base + "/" + rel;
+    d = parent;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
 void claim_path(const std::string& path) {
   std::string dir, name;
   split(path, dir, name);
   if (name.size() > 1 && name[0] == '.' && name.find(".tmp.") != std::string::npos) return;  // a temporary, renamed later
   std::lock_guard<std::mutex> guard(g_mutex);
-  const auto it = owned().find(real_dir(dir));
-  if (it == owned().end()) return;
-  Owned& o = it->second;
-  if (o.ledger.count(name)) return;
+  Owned* o = owner_of(path, dir, name);
+  if (o == nullptr) return;
+  if (o->ledger.count(name)) return;
   if (exists(path))
     throw InputError(path + ": exists and bnlab did not write it (it is not in " + dir + "/" + kLedgerName +
                      "); bnlab never replaces a file it did not write");
-  o.ledger.insert(name);
-  save_ledger(dir, o.ledger);
+  o->ledger.insert(name);
+  save_ledger(dir, o->ledger);
 }
 
 bool may_remove(const std::string& path) {
   std::string dir, name;
-  split(path, dir, name);
+  std::lock_guard<std::mutex> guard(g_mutex);
+  const Owned* o = owner_of(path, dir, name);
+  return o == nullptr || o->ledger.count(name) > 0;
+}
+
+std::vector<std::string> ledger_names_under(const std::string& dir, const std::string& prefix) {
   std::lock_guard<std::mutex> guard(g_mutex);
   const auto it = owned().find(real_dir(dir));
-  return it == owned().end() || it->second.ledger.count(name) > 0;
+  std::vector<std::string> out;
+  if (it == owned().end()) return out;
+  for (const auto& n : it->second.ledger)
+    if (starts_with(n, prefix)) out.push_back(n);
+  return out;
 }
 
 void check_new_output_file(const std::string& path, const std::string& what, const std::string& signature) {

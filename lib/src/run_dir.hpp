@@ -32,13 +32,18 @@ void check_output_dir(const std::string& dir, const std::string& experiment, boo
 /// (claim_path, may_remove). The lock is held until the process ends.
 void own_output_dir(const std::string& dir, const std::string& what = "--out");
 
-/// Before bnlab creates or replaces `path`: in an owned directory, a name not in the ledger
-/// whose file exists is refused (InputError: bnlab did not write it); a new name is recorded in
-/// the ledger first. Elsewhere, nothing to check.
+/// Before bnlab creates or replaces `path` (a file or a folder): in an owned directory or a
+/// folder inside one (tensorboard/...), a name not in the ledger whose file exists is refused
+/// (InputError: bnlab did not write it); a new name is recorded in the ledger first, relative
+/// to the run directory ("tensorboard/train"). Elsewhere, nothing to check.
 void claim_path(const std::string& path);
 
-/// Whether bnlab may remove `path`: in an owned directory only a ledger name; elsewhere yes.
+/// Whether bnlab may remove `path`: in an owned directory (or below it) only a ledger name;
+/// elsewhere yes.
 bool may_remove(const std::string& path);
+
+/// The ledger names of owned directory `dir` that begin with `prefix` ("tensorboard/").
+std::vector<std::string> ledger_names_under(const std::string& dir, const std::string& prefix);
 
 /// A standalone output file named by the user (export -o, golden -o, --junit): refused up
 /// front if something already exists there, unless its first 4 KiB hold `signature`, text only

@@ -156,7 +156,9 @@ void remove_stale_temps(const std::string& dir) {
   ::closedir(d);
 }
 
-AtomicWriter::AtomicWriter(std::string path) : path_(std::move(path)), tmp_(temp_name(path_)) {
+AtomicWriter::AtomicWriter(std::string path) : AtomicWriter(path, temp_name(path)) {}
+
+AtomicWriter::AtomicWriter(std::string path, std::string tmp) : path_(std::move(path)), tmp_(std::move(tmp)) {
   claim_path(path_);  // in a run directory: refused if the file there is not bnlab's
   FILE* f = std::fopen(tmp_.c_str(), "wb");
   if (f == nullptr) throw std::runtime_error("cannot write " + path_ + ": " + errno_text());
@@ -191,8 +193,10 @@ void AtomicWriter::commit() {
   }
 }
 
-void write_file_atomic(const std::string& path, const std::string& data) {
-  AtomicWriter w(path);
+void write_file_atomic(const std::string& path, const std::string& data) { write_file_atomic(path, data, temp_name(path)); }
+
+void write_file_atomic(const std::string& path, const std::string& data, const std::string& tmp) {
+  AtomicWriter w(path, tmp);
   w.write(data);
   w.commit();
 }

@@ -31,6 +31,8 @@ void remove_stale_temps(const std::string& dir);
 /// Writes `data` to `path` through a temporary file in the same directory and a rename,
 /// so readers see the old file or the whole new one, never a part. Throws on failure.
 void write_file_atomic(const std::string& path, const std::string& data);
+/// The same through the temporary file `tmp` (see AtomicWriter).
+void write_file_atomic(const std::string& path, const std::string& data, const std::string& tmp);
 
 /// write_file_atomic for output made piece by piece (exports streamed from a study store): the
 /// pieces go to the temporary file; commit() renames it into place. Destroyed uncommitted (an
@@ -38,6 +40,9 @@ void write_file_atomic(const std::string& path, const std::string& data);
 class AtomicWriter {
  public:
   explicit AtomicWriter(std::string path);
+  /// The same, with the temporary at `tmp` (same file system; for a folder whose readers would
+  /// take a temporary for data, as TensorBoard takes any name with "tfevents" in it).
+  AtomicWriter(std::string path, std::string tmp);
   ~AtomicWriter();
   AtomicWriter(const AtomicWriter&) = delete;
   AtomicWriter& operator=(const AtomicWriter&) = delete;

@@ -12,6 +12,7 @@
 
 #include "bnlab/config.hpp"
 #include "bnlab/errors.hpp"
+#include "html_report.hpp"
 #include "report.hpp"
 #include "store.hpp"
 #include "json_input.hpp"
@@ -317,10 +318,12 @@ void merge_shards(const std::vector<std::string>& dirs, const std::string& out_d
     }
   }
   Store merged = Store::open(out_store, true);
-  const std::string table = write_reports(out_dir, config, merged, plots, log, plan.size());
+  const StudyReport report = write_reports(out_dir, config, merged, plots, log, plan.size());
+  const std::string& table = report.table;
   merged.seal();
   nlohmann::ordered_json manifest{{"merged_from", dirs}, {"runs", plan.size()}};
   write_file_atomic(out_dir + "/manifest.json", manifest.dump(2) + "\n");
+  write_html_report(out_dir, config, report);
   log << table << "\nmerged " << dirs.size() << " shard(s), " << plan.size() << " runs, into " << out_dir << "\n";
 }
 

@@ -44,8 +44,9 @@ ap.add_argument("--points", type=int, default=0,
 ap.add_argument("--commands", default=",".join(COMMANDS), help="comma-separated: " + ", ".join(COMMANDS))
 args = ap.parse_args()
 CONFIG = os.path.join(args.src, "configs/smoke/keras_nll.json")
-# Files that differ between two uninterrupted calls (times, pids, SQLite's page layout).
-VOLATILE = {"manifest.json", "progress.json", "study.sqlite", "study.sqlite-wal", "study.sqlite-shm", "study.sqlite-journal",
+# Files that differ between two uninterrupted calls (times, pids, SQLite's page layout;
+# report.html shows the manifest's times).
+VOLATILE = {"manifest.json", "report.html", "progress.json", "study.sqlite", "study.sqlite-wal", "study.sqlite-shm", "study.sqlite-journal",
             ".bnlab-files", ".bnlab.lock"}
 # The error as the message gives it: the operating system's text, or SQLite's for the store
 # (which reports a failed write as "disk I/O error" or "database or disk is full" for either).

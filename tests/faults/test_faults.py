@@ -87,6 +87,29 @@ def validate_store(out, when):
         check(r[15] == loss[-1] - val[-1], f"{when}: run {r[0]}: final_gap {r[15]} is not its curves' {loss[-1] - val[-1]}")
 
 
+def validate_events(folder, when):
+    """Every event file under tensorboard/ is whole: records end where the file does, each CRC checks."""
+    import crc32c
+
+    def masked(b):
+        c = crc32c.crc32c(b)
+        return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    for root, _, files in os.walk(folder):
+        for f in files:
+            check(".tmp." not in f, f"{when}: a temporary inside tensorboard/: {f}")
+            data = open(os.path.join(root, f), "rb").read()
+            at = 0
+            while at < len(data):
+                (n,) = struct.unpack("<Q", data[at:at + 8])
+                ok = at + 16 + n <= len(data) and struct.unpack("<I", data[at + 8:at + 12])[0] == masked(data[at:at + 8]) \
+                    and struct.unpack("<I", data[at + 12 + n:at + 16 + n])[0] == masked(data[at + 12:at + 12 + n])
+                check(ok, f"{when}: {os.path.join(root, f)} is torn at byte {at}")
+                if not ok:
+                    break
+                at += 16 + n
+
+
 def validate(out, when):
     """Every non-temporary file is complete and valid; summary.json's runs are all in curves.csv."""
     for name in sorted(os.listdir(out)):
@@ -111,6 +134,10 @@ def validate(out, when):
                 check(open(path).read().endswith("\n"), f"{when}: {name} is cut short")
             elif name == "study.sqlite":
                 validate_store(out, when)
+            elif name == "report.html":
+                check(open(path, encoding="utf-8").read().endswith("</html>\n"), f"{when}: report.html is cut short")
+            elif name == "tensorboard":
+                validate_events(path, when)
         except Exception as e:  # noqa: BLE001 - any failure to read is the finding
             check(False, f"{when}: {name} is not valid: {e}")
     summary_path, curves_path = os.path.join(out, "summary.json"), os.path.join(out, "curves.csv")

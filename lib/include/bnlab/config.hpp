@@ -355,6 +355,20 @@ struct LayerMode {
 /// model's own defaults in training mode (pretraining: everything trains, batch statistics).
 std::vector<LayerMode> resolve_modes(const std::vector<LayerSpec>& prepared, const StrategyConfig* strategy);
 
+/// One BatchNorm module as a strategy leaves it for fine-tuning: a row of explain's per-layer
+/// table and of report.html's (read from resolve_modes, like the engines).
+struct BatchNormModeRow {
+  std::string module, kind;           ///< module name, layer kind name
+  int64_t bn_index = 0;
+  bool selected = false, frozen_module = false;
+  bool fit_batch_statistics = false, inference_batch_statistics = false, running_statistics_updated = false;
+  std::string fit, inference;         ///< what each forward normalises with, in words
+  std::string affine;                 ///< "trainable", "frozen" or "none trainable"
+  double prior = -1;                  ///< prior_bn's p; < 0: none
+  double momentum = 0;                ///< meaningless for a FrozenBatchNorm1d (frozen_module)
+};
+std::vector<BatchNormModeRow> batchnorm_mode_rows(const std::vector<LayerSpec>& layers, const StrategyConfig& strategy);
+
 /// Whether any BatchNorm computes batch statistics in the fit forward under this strategy.
 bool uses_batch_stats_in_fit(const std::vector<LayerSpec>& layers, const StrategyConfig& strategy);
 
