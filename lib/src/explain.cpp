@@ -260,7 +260,7 @@ std::string explain(const Config& config, const ExplainOptions& options, std::os
   write_file_atomic(w.dir + "/explain.json", text);
   try {
     refresh_html_report(w.dir);  // the study's report.html, now with the measured layers
-  } catch (const InputError& e) {  // a damaged store: its report stays as it was
+  } catch (const std::exception& e) {  // a damaged or unreadable store: explain.json stands, report.html stays as it was
     log << "note: report.html not refreshed: " << e.what() << "\n";
   }
   if (options.verbose > 0) log << "explain.json written to " << w.dir << "\n";

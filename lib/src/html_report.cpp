@@ -60,8 +60,9 @@ std::string fmt(const char* f, double v) {
 std::string g4(double v) { return std::isfinite(v) ? fmt("%.4g", v) : "n/a"; }
 
 /// A table cell holding a figure: shown to 4 digits, the exact summary.csv text in data-v.
-std::string cell(const std::string& key, double v) {
-  return "<td class=\"n\" data-key=\"" + key + "\" data-v=\"" + csv_number(v) + "\">" + g4(v) + "</td>";
+/// `none`: the figure covers no run (every run failed): shown as n/a (summary.csv's text stays).
+std::string cell(const std::string& key, double v, bool none = false) {
+  return "<td class=\"n\" data-key=\"" + key + "\" data-v=\"" + csv_number(v) + "\">" + (none ? "n/a" : g4(v)) + "</td>";
 }
 std::string count_cell(const std::string& key, size_t v) {
   return "<td class=\"n\" data-key=\"" + key + "\" data-v=\"" + std::to_string(v) + "\">" + std::to_string(v) + "</td>";
@@ -97,13 +98,20 @@ Scale scale_of(const std::vector<const std::vector<double>*>& series) {
   return {lo - pad, hi + pad};
 }
 
-std::string points(const std::vector<double>& v, const Scale& s, double left, double width, double top, double height) {
+/// The x position of epoch k + 1 on a panel of `epochs` epochs (every line of a panel shares it:
+/// grid points may differ in epochs).
+double x_at(size_t k, size_t epochs, double left, double width) {
+  return epochs <= 1 ? left + width / 2 : left + width * static_cast<double>(k) / static_cast<double>(epochs - 1);
+}
+
+/// SVG points of `v` (epoch order), forwards or backwards; non-finite values are left out.
+std::string points(const std::vector<double>& v, size_t epochs, bool backwards, const Scale& s, double left, double width,
+                   double top, double height) {
   std::string p;
-  const double n = static_cast<double>(std::max<size_t>(v.size(), 2) - 1);
-  for (size_t k = 0; k < v.size(); ++k) {
+  for (size_t i = 0; i < v.size(); ++i) {
+    const size_t k = backwards ? v.size() - 1 - i : i;
     if (!std::isfinite(v[k])) continue;
-    const double x = v.size() == 1 ? left + width / 2 : left + width * static_cast<double>(k) / n;
-    p += fmt("%.1f", x) + "," + fmt("%.1f", s.at(v[k], top, height)) + " ";
+    p += fmt("%.1f", x_at(k, epochs, left, width)) + "," + fmt("%.1f", s.at(v[k], top, height)) + " ";
   }
   if (!p.empty()) p.pop_back();
   return p;
@@ -142,7 +150,7 @@ std::string curves_svg(const Config& c, const std::vector<GroupDigest>& groups, 
   o += y_axis(s, L, w, T, h);
   const size_t step = epochs <= 10 ? 1 : (epochs + 4) / 5;
   for (size_t k = 0; k < epochs; k += step) {
-    const double x = epochs == 1 ? L + w / 2 : L + w * static_cast<double>(k) / static_cast<double>(epochs - 1);
+    const double x = x_at(k, epochs, L, w);
     o += "<text x=\"" + fmt("%.1f", x) + "\" y=\"" + fmt("%.1f", H - B + 13) + "\" class=\"xl\">" + std::to_string(k + 1) + "</text>";
   }
   o += "<text x=\"" + fmt("%.1f", L + w / 2) + "\" y=\"" + fmt("%.1f", H - 2) + "\" class=\"xl\">epoch</text>";
@@ -151,19 +159,10 @@ std::string curves_svg(const Config& c, const std::vector<GroupDigest>& groups, 
     const std::string loss_color = mine.size() == 1 ? "#1f5fa8" : kColors[i];
     const std::string val_color = mine.size() == 1 ? "#d35400" : kColors[i];
     for (const auto& [band, color] : {std::make_pair(&g.loss, loss_color), std::make_pair(&g.val_loss, val_color)}) {
-      if (g.curves > 1) {  // the band: p75 forwards, p25 backwards
-        std::vector<double> rev(band->p25.rbegin(), band->p25.rend());
-        const std::string up = points(band->p75, s, L, w, T, h);
-        std::string down;
-        // p25 runs right to left: the same x positions, mirrored.
-        const double n = static_cast<double>(std::max<size_t>(rev.size(), 2) - 1);
-        for (size_t k = 0; k < rev.size(); ++k)
-          if (std::isfinite(rev[k]))
-            down += " " + fmt("%.1f", rev.size() == 1 ? L + w / 2 : L + w * static_cast<double>(rev.size() - 1 - k) / n) + "," +
-                    fmt("%.1f", s.at(rev[k], T, h));
-        o += "<polygon points=\"" + up + down + "\" fill=\"" + color + "\" fill-opacity=\"0.15\" stroke=\"none\"/>";
-      }
-      o += "<polyline points=\"" + points(band->median, s, L, w, T, h) + "\" fill=\"none\" stroke=\"" + color +
+      if (g.curves > 1)  // the band: p75 forwards, p25 backwards
+        o += "<polygon points=\"" + points(band->p75, epochs, false, s, L, w, T, h) + " " +
+             points(band->p25, epochs, true, s, L, w, T, h) + "\" fill=\"" + color + "\" fill-opacity=\"0.15\" stroke=\"none\"/>";
+      o += "<polyline points=\"" + points(band->median, epochs, false, s, L, w, T, h) + "\" fill=\"none\" stroke=\"" + color +
            "\" stroke-width=\"2\"" + (band == &g.val_loss ? " stroke-dasharray=\"5,3\"" : "") + "/>";
     }
   }
@@ -287,7 +286,8 @@ std::string manifest_section(const json& m) {
   for (const char* k : {"bnlab_version", "git_commit", "libtorch_version", "threads", "jobs", "runs", "finished_runs", "resumed_runs",
                         "failed_runs", "diverged_runs", "finished_at", "merged_from"}) {
     if (!m.contains(k)) continue;
-    const auto& v = m.at(k);
+    json v = m.at(k);
+    abridge(v);
     o += "<tr><th>" + std::string(k) + "</th><td>" + esc(v.is_string() ? v.get<std::string>() : v.dump()) + "</td></tr>";
   }
   if (m.contains("timings_s") && m.at("timings_s").is_object())
@@ -333,8 +333,8 @@ std::string html_report(const std::string& dir, const Config& c, const StudyRepo
                   "</style></head><body>\n";
   o += "<header><h1>" + esc(c.name) + "</h1><p id=\"counts\">" + std::to_string(c.strategies.size()) + " strategies &times; " +
        std::to_string(c.seeds.size()) + " seed(s) &times; " + std::to_string(c.finetune.samples.size()) + " " + c.finetune.unit() +
-       "(s)" + (with_grid ? " &times; " + std::to_string(c.grid.size()) + " grid points" : "") + " = " + std::to_string(r.stored) +
-       " runs (" + std::to_string(r.stored - failed - diverged) + " ok, " + std::to_string(diverged) + " diverged, " +
+       "(s)" + (with_grid ? " &times; " + std::to_string(c.grid.size()) + " grid points" : "") + "; " + std::to_string(r.stored) +
+       " runs in this directory (" + std::to_string(r.stored - failed - diverged) + " ok, " + std::to_string(diverged) + " diverged, " +
        std::to_string(failed) + " failed); loss " + esc(to_string(c.model.loss)) + ", BatchNorm semantics " +
        esc(to_string(c.model.batchnorm.semantics)) + ".</p>";
   if (r.stored != r.planned)
@@ -350,13 +350,14 @@ std::string html_report(const std::string& dir, const Config& c, const StudyRepo
        "<th>after - before (median)</th></tr></thead><tbody>\n";
   for (const auto& g : r.groups) {
     const auto& a = g.agg;
+    const bool none = g.curves == 0;
     o += "<tr data-strategy=\"" + esc(a.strategy) + "\" data-grid=\"" + esc(a.grid) + "\"><td>" + esc(a.strategy) + "</td>" +
          (with_grid ? "<td>" + esc(a.grid) + "</td>" : "") + "<td class=\"v\">" + verdict(g) + "</td>" + count_cell("runs", a.runs) +
-         count_cell("failed", a.failed) + count_cell("diverged", a.diverged) + cell("final_gap_median", a.final_gap.median) +
-         cell("final_gap_p25", a.final_gap.p25) + cell("final_gap_p75", a.final_gap.p75) +
-         cell("lag_residual_median", a.lag_residual.median) + "<td class=\"n\">" + std::to_string(g.lag_holds) + " of " +
-         std::to_string(g.curves) + "</td>" + cell("evaluate_before_median", g.evaluate_before.median) +
-         cell("evaluate_after_median", g.evaluate_after.median) + cell("eval_change_median", a.eval_change.median) + "</tr>\n";
+         count_cell("failed", a.failed) + count_cell("diverged", a.diverged) + cell("final_gap_median", a.final_gap.median, none) +
+         cell("final_gap_p25", a.final_gap.p25, none) + cell("final_gap_p75", a.final_gap.p75, none) +
+         cell("lag_residual_median", a.lag_residual.median, none) + "<td class=\"n\">" + std::to_string(g.lag_holds) + " of " +
+         std::to_string(g.curves) + "</td>" + cell("evaluate_before_median", g.evaluate_before.median, none) +
+         cell("evaluate_after_median", g.evaluate_after.median, none) + cell("eval_change_median", a.eval_change.median, none) + "</tr>\n";
   }
   o += "</tbody></table></div><p><b>frozen</b>: the lag identity holds in every run, so the training forward pass is "
        "the inference pass; <b>not frozen</b>: it holds in none (BatchNorm still normalises with the batch, or updates "
@@ -364,7 +365,9 @@ std::string html_report(const std::string& dir, const Config& c, const StudyRepo
        "pass before each update, BatchNorm in whatever mode the strategy leaves it), <code>val_loss</code> the inference loss after "
        "the epoch. The lag identity (loss[1] == evaluate before, loss[k+1] == val_loss[k], relative tolerance " +
        fmt_double(kLagTolerance) + ") holds exactly when the training forward pass is the inference pass; the gap left then is one "
-       "epoch of progress. Figures cover the runs that did not fail; the exact values are in summary.csv.</p></section>\n";
+       "epoch of progress. Figures cover the runs that did not fail (n/a: every run failed); each cell's data-v holds the "
+       "exact value, summary.csv's text for its columns (evaluate before and after are the medians of summary.json's "
+       "per-run figures).</p></section>\n";
 
   o += "<section id=\"curves\"><h2>Curves</h2><div class=\"panels\">";
   for (size_t s = 0; s < c.strategies.size(); ++s)

@@ -32,6 +32,7 @@
 #include "keras_io.hpp"
 #include "torch_io.hpp"
 #include "html_report.hpp"
+#include "tensorboard.hpp"
 #include "report.hpp"
 #include "store.hpp"
 #include "layer_kinds.hpp"
@@ -830,6 +831,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   result.out_dir = dir;
   make_dirs(dir);
   own_output_dir(dir);  // the lock: a second bnlab on this directory stops here, before writing
+  check_tensorboard_folders(dir, config);  // a user's folder under tensorboard/ stops the study now, not after it
   remove_stale_temps(dir);
   write_file_atomic(dir + "/config.resolved.json", to_json(config));
   if (!config.keras_names.empty()) write_file_atomic(dir + "/keras.json", keras_json(config));

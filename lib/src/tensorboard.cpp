@@ -35,15 +35,43 @@ void put_le(std::string& out, uint64_t v, int bytes) {
   for (int i = 0; i < bytes; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xFFu));
 }
 
+/// A name as one path component, reversibly: letters, digits and _=,+-. stay, every other byte
+/// (and a leading ".", so that no folder is hidden or looks like a temporary) becomes %XX.
+/// Different names never share a folder.
 std::string safe_component(const std::string& name) {
+  static const char* const kHex = "0123456789ABCDEF";
   std::string out;
-  for (const char ch : name) {
-    const bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
-                    ch == '.' || ch == '_' || ch == '=' || ch == ',' || ch == '+' || ch == '-';
-    out.push_back(ok ? ch : '_');
+  for (size_t i = 0; i < name.size(); ++i) {
+    const auto ch = static_cast<unsigned char>(name[i]);
+    const bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_' ||
+                    ch == '=' || ch == ',' || ch == '+' || ch == '-' || (ch == '.' && i > 0);
+    if (ok) {
+      out.push_back(static_cast<char>(ch));
+    } else {
+      out.push_back('%');
+      out.push_back(kHex[ch >> 4]);
+      out.push_back(kHex[ch & 15]);
+    }
   }
-  if (out.empty() || out.find_first_not_of('.') == std::string::npos) out = "_" + out;  // never "", "." or ".."
-  return out;
+  return out.empty() ? "%" : out;
+}
+
+bool is_dir(const std::string& path) {
+  struct stat st {};
+  return ::lstat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+bool is_file(const std::string& path) {
+  struct stat st {};
+  return ::lstat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+constexpr const char* kEventFile = "events.out.tfevents.0.bnlab";
+constexpr const char* kEventPrefix = "events.out.tfevents.";
+
+std::string last_component(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
 }
 
 /// Creates `path` (a folder inside the run directory), recording it in the ledger first.
@@ -82,8 +110,10 @@ std::string tf_record(const std::string& payload) {
 std::vector<TbScalar> tensorboard_scalars(const Config& c, const GroupDigest& g) {
   std::vector<TbScalar> out;
   if (g.curves == 0) return out;
-  const bool many = g.curves > 1;
-  const std::string of = many ? " over " + std::to_string(g.curves) + " runs (seeds x " + c.finetune.unit() + "s)" : "";
+  // The study's shape, not how many runs of this group failed, decides the tags: every group of
+  // a study has the same ones, so TensorBoard overlays them.
+  const bool many = c.seeds.size() * c.finetune.samples.size() > 1;
+  const std::string of = many ? " over the runs that did not fail (" + std::to_string(g.curves) + " here; seeds x " + c.finetune.unit() + "s)" : "";
   const auto add = [&](const std::string& tag, int64_t step, double median, double p25, double p75, const std::string& what) {
     if (!many) {
       out.push_back({tag, step, median, what});
@@ -142,29 +172,51 @@ std::string tensorboard_folder(const Config& c, const GroupDigest& g) {
   return f;
 }
 
+static std::vector<std::string> tensorboard_folders(const Config& c) {
+  std::vector<std::string> out;
+  for (const auto& s : c.strategies) {
+    out.push_back(safe_component(s.name));
+    if (c.grid.size() > 1)
+      for (const auto& g : c.grid) out.push_back(safe_component(s.name) + "/" + safe_component(g.label));
+  }
+  return out;
+}
+
+void check_tensorboard_folders(const std::string& dir, const Config& c) {
+  std::vector<std::string> paths{"tensorboard"};
+  for (const auto& f : tensorboard_folders(c)) paths.push_back("tensorboard/" + f), paths.push_back("tensorboard/" + f + "/" + kEventFile);
+  for (const auto& rel : paths) {
+    const std::string path = dir + "/" + rel;
+    struct stat st {};
+    if (::lstat(path.c_str(), &st) == 0 && !may_remove(path))
+      throw InputError(path + ": bnlab would write its TensorBoard files here, but it did not make the " +
+                       (S_ISDIR(st.st_mode) ? "folder" : "file") + " there (it is not in " + dir + "/" + kLedgerName +
+                       "); bnlab never writes into or replaces what it did not make: move it away or choose another --out");
+  }
+}
+
 void write_tensorboard(const std::string& dir, const Config& c, const std::vector<GroupDigest>& groups) {
   const std::string root = dir + "/tensorboard";
   // Like every bnlab output, the files are the same bytes on every rerun, resume, --jobs and
   // merge: the name is fixed and each event's wall_time is its step in seconds (TensorBoard's
   // Step axis is the one to read; the manifest holds when the study ran).
-  const std::string file = "events.out.tfevents.0.bnlab";
+  const std::string file = kEventFile;
   // Every event file goes through one temporary in the run directory itself: TensorBoard reads
   // any name holding "tfevents", a half-written temporary beside the real file included.
   const std::string tmp = temp_name(root);
   std::set<std::string> written;  // relative to the run directory
-  std::set<std::string> folders;
+  std::set<std::string> folders;  // relative to tensorboard/, each level
   bool made_root = false;
   for (const auto& g : groups) {
     const auto scalars = tensorboard_scalars(c, g);
     if (scalars.empty()) continue;
-    std::string folder = tensorboard_folder(c, g);
-    for (int n = 2; folders.count(folder); ++n) folder = tensorboard_folder(c, g) + "_" + std::to_string(n);  // names that differ only in odd characters
-    folders.insert(folder);
+    const std::string folder = tensorboard_folder(c, g);
     if (!made_root) make_owned_dir(root), made_root = true;
     std::string at = root;
     size_t from = 0;
     while (true) {  // each level of the folder, recorded in the ledger before it is made
       const size_t slash = folder.find('/', from);
+      folders.insert(folder.substr(0, slash));
       at = root + "/" + folder.substr(0, slash);
       make_owned_dir(at);
       if (slash == std::string::npos) break;
@@ -174,13 +226,18 @@ void write_tensorboard(const std::string& dir, const Config& c, const std::vecto
     written.insert("tensorboard/" + folder + "/" + file);
   }
   // Event files of an earlier write that this one did not replace would show twice (or show
-  // strategies the study no longer has): bnlab's own go, a user's file stays.
+  // strategies the study no longer has): bnlab's own go, a user's file stays; then bnlab's
+  // folders that are left empty.
   const auto owned = ledger_names_under(dir, "tensorboard/");
-  for (const auto& name : owned)
-    if (name.find("tfevents") != std::string::npos && !written.count(name) && may_remove(dir + "/" + name))
-      std::remove((dir + "/" + name).c_str());
-  for (auto it = owned.rbegin(); it != owned.rend(); ++it)  // deepest first; only empty folders go
-    if (it->find("tfevents") == std::string::npos && !folders.count(it->substr(12))) ::rmdir((dir + "/" + *it).c_str());
+  for (const auto& name : owned) {
+    const std::string path = dir + "/" + name;
+    if (!written.count(name) && last_component(name).rfind(kEventPrefix, 0) == 0 && is_file(path) && may_remove(path))
+      std::remove(path.c_str());
+  }
+  for (auto it = owned.rbegin(); it != owned.rend(); ++it) {  // deepest first; rmdir takes only empty folders
+    const std::string path = dir + "/" + *it;
+    if (!folders.count(it->substr(std::string("tensorboard/").size())) && is_dir(path)) ::rmdir(path.c_str());
+  }
 }
 
 }  // namespace bnlab

@@ -34,8 +34,9 @@ struct TbScalar {
 };
 
 /// The scalars of one group: per epoch (step 1..epochs) `loss` and `val_loss`, and `evaluate_before`
-/// (step 0) and `evaluate_after` (step epochs); for a group of several runs each is the median
-/// and the quartiles across its runs, as tags `loss/median`, `loss/p25`, `loss/p75`, ...
+/// (step 0) and `evaluate_after` (step epochs); in a study of several runs per group (seeds x
+/// samples) each is the median and the quartiles across the group's runs that did not fail, as
+/// tags `loss/median`, `loss/p25`, `loss/p75`, ...
 std::vector<TbScalar> tensorboard_scalars(const Config& c, const GroupDigest& g);
 
 /// A whole event file: the file_version record (wall_time 0), then one Event per step (in step
@@ -44,8 +45,14 @@ std::vector<TbScalar> tensorboard_scalars(const Config& c, const GroupDigest& g)
 std::string event_file(const std::vector<TbScalar>& scalars);
 
 /// The folder of a group under tensorboard/: the strategy's name, and below it the grid point's
-/// label when the study has a grid; characters other than letters, digits and ._=,+- become _.
+/// label when the study has a grid; bytes other than letters, digits and _=,+-. (and a leading
+/// ".") written %XX, so that different names never share a folder.
 std::string tensorboard_folder(const Config& c, const GroupDigest& g);
+
+/// Before a study runs: every folder and event file write_tensorboard would write for `c` in
+/// run directory `dir` is absent or bnlab's own (an InputError naming the first that is not),
+/// so that a user's folder stops the study up front, not after it.
+void check_tensorboard_folders(const std::string& dir, const Config& c);
 
 /// Writes tensorboard/<folder>/events.out.tfevents.0.bnlab for every group with runs
 /// that did not fail, each file atomically; event files bnlab wrote there before and did not

@@ -13,6 +13,7 @@
 #include "bnlab/config.hpp"
 #include "bnlab/errors.hpp"
 #include "html_report.hpp"
+#include "tensorboard.hpp"
 #include "report.hpp"
 #include "store.hpp"
 #include "json_input.hpp"
@@ -262,6 +263,7 @@ void merge_shards(const std::vector<std::string>& dirs, const std::string& out_d
   }
   check_output_dir(out_dir, config.name, force, "-o");
   own_output_dir(out_dir, "-o");
+  check_tensorboard_folders(out_dir, config);
   remove_stale_temps(out_dir);
   // The merged store is complete under a temporary name before it takes the real one.
   const std::string building = temp_name(out_store + ".merge");

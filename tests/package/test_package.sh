@@ -11,7 +11,7 @@ build="$1"; src="$2"
 tmp="$(mktemp -d)"
 installed=0
 cleanup() {
-  if [ "$installed" = 1 ]; then dpkg -r bnlab >/dev/null 2>&1 || echo "FAIL: dpkg -r bnlab did not remove the package" >&2; fi
+  if [ "$installed" = 1 ]; then dpkg --purge bnlab >/dev/null 2>&1 || echo "FAIL: dpkg --purge bnlab did not remove the package" >&2; fi
   rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -20,10 +20,14 @@ passed=0
 ok() { passed=$((passed + 1)); }
 
 [ "$(id -u)" -eq 0 ] || fail "dpkg -i needs root (CI and the developers' machines run as root)"
-if [ "$(dpkg-query -W -f='${Status}' bnlab 2>/dev/null || true)" = "install ok installed" ]; then
-  fail "a bnlab package is installed already; this test installs and removes its own, so remove that one first (dpkg -r bnlab)"
-fi
-[ ! -e /usr/bin/bnlab ] || fail "/usr/bin/bnlab exists and is not from a bnlab package; this test would overwrite it"
+status="$(dpkg-query -W -f='${Status}' bnlab 2>/dev/null || true)"
+case "$status" in
+  ""|"unknown ok not-installed"|"deinstall ok not-installed"|"purge ok not-installed") ;;
+  *) fail "dpkg knows a bnlab package already ($status); this test installs and removes its own, so remove that one first (dpkg --purge bnlab)" ;;
+esac
+for p in /usr/bin/bnlab /usr/share/bnlab /usr/share/doc/bnlab; do
+  [ ! -e "$p" ] || fail "$p exists and is not from a bnlab package; dpkg -i would overwrite it and dpkg -r remove it"
+done
 
 # cmake --install into a staging prefix: the layout.
 cmake --install "$build" --prefix "$tmp/stage" >/dev/null
@@ -66,10 +70,10 @@ ok
 "$build/bin/bnlab" run "$src/configs/smoke/keras_nll.json" --out "$tmp/run_src" --verbose 0 --no-plots
 cmp -s "$tmp/run/curves.csv" "$tmp/run_src/curves.csv" || fail "the installed bnlab's curves differ from the build's"
 ok
-dpkg -r bnlab >/dev/null
+dpkg --purge bnlab >/dev/null
 installed=0
 if [ "$(dpkg-query -W -f='${Status}' bnlab 2>/dev/null || true)" = "install ok installed" ]; then fail "dpkg -r left bnlab installed"; fi
-[ ! -e /usr/bin/bnlab ] || fail "dpkg -r left /usr/bin/bnlab"
+for p in /usr/bin/bnlab /usr/share/bnlab /usr/share/doc/bnlab; do [ ! -e "$p" ] || fail "dpkg -r left $p"; done
 ok
 echo "package: $(basename "$deb"), $(stat -c %s "$deb") bytes, installed, run and removed"
 echo "$passed passed, 0 failed"

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from html.parser import HTMLParser
 
+import numpy as np
 from PIL import Image
 
 BIN, SRC = sys.argv[1], sys.argv[2]
@@ -144,6 +145,14 @@ with tempfile.TemporaryDirectory() as tmp:
             want = s[k] if k in ("runs", "failed", "diverged") else "%.4g" % float(s[k])
             check(shown == want, "%s %s %s: shows %r, want %r" % (s["strategy"], s["grid"], k, shown, want))
     check(len(dom.rows) == len(summary), "no verdict row beyond summary.csv's")
+    # evaluate before / after (not in summary.csv): the medians of summary.json's per-run figures.
+    runs = json.load(open(os.path.join(run, "summary.json")))["runs"]
+    for r in dom.rows:
+        mine = [x for x in runs if x["strategy"] == r["strategy"] and x["grid"] == r["grid"] and not x["failed"]]
+        for k in ("evaluate_before", "evaluate_after"):
+            want = float(np.median([x[k] for x in mine]))
+            got = float(r["cells"][k + "_median"][0])
+            check(abs(got - want) <= 1e-12 * max(1.0, abs(want)), "%s %s %s median: %r, from summary.json %r" % (r["strategy"], r["grid"], k, got, want))
     # The per-layer tables: explain's two BatchNorm layers, and strategy x BN module.
     explain = json.load(open(os.path.join(run, "explain.json")))
     check(dom.tables.get("explain-layers") == 1 + len(explain["layers"]), "explain's layers table: one row per BatchNorm layer")
@@ -160,6 +169,8 @@ with tempfile.TemporaryDirectory() as tmp:
     # Aggregates only: 50x the samples (4,800 runs), about the same page.
     big = os.path.join(tmp, "big")
     run_study(big, 400)
+    subprocess.run([BIN, "explain", os.path.join(SRC, "configs/smoke/study.json"), "--out", big, "--sample", "5", "--verbose", "0"],
+                   check=True, stdout=subprocess.DEVNULL)  # the same sections as the small page
     size_small, size_big = os.path.getsize(page), os.path.getsize(os.path.join(big, "report.html"))
     check(size_big <= size_small + 1024, "report.html grows with the runs: %d vs %d bytes" % (size_big, size_small))
     check(size_small < 100_000, "report.html of the smoke study is %d bytes" % size_small)

@@ -105,8 +105,11 @@ TEST(TensorBoard, TagsAreTheCurvesOrTheirQuartiles) {
   EXPECT_EQ(one[4].value, 4);
   EXPECT_EQ(one[5].tag, "evaluate_after");
   EXPECT_EQ(one[5].step, 2);
-  const auto many = tensorboard_scalars(c, group_of(1, 5));
+  // A study of several runs per group: quartile tags in every group, whatever failed.
+  const Config study = parse_config(R"({"name": "t", "seeds": [0, 1], "strategies": ["train", "frozen"]})", "t.json");
+  const auto many = tensorboard_scalars(study, group_of(1, 5));
   ASSERT_EQ(many.size(), 18u);
+  EXPECT_EQ(tensorboard_scalars(study, group_of(1, 1)).size(), 18u);  // one run left of two: the same tags
   EXPECT_EQ(many[3].tag, "loss/median");
   EXPECT_EQ(many[4].tag, "loss/p25");
   EXPECT_EQ(many[4].value, 0.5);
@@ -174,10 +177,32 @@ TEST(TensorBoard, AUsersTensorboardFolderIsRefused) {
   EXPECT_TRUE(files_under(dir + "/tensorboard").empty());
 }
 
-TEST(TensorBoard, FolderNamesAreSafePathComponents) {
-  Config c = parse_config(R"({"name": "t", "strategies": [{"name": "a/b c", "preset": "train"}, {"name": "..", "preset": "frozen"}]})", "t.json");
-  EXPECT_EQ(tensorboard_folder(c, group_of(0, 1)), "a_b_c");
-  EXPECT_EQ(tensorboard_folder(c, group_of(1, 1)), "_..");
+TEST(TensorBoard, FolderNamesAreSafeAndDistinct) {
+  Config c = parse_config(R"({"name": "t", "strategies": [{"name": "a/b c", "preset": "train"}, {"name": "..", "preset": "frozen"},
+                              {"name": "a_b_c", "preset": "eval"}, {"name": ".u.tmp.1", "preset": "eval"}]})", "t.json");
+  EXPECT_EQ(tensorboard_folder(c, group_of(0, 1)), "a%2Fb%20c");
+  EXPECT_EQ(tensorboard_folder(c, group_of(1, 1)), "%2E.");
+  EXPECT_EQ(tensorboard_folder(c, group_of(2, 1)), "a_b_c");  // not the folder of "a/b c"
+  EXPECT_EQ(tensorboard_folder(c, group_of(3, 1)), "%2Eu.tmp.1");  // neither hidden nor a temporary's name
+}
+
+TEST(TensorBoard, AUsersFolderStopsTheStudyBeforeItRuns) {
+  const auto dir = temp_dir("tb_pre");
+  own_output_dir(dir);
+  const Config c = two_strategies();
+  check_tensorboard_folders(dir, c);  // nothing there yet
+  write_tensorboard(dir, c, {group_of(0, 1), group_of(1, 1)});
+  check_tensorboard_folders(dir, c);  // bnlab's own
+  // A folder of the user's where a new strategy's files would go.
+  const Config more = parse_config(R"({"name": "t", "strategies": ["train", "frozen", "eval"]})", "t.json");
+  ASSERT_EQ(::mkdir((dir + "/tensorboard/eval").c_str(), 0755), 0);
+  try {
+    check_tensorboard_folders(dir, more);
+    FAIL() << "a user's folder was not refused";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("tensorboard/eval: bnlab would write its TensorBoard files here, but it did not make the folder"),
+              std::string::npos) << e.what();
+  }
 }
 
 TEST(HtmlReport, SelfContainedEscapedAndNamesEveryStrategy) {
