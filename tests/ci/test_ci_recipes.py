@@ -475,10 +475,14 @@ for rel in SCRIPTS:
 smoke_text = read(SMOKE)
 if "set -euo pipefail" not in smoke_text:
     problems.append(f"{SMOKE}: no set -euo pipefail")
-setup = re.search(r"^packages=\((.*?)^\)", read("scripts/setup.sh"), re.M | re.S)
+setup = dict(re.findall(r"^(\w+)=\((.*?)^\)", read("scripts/setup.sh"), re.M | re.S))
 for pkg in ("python3-yaml", "yamllint"):
-    if not setup or pkg not in setup.group(1).split():
-        problems.append(f"scripts/setup.sh does not install {pkg}")
+    if pkg not in setup.get("test_packages", "").split():
+        problems.append(f"scripts/setup.sh does not install {pkg} for the test suite")
+# The recipes' `setup.sh --build` installs what the build needs: protoc and every -dev package.
+for pkg in ("protobuf-compiler", "libprotobuf-dev", "libtorch-dev", "libgtest-dev"):
+    if pkg not in setup.get("build_packages", "").split():
+        problems.append(f"scripts/setup.sh --build does not install {pkg}")
 report("the scripts the recipes call are executable; setup.sh installs what this test needs", problems)
 
 # 5
