@@ -319,10 +319,8 @@ const char* const kStyle =
     "pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:.8em}"
     "@media (max-width:600px){body{font-size:14px;padding:6px}th,td{padding:2px 4px}}";
 
-}  // namespace
-
-std::string html_report(const std::string& dir, const Config& c, const StudyReport& r) {
-  const json manifest = read_own_json(dir + "/manifest.json", "the run manifest");
+/// The page, from the digest and the manifest already read.
+std::string page(const std::string& dir, const Config& c, const StudyReport& r, const json& manifest) {
   const json ex = read_own_json(dir + "/explain.json", "explain's record");
   const bool with_grid = c.grid.size() > 1;
   size_t failed = 0, diverged = 0;
@@ -400,6 +398,12 @@ std::string html_report(const std::string& dir, const Config& c, const StudyRepo
   return o;
 }
 
+}  // namespace
+
+std::string html_report(const std::string& dir, const Config& c, const StudyReport& r) {
+  return page(dir, c, r, read_own_json(dir + "/manifest.json", "the run manifest"));
+}
+
 void write_html_report(const std::string& dir, const Config& c, const StudyReport& r) {
   write_file_atomic(dir + "/report.html", html_report(dir, c, r));
 }
@@ -411,7 +415,7 @@ void refresh_html_report(const std::string& dir) {
   StudyReport r = digest_study(study.config, study.store, 0);
   r.planned = manifest.is_object() && manifest.contains("runs") && manifest.at("runs").is_number_unsigned()
                   ? manifest.at("runs").get<size_t>() : r.stored;
-  write_html_report(dir, study.config, r);
+  write_file_atomic(dir + "/report.html", page(dir, study.config, r, manifest));
 }
 
 }  // namespace bnlab

@@ -166,25 +166,36 @@ std::string event_file(const std::vector<TbScalar>& scalars) {
   return out;
 }
 
-std::string tensorboard_folder(const Config& c, const GroupDigest& g) {
-  std::string f = safe_component(c.strategies[g.strategy].name);
-  if (c.grid.size() > 1) f += "/" + safe_component(c.grid[g.grid].label);
+namespace {
+
+/// The folder of strategy `strategy` at grid point `grid`, relative to tensorboard/.
+std::string folder_of(const Config& c, size_t strategy, size_t grid) {
+  std::string f = safe_component(c.strategies[strategy].name);
+  if (c.grid.size() > 1) f += "/" + safe_component(c.grid[grid].label);
   return f;
 }
 
-static std::vector<std::string> tensorboard_folders(const Config& c) {
+/// Each level of a folder, outermost first: "train", "train/lr=1".
+std::vector<std::string> levels(const std::string& folder) {
   std::vector<std::string> out;
-  for (const auto& s : c.strategies) {
-    out.push_back(safe_component(s.name));
-    if (c.grid.size() > 1)
-      for (const auto& g : c.grid) out.push_back(safe_component(s.name) + "/" + safe_component(g.label));
-  }
+  for (size_t slash = folder.find('/'); slash != std::string::npos; slash = folder.find('/', slash + 1))
+    out.push_back(folder.substr(0, slash));
+  out.push_back(folder);
   return out;
 }
 
+}  // namespace
+
+std::string tensorboard_folder(const Config& c, const GroupDigest& g) { return folder_of(c, g.strategy, g.grid); }
+
 void check_tensorboard_folders(const std::string& dir, const Config& c) {
   std::vector<std::string> paths{"tensorboard"};
-  for (const auto& f : tensorboard_folders(c)) paths.push_back("tensorboard/" + f), paths.push_back("tensorboard/" + f + "/" + kEventFile);
+  for (size_t s = 0; s < c.strategies.size(); ++s)
+    for (size_t g = 0; g < c.grid.size(); ++g) {
+      const std::string leaf = folder_of(c, s, g);
+      for (const auto& level : levels(leaf)) paths.push_back("tensorboard/" + level);
+      paths.push_back("tensorboard/" + leaf + "/" + kEventFile);
+    }
   for (const auto& rel : paths) {
     const std::string path = dir + "/" + rel;
     struct stat st {};
@@ -212,17 +223,11 @@ void write_tensorboard(const std::string& dir, const Config& c, const std::vecto
     if (scalars.empty()) continue;
     const std::string folder = tensorboard_folder(c, g);
     if (!made_root) make_owned_dir(root), made_root = true;
-    std::string at = root;
-    size_t from = 0;
-    while (true) {  // each level of the folder, recorded in the ledger before it is made
-      const size_t slash = folder.find('/', from);
-      folders.insert(folder.substr(0, slash));
-      at = root + "/" + folder.substr(0, slash);
-      make_owned_dir(at);
-      if (slash == std::string::npos) break;
-      from = slash + 1;
+    for (const auto& level : levels(folder)) {  // each level recorded in the ledger before it is made
+      folders.insert(level);
+      make_owned_dir(root + "/" + level);
     }
-    write_file_atomic(at + "/" + file, event_file(scalars), tmp);
+    write_file_atomic(root + "/" + folder + "/" + file, event_file(scalars), tmp);
     written.insert("tensorboard/" + folder + "/" + file);
   }
   // Event files of an earlier write that this one did not replace would show twice (or show
