@@ -66,7 +66,9 @@ class Net {
       }
       max_width = std::max(max_width, spec.out);
       layers_.push_back(std::move(l));
+      specs_.push_back(spec);
     }
+    for (const auto& l : layers_) ranges_.push_back(parameter_range(l));
     outputs_ = model.outputs();
     // Every float array in one arena (see Arena); the hottest pair, parameters and gradients, first.
     const int64_t copies = shared ? 1 : lanes;
@@ -155,16 +157,26 @@ class Net {
   /// Writes `lane`'s state into `model`.
   void store(int64_t lane, ModelImpl& model) const { const_cast<Net*>(this)->transfer(lane, model, false); }
 
+  /// A lane's whole state: parameters, buffers and num_batches_tracked counters.
+  struct Snapshot {
+    std::vector<float> values;
+    std::vector<int64_t> counts;
+  };
   /// Copies lane `from`'s state to every other lane (the padding too).
   void replicate(int64_t from) {
-    for (int64_t lane = 0; lane < store_.lanes; ++lane)
-      std::copy_n(counts_.data() + from * n_counts_, n_counts_, counts_.data() + lane * n_counts_);
+    Snapshot s;
+    snapshot(from, s, true);
+    replicate(s);
+  }
+  /// Writes the state `s` (a snapshot of one lane) into every lane, the padding too.
+  void replicate(const Snapshot& s) {
+    for (int64_t lane = 0; lane < store_.lanes; ++lane) std::copy_n(s.counts.data(), n_counts_, counts_.data() + lane * n_counts_);
     if (store_.V == lanes::kWidth) {
-      spread<lanes::kWidth>(params_, n_params_, from);
-      spread<lanes::kWidth>(buffers_, n_buffers_, from);
+      spread<lanes::kWidth>(params_, n_params_, s.values.data());
+      spread<lanes::kWidth>(buffers_, n_buffers_, s.values.data() + n_params_);
     } else {
-      spread<1>(params_, n_params_, from);
-      spread<1>(buffers_, n_buffers_, from);
+      spread<1>(params_, n_params_, s.values.data());
+      spread<1>(buffers_, n_buffers_, s.values.data() + n_params_);
     }
   }
 
@@ -173,15 +185,17 @@ class Net {
   /// The strategy's resolution of every layer (nullptr: the model's defaults, as in pretraining),
   /// the same one Policy::apply reads.
   void set_policy(const StrategyConfig* s) {
-    std::vector<LayerSpec> specs;
-    for (const auto& l : layers_) specs.push_back(l.spec);
-    const auto modes = resolve_modes(specs, s);
+    // A Net the study runner keeps (BatchedCache) goes back to the defaults on every call: they
+    // are resolved once. A strategy is resolved each time (the same object may be another one).
+    if (s == nullptr && default_modes_.empty()) default_modes_ = resolve_modes(specs_, nullptr);
+    const std::vector<LayerMode> resolved = s != nullptr ? resolve_modes(specs_, s) : std::vector<LayerMode>{};
+    const auto& modes = s != nullptr ? resolved : default_modes_;
     bool below = false;
     for (size_t i = 0; i < layers_.size(); ++i) {
       auto& l = layers_[i];
       l.mode = modes[i];
       l.need_dx = below;
-      below = below || (l.mode.trainable && !parameter_range(l).empty());
+      below = below || (l.mode.trainable && !ranges_[i].empty());
     }
     trainable_ = segments(false);
     stepped_ = segments(store_.sgd != nullptr);
@@ -205,18 +219,18 @@ class Net {
     }
   }
 
-  /// An inference pass and then a fit pass over the same x and the same state, layer by layer
-  /// (each layer's pair through its kind's forward_pair, which may load its weights once for
-  /// both): the values of forward(kInfer) followed by forward(kFit). The fit pass is what
-  /// output() and backward() see; the inference pass's output is inferred().
-  void forward_pair(const float* x, int64_t rows) {
+  /// An inference pass (`first`: kInfer, or kPlain) and then a fit pass over the same x and the
+  /// same state, layer by layer (each layer's pair through its kind's forward_pair, which may
+  /// load its weights once for both): the values of forward(first) followed by forward(kFit).
+  /// The fit pass is what output() and backward() see; the inference pass's output is inferred().
+  void forward_pair(const float* x, int64_t rows, Pass first = Pass::kInfer) {
     TORCH_CHECK(!store_.shared && store_.stride == 1 && rows == 1, "forward_pair: one row per lane, own state");
     store_.rows = rows;
     const float* in_a = pack(x, rows);
     const float* in_b = in_a;
     for (size_t i = 0; i < layers_.size(); ++i) {
       float* out_a = i % 2 == 0 ? ia_ : ib_;
-      layer_kind(layers_[i].spec.kind).forward_pair(store_, layers_[i], Pass::kInfer, in_a, out_a, Pass::kFit, in_b, acts_[i]);
+      layer_kind(layers_[i].spec.kind).forward_pair(store_, layers_[i], first, in_a, out_a, Pass::kFit, in_b, acts_[i]);
       in_a = out_a;
       in_b = acts_[i];
     }
@@ -253,11 +267,6 @@ class Net {
     return out;
   }
 
-  /// A lane's whole state: parameters, buffers and num_batches_tracked counters.
-  struct Snapshot {
-    std::vector<float> values;
-    std::vector<int64_t> counts;
-  };
   /// Copies the state of `lane` into `dst` (save) or back from it.
   void snapshot(int64_t lane, Snapshot& dst, bool save) {
     const int64_t V = store_.V, v = lane % V;
@@ -335,8 +344,9 @@ class Net {
   /// apply LaneStore::sgd themselves.
   std::vector<Segment> segments(bool fused) const {
     std::vector<Segment> out;
-    for (const auto& l : layers_) {
-      const Segment r = parameter_range(l);
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const BatchedLayer& l = layers_[i];
+      const Segment r = ranges_[i];
       if (!l.mode.trainable || r.empty() || (fused && layer_kind(l.spec.kind).fuses_sgd())) continue;
       if (!out.empty() && out.back().offset + out.back().size == r.offset) out.back().size += r.size;
       else out.push_back(r);
@@ -344,17 +354,13 @@ class Net {
     return out;
   }
 
-  /// Writes lane `from`'s copy of a block of n elements per lane into every lane of every group.
+  /// Writes one lane's n elements (`column`) into every lane of every group of a block.
   template <int64_t V>
-  void spread(float* block, int64_t n, int64_t from) {
-    thread_local std::vector<float> column;
-    column.resize(static_cast<size_t>(n));
-    const float* src = block + (from / V) * n * V + from % V;
-    for (int64_t e = 0; e < n; ++e) column[static_cast<size_t>(e)] = src[e * V];
+  void spread(float* block, int64_t n, const float* column) {
     for (int64_t grp = 0; grp < store_.groups(); ++grp) {
       float* dst = block + grp * n * V;
       for (int64_t e = 0; e < n; ++e)
-        for (int64_t v = 0; v < V; ++v) dst[e * V + v] = column[static_cast<size_t>(e)];
+        for (int64_t v = 0; v < V; ++v) dst[e * V + v] = column[e];
     }
   }
 
@@ -369,6 +375,9 @@ class Net {
   int64_t inputs_ = 0;
   float* xin_ = nullptr;
   std::vector<BatchedLayer> layers_;
+  std::vector<LayerSpec> specs_;  ///< the layers' specs, as resolve_modes reads them
+  std::vector<Segment> ranges_;   ///< each layer's parameter_range
+  std::vector<LayerMode> default_modes_;  ///< set_policy(nullptr)'s resolution
   int64_t n_params_ = 0, n_buffers_ = 0, n_counts_ = 0, outputs_ = 0;
   Arena arena_;
   float* params_ = nullptr;
@@ -535,6 +544,61 @@ std::vector<float> gather_rows(const torch::Tensor& t, const std::vector<int64_t
   return out;
 }
 
+/// A Net holding `model`'s state for `lanes` lanes of `rows` rows, and that state as read from
+/// the model (`start`, one lane's snapshot; not kept for a shared Net, which no pass changes).
+struct CachedNet {
+  CachedNet(const ModelImpl& model, int64_t lanes, int64_t rows, bool shared) : net(model, lanes, rows, shared) {
+    net.load(0, model);
+    if (!shared) net.snapshot(0, start, true);
+  }
+  Net net;
+  Net::Snapshot start;
+};
+
+}  // namespace
+
+/// One shared Net (the pretrained weights' evaluation) and one that fine-tunes, each replaced
+/// when a call needs another model or shape: a worker holds no more than one work item's Nets,
+/// as check_memory() counts, and consecutive work items of a worker are mostly one strategy's.
+struct BatchedCache::Nets {
+  struct Slot {
+    // The model itself is held: while a slot names it, its address cannot become another model's.
+    std::shared_ptr<const torch::nn::Module> model;
+    int64_t lanes = 0, rows = 0;
+    std::unique_ptr<CachedNet> net;
+  };
+  Slot shared, own;
+};
+BatchedCache::BatchedCache() : nets_(std::make_unique<Nets>()) {}
+BatchedCache::~BatchedCache() = default;
+struct BatchedCacheAccess {
+  static BatchedCache::Nets& nets(BatchedCache& c) { return *c.nets_; }
+};
+
+namespace {
+
+/// `model`'s Net from `cache` (made there on first use), or made in `local` without one. A Net
+/// that fine-tunes starts from the model's state in every lane (the padding too).
+Net& net_for(BatchedCache* cache, std::unique_ptr<CachedNet>& local, const ModelImpl& model, int64_t lanes,
+             int64_t rows, bool shared) {
+  std::unique_ptr<CachedNet>* slot = &local;
+  // Only a model owned by a shared_ptr (a Model) can be held, hence kept.
+  std::shared_ptr<const torch::nn::Module> owner = cache != nullptr ? model.weak_from_this().lock() : nullptr;
+  if (owner) {
+    auto& nets = BatchedCacheAccess::nets(*cache);
+    auto& s = shared ? nets.shared : nets.own;
+    if (s.model.get() != owner.get() || s.lanes != lanes || s.rows != rows) {
+      s.net.reset();  // its arena goes back to the thread's spares before the next is made
+      s = {std::move(owner), lanes, rows, nullptr};
+    }
+    slot = &s.net;
+  }
+  if (!*slot) *slot = std::make_unique<CachedNet>(model, lanes, rows, shared);
+  CachedNet& c = **slot;
+  if (!shared) c.net.replicate(c.start);
+  return c.net;
+}
+
 }  // namespace
 
 std::string batched_unsupported(const Config& config, const StrategyConfig& strategy) {
@@ -549,7 +613,7 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
                                              const Config& config, const RunSpec& run, const Dataset& data,
                                              const std::vector<int64_t>& samples,
                                              const std::function<void(size_t, const EpochRecord&)>& on_epoch,
-                                             Model* finetuned, const ModelImpl* ready) {
+                                             Model* finetuned, const ModelImpl* ready, BatchedCache* cache) {
   const std::string why = batched_unsupported(config, strategy);
   if (!why.empty()) throw std::runtime_error("batched engine: strategy \"" + strategy.name + "\": " + why);
   TORCH_CHECK(finetuned == nullptr || samples.size() == 1, "finetune_batched: finetuned needs exactly one sample");
@@ -571,9 +635,9 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
   std::vector<double> values, correct;
 
   // Evaluate the untouched pretrained weights: one shared copy for every lane.
+  std::unique_ptr<CachedNet> local_base, local_net;
   {
-    Net base(pretrained, L, k, /*shared=*/true);
-    base.load(0, pretrained);
+    Net& base = net_for(cache, local_base, pretrained, L, k, /*shared=*/true);
     base.forward(Pass::kPlain, x.data(), k);
     lane_losses(base, loss_kind, y.data(), k, targets, false, values, nullptr);
     for (int64_t l = 0; l < L; ++l) results[static_cast<size_t>(l)].evaluate_pretrained = values[static_cast<size_t>(l)];
@@ -588,9 +652,10 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
   Model own{nullptr};
   if (ready == nullptr || per_lane) own = prepare_model(pretrained, strategy, config, lane, &data);
   const ModelImpl& source = own ? *own : *ready;
-  Net net(source, L, k, /*shared=*/false);
-  net.load(0, source);
-  net.replicate(0);  // every lane (the padding too) starts from lane 0; per_lane loads its own below
+  // Every lane (the padding too) starts from the source's state; per_lane loads its own below.
+  // A model prepared here is not kept (the next call prepares another).
+  Net& net = net_for(own ? nullptr : cache, local_net, source, L, k, /*shared=*/false);
+  net.set_policy(nullptr);
   for (int64_t l = 0; l < L; ++l) {
     lane.sample = samples[static_cast<size_t>(l)];
     if (per_lane) {
@@ -601,11 +666,24 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
       net.set_generator(l, std::make_shared<at::Generator>(at::make_generator<at::CPUGeneratorImpl>(dropout_seed(lane))));
     }
   }
-  net.forward(Pass::kPlain, x.data(), k);
-  lane_losses(net, loss_kind, y.data(), k, targets, false, values, nullptr);
+  // With one row per lane, an epoch's inference pass and the next epoch's fit pass read the same
+  // x and the same state: they run as one forward_pair, each weight loaded once for both. So do
+  // evaluate_before's pass and the first epoch's fit pass (a kPlain pass reads no layer mode: it
+  // is the same under the strategy's policy). Not with an export, whose checkpoint is taken after
+  // the inference pass and before the next fit pass changes running statistics.
+  const bool gather = k > 1;
+  const bool pairs = !gather && finetuned == nullptr;
+  bool fit_ready = pairs;  // this epoch's fit pass already ran (with the last inference pass)
+  if (pairs) {
+    net.set_policy(&strategy);
+    net.forward_pair(x.data(), k, Pass::kPlain);
+  } else {
+    net.forward(Pass::kPlain, x.data(), k);
+  }
+  lane_losses(net, loss_kind, y.data(), k, targets, false, values, nullptr, pairs ? net.inferred() : nullptr);
   for (int64_t l = 0; l < L; ++l) results[static_cast<size_t>(l)].evaluate_before = values[static_cast<size_t>(l)];
 
-  net.set_policy(&strategy);
+  if (!pairs) net.set_policy(&strategy);
   const bool steps = !net.trainable().empty();
   Optimizer optimizer(ft.optimizer, net);
   std::vector<Net::Snapshot> best(samples.size());
@@ -618,19 +696,12 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
   // A set's epoch: its rows in the lane's own order (finetune()'s, from the same stream), in
   // batches of batch_size gathered into xb/yb; Keras' epoch loss is the row-weighted mean of
   // the batches' pre-update losses. One row (a sample) feeds x itself.
-  const bool gather = k > 1;
   const int64_t b = std::min(std::max<int64_t>(1, ft.batch_size), k);
   std::vector<float> xb(gather ? x.size() : 0), yb(gather ? y.size() : 0);
   std::vector<uint64_t> shuffle(samples.size());
   std::vector<std::vector<int64_t>> order(samples.size(), std::vector<int64_t>(static_cast<size_t>(k)));
   for (size_t l = 0; l < samples.size(); ++l) shuffle[l] = shuffle_state(run.seed, samples[l]);
   std::vector<double> sum(samples.size()), sum_correct(samples.size());
-  // With one row per lane, an epoch's inference pass and the next epoch's fit pass read the same
-  // x and the same state: they run as one forward_pair, each weight loaded once for both. Not
-  // with an export, whose checkpoint is taken after the inference pass and before the next fit
-  // pass changes running statistics.
-  const bool pairs = !gather && finetuned == nullptr;
-  bool fit_ready = false;  // this epoch's fit pass already ran (with the last inference pass)
   for (int64_t epoch = 1; epoch <= ft.epochs; ++epoch) {
     rec.epoch = epoch;
     for (size_t l = 0; l < samples.size(); ++l) epoch_order(ft.shuffle && gather, shuffle[l], order[l]);

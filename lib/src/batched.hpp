@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <iosfwd>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,24 @@ namespace bnlab {
 /// an error the torch engine reports; that case stays with it.)
 std::string batched_unsupported(const Config& config, const StrategyConfig& strategy);
 
+/// What finetune_batched keeps between its calls on one thread (the study runner holds one per
+/// worker): for each model it was given (the pretrained weights, a strategy's prepared model),
+/// the engine's arrays laid out for a work item's lanes, with the model's state read once.
+/// Later calls with the same model, lanes and rows copy that state into the lanes instead of
+/// reading the model again. The models must not change while a cache that has seen them is in use.
+class BatchedCache {
+ public:
+  BatchedCache();
+  ~BatchedCache();
+  BatchedCache(const BatchedCache&) = delete;
+  BatchedCache& operator=(const BatchedCache&) = delete;
+  struct Nets;  // batched.cpp
+
+ private:
+  friend struct BatchedCacheAccess;
+  std::unique_ptr<Nets> nets_;
+};
+
 /// Fine-tunes each of `samples` (row indices of `data`) on its own, from `pretrained`, under
 /// `strategy`, with `config.seed` and `config.finetune` (one grid point), exactly what
 /// finetune() does for each sample one after the other. Every lane has its own copy of every
@@ -33,18 +52,22 @@ std::string batched_unsupported(const Config& config, const StrategyConfig& stra
 /// for this seed and strategy, reused instead of preparing again (it does not depend on the
 /// sample unless recalibration runs through dropout; then each lane is prepared on its own).
 /// `run` gives the seed and the fine-tuning settings (its sample is ignored: `samples` are the lanes).
+/// `cache`, when given, keeps the laid-out state of `pretrained` and `prepared` for the next call
+/// on this thread (not of a model prepared here); results are the same bits with or without it.
 std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const StrategyConfig& strategy,
                                              const Config& study, const RunSpec& run, const Dataset& data,
                                              const std::vector<int64_t>& samples,
                                              const std::function<void(size_t, const EpochRecord&)>& on_epoch = {},
-                                             Model* finetuned = nullptr, const ModelImpl* prepared = nullptr);
+                                             Model* finetuned = nullptr, const ModelImpl* prepared = nullptr,
+                                             BatchedCache* cache = nullptr);
 /// The same with run_of(config).
 inline std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const StrategyConfig& strategy,
                                                     const Config& config, const Dataset& data,
                                                     const std::vector<int64_t>& samples,
                                                     const std::function<void(size_t, const EpochRecord&)>& on_epoch = {},
-                                                    Model* finetuned = nullptr, const ModelImpl* prepared = nullptr) {
-  return finetune_batched(pretrained, strategy, config, run_of(config), data, samples, on_epoch, finetuned, prepared);
+                                                    Model* finetuned = nullptr, const ModelImpl* prepared = nullptr,
+                                                    BatchedCache* cache = nullptr) {
+  return finetune_batched(pretrained, strategy, config, run_of(config), data, samples, on_epoch, finetuned, prepared, cache);
 }
 
 /// pretrain() on the batched engine's kernels (one lane, rows = the batch): the same batches,

@@ -667,8 +667,9 @@ class Executor {
     std::mutex mu;
     const auto worker = [&] {
       try {
+        BatchedCache cache;  // this worker's laid-out models, reused by its next work items
         for (size_t i = next++; i < plan_.items.size() && !stop_requested() && !abandon; i = next++) {
-          auto batch = plan_.items[i].batched ? batched(plan_.items[i].runs) : torch(plan_.items[i].runs.front());
+          auto batch = plan_.items[i].batched ? batched(plan_.items[i].runs, cache) : torch(plan_.items[i].runs.front());
           for (Sink* s : sinks_) s->take(batch);
         }
       } catch (...) {
@@ -757,7 +758,7 @@ class Executor {
     label(out[0], "torch");
     return out;
   }
-  std::vector<Finished> batched(const std::vector<size_t>& ms) {
+  std::vector<Finished> batched(const std::vector<size_t>& ms, BatchedCache& cache) {
     const RunKey& key = plan_.mine[ms.front()];
     const RunSpec run = spec(key);
     const auto& strategy = c_.strategies[key.strategy];
@@ -773,7 +774,7 @@ class Executor {
     try {
       rs = finetune_batched(*w_.models[key.seed], strategy, c_, run, w_.data, samples,
                             [&](size_t lane, const EpochRecord& e) { out[lane].text += epoch_line(e); },
-                            keep_weights_ ? &tuned : nullptr, prepared_for(key, run));
+                            keep_weights_ ? &tuned : nullptr, prepared_for(key, run), &cache);
     } catch (const std::exception& e) {
       rs.assign(ms.size(), failure(e));
       tuned = nullptr;

@@ -448,6 +448,45 @@ TEST(BatchedEngine, LanesAreIndependent) {
   EXPECT_EQ(together[1].evaluate_after, alone[0].evaluate_after);
 }
 
+TEST(BatchedEngine, CachedNetsGiveTheSameBitsAsFreshOnes) {
+  // The study runner keeps each worker's Nets between work items (BatchedCache): a later call
+  // with the same model and shape copies the model's state into the lanes instead of reading the
+  // model again, and evaluates the pretrained weights on the Net it kept. Calls that reuse,
+  // replace (other lanes, another strategy's model) and rebuild those Nets must give what fresh
+  // Nets give, float for float; with dropout too (each call's generators).
+  int compared = 0;
+  for (const char* path : {"configs/smoke/keras_nll.json", "configs/smoke/classify.json"}) {
+    const Trained s = trained(path, {"finetune.optimizer.lr=0.01"});
+    BatchedCache cache;
+    const std::vector<std::vector<int64_t>> items = {{1, 4, 9, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24},
+                                                     {2, 5},
+                                                     {1, 4, 9, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24},
+                                                     {3, 6, 7, 8, 10, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36}};
+    for (int round = 0; round < 2; ++round)
+      for (const char* name : {"train", "frozen", "recalibrate_frozen"}) {
+        const StrategyConfig strategy = preset(name);
+        const Model prepared = prepare_model(*s.pretrained, strategy, s.config, &s.data);
+        for (const auto& item : items) {
+          const auto kept = finetune_batched(*s.pretrained, strategy, s.config, s.data, item, {}, nullptr, prepared.get(), &cache);
+          const auto fresh = finetune_batched(*s.pretrained, strategy, s.config, s.data, item, {}, nullptr, prepared.get());
+          ASSERT_EQ(kept.size(), fresh.size());
+          for (size_t i = 0; i < kept.size(); ++i) {
+            const std::string where = std::string(path) + ", " + name + ", sample " + std::to_string(item[i]);
+            ASSERT_EQ(kept[i].failed, fresh[i].failed) << where;
+            EXPECT_EQ(kept[i].error, fresh[i].error) << where;  // a diverging lane fails the same way
+            EXPECT_EQ(kept[i].loss, fresh[i].loss) << where;
+            EXPECT_EQ(kept[i].val_loss, fresh[i].val_loss) << where;
+            EXPECT_EQ(kept[i].evaluate_pretrained, fresh[i].evaluate_pretrained) << where;
+            EXPECT_EQ(kept[i].evaluate_before, fresh[i].evaluate_before) << where;
+            EXPECT_EQ(kept[i].evaluate_after, fresh[i].evaluate_after) << where;
+            ++compared;
+          }
+        }
+      }
+  }
+  EXPECT_EQ(compared, 2 * 2 * 3 * (17 + 2 + 17 + 17));
+}
+
 TEST(BatchedEngine, FinetunedWeightsMatchTorchEngine) {
   const Trained s = trained("configs/smoke/keras_nll.json", {"finetune.optimizer.lr=0.001"});
   for (const auto& name : {"train", "frozen", "fold"}) {
