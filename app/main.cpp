@@ -110,7 +110,7 @@ int cmd_run(int argc, char** argv, Command command) {
         ("engine", "auto | batched | torch: batched runs many samples as one set of batched kernels; torch is "
                    "torch::nn + autograd, the reference (default auto = batched where it applies)",
          cxxopts::value<std::string>()->default_value("auto"))
-        ("lanes", "batched engine: samples fine-tuned together per work item", cxxopts::value<int>()->default_value("32"))
+        ("lanes", "batched engine: samples fine-tuned together per work item", cxxopts::value<int>()->default_value("16"))
         ("no-plots", "do not render curves.png/svg and gap_distribution.png/svg")
         ("export", "text exports besides study.sqlite: auto (all of them up to report.export_limit runs), none, or a "
                    "list of curves,metrics,runs (sets report.export)", cxxopts::value<std::string>());

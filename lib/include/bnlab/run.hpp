@@ -24,7 +24,7 @@ struct RunOptions {
   /// PyTorch-numerics BatchNorm on one row's batch statistics), else torch; "batched" is the
   /// same; "torch": torch::nn and autograd for everything (the reference).
   std::string engine = "auto";
-  int lanes = 32;                      ///< batched engine: samples fine-tuned together per work item
+  int lanes = 16;                      ///< batched engine: samples fine-tuned together per work item (one lane group)
   bool plots = true;                   ///< render curves.png/svg (and the gap distribution) with gnuplot
   std::vector<std::string> argv;       ///< recorded in manifest.json
   /// Called with every run as it finishes (from worker threads, one call at a time), after the
