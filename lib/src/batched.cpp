@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -162,6 +163,28 @@ class Net {
     std::vector<float> values;
     std::vector<int64_t> counts;
   };
+  /// One group's parameters and buffers as laid out in memory, every lane holding the same state,
+  /// and one lane's counters: what restore() copies into every group as it is.
+  struct GroupImage {
+    std::vector<float> params, buffers;
+    std::vector<int64_t> counts;
+  };
+  /// Writes `s` into every lane (replicate) and keeps group 0's layout of it in `image`.
+  void make_image(const Snapshot& s, GroupImage& image) {
+    replicate(s);
+    const int64_t V = store_.V;
+    image.params.assign(store_.P(0), store_.P(0) + n_params_ * V);
+    image.buffers.assign(store_.B(0), store_.B(0) + n_buffers_ * V);
+    image.counts = s.counts;
+  }
+  /// replicate() of the state make_image() kept: one block copy per group.
+  void restore(const GroupImage& image) {
+    for (int64_t lane = 0; lane < store_.lanes; ++lane) std::copy_n(image.counts.data(), n_counts_, counts_.data() + lane * n_counts_);
+    for (int64_t grp = 0; grp < store_.groups(); ++grp) {
+      std::memcpy(store_.P(grp), image.params.data(), image.params.size() * sizeof(float));
+      std::memcpy(store_.B(grp), image.buffers.data(), image.buffers.size() * sizeof(float));
+    }
+  }
   /// Copies lane `from`'s state to every other lane (the padding too).
   void replicate(int64_t from) {
     Snapshot s;
@@ -549,10 +572,13 @@ std::vector<float> gather_rows(const torch::Tensor& t, const std::vector<int64_t
 struct CachedNet {
   CachedNet(const ModelImpl& model, int64_t lanes, int64_t rows, bool shared) : net(model, lanes, rows, shared) {
     net.load(0, model);
-    if (!shared) net.snapshot(0, start, true);
+    if (shared) return;
+    Net::Snapshot start;
+    net.snapshot(0, start, true);
+    net.make_image(start, image);
   }
   Net net;
-  Net::Snapshot start;
+  Net::GroupImage image;  ///< the model's state in every lane of a group (not for a shared Net)
 };
 
 }  // namespace
@@ -595,7 +621,7 @@ Net& net_for(BatchedCache* cache, std::unique_ptr<CachedNet>& local, const Model
   }
   if (!*slot) *slot = std::make_unique<CachedNet>(model, lanes, rows, shared);
   CachedNet& c = **slot;
-  if (!shared) c.net.replicate(c.start);
+  if (!shared) c.net.restore(c.image);
   return c.net;
 }
 
