@@ -169,6 +169,20 @@ void bn_inference(const LaneStore& s, int64_t C, int64_t n, float eps, const flo
   k.bn_affine(X, alpha, shift, Y, n, C);
 }
 
+/// bn_inference of two inputs on the same state (an inference pass and a fit pass on running
+/// statistics): 1/sqrt(var + eps), scale and shift computed once, the same values as two calls.
+void bn_inference_pair(const LaneStore& s, int64_t C, int64_t n, float eps, const float* gamma, const float* beta,
+                       const float* rm, const float* rv, float* istd, const float* Xa, float* Ya, const float* Xb,
+                       float* Yb) {
+  const auto& k = lanes::active();
+  float* alpha = s.stat(C, 0);
+  float* shift = s.stat(C, 1);
+  k.inv_sqrt(rv, eps, istd, C);
+  k.bn_scale_shift(gamma, beta, rm, istd, alpha, shift, C);
+  k.bn_affine(Xa, alpha, shift, Ya, n, C);
+  k.bn_affine(Xb, alpha, shift, Yb, n, C);
+}
+
 /// Tensor positions in BatchNormKind::state(): gamma and beta exist only with scale/center.
 enum BnSlot { kGamma, kBeta, kMean, kVar, kCount };
 
@@ -246,6 +260,22 @@ class BatchNormKind final : public LayerKindDef {
       const bool keras = L.spec.semantics == BnSemantics::kKeras;
       k.bn_running(rm, rv, mean, var, static_cast<float>(L.mode.momentum), keras,
                    keras ? 1.f : static_cast<float>(n) / static_cast<float>(n - 1), C);
+    }
+  }
+  void forward_pair(const LaneStore& s, BatchedLayer& L, Pass first, const float* in_a, float* out_a, Pass second,
+                    const float* in_b, float* out_b) const override {
+    if (batch_stats(L, first) || batch_stats(L, second)) {
+      LayerKindDef::forward_pair(s, L, first, in_a, out_a, second, in_b, out_b);
+      return;
+    }
+    // Both on the running statistics, which neither pass then changes (forward: no update without
+    // batch statistics): scale and shift once for both.
+    const int64_t C = L.spec.out * s.V;
+    for (int64_t grp = 0; grp < s.groups(); ++grp) {
+      const auto [gamma, beta, rm, rv] = bn_lane(s, L, grp);
+      const int64_t at = grp * s.stride * C;
+      bn_inference_pair(s, C, s.rows, static_cast<float>(L.spec.eps), gamma, beta, rm, rv, L.saved_c + grp * C,
+                        in_a + at, out_a + at, in_b + at, out_b + at);
     }
   }
   void backward(const LaneStore& s, const BatchedLayer& L, const float* in, const float*, const float* g,
@@ -462,6 +492,16 @@ class FrozenBatchNormKind final : public LayerKindDef {
       bn_inference(s, C, s.rows, eps, w, bias, rm, rv, s.stat(C, 2), in + grp * s.stride * C, out + grp * s.stride * C);
     }
   }
+  void forward_pair(const LaneStore& s, BatchedLayer& L, Pass, const float* in_a, float* out_a, Pass,
+                    const float* in_b, float* out_b) const override {
+    const int64_t C = L.spec.out * s.V;
+    for (int64_t grp = 0; grp < s.groups(); ++grp) {  // every pass is the same inference: scale and shift once
+      const auto [w, bias, rm, rv] = frozen_lane(s, L, grp);
+      const int64_t at = grp * s.stride * C;
+      bn_inference_pair(s, C, s.rows, static_cast<float>(L.spec.eps), w, bias, rm, rv, s.stat(C, 2), in_a + at,
+                        out_a + at, in_b + at, out_b + at);
+    }
+  }
   void backward(const LaneStore& s, const BatchedLayer& L, const float*, const float*, const float* g,
                 float* dx) const override {
     const int64_t C = L.spec.out * s.V;  // a group's channels x lanes
@@ -470,10 +510,14 @@ class FrozenBatchNormKind final : public LayerKindDef {
     for (int64_t grp = 0; grp < s.groups(); ++grp) {
       const auto [w, bias, rm, rv] = frozen_lane(s, L, grp);
       float* scale = s.stat(C, 0);
-      float* shift = s.stat(C, 1);
       float* istd = s.stat(C, 2);
       k.inv_sqrt(rv, eps, istd, C);
-      k.bn_scale_shift(w, bias, rm, istd, scale, shift, C);
+      // bn_scale_shift's scale (weight x istd, or istd); the shift is not needed here.
+      if (w) {
+        for (int64_t c = 0; c < C; ++c) scale[c] = w[c] * istd[c];
+      } else {
+        std::copy_n(istd, C, scale);
+      }
       k.bn_affine(g + grp * s.stride * C, scale, nullptr, dx + grp * s.stride * C, s.rows, C);
     }
   }
