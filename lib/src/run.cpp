@@ -495,7 +495,7 @@ class Sink {
 };
 
 /// Inserts runs into the store from a writer thread, in transactions of whatever finished since
-/// the last one (every 0.2 s, or as soon as half the queue's bound is waiting), and keeps
+/// the last one (every 0.2 s, or as soon as kWakeAt runs are waiting), and keeps
 /// progress.json (counts, rate, ETA) current.
 class StoreSink : public Sink {
  public:
@@ -513,7 +513,7 @@ class StoreSink : public Sink {
       counts_[f.result.failed ? 2 : f.result.diverged ? 1 : 0] += 1;
       queue_.push_back(f.result);
     }
-    if (queue_.size() >= kMaxQueued / 2) cv_.notify_one();  // the writer need not sleep out its 200 ms
+    if (queue_.size() >= kWakeAt) cv_.notify_one();  // the writer need not sleep out its 200 ms
   }
   void close() override {
     stop();
@@ -534,10 +534,11 @@ class StoreSink : public Sink {
   void loop() {
     std::unique_lock<std::mutex> lock(mu_);
     double last_progress = -1;
+    std::vector<StrategyResult> batch;  // its capacity goes back to the queue after each transaction
     while (true) {
-      cv_.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopped_ || queue_.size() >= kMaxQueued / 2; });
+      cv_.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopped_ || queue_.size() >= kWakeAt; });
       const bool last = stopped_;
-      std::vector<StrategyResult> batch;
+      batch.clear();
       batch.swap(queue_);
       const size_t counts[3] = {counts_[0], counts_[1], counts_[2]};
       lock.unlock();
@@ -574,10 +575,14 @@ class StoreSink : public Sink {
   std::string dir_;
   size_t planned_, resumed_;
   std::chrono::steady_clock::time_point start_;
-  /// Runs waiting for the writer, at most; the writer takes them from half that. 8192 runs are
+  /// Runs waiting for the writer, at most (workers wait beyond it). 8192 runs are
   /// about 8 MB: with the engine at 75,000 runs/s, a queue of 65,536 held 70 MB more at the peak
   /// of a 100,000-sample study than at 10,000 samples (BENCHMARKS-scale.md).
   static constexpr size_t kMaxQueued = 1 << 13;
+  /// The writer takes the queue once this many runs wait (or every 200 ms, or at the end), so that
+  /// a small study's runs are inserted while the workers compute rather than all after them
+  /// (the first transaction also syncs the new WAL file, milliseconds on some disks).
+  static constexpr size_t kWakeAt = 256;
   std::mutex mu_;
   std::condition_variable cv_, drained_;
   std::vector<StrategyResult> queue_;
