@@ -179,6 +179,7 @@ class Net {
   }
   /// replicate() of the state make_image() kept: one block copy per group.
   void restore(const GroupImage& image) {
+    ++store_.version;
     for (int64_t lane = 0; lane < store_.lanes; ++lane) std::copy_n(image.counts.data(), n_counts_, counts_.data() + lane * n_counts_);
     for (int64_t grp = 0; grp < store_.groups(); ++grp) {
       std::memcpy(store_.P(grp), image.params.data(), image.params.size() * sizeof(float));
@@ -193,6 +194,7 @@ class Net {
   }
   /// Writes the state `s` (a snapshot of one lane) into every lane, the padding too.
   void replicate(const Snapshot& s) {
+    ++store_.version;
     for (int64_t lane = 0; lane < store_.lanes; ++lane) std::copy_n(s.counts.data(), n_counts_, counts_.data() + lane * n_counts_);
     if (store_.V == lanes::kWidth) {
       spread<lanes::kWidth>(params_, n_params_, s.values.data());
@@ -300,6 +302,7 @@ class Net {
       dst.values.resize(static_cast<size_t>(n_params_ + n_buffers_));
       dst.counts.assign(c, c + n_counts_);
     } else {
+      ++store_.version;
       std::copy_n(dst.counts.data(), n_counts_, c);
     }
     float* values = dst.values.data();
@@ -312,6 +315,7 @@ class Net {
   /// Moves every state tensor by its state-dict name, as the kind's state() lists it.
   void transfer(int64_t lane, ModelImpl& model, bool in) {
     torch::NoGradGuard no_grad;
+    if (in) ++store_.version;
     std::map<std::string, torch::Tensor> tensors;
     for (const auto& p : model.named_parameters()) tensors[p.key()] = p.value();
     for (const auto& b : model.named_buffers()) tensors[b.key()] = b.value();

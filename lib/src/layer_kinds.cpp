@@ -160,11 +160,11 @@ class DenseKind final : public LayerKindDef {
 /// y = x * alpha + (beta - mean * alpha); istd receives 1 / sqrt(running_var + eps). This forward
 /// runs for every evaluation and every frozen-BatchNorm step.
 void bn_inference(const LaneStore& s, int64_t C, int64_t n, float eps, const float* gamma, const float* beta,
-                  const float* rm, const float* rv, float* istd, const float* X, float* Y) {
+                  const float* rm, const float* rv, float* istd, const float* X, float* Y, bool istd_current = false) {
   const auto& k = lanes::active();
   float* alpha = s.stat(C, 0);
   float* shift = s.stat(C, 1);
-  k.inv_sqrt(rv, eps, istd, C);
+  if (!istd_current) k.inv_sqrt(rv, eps, istd, C);
   k.bn_scale_shift(gamma, beta, rm, istd, alpha, shift, C);
   k.bn_affine(X, alpha, shift, Y, n, C);
 }
@@ -173,11 +173,11 @@ void bn_inference(const LaneStore& s, int64_t C, int64_t n, float eps, const flo
 /// statistics): 1/sqrt(var + eps), scale and shift computed once, the same values as two calls.
 void bn_inference_pair(const LaneStore& s, int64_t C, int64_t n, float eps, const float* gamma, const float* beta,
                        const float* rm, const float* rv, float* istd, const float* Xa, float* Ya, const float* Xb,
-                       float* Yb) {
+                       float* Yb, bool istd_current) {
   const auto& k = lanes::active();
   float* alpha = s.stat(C, 0);
   float* shift = s.stat(C, 1);
-  k.inv_sqrt(rv, eps, istd, C);
+  if (!istd_current) k.inv_sqrt(rv, eps, istd, C);
   k.bn_scale_shift(gamma, beta, rm, istd, alpha, shift, C);
   k.bn_affine(Xa, alpha, shift, Ya, n, C);
   k.bn_affine(Xb, alpha, shift, Yb, n, C);
@@ -227,13 +227,15 @@ class BatchNormKind final : public LayerKindDef {
     const bool batch = batch_stats(L, pass);
     const float eps = static_cast<float>(L.spec.eps);
     const auto& k = lanes::active();
+    const bool current = !batch && L.istd_version == s.version;
+    L.istd_version = batch ? 0 : s.version;  // saved_c: batch statistics, or the running ones
     for (int64_t grp = 0; grp < s.groups(); ++grp) {
       const float* X = in + grp * s.stride * C;
       float* Y = out + grp * s.stride * C;
       const auto [gamma, beta, rm, rv] = bn_lane(s, L, grp);
       float* istd = L.saved_c + grp * C;
       if (!batch) {
-        bn_inference(s, C, n, eps, gamma, beta, rm, rv, istd, X, Y);
+        bn_inference(s, C, n, eps, gamma, beta, rm, rv, istd, X, Y, current);
         continue;
       }
       // Batch statistics: mean and biased variance over the rows (with one row, x - mean is
@@ -271,11 +273,13 @@ class BatchNormKind final : public LayerKindDef {
     // Both on the running statistics, which neither pass then changes (forward: no update without
     // batch statistics): scale and shift once for both.
     const int64_t C = L.spec.out * s.V;
+    const bool current = L.istd_version == s.version;
+    L.istd_version = s.version;
     for (int64_t grp = 0; grp < s.groups(); ++grp) {
       const auto [gamma, beta, rm, rv] = bn_lane(s, L, grp);
       const int64_t at = grp * s.stride * C;
       bn_inference_pair(s, C, s.rows, static_cast<float>(L.spec.eps), gamma, beta, rm, rv, L.saved_c + grp * C,
-                        in_a + at, out_a + at, in_b + at, out_b + at);
+                        in_a + at, out_a + at, in_b + at, out_b + at, current);
     }
   }
   void backward(const LaneStore& s, const BatchedLayer& L, const float* in, const float*, const float* g,
@@ -499,7 +503,7 @@ class FrozenBatchNormKind final : public LayerKindDef {
       const auto [w, bias, rm, rv] = frozen_lane(s, L, grp);
       const int64_t at = grp * s.stride * C;
       bn_inference_pair(s, C, s.rows, static_cast<float>(L.spec.eps), w, bias, rm, rv, s.stat(C, 2), in_a + at,
-                        out_a + at, in_b + at, out_b + at);
+                        out_a + at, in_b + at, out_b + at, false);
     }
   }
   void backward(const LaneStore& s, const BatchedLayer& L, const float*, const float*, const float* g,

@@ -59,6 +59,10 @@ struct LaneStore {
   /// Set (interleaved lanes only): a trainable layer whose kind fuses_sgd() applies this rule to
   /// its parameters in its backward pass instead of writing their gradients.
   const lanes::Sgd* sgd = nullptr;
+  /// Bumped by the engine whenever it writes the buffers from outside a forward pass (loading,
+  /// replicating, restoring lanes): what a layer computed from its running statistics before is
+  /// then stale (BatchedLayer::istd_version).
+  uint64_t version = 1;
   int64_t groups() const { return lanes / V; }
   /// The parameter, gradient and buffer blocks of a group (of a lane where V = 1).
   float* P(int64_t group) const { return params + (shared ? 0 : group * n_params * V); }
@@ -88,6 +92,12 @@ struct BatchedLayer {
   bool need_dx = false;        ///< a trainable parameter sits below this layer
   float* saved = nullptr;      ///< BatchNorm: x-hat; Dropout: the mask ([lanes][stride][width])
   float* saved_c = nullptr;    ///< BatchNorm: 1/sqrt(var + eps) per lane and channel
+  /// BatchNorm: the LaneStore::version at which saved_c was computed from the running variance
+  /// of every group, unchanged since (0: not). The running statistics change only in a forward
+  /// pass on batch statistics, which resets it, or from outside, which bumps the version; an
+  /// inference forward then reuses saved_c instead of taking a square root and a division per
+  /// element again (frozen BatchNorm: every pass).
+  uint64_t istd_version = 0;
 };
 
 /// How a layer is written as a TorchScript module (bnlab export --as torchscript): PyTorch's own

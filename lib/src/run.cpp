@@ -568,7 +568,7 @@ class StoreSink : public Sink {
             {"diverged", counts[1]},    {"failed", counts[2]},      {"runs_per_s", rate},        {"elapsed_s", elapsed},
             {"eta_s", rate > 0 ? static_cast<double>(planned_ - done) / rate : 0.0},
             {"state", last ? (done == planned_ ? "finished" : "stopped") : "running"}, {"updated_at", iso_now()}};
-    write_file_atomic(dir_ + "/progress.json", p.dump(2) + "\n");
+    write_status_atomic(dir_ + "/progress.json", p.dump(2) + "\n");
   }
 
   Store& store_;

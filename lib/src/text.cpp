@@ -176,9 +176,9 @@ void AtomicWriter::write(const std::string& piece) {
     throw std::runtime_error("cannot write " + path_ + ": " + errno_text());
 }
 
-void AtomicWriter::commit() {
+void AtomicWriter::commit(bool durable) {
   FILE* f = static_cast<FILE*>(file_);
-  const bool ok = std::fflush(f) == 0 && ::fsync(fileno(f)) == 0;
+  const bool ok = std::fflush(f) == 0 && (!durable || ::fsync(fileno(f)) == 0);
   const int saved = errno;
   std::fclose(f);
   file_ = nullptr;
@@ -199,6 +199,12 @@ void write_file_atomic(const std::string& path, const std::string& data, const s
   AtomicWriter w(path, tmp);
   w.write(data);
   w.commit();
+}
+
+void write_status_atomic(const std::string& path, const std::string& data) {
+  AtomicWriter w(path, temp_name(path));
+  w.write(data);
+  w.commit(/*durable=*/false);
 }
 
 std::string read_file(const std::string& path) {

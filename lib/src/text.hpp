@@ -33,6 +33,11 @@ void remove_stale_temps(const std::string& dir);
 void write_file_atomic(const std::string& path, const std::string& data);
 /// The same through the temporary file `tmp` (see AtomicWriter).
 void write_file_atomic(const std::string& path, const std::string& data, const std::string& tmp);
+/// write_file_atomic without the fsync before the rename, for a status file rewritten while a
+/// study runs (progress.json): a kill still leaves the old file or the whole new one; only a
+/// crash of the machine itself may leave an older one. Spares the study an fsync (milliseconds
+/// on some disks) at each rewrite, one of them when the study ends.
+void write_status_atomic(const std::string& path, const std::string& data);
 
 /// write_file_atomic for output made piece by piece (exports streamed from a study store): the
 /// pieces go to the temporary file; commit() renames it into place. Destroyed uncommitted (an
@@ -47,7 +52,8 @@ class AtomicWriter {
   AtomicWriter(const AtomicWriter&) = delete;
   AtomicWriter& operator=(const AtomicWriter&) = delete;
   void write(const std::string& piece);
-  void commit();
+  /// Flushes, fsyncs (unless `durable` is false: see write_status_atomic) and renames into place.
+  void commit(bool durable = true);
 
  private:
   std::string path_, tmp_;

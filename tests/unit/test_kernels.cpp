@@ -230,6 +230,16 @@ TEST(LaneKernels, ElementWiseKernelsMatchTheirFormulasOnEveryInstructionSet) {
         k.inv_sqrt(var.data(), eps, a.data(), C);
         for (size_t c = 0; c < c_; ++c) b[c] = 1.f / std::sqrt(var[c] + eps);
         ASSERT_TRUE(same_bits(a, b)) << "inv_sqrt";
+        // A variance of zeros (one row's batch statistics), +0 and -0, takes its shortcut; one
+        // nonzero element among them must not.
+        for (size_t z = 0; z <= c_; ++z) {
+          std::vector<float> zeros(c_, 0.f), za(c_), zb(c_);
+          for (size_t c = 0; c < c_; c += 3) zeros[c] = -0.f;
+          if (z < c_) zeros[z] = 0.25f;
+          k.inv_sqrt(zeros.data(), eps, za.data(), C);
+          for (size_t c = 0; c < c_; ++c) zb[c] = 1.f / std::sqrt(zeros[c] + eps);
+          ASSERT_TRUE(same_bits(za, zb)) << "inv_sqrt of zeros, nonzero at " << z;
+        }
         const auto istd = a;
 
         k.bn_moments(X.data(), n, C, a.data(), b.data());
