@@ -582,7 +582,7 @@ class StoreSink : public Sink {
   /// The writer takes the queue once this many runs wait (or every 200 ms, or at the end), so that
   /// a small study's runs are inserted while the workers compute rather than all after them
   /// (the first transaction also syncs the new WAL file, milliseconds on some disks).
-  static constexpr size_t kWakeAt = 256;
+  static constexpr size_t kWakeAt = 64;
   std::mutex mu_;
   std::condition_variable cv_, drained_;
   std::vector<StrategyResult> queue_;
