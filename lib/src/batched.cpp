@@ -182,8 +182,9 @@ class Net {
     ++store_.version;
     for (int64_t lane = 0; lane < store_.lanes; ++lane) std::copy_n(image.counts.data(), n_counts_, counts_.data() + lane * n_counts_);
     for (int64_t grp = 0; grp < store_.groups(); ++grp) {
-      std::memcpy(store_.P(grp), image.params.data(), image.params.size() * sizeof(float));
-      std::memcpy(store_.B(grp), image.buffers.data(), image.buffers.size() * sizeof(float));
+      // copy_n: a model without buffers has an empty image (memcpy from its null data() is UB).
+      std::copy_n(image.params.data(), image.params.size(), store_.P(grp));
+      std::copy_n(image.buffers.data(), image.buffers.size(), store_.B(grp));
     }
   }
   /// Copies lane `from`'s state to every other lane (the padding too).
