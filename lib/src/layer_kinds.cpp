@@ -158,30 +158,20 @@ class DenseKind final : public LayerKindDef {
 
 // ------------------------------------------------------------------------------ BatchNorm
 /// Inference over n rows of C channels: alpha = gamma / sqrt(running_var + eps),
-/// y = x * alpha + (beta - mean * alpha); istd receives 1 / sqrt(running_var + eps). This forward
-/// runs for every evaluation and every frozen-BatchNorm step.
+/// y = x * alpha + (beta - mean * alpha); istd receives 1 / sqrt(running_var + eps), or holds it
+/// already (`istd_current`). This forward runs for every evaluation and every frozen-BatchNorm
+/// step. With Xb, a second input on the same state (an inference pass and a fit pass on running
+/// statistics) goes to Yb with the same scale and shift: the same values as two calls.
 void bn_inference(const LaneStore& s, int64_t C, int64_t n, float eps, const float* gamma, const float* beta,
-                  const float* rm, const float* rv, float* istd, const float* X, float* Y, bool istd_current = false) {
+                  const float* rm, const float* rv, float* istd, const float* X, float* Y, bool istd_current = false,
+                  const float* Xb = nullptr, float* Yb = nullptr) {
   const auto& k = lanes::active();
   float* alpha = s.stat(C, 0);
   float* shift = s.stat(C, 1);
   if (!istd_current) k.inv_sqrt(rv, eps, istd, C);
   k.bn_scale_shift(gamma, beta, rm, istd, alpha, shift, C);
   k.bn_affine(X, alpha, shift, Y, n, C);
-}
-
-/// bn_inference of two inputs on the same state (an inference pass and a fit pass on running
-/// statistics): 1/sqrt(var + eps), scale and shift computed once, the same values as two calls.
-void bn_inference_pair(const LaneStore& s, int64_t C, int64_t n, float eps, const float* gamma, const float* beta,
-                       const float* rm, const float* rv, float* istd, const float* Xa, float* Ya, const float* Xb,
-                       float* Yb, bool istd_current) {
-  const auto& k = lanes::active();
-  float* alpha = s.stat(C, 0);
-  float* shift = s.stat(C, 1);
-  if (!istd_current) k.inv_sqrt(rv, eps, istd, C);
-  k.bn_scale_shift(gamma, beta, rm, istd, alpha, shift, C);
-  k.bn_affine(Xa, alpha, shift, Ya, n, C);
-  k.bn_affine(Xb, alpha, shift, Yb, n, C);
+  if (Xb != nullptr) k.bn_affine(Xb, alpha, shift, Yb, n, C);
 }
 
 /// Tensor positions in BatchNormKind::state(): gamma and beta exist only with scale/center.
@@ -279,8 +269,8 @@ class BatchNormKind final : public LayerKindDef {
     for (int64_t grp = 0; grp < s.groups(); ++grp) {
       const auto [gamma, beta, rm, rv] = bn_lane(s, L, grp);
       const int64_t at = grp * s.stride * C;
-      bn_inference_pair(s, C, s.rows, static_cast<float>(L.spec.eps), gamma, beta, rm, rv, L.saved_c + grp * C,
-                        in_a + at, out_a + at, in_b + at, out_b + at, current);
+      bn_inference(s, C, s.rows, static_cast<float>(L.spec.eps), gamma, beta, rm, rv, L.saved_c + grp * C, in_a + at,
+                   out_a + at, current, in_b + at, out_b + at);
     }
   }
   void backward(const LaneStore& s, const BatchedLayer& L, const float* in, const float*, const float* g,
@@ -503,8 +493,8 @@ class FrozenBatchNormKind final : public LayerKindDef {
     for (int64_t grp = 0; grp < s.groups(); ++grp) {  // every pass is the same inference: scale and shift once
       const auto [w, bias, rm, rv] = frozen_lane(s, L, grp);
       const int64_t at = grp * s.stride * C;
-      bn_inference_pair(s, C, s.rows, static_cast<float>(L.spec.eps), w, bias, rm, rv, s.stat(C, 2), in_a + at,
-                        out_a + at, in_b + at, out_b + at, false);
+      bn_inference(s, C, s.rows, static_cast<float>(L.spec.eps), w, bias, rm, rv, s.stat(C, 2), in_a + at, out_a + at,
+                   false, in_b + at, out_b + at);
     }
   }
   void backward(const LaneStore& s, const BatchedLayer& L, const float*, const float*, const float* g,
