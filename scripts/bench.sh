@@ -11,7 +11,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ "${1:-}" = "--scale" ]; then exec "$root/scripts/bench_scale.sh"; fi
 "$root/scripts/setup.sh"
-"$root/scripts/build.sh" bnlab_app bench_step bench_roofline >&2
+"$root/scripts/build.sh" bnlab_app bench_step bench_roofline bench_kernels >&2
 build="${BNLAB_BUILD_DIR:-$root/build}"
 bin="$build/bin/bnlab"
 samples="${1:-1000}"
@@ -77,12 +77,12 @@ py_study=$(py study_sample_epochs_per_s)
 cross=$(cmp -s "$tmp/study1/curves.csv" "$tmp/study2/curves.csv" && echo "byte-identical" || echo "DIFFERENT")
 
 # Against the strongest Python peer (bench/bench_peer.py, checked against bnlab's curves before it
-# is timed) and against this core's measured limits (bench_roofline). bnlab: best of three runs of
+# is timed) and against this core's measured limits (bench_roofline). bnlab: best of five runs of
 # each strategy alone, 1 job, no exports (the peer writes nothing either).
 echo "bench: the peer study (train, frozen) in bnlab and in Python; the machine's limits..." >&2
-best_phase() {  # CONFIG -> the best fine-tuning phase of three runs, us per sample-epoch
+best_phase() {  # CONFIG -> the best fine-tuning phase of five runs, us per sample-epoch
   local best=""
-  for i in 1 2 3; do
+  for i in 1 2 3 4 5; do
     rm -rf "$tmp/peer_best"; cp -r "$tmp/cache_batched" "$tmp/peer_best"; rm -f "$tmp/peer_best"/finetuned_*.pt
     "$bin" run "$1" --out "$tmp/peer_best" --verbose 0 --no-plots --jobs 1 --export none >/dev/null
     best=$(val "$tmp/peer_best/manifest.json" "min(${best:-1e30}, m['timings_s']['finetune'] * 1e6 / $(( samples * 10 )))")
@@ -95,6 +95,7 @@ rm -rf "$tmp/peer_run"; cp -r "$tmp/cache_batched" "$tmp/peer_run"; rm -f "$tmp/
 "$bin" run "$tmp/peer.json" --out "$tmp/peer_run" --verbose 0 --no-plots --jobs 1 >/dev/null
 /usr/bin/python3 "$root/bench/bench_peer.py" "$tmp/peer_run" --repeat 3 > "$tmp/peer.out"
 "$build/bin/bench_roofline" > "$tmp/roof.out"
+"$build/bin/bench_kernels" 3000 > "$tmp/kern.out"
 peer() { sed -n "s/^$1 //p" "$tmp/peer.out"; }
 roof() { sed -n "s/^$1 //p" "$tmp/roof.out"; }
 
@@ -138,7 +139,7 @@ out="$root/BENCHMARKS.md"
   echo "## Against the strongest Python peer and against the machine"
   echo
   echo "The study: seed_repro, $samples samples, 10 epochs, strategies train and frozen, 1 job, 1 thread. bnlab: the fine-tuning"
-  echo "phase of each strategy alone, best of three runs, no exports. The peer: \`bench/bench_peer.py\`, nine ways to write this study"
+  echo "phase of each strategy alone, best of five runs, no exports. The peer: \`bench/bench_peer.py\`, nine ways to write this study"
   echo "in PyTorch (stacked [K, out, in] tensors with autograd, functorch vmap, hand-written batched backward eager and TorchScript,"
   echo "lanes-last tensors in bnlab's float order, with and without two shortcuts exact for this study), each checked against"
   echo "bnlab's curves.csv (max |diff| <= 1e-5) before it is timed; the best that passes is the peer."
@@ -199,6 +200,14 @@ print(f"\nArithmetic intensity {ai:.2f} flop per byte of weights: a lane group's
 if bw:
     print(f"the attainable rate is min(peak, intensity x L2 bandwidth) = {min(peak, ai * bw):.0f} GFLOP/s; see docs/performance.md.")
 PY
+  echo
+  echo "The Dense kernels alone (\`bench_kernels\`: one group of 16 lanes, its 311 KB of weights in L2, best of five), against"
+  echo "the L2 bandwidth above: the paired forward pass reads each weight vector (64 bytes) once, the fused backward and SGD"
+  echo "step reads and writes it (128 bytes)."
+  echo
+  echo "| kernel | layer (in x out) | ns per call | ns per weight vector | GB/s |"
+  echo "|---|---|---|---|---|"
+  awk '$1 == "kernel" { printf "| %s | %s | %.0f | %.3f | %.0f |\n", $2, $3, $5, $7, $9 }' "$tmp/kern.out"
 } > "$out.tmp"
 mv "$out.tmp" "$out"
 cat "$out"
