@@ -505,14 +505,10 @@ class FrozenBatchNormKind final : public LayerKindDef {
     for (int64_t grp = 0; grp < s.groups(); ++grp) {
       const auto [w, bias, rm, rv] = frozen_lane(s, L, grp);
       float* scale = s.stat(C, 0);
+      float* shift = s.stat(C, 1);
       float* istd = s.stat(C, 2);
       k.inv_sqrt(rv, eps, istd, C);
-      // bn_scale_shift's scale (weight x istd, or istd); the shift is not needed here.
-      if (w) {
-        for (int64_t c = 0; c < C; ++c) scale[c] = w[c] * istd[c];
-      } else {
-        std::copy_n(istd, C, scale);
-      }
+      k.bn_scale_shift(w, bias, rm, istd, scale, shift, C);
       k.bn_affine(g + grp * s.stride * C, scale, nullptr, dx + grp * s.stride * C, s.rows, C);
     }
   }
