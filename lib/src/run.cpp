@@ -532,6 +532,17 @@ class StoreSink : public Sink {
     if (writer_.joinable()) writer_.join();
   }
   void loop() {
+    // The time this invocation began fine-tuning, in the store's metadata. Written first, so that
+    // SQLite's sync of a new write-ahead log's header (its first commit; about a millisecond here)
+    // happens while the workers compute the first work item, not in the study's last transaction.
+    try {
+      store_.set_meta("finetune_started_at", iso_now());
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu_);
+      error_ = std::current_exception();
+      drained_.notify_all();
+      return;
+    }
     std::unique_lock<std::mutex> lock(mu_);
     double last_progress = -1;
     std::vector<StrategyResult> batch;  // its capacity goes back to the queue after each transaction

@@ -86,6 +86,8 @@ with tempfile.TemporaryDirectory() as tmp:
     meta = dict(con.execute("SELECT key, value FROM meta"))
     check(meta.get("format") == "bnlab.study/1", f"meta.format {meta.get('format')}")
     check(json.loads(meta["config"])["name"] == "smoke_study", "meta.config is not the resolved config")
+    started = meta.get("finetune_started_at", "")
+    check(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", started) is not None, f"meta.finetune_started_at {started!r}")
     con.close()
 
     # Another program's database where the store belongs: exit 2, named, untouched.
