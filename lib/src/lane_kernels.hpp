@@ -92,6 +92,9 @@ struct Kernels {
   /// y = max(x, 0) as x > 0 ? x : 0; dx = y > 0 ? g : 0.
   void (*relu_forward)(const float* x, float* y, int64_t n);
   void (*relu_backward)(const float* y, const float* g, float* dx, int64_t n);
+  /// dst[e * kWidth + v] = column[e] for every lane v: one lane's n values in every lane of an
+  /// interleaved group (a model's state put into every lane; one store per value).
+  void (*spread)(const float* column, float* dst, int64_t n);
 };
 
 /// The kernels in use: the best the CPU runs, unless BNLAB_ISA or set_isa() chose. Throws

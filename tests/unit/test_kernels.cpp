@@ -207,7 +207,7 @@ TEST(LaneKernels, EveryLaneMatchesTheOneLaneKernelsOnEveryInstructionSet) {
   ASSERT_TRUE(lanes::set_isa(isas.back()));
 }
 
-// The element-wise kernels (BatchNorm, ReLU) on every instruction set against the formulas
+// The element-wise kernels (BatchNorm, ReLU, spread) on every instruction set against the formulas
 // written out here one element at a time, bit for bit, with each optional pointer present and
 // absent.
 TEST(LaneKernels, ElementWiseKernelsMatchTheirFormulasOnEveryInstructionSet) {
@@ -327,6 +327,13 @@ TEST(LaneKernels, ElementWiseKernelsMatchTheirFormulasOnEveryInstructionSet) {
           ASSERT_EQ(bits(got[e]), bits(X[e] > 0.f ? X[e] : 0.f)) << "relu_forward";
           ASSERT_EQ(bits(got2[e]), bits(got[e] > 0.f ? G[e] : 0.f)) << "relu_backward";
         }
+        // spread: every element in each of the kWidth lanes, and nothing past the last.
+        std::vector<float> wide(nc * lanes::kWidth + 1, 7.f);
+        k.spread(X.data(), wide.data(), n * C);
+        for (size_t e = 0; e < nc; ++e)
+          for (size_t v = 0; v < static_cast<size_t>(lanes::kWidth); ++v)
+            ASSERT_EQ(bits(wide[e * lanes::kWidth + v]), bits(X[e])) << "spread " << e << " lane " << v;
+        ASSERT_EQ(wide.back(), 7.f) << "spread wrote past its n values";
         ++checked;
       }
   }
