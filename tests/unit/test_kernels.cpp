@@ -327,12 +327,16 @@ TEST(LaneKernels, ElementWiseKernelsMatchTheirFormulasOnEveryInstructionSet) {
           ASSERT_EQ(bits(got[e]), bits(X[e] > 0.f ? X[e] : 0.f)) << "relu_forward";
           ASSERT_EQ(bits(got2[e]), bits(got[e] > 0.f ? G[e] : 0.f)) << "relu_backward";
         }
-        // spread: every element in each of the kWidth lanes, and nothing past the last.
+        // spread: every element in each of the kWidth lanes, bit for bit (-0, a NaN's payload, an
+        // infinity among them), and nothing past the last.
+        auto column = X;
+        const uint32_t odd[] = {0x80000000u, 0x7fc01234u, 0xffa00001u, 0x7f800000u};
+        for (size_t e = 0; e < nc && e < 4; ++e) std::memcpy(&column[e], &odd[e], sizeof(float));
         std::vector<float> wide(nc * lanes::kWidth + 1, 7.f);
-        k.spread(X.data(), wide.data(), n * C);
+        k.spread(column.data(), wide.data(), n * C);
         for (size_t e = 0; e < nc; ++e)
           for (size_t v = 0; v < static_cast<size_t>(lanes::kWidth); ++v)
-            ASSERT_EQ(bits(wide[e * lanes::kWidth + v]), bits(X[e])) << "spread " << e << " lane " << v;
+            ASSERT_EQ(bits(wide[e * lanes::kWidth + v]), bits(column[e])) << "spread " << e << " lane " << v;
         ASSERT_EQ(wide.back(), 7.f) << "spread wrote past its n values";
         ++checked;
       }
