@@ -38,7 +38,23 @@ int main(int argc, char** argv) {
     weights += l.in * l.out;
     if (l.use_bias) biases += l.out;
   }
-  std::printf("model dense_macs %lld dx_macs %lld weights %lld biases %lld\n", macs, dx_macs, weights, biases);
+  // Under train every BatchNorm normalizes one row by its own statistics and passes down an exactly
+  // zero gradient, so the backward pass stops at the topmost one (set_zero_gradient_shortcut):
+  // the Dense layers below it get neither input nor weight gradients, and SGD reads none of them.
+  const auto& layers = model->layers();
+  size_t top_bn = 0;
+  for (size_t i = 0; i < layers.size(); ++i)
+    if (layers[i].kind == bnlab::LayerKind::kBatchNorm) top_bn = i;
+  long long skip_w = 0, skip_b = 0, skip_dx = 0;
+  for (size_t i = 0, dense = 0; i < top_bn; ++i) {
+    if (layers[i].kind != bnlab::LayerKind::kDense) continue;
+    skip_w += layers[i].in * layers[i].out;
+    if (layers[i].use_bias) skip_b += layers[i].out;
+    if (dense++ > 0) skip_dx += layers[i].in * layers[i].out;
+  }
+  std::printf("model dense_macs %lld dx_macs %lld weights %lld biases %lld train_skipped_weights %lld train_skipped_biases %lld "
+              "train_skipped_dx_macs %lld\n",
+              macs, dx_macs, weights, biases, skip_w, skip_b, skip_dx);
   for (const char* preset : {"frozen", "train"}) {
     bnlab::StrategyConfig s = bnlab::parse_config(std::string(R"({"name": "b", "strategies": [")") + preset + "\"]}", "b")
                                   .strategies.front();

@@ -5,6 +5,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -34,6 +35,11 @@ struct Segment {
 torch::Tensor wrap(float* p, std::initializer_list<int64_t> sizes) {
   return torch::from_blob(p, sizes, torch::TensorOptions().dtype(torch::kFloat));
 }
+
+/// set_zero_gradient_shortcut's switch (on unless a test turns it off).
+std::atomic<bool> zero_gradient_shortcut_on{true};
+std::atomic<uint64_t> zero_gradient_shortcut_count{0};
+bool zero_gradient_shortcut() { return zero_gradient_shortcut_on.load(std::memory_order_relaxed); }
 
 /// The network as flat arrays: lanes x (parameters, buffers, counters), plus the activations
 /// of the last forward pass that the backward pass needs. Every layer's state and kernels come
@@ -242,13 +248,29 @@ class Net {
     float* next = gb_;
     if (store_.V > 1) x = xin_;  // packed by the forward pass
     for (size_t i = layers_.size(); i-- > 0;) {
-      const BatchedLayer& l = layers_[i];
+      BatchedLayer& l = layers_[i];
       if (!l.need_dx && !l.mode.trainable) break;
       const float* in = i == 0 ? x : acts_[i - 1];
+      if (l.need_dx && zero_below(i, x, g)) {
+        // Its own gradients, no dx; what is below keeps every bit (see zero_below).
+        l.need_dx = false;
+        layer_kind(l.spec.kind).backward(store_, l, in, acts_[i], g, next);
+        l.need_dx = true;
+        zero_gradient_shortcut_count.fetch_add(1, std::memory_order_relaxed);
+        for (size_t j = 0; j < i; ++j)  // the optimizer reads these: the gradient below is +-0
+          if (layers_[j].mode.trainable && !ranges_[j].empty() && !(store_.sgd != nullptr && layer_kind(layers_[j].spec.kind).fuses_sgd()))
+            for (int64_t grp = 0; grp < store_.groups(); ++grp)
+              std::fill_n(store_.G(grp) + ranges_[j].offset * store_.V, ranges_[j].size * store_.V, 0.f);
+        return;
+      }
       layer_kind(l.spec.kind).backward(store_, l, in, acts_[i], g, next);
       std::swap(g, next);
     }
+    below_checked_ = 0;  // the parameters below may have changed
   }
+
+  /// The optimizer's rule when it is plain SGD (the Optimizer sets it; nullptr: another optimizer).
+  void set_plain_sgd(const lanes::Sgd* rule) { plain_sgd_ = rule; }
 
   /// Each trainable parameter: its state-dict name, offset and shape (in grads() when no SGD
   /// rule is set).
@@ -353,6 +375,66 @@ class Net {
     return out;
   }
 
+  /// Whether the gradient that layer i passes down is exactly +-0 in every lane, and SGD then leaves
+  /// every parameter below as it is, bit for bit, so the backward pass may stop at layer i (the
+  /// peer's shortcut, taken only where it is exact). Layer i is a BatchNorm on the batch statistics
+  /// of one row: x - mean is exactly 0, x-hat is +-0, and dx = istd * (dh - mean(dh) - x-hat *
+  /// mean(dh x-hat)) with dh = gradient * gamma is +-0 where x and dh are finite. Below (Dense,
+  /// BatchNorm, activations, Dropout only), +-0 times finite weights, inputs, running statistics and
+  /// 1/sqrt(var + eps) stays +-0, and p + (-lr) * (+-0) is p unless p is -0 (-0 + +0 is +0) or -lr
+  /// is not finite; weight decay would change p. So: plain SGD without decay and a finite rate; dh,
+  /// layer i's input, every input below and the BatchNorm statistics below finite (checked each
+  /// step, every lane, the padding too); the parameters below finite and none -0, gamma finite
+  /// (checked once per state, kept while only shortcut steps run). Otherwise the full pass runs.
+  bool zero_below(size_t i, const float* x, const float* g) {
+    const BatchedLayer& l = layers_[i];
+    if (!zero_gradient_shortcut() || plain_sgd_ == nullptr || plain_sgd_->decay || !std::isfinite(plain_sgd_->neg_lr) ||
+        l.spec.kind != LayerKind::kBatchNorm || !l.mode.fit_batch_stats || l.mode.prior >= 0 || store_.rows != 1 ||
+        !(static_cast<float>(l.spec.eps) > 0.f))  // istd = 1/sqrt(0 + eps) finite
+      return false;
+    for (size_t j = 0; j < i; ++j) {
+      const LayerKind kind = layers_[j].spec.kind;
+      if (kind != LayerKind::kDense && kind != LayerKind::kBatchNorm && kind != LayerKind::kActivation &&
+          kind != LayerKind::kDropout)
+        return false;
+    }
+    const auto& k = lanes::active();
+    const int64_t V = store_.V, C = l.spec.out * V;
+    const auto rows_finite = [&](const float* a, int64_t width) {
+      for (int64_t grp = 0; grp < store_.groups(); ++grp)
+        if (!k.all_finite(a + grp * store_.stride * width * V, store_.rows * width * V, false)) return false;
+      return true;
+    };
+    if (!rows_finite(g, l.spec.out) || !rows_finite(x, inputs_)) return false;
+    for (size_t j = 0; j < i; ++j) {
+      if (!rows_finite(acts_[j], specs_[j].out)) return false;
+      if (layers_[j].spec.kind != LayerKind::kBatchNorm) continue;
+      const int64_t Cj = specs_[j].out * V;  // its running statistics and the istd its fit pass used
+      for (int64_t grp = 0; grp < store_.groups(); ++grp)
+        if (!k.all_finite(store_.B(grp) + layers_[j].at[2] * V, 2 * Cj, false) ||
+            !k.all_finite(layers_[j].saved_c + grp * Cj, Cj, false))
+          return false;
+    }
+    // dh = gradient * gamma, as the BatchNorm's backward forms it: finite factors may overflow.
+    if (l.at[0] >= 0)
+      for (int64_t grp = 0; grp < store_.groups(); ++grp) {
+        const float* gy = g + grp * store_.stride * C;
+        const float* gamma = store_.P(grp) + l.at[0] * V;
+        for (int64_t e = 0; e < C; ++e)
+          if (!std::isfinite(gy[e] * gamma[e])) return false;
+      }
+    if (below_checked_ != store_.version || below_layer_ != i) {
+      for (int64_t grp = 0; grp < store_.groups(); ++grp) {
+        for (size_t j = 0; j < i; ++j)
+          if (!k.all_finite(store_.P(grp) + ranges_[j].offset * V, ranges_[j].size * V, true)) return false;
+        if (l.at[0] >= 0 && !k.all_finite(store_.P(grp) + l.at[0] * V, l.spec.out * V, false)) return false;  // gamma
+      }
+      below_checked_ = store_.version;
+      below_layer_ = i;
+    }
+    return true;
+  }
+
   /// Writes one lane's n elements (`column`) into every lane of every group of a block (interleaved
   /// groups: the kernels' spread, one vector store per value, compiled for the CPU's widest path).
   void spread(float* block, int64_t n, const float* column) {
@@ -393,6 +475,9 @@ class Net {
   const float* inferred_ = nullptr;
   std::vector<float> stats_, scratch_;
   std::vector<Segment> trainable_, stepped_;
+  const lanes::Sgd* plain_sgd_ = nullptr;  ///< set_plain_sgd
+  uint64_t below_checked_ = 0;  ///< zero_below: the version whose parameters below passed (0: none)
+  size_t below_layer_ = 0;      ///< ... below this layer
   std::vector<std::shared_ptr<at::Generator>> generators_;
 };
 
@@ -494,10 +579,15 @@ class Optimizer {
     for (size_t r : regions) slots_.push_back(arena_.at(r));
     ptrs_.resize(slots_.size());
     fused_ = def_.plain(c_, lr_, sgd_);
-    if (fused_) net_.set_sgd(&sgd_);
+    if (fused_) {
+      net_.set_sgd(&sgd_);
+      net_.set_plain_sgd(&sgd_);
+    }
   }
   ~Optimizer() {
-    if (fused_) net_.set_sgd(nullptr);
+    if (!fused_) return;
+    net_.set_sgd(nullptr);
+    net_.set_plain_sgd(nullptr);
   }
   Optimizer(const Optimizer&) = delete;
   Optimizer& operator=(const Optimizer&) = delete;
@@ -604,6 +694,9 @@ Net& net_for(BatchedCache* cache, std::unique_ptr<CachedNet>& local, const Model
 }
 
 }  // namespace
+
+bool set_zero_gradient_shortcut(bool on) { return zero_gradient_shortcut_on.exchange(on); }
+uint64_t zero_gradient_shortcuts() { return zero_gradient_shortcut_count.load(); }
 
 std::string batched_unsupported(const Config& config, const StrategyConfig& strategy) {
   // The predicate config validation uses, so that anything validation lets through that the

@@ -22,6 +22,14 @@ namespace bnlab {
 /// an error the torch engine reports; that case stays with it.)
 std::string batched_unsupported(const Config& config, const StrategyConfig& strategy);
 
+/// Whether a backward pass may stop at a BatchNorm on the batch statistics of one row when the
+/// gradient it passes down is exactly +-0 and plain SGD would leave every parameter below as it
+/// is, bit for bit (Net::zero_below lists the conditions, checked each step). On by default;
+/// tests turn it off to compare the full pass. Returns the previous setting.
+bool set_zero_gradient_shortcut(bool on);
+/// How many backward passes (of a whole Net, every lane) took that shortcut in this process.
+uint64_t zero_gradient_shortcuts();
+
 /// What finetune_batched keeps between its calls on one thread (the study runner holds one per
 /// worker): for each model it was given (the pretrained weights, a strategy's prepared model),
 /// the engine's arrays laid out for a work item's lanes, with the model's state read once.

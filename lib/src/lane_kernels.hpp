@@ -95,6 +95,9 @@ struct Kernels {
   /// dst[e * kWidth + v] = column[e] for every lane v: one lane's n values in every lane of an
   /// interleaved group (a model's state put into every lane; one store per value).
   void (*spread)(const float* column, float* dst, int64_t n);
+  /// Whether every one of the n values is finite and, with `no_negative_zero`, none is -0 (bit
+  /// tests; what the batched engine's zero-gradient shortcut requires of what it skips).
+  bool (*all_finite)(const float* x, int64_t n, bool no_negative_zero);
 };
 
 /// The kernels in use: the best the CPU runs, unless BNLAB_ISA or set_isa() chose. Throws

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -485,6 +486,74 @@ TEST(BatchedEngine, CachedNetsGiveTheSameBitsAsFreshOnes) {
       }
   }
   EXPECT_EQ(compared, 2 * 2 * 3 * (17 + 2 + 17 + 17));
+}
+
+// The backward pass stops at a BatchNorm on one row's batch statistics when the gradient below
+// is exactly +-0 and plain SGD leaves everything below as it is (Net::zero_below). Every preset,
+// 17 lanes (an interleaved group and a padded one) and one exported lane, with the shortcut and
+// without it: the same curves, and the same fine-tuned weights bit for bit (-0 told from +0). A
+// model whose first Dense layer has -0 weights must not take it below them: the full pass turns
+// the -0 weights that get a -0 gradient into +0, (-lr) * (-0) + (-0) = +0.
+TEST(BatchedEngine, ZeroGradientShortcutChangesNoBit) {
+  const Trained s = trained("configs/smoke/keras_nll.json", {"finetune.optimizer.lr=0.01"});
+  const auto bits_equal = [](const Model& a, const Model& b, const std::string& where) {
+    const auto da = state_dict(*a), db = state_dict(*b);
+    ASSERT_EQ(da.size(), db.size()) << where;
+    for (size_t i = 0; i < da.size(); ++i) {
+      const auto ta = da[i].second.contiguous(), tb = db[i].second.contiguous();
+      ASSERT_EQ(ta.numel(), tb.numel()) << where << " " << da[i].first;
+      if (ta.scalar_type() != torch::kFloat) {
+        EXPECT_TRUE(torch::equal(ta, tb)) << where << " " << da[i].first;
+        continue;
+      }
+      EXPECT_EQ(std::memcmp(ta.data_ptr<float>(), tb.data_ptr<float>(), ta.numel() * sizeof(float)), 0)
+          << where << " " << da[i].first;
+    }
+  };
+  // The pretrained model, and a copy with the first Dense layer's first row of weights at -0.
+  Model negzero = clone_model(*s.pretrained);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : negzero->named_parameters())
+      if (p.key().find("weight") != std::string::npos && p.value().dim() == 2) {
+        p.value()[0].fill_(-0.0);
+        break;
+      }
+  }
+  const std::vector<int64_t> item = {1, 4, 9, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24};
+  int compared = 0;
+  uint64_t taken_plain = 0, taken_negzero = 0;
+  for (const auto& name : preset_names()) {
+    const StrategyConfig strategy = preset(name);
+    for (const Model* model : std::initializer_list<const Model*>{&s.pretrained, &negzero}) {
+      const std::string where = name + (model == &negzero ? " (-0 weights)" : "");
+      std::vector<StrategyResult> on, off;
+      Model tuned_on{nullptr}, tuned_off{nullptr};
+      const uint64_t before = zero_gradient_shortcuts();
+      on = finetune_batched(**model, strategy, s.config, s.data, item);
+      finetune_batched(**model, strategy, s.config, s.data, {item[0]}, {}, &tuned_on);
+      (model == &negzero ? taken_negzero : taken_plain) += zero_gradient_shortcuts() - before;
+      set_zero_gradient_shortcut(false);
+      off = finetune_batched(**model, strategy, s.config, s.data, item);
+      finetune_batched(**model, strategy, s.config, s.data, {item[0]}, {}, &tuned_off);
+      set_zero_gradient_shortcut(true);
+      ASSERT_EQ(on.size(), off.size());
+      for (size_t i = 0; i < on.size(); ++i) {
+        ASSERT_EQ(on[i].failed, off[i].failed) << where;
+        EXPECT_EQ(on[i].loss, off[i].loss) << where << ", sample " << item[i];
+        EXPECT_EQ(on[i].val_loss, off[i].val_loss) << where << ", sample " << item[i];
+        EXPECT_EQ(on[i].evaluate_after, off[i].evaluate_after) << where << ", sample " << item[i];
+        ++compared;
+      }
+      ASSERT_TRUE(tuned_on && tuned_off) << where;
+      bits_equal(tuned_on, tuned_off, where);
+    }
+  }
+  EXPECT_EQ(compared, 2 * static_cast<int>(preset_names().size()) * 17);
+  // Taken where it applies (train and the presets like it, on the pretrained weights) ...
+  EXPECT_GT(taken_plain, 0u);
+  // ... and on the -0 model less often: refused while a -0 weight sits below the BatchNorm.
+  EXPECT_LT(taken_negzero, taken_plain);
 }
 
 TEST(BatchedEngine, FinetunedWeightsMatchTorchEngine) {

@@ -5,6 +5,7 @@
 // compiled with -ffp-contract=off, as the kernels are, so neither side fuses a multiply-add.)
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -207,7 +208,7 @@ TEST(LaneKernels, EveryLaneMatchesTheOneLaneKernelsOnEveryInstructionSet) {
   ASSERT_TRUE(lanes::set_isa(isas.back()));
 }
 
-// The element-wise kernels (BatchNorm, ReLU, spread) on every instruction set against the formulas
+// The element-wise kernels (BatchNorm, ReLU, spread, all_finite) on every instruction set against the formulas
 // written out here one element at a time, bit for bit, with each optional pointer present and
 // absent.
 TEST(LaneKernels, ElementWiseKernelsMatchTheirFormulasOnEveryInstructionSet) {
@@ -338,6 +339,18 @@ TEST(LaneKernels, ElementWiseKernelsMatchTheirFormulasOnEveryInstructionSet) {
           for (size_t v = 0; v < static_cast<size_t>(lanes::kWidth); ++v)
             ASSERT_EQ(bits(wide[e * lanes::kWidth + v]), bits(column[e])) << "spread " << e << " lane " << v;
         ASSERT_EQ(wide.back(), 7.f) << "spread wrote past its n values";
+        // all_finite: false for an infinity or a NaN at any position, and for -0 only when asked.
+        ASSERT_TRUE(k.all_finite(X.data(), n * C, false));
+        ASSERT_EQ(k.all_finite(X.data(), n * C, true), std::none_of(X.begin(), X.end(), [](float f) { return bits(f) == 0x80000000u; }));
+        for (size_t e = 0; e < nc; e += std::max<size_t>(1, nc / 7)) {
+          for (const uint32_t u : {0x7f800000u, 0xff800000u, 0x7fc00000u, 0xff812345u, 0x80000000u, 0x00000000u, 0x00000001u}) {
+            auto y = X;
+            std::memcpy(&y[e], &u, sizeof u);
+            const bool finite = (u & 0x7f800000u) != 0x7f800000u, negzero = u == 0x80000000u;
+            ASSERT_EQ(k.all_finite(y.data(), n * C, false), finite) << "all_finite " << std::hex << u << " at " << std::dec << e;
+            ASSERT_EQ(k.all_finite(y.data(), n * C, true), finite && !negzero) << "all_finite -0 " << std::hex << u << " at " << std::dec << e;
+          }
+        }
         ++checked;
       }
   }
