@@ -181,6 +181,12 @@ class Net {
     for (int64_t lane = 0; lane < store_.lanes; ++lane) std::copy_n(s.counts.data(), n_counts_, counts_.data() + lane * n_counts_);
     spread(params_, n_params_, s.values.data());
     spread(buffers_, n_buffers_, s.values.data() + n_params_);
+    // Every lane now holds s: zero_below's check of the parameters below each layer, on one lane.
+    const auto& k = lanes::active();
+    below_ok_.assign(layers_.size() + 1, 1);
+    for (size_t j = 0; j < layers_.size(); ++j)
+      below_ok_[j + 1] = below_ok_[j] && k.all_finite(s.values.data() + ranges_[j].offset, ranges_[j].size, true);
+    below_ok_version_ = store_.version;
   }
 
   void set_generator(int64_t lane, std::shared_ptr<at::Generator> gen) { generators_[static_cast<size_t>(lane)] = std::move(gen); }
@@ -266,7 +272,7 @@ class Net {
       layer_kind(l.spec.kind).backward(store_, l, in, acts_[i], g, next);
       std::swap(g, next);
     }
-    below_checked_ = 0;  // the parameters below may have changed
+    below_checked_ = below_ok_version_ = 0;  // the parameters below may have changed
   }
 
   /// The optimizer's rule when it is plain SGD (the Optimizer sets it; nullptr: another optimizer).
@@ -384,8 +390,9 @@ class Net {
   /// 1/sqrt(var + eps) stays +-0, and p + (-lr) * (+-0) is p unless p is -0 (-0 + +0 is +0) or -lr
   /// is not finite; weight decay would change p. So: plain SGD without decay and a finite rate; dh,
   /// layer i's input, every input below and the BatchNorm statistics below finite (checked each
-  /// step, every lane, the padding too); the parameters below finite and none -0, gamma finite
-  /// (checked once per state, kept while only shortcut steps run). Otherwise the full pass runs.
+  /// step, every lane, the padding too); the parameters below finite and none -0 (checked once per
+  /// state, on one lane after replicate(), kept while only shortcut steps run). Otherwise the full
+  /// pass runs.
   bool zero_below(size_t i, const float* x, const float* g) {
     const BatchedLayer& l = layers_[i];
     if (!zero_gradient_shortcut() || plain_sgd_ == nullptr || plain_sgd_->decay || !std::isfinite(plain_sgd_->neg_lr) ||
@@ -420,15 +427,15 @@ class Net {
       for (int64_t grp = 0; grp < store_.groups(); ++grp) {
         const float* gy = g + grp * store_.stride * C;
         const float* gamma = store_.P(grp) + l.at[0] * V;
-        for (int64_t e = 0; e < C; ++e)
-          if (!std::isfinite(gy[e] * gamma[e])) return false;
+        int bad = 0;  // no early exit: the loop vectorizes
+        for (int64_t e = 0; e < C; ++e) bad |= !(std::fabs(gy[e] * gamma[e]) <= std::numeric_limits<float>::max());
+        if (bad) return false;
       }
+    if (below_ok_version_ == store_.version) return below_ok_[i] != 0;  // every lane holds one snapshot
     if (below_checked_ != store_.version || below_layer_ != i) {
-      for (int64_t grp = 0; grp < store_.groups(); ++grp) {
+      for (int64_t grp = 0; grp < store_.groups(); ++grp)
         for (size_t j = 0; j < i; ++j)
           if (!k.all_finite(store_.P(grp) + ranges_[j].offset * V, ranges_[j].size * V, true)) return false;
-        if (l.at[0] >= 0 && !k.all_finite(store_.P(grp) + l.at[0] * V, l.spec.out * V, false)) return false;  // gamma
-      }
       below_checked_ = store_.version;
       below_layer_ = i;
     }
@@ -478,6 +485,9 @@ class Net {
   const lanes::Sgd* plain_sgd_ = nullptr;  ///< set_plain_sgd
   uint64_t below_checked_ = 0;  ///< zero_below: the version whose parameters below passed (0: none)
   size_t below_layer_ = 0;      ///< ... below this layer
+  /// replicate(Snapshot)'s check, valid at below_ok_version_: [i], layers below i pass.
+  std::vector<char> below_ok_;
+  uint64_t below_ok_version_ = 0;
   std::vector<std::shared_ptr<at::Generator>> generators_;
 };
 
