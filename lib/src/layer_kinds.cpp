@@ -162,16 +162,25 @@ class DenseKind final : public LayerKindDef {
 /// already (`istd_current`). This forward runs for every evaluation and every frozen-BatchNorm
 /// step. With Xb, a second input on the same state (an inference pass and a fit pass on running
 /// statistics) goes to Yb with the same scale and shift: the same values as two calls.
+/// `kept` (2C floats: scale, shift), when given, holds them between passes: `kept_current`, they
+/// are already there (computed at this state); else they are computed into it.
 void bn_inference(const LaneStore& s, int64_t C, int64_t n, float eps, const float* gamma, const float* beta,
                   const float* rm, const float* rv, float* istd, const float* X, float* Y, bool istd_current = false,
-                  const float* Xb = nullptr, float* Yb = nullptr) {
+                  const float* Xb = nullptr, float* Yb = nullptr, float* kept = nullptr, bool kept_current = false) {
   const auto& k = lanes::active();
-  float* alpha = s.stat(C, 0);
-  float* shift = s.stat(C, 1);
-  if (!istd_current) k.inv_sqrt(rv, eps, istd, C);
-  k.bn_scale_shift(gamma, beta, rm, istd, alpha, shift, C);
+  float* alpha = kept != nullptr ? kept : s.stat(C, 0);
+  float* shift = kept != nullptr ? kept + C : s.stat(C, 1);
+  if (kept == nullptr || !kept_current) {
+    if (!istd_current) k.inv_sqrt(rv, eps, istd, C);
+    k.bn_scale_shift(gamma, beta, rm, istd, alpha, shift, C);
+  }
   k.bn_affine(X, alpha, shift, Y, n, C);
   if (Xb != nullptr) k.bn_affine(Xb, alpha, shift, Yb, n, C);
+}
+
+/// A group's kept scale and shift: after `offset` floats of saved_c, 2C per group.
+float* bn_kept(const LaneStore& s, const BatchedLayer& L, int64_t offset, int64_t group) {
+  return L.saved_c + offset + group * 2 * L.spec.out * s.V;
 }
 
 /// Tensor positions in BatchNormKind::state(): gamma and beta exist only with scale/center.
@@ -208,7 +217,7 @@ class BatchNormKind final : public LayerKindDef {
   }
   void saved_sizes(const LayerSpec& l, int64_t lanes, int64_t stride, int64_t& saved, int64_t& saved_c) const override {
     saved = lanes * stride * l.out;
-    saved_c = lanes * l.out;
+    saved_c = 3 * lanes * l.out;  // 1/sqrt(var + eps); the kept scale and shift
   }
   static bool batch_stats(const BatchedLayer& L, Pass pass) {
     return pass == Pass::kFit ? L.mode.fit_batch_stats : pass == Pass::kInfer ? L.mode.infer_batch_stats : false;
@@ -220,13 +229,18 @@ class BatchNormKind final : public LayerKindDef {
     const auto& k = lanes::active();
     const bool current = !batch && L.istd_version == s.version;
     L.istd_version = batch ? 0 : s.version;  // saved_c: batch statistics, or the running ones
+    // Scale and shift kept while gamma and beta do not train (nothing else changes them here).
+    const bool keep = !batch && !L.mode.trainable;
+    const bool kept_current = keep && L.affine_version == s.version;
+    L.affine_version = keep ? s.version : 0;
     for (int64_t grp = 0; grp < s.groups(); ++grp) {
       const float* X = in + grp * s.stride * C;
       float* Y = out + grp * s.stride * C;
       const auto [gamma, beta, rm, rv] = bn_lane(s, L, grp);
       float* istd = L.saved_c + grp * C;
       if (!batch) {
-        bn_inference(s, C, n, eps, gamma, beta, rm, rv, istd, X, Y, current);
+        bn_inference(s, C, n, eps, gamma, beta, rm, rv, istd, X, Y, current, nullptr, nullptr,
+                     keep ? bn_kept(s, L, s.groups() * C, grp) : nullptr, kept_current);
         continue;
       }
       // Batch statistics: mean and biased variance over the rows (with one row, x - mean is
@@ -266,11 +280,15 @@ class BatchNormKind final : public LayerKindDef {
     const int64_t C = L.spec.out * s.V;
     const bool current = L.istd_version == s.version;
     L.istd_version = s.version;
+    const bool keep = !L.mode.trainable;
+    const bool kept_current = keep && L.affine_version == s.version;
+    L.affine_version = keep ? s.version : 0;
     for (int64_t grp = 0; grp < s.groups(); ++grp) {
       const auto [gamma, beta, rm, rv] = bn_lane(s, L, grp);
       const int64_t at = grp * s.stride * C;
       bn_inference(s, C, s.rows, static_cast<float>(L.spec.eps), gamma, beta, rm, rv, L.saved_c + grp * C, in_a + at,
-                   out_a + at, current, in_b + at, out_b + at);
+                   out_a + at, current, in_b + at, out_b + at, keep ? bn_kept(s, L, s.groups() * C, grp) : nullptr,
+                   kept_current);
     }
   }
   void backward(const LaneStore& s, const BatchedLayer& L, const float* in, const float*, const float* g,
@@ -477,24 +495,33 @@ class FrozenBatchNormKind final : public LayerKindDef {
   torch::nn::AnyModule module(const LayerSpec& l, const std::shared_ptr<at::Generator>&) const override {
     return torch::nn::AnyModule(FrozenBatchNorm(l.out, l.eps));
   }
+  void saved_sizes(const LayerSpec& l, int64_t lanes, int64_t, int64_t& saved, int64_t& saved_c) const override {
+    saved = 0;
+    saved_c = 2 * lanes * l.out;  // scale and shift, kept: its four tensors are buffers no pass changes
+  }
   void forward(const LaneStore& s, BatchedLayer& L, Pass, const float* in, float* out) const override {
     const int64_t C = L.spec.out * s.V;  // a group's channels x lanes
     const float eps = static_cast<float>(L.spec.eps);
     // scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale: BatchNorm's
     // inference with the four tensors as buffers.
+    const bool kept_current = L.affine_version == s.version;
+    L.affine_version = s.version;
     for (int64_t grp = 0; grp < s.groups(); ++grp) {
       const auto [w, bias, rm, rv] = frozen_lane(s, L, grp);
-      bn_inference(s, C, s.rows, eps, w, bias, rm, rv, s.stat(C, 2), in + grp * s.stride * C, out + grp * s.stride * C);
+      bn_inference(s, C, s.rows, eps, w, bias, rm, rv, s.stat(C, 2), in + grp * s.stride * C, out + grp * s.stride * C,
+                   false, nullptr, nullptr, bn_kept(s, L, 0, grp), kept_current);
     }
   }
   void forward_pair(const LaneStore& s, BatchedLayer& L, Pass, const float* in_a, float* out_a, Pass,
                     const float* in_b, float* out_b) const override {
     const int64_t C = L.spec.out * s.V;
+    const bool kept_current = L.affine_version == s.version;
+    L.affine_version = s.version;
     for (int64_t grp = 0; grp < s.groups(); ++grp) {  // every pass is the same inference: scale and shift once
       const auto [w, bias, rm, rv] = frozen_lane(s, L, grp);
       const int64_t at = grp * s.stride * C;
       bn_inference(s, C, s.rows, static_cast<float>(L.spec.eps), w, bias, rm, rv, s.stat(C, 2), in_a + at, out_a + at,
-                   false, in_b + at, out_b + at);
+                   false, in_b + at, out_b + at, bn_kept(s, L, 0, grp), kept_current);
     }
   }
   void backward(const LaneStore& s, const BatchedLayer& L, const float*, const float*, const float* g,
@@ -502,13 +529,15 @@ class FrozenBatchNormKind final : public LayerKindDef {
     const int64_t C = L.spec.out * s.V;  // a group's channels x lanes
     const float eps = static_cast<float>(L.spec.eps);
     const auto& k = lanes::active();
+    const bool kept = L.affine_version == s.version;  // the fit pass's scale (always, from the engine)
     for (int64_t grp = 0; grp < s.groups(); ++grp) {
-      const auto [w, bias, rm, rv] = frozen_lane(s, L, grp);
-      float* scale = s.stat(C, 0);
-      float* shift = s.stat(C, 1);
-      float* istd = s.stat(C, 2);
-      k.inv_sqrt(rv, eps, istd, C);
-      k.bn_scale_shift(w, bias, rm, istd, scale, shift, C);
+      float* scale = kept ? bn_kept(s, L, 0, grp) : s.stat(C, 0);
+      if (!kept) {
+        const auto [w, bias, rm, rv] = frozen_lane(s, L, grp);
+        float* istd = s.stat(C, 2);
+        k.inv_sqrt(rv, eps, istd, C);
+        k.bn_scale_shift(w, bias, rm, istd, scale, s.stat(C, 1), C);
+      }
       k.bn_affine(g + grp * s.stride * C, scale, nullptr, dx + grp * s.stride * C, s.rows, C);
     }
   }
@@ -774,9 +803,11 @@ Arena::~Arena() {
 
 void Arena::allocate() {
   size_t bytes = std::max<size_t>((end_ * sizeof(float) + 4095) / 4096 * 4096, 4096);
-  // From half a huge page up, whole transparent huge pages: a lane group's arena (about 0.7 MB
-  // for 16 lanes of seed_repro) then costs one page fault instead of about 170, which a virtual
-  // machine charges dearly (a third of a small study's set-up, measured).
+  // From half a huge page up, whole transparent huge pages: an arena of 1 MiB or more (two 16-lane
+  // groups of seed_repro, 1.4 MB) then costs one page fault instead of 350, which a virtual
+  // machine charges dearly (about 10 us per 4 KiB page touched first here). Not below: one
+  // 16-lane group's 0.7 MB stays in small pages, because a huge page's first touch measured 0.15
+  // ms in a test program but 5 to 6 ms inside bnlab in 4 of 6 runs (the host backing 2 MiB at once).
   constexpr size_t kHuge = size_t{2} << 20;
   const bool huge = bytes >= kHuge / 2;
   if (huge) bytes = (bytes + kHuge - 1) / kHuge * kHuge;

@@ -98,6 +98,11 @@ struct BatchedLayer {
   /// inference forward then reuses saved_c instead of taking a square root and a division per
   /// element again (frozen BatchNorm: every pass).
   uint64_t istd_version = 0;
+  /// BatchNorm and FrozenBatchNorm1d: the LaneStore::version at which saved_c's scale and shift
+  /// (after the 1/sqrt) were computed from a gamma, beta and running statistics that nothing but
+  /// the engine's writes can change there (0: not kept). A layer whose gamma or beta trains never
+  /// keeps them; a forward pass on batch statistics drops them.
+  uint64_t affine_version = 0;
 };
 
 /// How a layer is written as a TorchScript module (bnlab export --as torchscript): PyTorch's own
