@@ -272,7 +272,7 @@ class Net {
       layer_kind(l.spec.kind).backward(store_, l, in, acts_[i], g, next);
       std::swap(g, next);
     }
-    below_checked_ = below_ok_version_ = 0;  // the parameters below may have changed
+    below_ok_version_ = 0;  // the parameters below may have changed
   }
 
   /// The optimizer's rule when it is plain SGD (the Optimizer sets it; nullptr: another optimizer).
@@ -390,15 +390,18 @@ class Net {
   /// 1/sqrt(var + eps) stays +-0, and p + (-lr) * (+-0) is p unless p is -0 (-0 + +0 is +0) or -lr
   /// is not finite; weight decay would change p. So: plain SGD without decay and a finite rate; dh,
   /// layer i's input, every input below and the BatchNorm statistics below finite (checked each
-  /// step, every lane, the padding too); the parameters below finite and none -0 (checked once per
-  /// state, on one lane after replicate(), kept while only shortcut steps run). Otherwise the full
-  /// pass runs.
+  /// step, every lane, the padding too); the parameters below finite and none -0 (checked on the
+  /// one lane replicate() spreads, valid while only shortcut steps follow). Otherwise the full pass
+  /// runs, and the shortcut waits for the next replicate().
   bool zero_below(size_t i, const float* x, const float* g) {
     const BatchedLayer& l = layers_[i];
     if (!zero_gradient_shortcut() || plain_sgd_ == nullptr || plain_sgd_->decay || !std::isfinite(plain_sgd_->neg_lr) ||
         l.spec.kind != LayerKind::kBatchNorm || !l.mode.fit_batch_stats || l.mode.prior >= 0 || store_.rows != 1 ||
         !(static_cast<float>(l.spec.eps) > 0.f))  // istd = 1/sqrt(0 + eps) finite
       return false;
+    // The parameters below: every lane holds the snapshot replicate() checked, unchanged since (a
+    // full pass, which may change them, or any other write of the state ends that until the next).
+    if (below_ok_version_ != store_.version || !below_ok_[i]) return false;
     for (size_t j = 0; j < i; ++j) {
       const LayerKind kind = layers_[j].spec.kind;
       if (kind != LayerKind::kDense && kind != LayerKind::kBatchNorm && kind != LayerKind::kActivation &&
@@ -431,14 +434,6 @@ class Net {
         for (int64_t e = 0; e < C; ++e) bad |= !(std::fabs(gy[e] * gamma[e]) <= std::numeric_limits<float>::max());
         if (bad) return false;
       }
-    if (below_ok_version_ == store_.version) return below_ok_[i] != 0;  // every lane holds one snapshot
-    if (below_checked_ != store_.version || below_layer_ != i) {
-      for (int64_t grp = 0; grp < store_.groups(); ++grp)
-        for (size_t j = 0; j < i; ++j)
-          if (!k.all_finite(store_.P(grp) + ranges_[j].offset * V, ranges_[j].size * V, true)) return false;
-      below_checked_ = store_.version;
-      below_layer_ = i;
-    }
     return true;
   }
 
@@ -483,9 +478,8 @@ class Net {
   std::vector<float> stats_, scratch_;
   std::vector<Segment> trainable_, stepped_;
   const lanes::Sgd* plain_sgd_ = nullptr;  ///< set_plain_sgd
-  uint64_t below_checked_ = 0;  ///< zero_below: the version whose parameters below passed (0: none)
-  size_t below_layer_ = 0;      ///< ... below this layer
-  /// replicate(Snapshot)'s check, valid at below_ok_version_: [i], layers below i pass.
+  /// replicate(Snapshot)'s check of zero_below's parameter condition, valid while below_ok_version_
+  /// is the version: [i], the layers below i pass (finite, none -0).
   std::vector<char> below_ok_;
   uint64_t below_ok_version_ = 0;
   std::vector<std::shared_ptr<at::Generator>> generators_;

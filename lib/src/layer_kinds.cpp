@@ -527,19 +527,10 @@ class FrozenBatchNormKind final : public LayerKindDef {
   void backward(const LaneStore& s, const BatchedLayer& L, const float*, const float*, const float* g,
                 float* dx) const override {
     const int64_t C = L.spec.out * s.V;  // a group's channels x lanes
-    const float eps = static_cast<float>(L.spec.eps);
-    const auto& k = lanes::active();
-    const bool kept = L.affine_version == s.version;  // the fit pass's scale (always, from the engine)
-    for (int64_t grp = 0; grp < s.groups(); ++grp) {
-      float* scale = kept ? bn_kept(s, L, 0, grp) : s.stat(C, 0);
-      if (!kept) {
-        const auto [w, bias, rm, rv] = frozen_lane(s, L, grp);
-        float* istd = s.stat(C, 2);
-        k.inv_sqrt(rv, eps, istd, C);
-        k.bn_scale_shift(w, bias, rm, istd, scale, s.stat(C, 1), C);
-      }
-      k.bn_affine(g + grp * s.stride * C, scale, nullptr, dx + grp * s.stride * C, s.rows, C);
-    }
+    // The fit pass's scale, kept by its forward at this state (a backward follows its forward).
+    TORCH_CHECK(L.affine_version == s.version, "FrozenBatchNorm1d backward without its forward pass");
+    for (int64_t grp = 0; grp < s.groups(); ++grp)
+      lanes::active().bn_affine(g + grp * s.stride * C, bn_kept(s, L, 0, grp), nullptr, dx + grp * s.stride * C, s.rows, C);
   }
   // The same four tensors under the same names as a BatchNormalization layer.
   const char* keras_class(const LayerSpec&) const override { return "BatchNormalization"; }

@@ -538,9 +538,7 @@ class StoreSink : public Sink {
     try {
       store_.set_meta("finetune_started_at", iso_now());
     } catch (...) {
-      std::lock_guard<std::mutex> lock(mu_);
-      error_ = std::current_exception();
-      drained_.notify_all();
+      fail(std::current_exception());
       return;
     }
     std::unique_lock<std::mutex> lock(mu_);
@@ -562,15 +560,20 @@ class StoreSink : public Sink {
           write_progress(counts, elapsed, last);
         }
       } catch (...) {
-        lock.lock();
-        error_ = std::current_exception();
-        lock.unlock();
-        drained_.notify_all();
+        fail(std::current_exception());
         return;
       }
       lock.lock();
       if (last) return;
     }
+  }
+  /// The writer's error, for the workers (take) and close() to rethrow; the writer then stops.
+  void fail(std::exception_ptr e) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      error_ = std::move(e);
+    }
+    drained_.notify_all();
   }
   void write_progress(const size_t counts[3], double elapsed, bool last) {
     const size_t now = counts[0] + counts[1] + counts[2], done = resumed_ + now;
@@ -591,8 +594,7 @@ class StoreSink : public Sink {
   /// of a 100,000-sample study than at 10,000 samples (BENCHMARKS-scale.md).
   static constexpr size_t kMaxQueued = 1 << 13;
   /// The writer takes the queue once this many runs wait (or every 200 ms, or at the end), so that
-  /// a small study's runs are inserted while the workers compute rather than all after them
-  /// (the first transaction also syncs the new WAL file, milliseconds on some disks).
+  /// a small study's runs are inserted while the workers compute rather than all after them.
   static constexpr size_t kWakeAt = 64;
   std::mutex mu_;
   std::condition_variable cv_, drained_;
