@@ -80,11 +80,13 @@ int main(int argc, char** argv) {
     float* b = W + s.in * s.out * kWidth;
     at += (s.in + 1) * s.out * kWidth;
     const double fwd = ns_per_call(repeat, [&] { k.dense_forward_pair(W, b, xa.data(), ya.data(), xb.data(), yb.data(), s.out, s.in); });
+    const double one = ns_per_call(repeat, [&] { k.dense_forward(W, b, xa.data(), ya.data(), 1, s.out, s.in, false); });
     const double bwd = ns_per_call(repeat, [&] {
       k.dense_backward_sgd(W, b, xa.data(), g.data(), dx.data(), 1, s.out, s.in, false, sgd);
     });
     const double w = static_cast<double>(s.in * s.out);
     std::printf("kernel forward_pair %lldx%lld ns %.1f ns_per_wvec %.3f gbs %.1f\n", s.in, s.out, fwd, fwd / w, w * 64 / fwd);
+    std::printf("kernel forward %lldx%lld ns %.1f ns_per_wvec %.3f gbs %.1f\n", s.in, s.out, one, one / w, w * 64 / one);
     std::printf("kernel backward_sgd %lldx%lld ns %.1f ns_per_wvec %.3f gbs %.1f\n", s.in, s.out, bwd, bwd / w,
                 w * 128 / bwd);
     total_fwd += fwd;

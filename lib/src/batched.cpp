@@ -40,6 +40,7 @@ torch::Tensor wrap(float* p, std::initializer_list<int64_t> sizes) {
 std::atomic<bool> zero_gradient_shortcut_on{true};
 std::atomic<uint64_t> zero_gradient_shortcut_count{0};
 bool zero_gradient_shortcut() { return zero_gradient_shortcut_on.load(std::memory_order_relaxed); }
+std::atomic<uint64_t> pair_shared_count{0}, pair_kept_count{0};
 
 /// The network as flat arrays: lanes x (parameters, buffers, counters), plus the activations
 /// of the last forward pass that the backward pass needs. Every layer's state and kernels come
@@ -149,8 +150,10 @@ class Net {
   int64_t group_width() const { return store_.V; }
   int64_t n_params() const { return n_params_; }
   const std::vector<Segment>& trainable() const { return trainable_; }
-  /// What the optimizer steps: trainable() less the layers that apply the SGD rule themselves.
-  const std::vector<Segment>& stepped() const { return stepped_; }
+  /// What the optimizer steps: trainable() less the layers that apply the SGD rule themselves,
+  /// and after a backward pass that stopped at layer i (zero_below) less the layers below i, whose
+  /// gradients it did not write: plain SGD would leave every bit of them as it is.
+  const std::vector<Segment>& stepped() const { return stopped_at_ > 0 ? stepped_above_ : stepped_; }
   float* params() { return params_; }
   /// The gradients of the last backward pass; not those of layers that applied an SGD rule
   /// themselves (set_sgd), which are never written.
@@ -208,6 +211,7 @@ class Net {
     }
     trainable_ = segments(false);
     stepped_ = segments(store_.sgd != nullptr);
+    stopped_at_ = 0;
   }
 
   /// Lets the trainable layers that can (interleaved lanes, fuses_sgd()) apply `rule` in their
@@ -215,10 +219,13 @@ class Net {
   void set_sgd(const lanes::Sgd* rule) {
     store_.sgd = store_.V > 1 ? rule : nullptr;
     stepped_ = segments(store_.sgd != nullptr);
+    stopped_at_ = 0;
   }
 
   /// Forward pass of every lane over `rows` rows (<= the capacity); x is [lanes][stride][in].
   void forward(Pass pass, const float* x, int64_t rows) {
+    kept_below_ = 0;
+    fit_paired_ = false;
     store_.rows = rows;
     const float* in = pack(x, rows);
     for (size_t i = 0; i < layers_.size(); ++i) {
@@ -232,23 +239,60 @@ class Net {
   /// same state, layer by layer (each layer's pair through its kind's forward_pair, which may
   /// load its weights once for both): the values of forward(first) followed by forward(kFit).
   /// The fit pass is what output() and backward() see; the inference pass's output is inferred().
+  /// Work that would repeat a value is not done, the values are the same:
+  /// - while both passes have had the same input, a layer whose two passes are the same
+  ///   (same_passes: every layer of a frozen-BatchNorm strategy) runs one, which both read;
+  /// - after a backward pass that stopped at layer `kept_below_` (zero_below: no parameter below
+  ///   it changed) and with the same x, the fit pass's outputs below it are those of the last
+  ///   fit pass as far as each layer's output is its input's (fit_output): a layer whose pass
+  ///   writes no state is not run again, one that writes (BatchNorm's running statistics) is.
   void forward_pair(const float* x, int64_t rows, Pass first = Pass::kInfer) {
     TORCH_CHECK(!store_.shared && store_.stride == 1 && rows == 1, "forward_pair: one row per lane, own state");
+    const size_t xn = static_cast<size_t>(store_.used * inputs_);
+    bool kept = kept_below_ > 0 && kept_version_ == store_.version && fit_x_.size() == xn &&
+                std::memcmp(fit_x_.data(), x, xn * sizeof(float)) == 0;
+    const size_t below = kept ? kept_below_ : 0;
+    kept_below_ = 0;
+    fit_x_.assign(x, x + xn);
     store_.rows = rows;
     const float* in_a = pack(x, rows);
     const float* in_b = in_a;
+    bool same = true;  // in_a and in_b hold the same values
+    uint64_t shared = 0, kept_n = 0;
     for (size_t i = 0; i < layers_.size(); ++i) {
+      BatchedLayer& l = layers_[i];
+      const LayerKindDef& kind = layer_kind(l.spec.kind);
       float* out_a = i % 2 == 0 ? ia_ : ib_;
-      layer_kind(layers_[i].spec.kind).forward_pair(store_, layers_[i], first, in_a, out_a, Pass::kFit, in_b, acts_[i]);
+      const auto fit = kind.fit_output(l);
+      kept = kept && i < below && fit != LayerKindDef::FitOutput::kMore;
+      if (kept && fit == LayerKindDef::FitOutput::kInput) {  // acts_[i] holds this pass's output already
+        if (!same) kind.forward(store_, l, first, in_a, out_a);
+        in_a = same ? acts_[i] : out_a;
+        in_b = acts_[i];
+        ++kept_n;
+        continue;
+      }
+      if (same && kind.same_passes(l, first, Pass::kFit)) {
+        kind.forward(store_, l, Pass::kFit, in_b, acts_[i]);
+        in_a = in_b = acts_[i];
+        ++shared;
+        continue;
+      }
+      same = false;
+      kind.forward_pair(store_, l, first, in_a, out_a, Pass::kFit, in_b, acts_[i]);
       in_a = out_a;
       in_b = acts_[i];
     }
     inferred_ = in_a;
+    fit_paired_ = true;
+    pair_shared_count.fetch_add(shared, std::memory_order_relaxed);
+    pair_kept_count.fetch_add(kept_n, std::memory_order_relaxed);
   }
   const float* inferred() const { return inferred_; }
 
   /// Backward pass from output_grad() through the last forward (a fit pass); fills grads()
-  /// for the trainable layers and stops below the lowest of them.
+  /// for the trainable layers and stops below the lowest of them, or where zero_below allows
+  /// (then the layers below keep their old gradients and stepped() leaves them out).
   void backward(const float* x) {
     float* g = ga_;
     float* next = gb_;
@@ -263,16 +307,20 @@ class Net {
         layer_kind(l.spec.kind).backward(store_, l, in, acts_[i], g, next);
         l.need_dx = true;
         zero_gradient_shortcut_count.fetch_add(1, std::memory_order_relaxed);
-        for (size_t j = 0; j < i; ++j)  // the optimizer reads these: the gradient below is +-0
-          if (layers_[j].mode.trainable && !ranges_[j].empty() && !(store_.sgd != nullptr && layer_kind(layers_[j].spec.kind).fuses_sgd()))
-            for (int64_t grp = 0; grp < store_.groups(); ++grp)
-              std::fill_n(store_.G(grp) + ranges_[j].offset * store_.V, ranges_[j].size * store_.V, 0.f);
+        // Nothing below i changes: the next forward_pair may keep this fit pass's outputs there,
+        // and the optimizer steps only the layers from i up.
+        kept_below_ = fit_paired_ ? i : 0;
+        kept_version_ = store_.version;
+        if (stopped_at_ != i) stepped_above_ = segments(store_.sgd != nullptr, i);
+        stopped_at_ = i;
         return;
       }
       layer_kind(l.spec.kind).backward(store_, l, in, acts_[i], g, next);
       std::swap(g, next);
     }
     below_ok_version_ = 0;  // the parameters below may have changed
+    kept_below_ = 0;
+    stopped_at_ = 0;
   }
 
   /// The optimizer's rule when it is plain SGD (the Optimizer sets it; nullptr: another optimizer).
@@ -367,11 +415,11 @@ class Net {
     return first < 0 ? Segment{0, 0} : Segment{first, end - first};
   }
 
-  /// The trainable layers' parameters as merged segments; `fused`: without the layers that
-  /// apply LaneStore::sgd themselves.
-  std::vector<Segment> segments(bool fused) const {
+  /// The trainable layers' parameters as merged segments, from layer `from` up; `fused`: without
+  /// the layers that apply LaneStore::sgd themselves.
+  std::vector<Segment> segments(bool fused, size_t from = 0) const {
     std::vector<Segment> out;
-    for (size_t i = 0; i < layers_.size(); ++i) {
+    for (size_t i = from; i < layers_.size(); ++i) {
       const BatchedLayer& l = layers_[i];
       const Segment r = ranges_[i];
       if (!l.mode.trainable || r.empty() || (fused && layer_kind(l.spec.kind).fuses_sgd())) continue;
@@ -475,8 +523,19 @@ class Net {
   float* ia_ = nullptr;  // forward_pair's inference pass, layer by layer (ping-pong)
   float* ib_ = nullptr;
   const float* inferred_ = nullptr;
+  /// forward_pair's keeping of fit outputs: below layer kept_below_ (0: none), while the
+  /// version is kept_version_ and x is fit_x_ (the last pair's); fit_paired_: the last fit pass
+  /// was a pair's.
+  size_t kept_below_ = 0;
+  uint64_t kept_version_ = 0;
+  std::vector<float> fit_x_;
+  bool fit_paired_ = false;
   std::vector<float> stats_, scratch_;
   std::vector<Segment> trainable_, stepped_;
+  /// The layer the last backward pass stopped at (0: it did not stop), and stepped()'s segments
+  /// from it up.
+  size_t stopped_at_ = 0;
+  std::vector<Segment> stepped_above_;
   const lanes::Sgd* plain_sgd_ = nullptr;  ///< set_plain_sgd
   /// replicate(Snapshot)'s check of zero_below's parameter condition, valid while below_ok_version_
   /// is the version: [i], the layers below i pass (finite, none -0).
@@ -701,6 +760,7 @@ Net& net_for(BatchedCache* cache, std::unique_ptr<CachedNet>& local, const Model
 
 bool set_zero_gradient_shortcut(bool on) { return zero_gradient_shortcut_on.exchange(on); }
 uint64_t zero_gradient_shortcuts() { return zero_gradient_shortcut_count.load(); }
+PairSavings forward_pair_savings() { return {pair_shared_count.load(), pair_kept_count.load()}; }
 
 std::string batched_unsupported(const Config& config, const StrategyConfig& strategy) {
   // The predicate config validation uses, so that anything validation lets through that the

@@ -30,6 +30,16 @@ bool set_zero_gradient_shortcut(bool on);
 /// How many backward passes (of a whole Net, every lane) took that shortcut in this process.
 uint64_t zero_gradient_shortcuts();
 
+/// The layer passes an epoch's paired inference and fit passes did not run, in this process
+/// (every lane of a layer counts once): `shared`, a fit pass that was the inference pass itself
+/// (the layer's two passes are the same and their inputs were: a frozen BatchNorm's network);
+/// `kept`, a fit pass whose output was the last one's (below a layer where the backward pass
+/// stopped, set_zero_gradient_shortcut). Bit for bit what running them gives.
+struct PairSavings {
+  uint64_t shared = 0, kept = 0;
+};
+PairSavings forward_pair_savings();
+
 /// What finetune_batched keeps between its calls on one thread (the study runner holds one per
 /// worker): for each model it was given (the pretrained weights, a strategy's prepared model),
 /// the engine's arrays laid out for a work item's lanes, with the model's state read once.

@@ -85,6 +85,8 @@ class DenseKind final : public LayerKindDef {
                            out_a + yo, in_b + xi, out_b + yo, l.out, l.in);
     }
   }
+  bool same_passes(const BatchedLayer&, Pass, Pass) const override { return true; }
+  FitOutput fit_output(const BatchedLayer&) const override { return FitOutput::kInput; }
   void backward(const LaneStore& s, const BatchedLayer& L, const float* in, const float*, const float* g,
                 float* dx) const override {
     const LayerSpec& l = L.spec;
@@ -290,6 +292,12 @@ class BatchNormKind final : public LayerKindDef {
                    out_a + at, current, in_b + at, out_b + at, keep ? bn_kept(s, L, s.groups() * C, grp) : nullptr,
                    kept_current);
     }
+  }
+  // On the running statistics, a pass writes nothing they depend on (no update without batch
+  // statistics). On one batch's statistics (not prior_bn's mix) its output is the input's.
+  bool same_passes(const BatchedLayer& L, Pass a, Pass b) const override { return !batch_stats(L, a) && !batch_stats(L, b); }
+  FitOutput fit_output(const BatchedLayer& L) const override {
+    return L.mode.fit_batch_stats && L.mode.prior < 0 ? FitOutput::kInputWrites : FitOutput::kMore;
   }
   void backward(const LaneStore& s, const BatchedLayer& L, const float* in, const float*, const float* g,
                 float* dx) const override {
@@ -524,6 +532,8 @@ class FrozenBatchNormKind final : public LayerKindDef {
                    false, in_b + at, out_b + at, bn_kept(s, L, 0, grp), kept_current);
     }
   }
+  bool same_passes(const BatchedLayer&, Pass, Pass) const override { return true; }
+  FitOutput fit_output(const BatchedLayer&) const override { return FitOutput::kInput; }  // buffers no pass writes
   void backward(const LaneStore& s, const BatchedLayer& L, const float*, const float*, const float* g,
                 float* dx) const override {
     const int64_t C = L.spec.out * s.V;  // a group's channels x lanes
@@ -634,6 +644,8 @@ class ActivationKind final : public LayerKindDef {
   void forward(const LaneStore& s, BatchedLayer& L, Pass, const float* in, float* out) const override {
     activation_forward(L.spec.activation, static_cast<float>(L.spec.alpha), in, out, s.lanes * s.stride * L.spec.out);
   }
+  bool same_passes(const BatchedLayer&, Pass, Pass) const override { return true; }
+  FitOutput fit_output(const BatchedLayer&) const override { return FitOutput::kInput; }
   void backward(const LaneStore& s, const BatchedLayer& L, const float* in, const float* out, const float* g,
                 float* dx) const override {
     activation_backward(L.spec.activation, static_cast<float>(L.spec.alpha), in, out, g, dx, s.lanes * s.stride * L.spec.out);
@@ -705,6 +717,11 @@ class DropoutKind final : public LayerKindDef {
       for (int64_t k = base; k < base + used; ++k) out[k] = in[k] * L.saved[k] / keep;
     }
   }
+  // A copy unless a fit pass draws a mask.
+  bool same_passes(const BatchedLayer& L, Pass a, Pass b) const override {
+    return L.spec.rate == 0 || (a != Pass::kFit && b != Pass::kFit);
+  }
+  FitOutput fit_output(const BatchedLayer& L) const override { return L.spec.rate == 0 ? FitOutput::kInput : FitOutput::kMore; }
   void backward(const LaneStore& s, const BatchedLayer& L, const float*, const float*, const float* g,
                 float* dx) const override {
     const int64_t n = s.lanes * s.stride * L.spec.out;

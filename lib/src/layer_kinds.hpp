@@ -140,6 +140,16 @@ class LayerKindDef {
     forward(store, l, first, in_a, out_a);
     forward(store, l, second, in_b, out_b);
   }
+  /// Whether forward(a) and forward(b) give the same values from the same input and state, and
+  /// the second writes no state the first does not (Net::forward_pair then runs one of them).
+  virtual bool same_passes(const BatchedLayer&, Pass /*a*/, Pass /*b*/) const { return false; }
+  /// What a fit pass's output depends on (Net::forward_pair keeps it across a step that changed
+  /// no parameter of this layer or below): kInput, the input and the layer's parameters alone,
+  /// and the pass writes no state, so the kept output stands; kInputWrites, the same output
+  /// from the same input and parameters, but the pass also writes state (running statistics)
+  /// and must run; kMore, anything else (random numbers, running statistics).
+  enum class FitOutput { kInput, kInputWrites, kMore };
+  virtual FitOutput fit_output(const BatchedLayer&) const { return FitOutput::kMore; }
   /// From g = dL/d(out): the parameter gradients (when l.mode.trainable) and dx = dL/d(in)
   /// (when l.need_dx), after a fit forward.
   virtual void backward(const LaneStore& store, const BatchedLayer& l, const float* in, const float* out,

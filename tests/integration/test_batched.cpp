@@ -556,6 +556,38 @@ TEST(BatchedEngine, ZeroGradientShortcutChangesNoBit) {
   EXPECT_EQ(taken_negzero, 0u);
 }
 
+// An epoch's inference pass and the next epoch's fit pass run as a pair (Net::forward_pair),
+// which skips the layer passes that would repeat a value: InterleavedLanesEqualOneLaneRunsBitForBit
+// and ZeroGradientShortcutChangesNoBit hold their values to passes without pairs and without the
+// shortcut. Here, how many it skips, counted by hand for the smoke model (Dense, BatchNorm, ReLU,
+// Dense, BatchNorm, ReLU, Dense) over 5 epochs: evaluate_before's pass and 4 inference passes are
+// paired with the 5 fit passes.
+TEST(BatchedEngine, PairedPassesSkipExactlyWhatRepeats) {
+  const Trained s = trained("configs/smoke/keras_nll.json", {"finetune.optimizer.lr=0.01"});
+  ASSERT_EQ(s.config.finetune.epochs, 5);
+  ASSERT_EQ(s.pretrained->layers().size(), 7u);
+  const std::vector<int64_t> item = {1, 4, 9, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24};  // 2 groups
+  const auto skipped = [&](const char* name) {
+    const PairSavings before = forward_pair_savings();
+    const auto r = finetune_batched(*s.pretrained, preset(name), s.config, s.data, item);
+    EXPECT_FALSE(r.front().failed) << name;
+    const PairSavings after = forward_pair_savings();
+    return std::pair<uint64_t, uint64_t>{after.shared - before.shared, after.kept - before.kept};
+  };
+  // Frozen BatchNorm: the two passes of every layer are the same; each pair runs one of them.
+  EXPECT_EQ(skipped("frozen"), (std::pair<uint64_t, uint64_t>{7 * 5, 0}));
+  // train: the first Dense layer reads the same x in both passes (the first pair); after a step
+  // that stopped at the top BatchNorm (index 4) the fit outputs below it stand, but the lower
+  // BatchNorm's pass runs again (it updates its running statistics): Dense, ReLU, Dense are kept
+  // in each of the 4 later pairs.
+  EXPECT_EQ(skipped("train"), (std::pair<uint64_t, uint64_t>{1, 3 * 4}));
+  // Without the shortcut every step changes the layers below: nothing is kept.
+  set_zero_gradient_shortcut(false);
+  const auto off = skipped("train");
+  set_zero_gradient_shortcut(true);
+  EXPECT_EQ(off, (std::pair<uint64_t, uint64_t>{5, 0}));
+}
+
 TEST(BatchedEngine, FinetunedWeightsMatchTorchEngine) {
   const Trained s = trained("configs/smoke/keras_nll.json", {"finetune.optimizer.lr=0.001"});
   for (const auto& name : {"train", "frozen", "fold"}) {
