@@ -225,6 +225,7 @@ class Net {
   /// Forward pass of every lane over `rows` rows (<= the capacity); x is [lanes][stride][in].
   void forward(Pass pass, const float* x, int64_t rows) {
     kept_below_ = 0;
+    fit_same_below_ = 0;
     fit_paired_ = false;
     store_.rows = rows;
     const float* in = pack(x, rows);
@@ -253,6 +254,7 @@ class Net {
                 std::memcmp(fit_x_.data(), x, xn * sizeof(float)) == 0;
     const size_t below = kept ? kept_below_ : 0;
     kept_below_ = 0;
+    fit_same_below_ = 0;
     fit_x_.assign(x, x + xn);
     store_.rows = rows;
     const float* in_a = pack(x, rows);
@@ -265,6 +267,7 @@ class Net {
       float* out_a = i % 2 == 0 ? ia_ : ib_;
       const auto fit = kind.fit_output(l);
       kept = kept && i < below && fit != LayerKindDef::FitOutput::kMore;
+      fit_same_below_ = kept ? i + 1 : fit_same_below_;
       if (kept && fit == LayerKindDef::FitOutput::kInput) {  // acts_[i] holds this pass's output already
         if (!same) kind.forward(store_, l, first, in_a, out_a);
         in_a = same ? acts_[i] : out_a;
@@ -463,14 +466,17 @@ class Net {
         if (!k.all_finite(a + grp * store_.stride * width * V, store_.rows * width * V, false)) return false;
       return true;
     };
-    if (!rows_finite(g, l.spec.out) || !rows_finite(x, inputs_)) return false;
+    // x, the fit outputs below and the istd of the BatchNorms there are what the last step checked
+    // when the fit pass kept or recomputed them (forward_pair: the same values below i).
+    const bool checked = fit_same_below_ >= i;
+    if (!rows_finite(g, l.spec.out) || (!checked && !rows_finite(x, inputs_))) return false;
     for (size_t j = 0; j < i; ++j) {
-      if (!rows_finite(acts_[j], specs_[j].out)) return false;
+      if (!checked && !rows_finite(acts_[j], specs_[j].out)) return false;
       if (layers_[j].spec.kind != LayerKind::kBatchNorm) continue;
       const int64_t Cj = specs_[j].out * V;  // its running statistics and the istd its fit pass used
       for (int64_t grp = 0; grp < store_.groups(); ++grp)
         if (!k.all_finite(store_.B(grp) + layers_[j].at[2] * V, 2 * Cj, false) ||
-            !k.all_finite(layers_[j].saved_c + grp * Cj, Cj, false))
+            (!checked && !k.all_finite(layers_[j].saved_c + grp * Cj, Cj, false)))
           return false;
     }
     // dh = gradient * gamma, as the BatchNorm's backward forms it: finite factors may overflow.
@@ -528,6 +534,8 @@ class Net {
   /// was a pair's.
   size_t kept_below_ = 0;
   uint64_t kept_version_ = 0;
+  /// The last fit pass gave the layers below fit_same_below_ the outputs (and x) of the one before.
+  size_t fit_same_below_ = 0;
   std::vector<float> fit_x_;
   bool fit_paired_ = false;
   std::vector<float> stats_, scratch_;

@@ -6,9 +6,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <random>
 #include <vector>
 
@@ -252,6 +254,20 @@ TEST(LaneKernels, ElementWiseKernelsMatchTheirFormulasOnEveryInstructionSet) {
           v /= rows;
           ASSERT_EQ(bits(a[c]), bits(m)) << "bn_moments mean " << c;
           ASSERT_EQ(bits(b[c]), bits(v)) << "bn_moments var " << c;
+        }
+        if (n == 1) {  // one row skips the divisions by 1: the same bits for -0, infinities, NaN, subnormals
+          const float specials[] = {-0.f, 0.f, INFINITY, -INFINITY, std::nanf("0x2a5"), -std::nanf("7"), 1e-40f, -1e-42f,
+                                    FLT_MAX, -FLT_MAX, 1.5f};
+          for (size_t first = 0; first < std::size(specials); ++first) {
+            std::vector<float> S(c_);
+            for (size_t c = 0; c < c_; ++c) S[c] = specials[(first + c) % std::size(specials)];
+            k.bn_moments(S.data(), 1, C, a.data(), b.data());
+            for (size_t c = 0; c < c_; ++c) {
+              const float m = (0.f + S[c]) / 1.f, d = S[c] - m, v = (0.f + d * d) / 1.f;
+              ASSERT_EQ(bits(a[c]), bits(m)) << "bn_moments one row, mean of " << S[c];
+              ASSERT_EQ(bits(b[c]), bits(v)) << "bn_moments one row, var of " << S[c];
+            }
+          }
         }
 
         for (int with = 0; with < 4; ++with) {  // gamma and beta present or absent
