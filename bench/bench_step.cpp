@@ -52,9 +52,13 @@ int main(int argc, char** argv) {
     if (layers[i].use_bias) skip_b += layers[i].out;
     if (dense++ > 0) skip_dx += layers[i].in * layers[i].out;
   }
+  // And the epoch's paired forward passes (Net::forward_pair) do not run a fit pass that would
+  // repeat a value: under train the Dense layers below that BatchNorm keep their fit outputs (their
+  // parameters and x did not change), under frozen every layer's fit pass is its inference pass.
+  // BatchedEngine.PairedPassesSkipExactlyWhatRepeats counts the skipped layer passes.
   std::printf("model dense_macs %lld dx_macs %lld weights %lld biases %lld train_skipped_weights %lld train_skipped_biases %lld "
-              "train_skipped_dx_macs %lld\n",
-              macs, dx_macs, weights, biases, skip_w, skip_b, skip_dx);
+              "train_skipped_dx_macs %lld train_kept_fit_macs %lld frozen_shared_fit_macs %lld\n",
+              macs, dx_macs, weights, biases, skip_w, skip_b, skip_dx, skip_w, macs);
   for (const char* preset : {"frozen", "train"}) {
     bnlab::StrategyConfig s = bnlab::parse_config(std::string(R"({"name": "b", "strategies": [")") + preset + "\"]}", "b")
                                   .strategies.front();

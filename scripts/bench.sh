@@ -187,19 +187,25 @@ M, D, W, B = (int(model[k]) for k in ("dense_macs", "dx_macs", "weights", "biase
 flops = 4 * M + 2 * D + 3 * W + 2 * B
 bytes_ = 12 * (W + B)
 # Under train the backward pass stops at the topmost BatchNorm (one row's batch statistics pass
-# down an exactly zero gradient): the Dense layers below it are read by the forward pair only.
-# Its line counts what bnlab computes, not the full pass.
-SW, SB, SD = (int(model.get(k, 0)) for k in ("train_skipped_weights", "train_skipped_biases", "train_skipped_dx_macs"))
-work = {"train": (flops - 2 * SD - 3 * SW - 2 * SB, bytes_ - 8 * (SW + SB)), "frozen": (flops, bytes_)}
+# down an exactly zero gradient): the Dense layers below it are read by the inference pass only,
+# their fit outputs kept from the last step. Under frozen a layer's fit pass is its inference pass
+# and runs once. Each line counts what bnlab computes, not the full pass.
+SW, SB, SD, KT, KF = (int(model.get(k, 0)) for k in ("train_skipped_weights", "train_skipped_biases", "train_skipped_dx_macs",
+                                                    "train_kept_fit_macs", "frozen_shared_fit_macs"))
+work = {"train": (flops - 2 * SD - 3 * SW - 2 * SB - 2 * KT, bytes_ - 8 * (SW + SB)), "frozen": (flops - 2 * KF, bytes_)}
 peak = roof.get("peak_gflops avx512") or roof.get("peak_gflops avx2") or roof["peak_gflops portable"]
 bw = roof.get("bandwidth_gbs L2 read")
 for label, us in (("train", float(sys.argv[3])), ("frozen", float(sys.argv[4]))):
     flops_l, bytes_l = work[label]
     gf = flops_l / us / 1e3
     line = f"Roofline, {label}: {flops_l / 1e3:.1f} kFLOP and {bytes_l / 1e3:.1f} KB of weights per sample-epoch"
-    if label == "train" and flops_l != flops:
-        line += f" (the full pass is {flops / 1e3:.1f} kFLOP; the backward below the topmost BatchNorm is exactly zero and skipped)"
+    if flops_l != flops:
+        why = {"train": "the backward below the topmost BatchNorm is exactly zero and skipped, the fit pass there repeats the last",
+               "frozen": "the fit pass is the inference pass"}[label]
+        line += f" (the full pass is {flops / 1e3:.1f} kFLOP; {why})"
     line += f"; bnlab {gf:.1f} GFLOP/s, {100 * gf / peak:.0f}% of the peak"
+    if flops_l != flops:
+        line += f" (the full pass's work in that time: {flops / us / 1e3:.1f} GFLOP/s, {100 * flops / us / 1e3 / peak:.0f}%)"
     if bw:
         floor = max(flops_l / peak / 1e3, bytes_l / bw / 1e3)
         line += f"; the L2 floor (bytes / L2 read bandwidth) is {bytes_l / bw / 1e3:.2f} us, bnlab is at {100 * floor / us:.0f}% of the roofline"
@@ -211,8 +217,8 @@ if bw:
 PY
   echo
   echo "The Dense kernels alone (\`bench_kernels\`: one group of 16 lanes, its 311 KB of weights in L2, best of five), against"
-  echo "the L2 bandwidth above: the paired forward pass reads each weight vector (64 bytes) once, the fused backward and SGD"
-  echo "step reads and writes it (128 bytes)."
+  echo "the L2 bandwidth above: the paired forward pass and the single one (frozen's layers, train's below the top BatchNorm)"
+  echo "read each weight vector (64 bytes) once, the fused backward and SGD step reads and writes it (128 bytes)."
   echo
   echo "| kernel | layer (in x out) | ns per call | ns per weight vector | GB/s |"
   echo "|---|---|---|---|---|"
