@@ -811,9 +811,13 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
   }
   std::vector<double> values, correct;
 
-  // Evaluate the untouched pretrained weights: one shared copy for every lane.
+  // Evaluate the untouched pretrained weights: one shared copy for every lane. Unless the model
+  // the strategy fine-tunes is their copy (prepare_copies_only): evaluate_before below is then
+  // the same pass on the same state and layers, every lane's value the same float (the shared
+  // copy's kernels and the interleaved ones compute each lane in the same order).
+  const bool pretrained_is_before = prepare_copies_only(strategy);
   std::unique_ptr<CachedNet> local_base, local_net;
-  {
+  if (!pretrained_is_before) {
     Net& base = net_for(cache, local_base, pretrained, L, k, /*shared=*/true);
     base.forward(Pass::kPlain, x.data(), k);
     lane_losses(base, loss_kind, y.data(), k, targets, false, values, nullptr);
@@ -858,7 +862,11 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
     net.forward(Pass::kPlain, x.data(), k);
   }
   lane_losses(net, loss_kind, y.data(), k, targets, false, values, nullptr, pairs ? net.inferred() : nullptr);
-  for (int64_t l = 0; l < L; ++l) results[static_cast<size_t>(l)].evaluate_before = values[static_cast<size_t>(l)];
+  for (int64_t l = 0; l < L; ++l) {
+    auto& r = results[static_cast<size_t>(l)];
+    r.evaluate_before = values[static_cast<size_t>(l)];
+    if (pretrained_is_before) r.evaluate_pretrained = r.evaluate_before;
+  }
 
   if (!pairs) net.set_policy(&strategy);
   const bool steps = !net.trainable().empty();

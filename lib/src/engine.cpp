@@ -304,6 +304,10 @@ Model prepare_model(const ModelImpl& pretrained, const StrategyConfig& strategy,
   return model;
 }
 
+bool prepare_copies_only(const StrategyConfig& strategy) {  // each step of prepare_model above left out
+  return strategy.recalibrate == 0 && !strategy.fold && strategy.bn_module != BnModule::kFrozen && !strategy.renorm;
+}
+
 StrategyResult finetune(const ModelImpl& pretrained, const StrategyConfig& strategy,
                         const torch::Tensor& x, const torch::Tensor& y, const Config& config, const RunSpec& run,
                         const std::function<void(const EpochRecord&)>& on_epoch,

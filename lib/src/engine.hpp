@@ -87,6 +87,10 @@ Model prepare_model(const ModelImpl& pretrained, const StrategyConfig& strategy,
 inline Model prepare_model(const ModelImpl& pretrained, const StrategyConfig& strategy, const Config& config, const Dataset* data) {
   return prepare_model(pretrained, strategy, config, run_of(config), data);
 }
+/// Whether prepare_model's model is `pretrained`'s copy and nothing else: the same layers, the
+/// same state, bit for bit (its dropout seed aside). Its inference loss is then the pretrained
+/// weights' own (the batched engine evaluates them once for both).
+bool prepare_copies_only(const StrategyConfig& strategy);
 
 /// Fine-tunes a copy of `pretrained` on (x, y) under `strategy`, validating on (x, y)
 /// in inference mode after every epoch, Keras-style. `on_epoch` sees each epoch's record.

@@ -556,6 +556,49 @@ TEST(BatchedEngine, ZeroGradientShortcutChangesNoBit) {
   EXPECT_EQ(taken_negzero, 0u);
 }
 
+// evaluate_pretrained depends on the pretrained weights and the sample only. Where the strategy's
+// model is their copy (prepare_copies_only) the batched engine takes evaluate_before's value for
+// it; elsewhere it evaluates the pretrained weights on a shared copy. Every preset must report
+// the same float for a sample either way, and prepare_copies_only must hold only where
+// prepare_model's model is the pretrained one bit for bit (the same tensors, names and layers).
+TEST(BatchedEngine, EvaluatePretrainedIsOneFloatForEveryStrategy) {
+  int copies = 0, others = 0;
+  for (const char* path : {"configs/smoke/keras_nll.json", "configs/smoke/classify.json"}) {
+    const Trained s = trained(path, {});
+    const std::vector<int64_t> item = {1, 4, 9, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24};
+    std::vector<double> first;
+    for (const auto& name : kAllPresets) {
+      const StrategyConfig strategy = preset(name);
+      const bool copy = prepare_copies_only(strategy);
+      (copy ? copies : others) += 1;
+      if (copy) {
+        const Model prepared = prepare_model(*s.pretrained, strategy, s.config, &s.data);
+        EXPECT_EQ(prepared->layers().size(), s.pretrained->layers().size()) << name;
+        const auto a = state_dict(*prepared), b = state_dict(*s.pretrained);
+        ASSERT_EQ(a.size(), b.size()) << name;
+        for (size_t i = 0; i < a.size(); ++i) {
+          EXPECT_EQ(a[i].first, b[i].first) << name;
+          EXPECT_TRUE(a[i].second.sizes() == b[i].second.sizes() && a[i].second.scalar_type() == b[i].second.scalar_type() &&
+                      std::memcmp(a[i].second.contiguous().data_ptr(), b[i].second.contiguous().data_ptr(),
+                                  a[i].second.numel() * a[i].second.element_size()) == 0)
+              << name << " " << a[i].first;
+        }
+        for (size_t i = 0; i < prepared->layers().size(); ++i)
+          EXPECT_EQ(prepared->layers()[i].kind, s.pretrained->layers()[i].kind) << name << " layer " << i;
+      }
+      const auto r = finetune_batched(*s.pretrained, strategy, s.config, s.data, item);
+      ASSERT_EQ(r.size(), item.size());
+      for (size_t i = 0; i < r.size(); ++i) {
+        if (copy) EXPECT_EQ(r[i].evaluate_pretrained, r[i].evaluate_before) << path << " " << name;
+        if (first.size() < r.size()) first.push_back(r[i].evaluate_pretrained);
+        EXPECT_EQ(r[i].evaluate_pretrained, first[i]) << path << " " << name << ", sample " << item[i];
+      }
+    }
+  }
+  EXPECT_GT(copies, 0);  // both ways are compared
+  EXPECT_GT(others, 0);
+}
+
 // An epoch's inference pass and the next epoch's fit pass run as a pair (Net::forward_pair),
 // which skips the layer passes that would repeat a value: InterleavedLanesEqualOneLaneRunsBitForBit
 // and ZeroGradientShortcutChangesNoBit hold their values to passes without pairs and without the
