@@ -272,12 +272,13 @@ int cmd_tool(int argc, char** argv, const std::string& name) {
 int main(int argc, char** argv) {
 #ifdef __GLIBC__
   // Freed memory up to 64 MiB stays in the process for the next allocation instead of going back
-  // to the system: glibc otherwise maps blocks from 128 KiB up afresh and returns them on free,
+  // to the system: glibc otherwise maps blocks from 128 KiB up (a threshold it raises as such
+  // blocks are freed) afresh and returns them on free,
   // and on a virtual machine each first write to a fresh 4 KiB page costs some 10 us (measured on
   // the development VM; docs/performance.md). A study's first fine-tuning Net (0.7 MB for 16 lanes
   // of seed_repro) then reuses pages the data and model set-up already wrote: 2 ms less per
   // worker. Blocks from 4 MiB up are still mapped and unmapped whole. Peak memory of the
-  // 100,000-sample, nine-preset study: 278 MiB before, 264-268 after (256 MiB and 1 GiB: 298).
+  // 100,000-sample, nine-preset study: 278 MiB before, 264-270 after (256 MiB and 1 GiB: 298).
   mallopt(M_MMAP_THRESHOLD, 4 << 20);
   mallopt(M_TRIM_THRESHOLD, 64 << 20);
 #endif

@@ -189,7 +189,9 @@ bytes_ = 12 * (W + B)
 # Under train the backward pass stops at the topmost BatchNorm (one row's batch statistics pass
 # down an exactly zero gradient): the Dense layers below it are read by the inference pass only,
 # their fit outputs kept from the last step. Under frozen a layer's fit pass is its inference pass
-# and runs once. Each line counts what bnlab computes, not the full pass.
+# and runs once. Each line counts what bnlab computes in an epoch's steady state, not the full
+# pass (a work item's first pair and last inference pass differ: the executed rates are a
+# little low).
 SW, SB, SD, KT, KF = (int(model.get(k, 0)) for k in ("train_skipped_weights", "train_skipped_biases", "train_skipped_dx_macs",
                                                     "train_kept_fit_macs", "frozen_shared_fit_macs"))
 work = {"train": (flops - 2 * SD - 3 * SW - 2 * SB - 2 * KT, bytes_ - 8 * (SW + SB)), "frozen": (flops - 2 * KF, bytes_)}

@@ -269,8 +269,13 @@ class Net {
       kept = kept && i < below && fit != LayerKindDef::FitOutput::kMore;
       fit_same_below_ = kept ? i + 1 : fit_same_below_;
       if (kept && fit == LayerKindDef::FitOutput::kInput) {  // acts_[i] holds this pass's output already
-        if (!same) kind.forward(store_, l, first, in_a, out_a);
-        in_a = same ? acts_[i] : out_a;
+        if (same && kind.same_passes(l, first, Pass::kFit)) {  // and the inference pass's
+          in_a = acts_[i];
+        } else {
+          kind.forward(store_, l, first, in_a, out_a);
+          in_a = out_a;
+          same = false;
+        }
         in_b = acts_[i];
         ++kept_n;
         continue;

@@ -412,7 +412,8 @@ TEST(BatchedEngine, InterleavedLanesEqualOneLaneRunsBitForBit) {
   // Seventeen lanes (two groups of 16, the second padded) take the interleaved path: fused
   // backward and SGD (plain, and with weight decay), an epoch's inference pass paired with the
   // next epoch's fit pass, the multiversioned kernels; a sample alone with an export takes the
-  // one-lane path (separate gradients and update, two forward passes). Every curve point must be the same
+  // one-lane path (separate gradients and update, two forward passes), and alone without one the
+  // one-lane path with paired passes. Every curve point must be the same
   // float, under every preset, and with momentum (not fused) too.
   std::vector<int64_t> samples;
   for (int64_t i = 0; i < 17; ++i) samples.push_back(3 * i + 1);
@@ -432,6 +433,11 @@ TEST(BatchedEngine, InterleavedLanesEqualOneLaneRunsBitForBit) {
         EXPECT_EQ(together[i].val_loss, alone[0].val_loss) << where;
         EXPECT_EQ(together[i].evaluate_before, alone[0].evaluate_before) << where;
         EXPECT_EQ(together[i].evaluate_after, alone[0].evaluate_after) << where;
+        // One lane without an export: paired passes (kept and shared ones too) on a single lane.
+        const auto single = finetune_batched(*s.pretrained, preset(name), s.config, s.data, {samples[i]});
+        EXPECT_EQ(single[0].loss, alone[0].loss) << where << ", one lane paired";
+        EXPECT_EQ(single[0].val_loss, alone[0].val_loss) << where << ", one lane paired";
+        EXPECT_EQ(single[0].evaluate_pretrained, alone[0].evaluate_pretrained) << where << ", one lane paired";
         ++compared;
       }
     }
@@ -589,7 +595,9 @@ TEST(BatchedEngine, EvaluatePretrainedIsOneFloatForEveryStrategy) {
       const auto r = finetune_batched(*s.pretrained, strategy, s.config, s.data, item);
       ASSERT_EQ(r.size(), item.size());
       for (size_t i = 0; i < r.size(); ++i) {
-        if (copy) EXPECT_EQ(r[i].evaluate_pretrained, r[i].evaluate_before) << path << " " << name;
+        if (copy) {
+          EXPECT_EQ(r[i].evaluate_pretrained, r[i].evaluate_before) << path << " " << name;
+        }
         if (first.size() < r.size()) first.push_back(r[i].evaluate_pretrained);
         EXPECT_EQ(r[i].evaluate_pretrained, first[i]) << path << " " << name << ", sample " << item[i];
       }
