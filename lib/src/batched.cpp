@@ -214,9 +214,11 @@ class Net {
     stopped_at_ = 0;
   }
 
-  /// Lets the trainable layers that can (interleaved lanes, fuses_sgd()) apply `rule` in their
-  /// backward pass; nullptr: every gradient is written and stepped by the optimizer.
+  /// The optimizer's rule when it is plain SGD (nullptr: another optimizer). The trainable layers
+  /// that can (interleaved lanes, fuses_sgd()) apply it in their backward pass; without it every
+  /// gradient is written and stepped by the optimizer. zero_below reads it too.
   void set_sgd(const lanes::Sgd* rule) {
+    plain_sgd_ = rule;
     store_.sgd = store_.V > 1 ? rule : nullptr;
     stepped_ = segments(store_.sgd != nullptr);
     stopped_at_ = 0;
@@ -331,9 +333,6 @@ class Net {
     stopped_at_ = 0;
   }
 
-  /// The optimizer's rule when it is plain SGD (the Optimizer sets it; nullptr: another optimizer).
-  void set_plain_sgd(const lanes::Sgd* rule) { plain_sgd_ = rule; }
-
   /// Each trainable parameter: its state-dict name, offset and shape (in grads() when no SGD
   /// rule is set).
   std::vector<std::tuple<std::string, int64_t, std::vector<int64_t>>> trainable_tensors() const {
@@ -441,8 +440,8 @@ class Net {
   /// every parameter below as it is, bit for bit, so the backward pass may stop at layer i (the
   /// peer's shortcut, taken only where it is exact). Layer i is a BatchNorm on the batch statistics
   /// of one row: x - mean is exactly 0, x-hat is +-0, and dx = istd * (dh - mean(dh) - x-hat *
-  /// mean(dh x-hat)) with dh = gradient * gamma is +-0 where x and dh are finite. Below (Dense,
-  /// BatchNorm, activations, Dropout only), +-0 times finite weights, inputs, running statistics and
+  /// mean(dh x-hat)) with dh = gradient * gamma is +-0 where x and dh are finite. Below (only kinds
+  /// whose kind passes_zero_gradient: Dense, BatchNorm, activations, Dropout), +-0 times finite weights, inputs, running statistics and
   /// 1/sqrt(var + eps) stays +-0, and p + (-lr) * (+-0) is p unless p is -0 (-0 + +0 is +0) or -lr
   /// is not finite; weight decay would change p. So: plain SGD without decay and a finite rate; dh,
   /// layer i's input, every input below and the BatchNorm statistics below finite (checked each
@@ -458,12 +457,8 @@ class Net {
     // The parameters below: every lane holds the snapshot replicate() checked, unchanged since (a
     // full pass, which may change them, or any other write of the state ends that until the next).
     if (below_ok_version_ != store_.version || !below_ok_[i]) return false;
-    for (size_t j = 0; j < i; ++j) {
-      const LayerKind kind = layers_[j].spec.kind;
-      if (kind != LayerKind::kDense && kind != LayerKind::kBatchNorm && kind != LayerKind::kActivation &&
-          kind != LayerKind::kDropout)
-        return false;
-    }
+    for (size_t j = 0; j < i; ++j)
+      if (!layer_kind(layers_[j].spec.kind).passes_zero_gradient()) return false;
     const auto& k = lanes::active();
     const int64_t V = store_.V, C = l.spec.out * V;
     const auto rows_finite = [&](const float* a, int64_t width) {
@@ -549,7 +544,7 @@ class Net {
   /// from it up.
   size_t stopped_at_ = 0;
   std::vector<Segment> stepped_above_;
-  const lanes::Sgd* plain_sgd_ = nullptr;  ///< set_plain_sgd
+  const lanes::Sgd* plain_sgd_ = nullptr;  ///< set_sgd's rule, on every path
   /// replicate(Snapshot)'s check of zero_below's parameter condition, valid while below_ok_version_
   /// is the version: [i], the layers below i pass (finite, none -0).
   std::vector<char> below_ok_;
@@ -655,15 +650,10 @@ class Optimizer {
     for (size_t r : regions) slots_.push_back(arena_.at(r));
     ptrs_.resize(slots_.size());
     fused_ = def_.plain(c_, lr_, sgd_);
-    if (fused_) {
-      net_.set_sgd(&sgd_);
-      net_.set_plain_sgd(&sgd_);
-    }
+    if (fused_) net_.set_sgd(&sgd_);
   }
   ~Optimizer() {
-    if (!fused_) return;
-    net_.set_sgd(nullptr);
-    net_.set_plain_sgd(nullptr);
+    if (fused_) net_.set_sgd(nullptr);
   }
   Optimizer(const Optimizer&) = delete;
   Optimizer& operator=(const Optimizer&) = delete;

@@ -144,6 +144,7 @@ class DenseKind final : public LayerKindDef {
     }
   }
   bool fuses_sgd() const override { return true; }
+  bool passes_zero_gradient() const override { return true; }
   const char* keras_class(const LayerSpec&) const override { return "Dense"; }
   std::vector<KerasWeight> keras_weights(const LayerSpec& l) const override {
     std::vector<KerasWeight> w{{"kernel", "weight", true}};
@@ -296,6 +297,7 @@ class BatchNormKind final : public LayerKindDef {
   // On the running statistics, a pass writes nothing they depend on (no update without batch
   // statistics). On one batch's statistics (not prior_bn's mix) its output is the input's.
   bool same_passes(const BatchedLayer& L, Pass a, Pass b) const override { return !batch_stats(L, a) && !batch_stats(L, b); }
+  bool passes_zero_gradient() const override { return true; }
   FitOutput fit_output(const BatchedLayer& L) const override {
     return L.mode.fit_batch_stats && L.mode.prior < 0 ? FitOutput::kInputWrites : FitOutput::kMore;
   }
@@ -646,6 +648,7 @@ class ActivationKind final : public LayerKindDef {
   }
   bool same_passes(const BatchedLayer&, Pass, Pass) const override { return true; }
   FitOutput fit_output(const BatchedLayer&) const override { return FitOutput::kInput; }
+  bool passes_zero_gradient() const override { return true; }
   void backward(const LaneStore& s, const BatchedLayer& L, const float* in, const float* out, const float* g,
                 float* dx) const override {
     activation_backward(L.spec.activation, static_cast<float>(L.spec.alpha), in, out, g, dx, s.lanes * s.stride * L.spec.out);
@@ -722,6 +725,7 @@ class DropoutKind final : public LayerKindDef {
     return L.spec.rate == 0 || (a != Pass::kFit && b != Pass::kFit);
   }
   FitOutput fit_output(const BatchedLayer& L) const override { return L.spec.rate == 0 ? FitOutput::kInput : FitOutput::kMore; }
+  bool passes_zero_gradient() const override { return true; }  // g / keep * mask
   void backward(const LaneStore& s, const BatchedLayer& L, const float*, const float*, const float* g,
                 float* dx) const override {
     const int64_t n = s.lanes * s.stride * L.spec.out;

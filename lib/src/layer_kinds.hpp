@@ -157,6 +157,10 @@ class LayerKindDef {
   /// Whether backward applies LaneStore::sgd itself when one is set (the optimizer then skips
   /// the layer's parameters).
   virtual bool fuses_sgd() const { return false; }
+  /// Whether a +-0 gradient from above gives +-0 parameter gradients and a +-0 dx here, given
+  /// finite inputs, parameters and (for BatchNorm, which Net::zero_below checks) running
+  /// statistics: a kind that may sit below a zero_below stop.
+  virtual bool passes_zero_gradient() const { return false; }
   /// Keras: the class name of the layer and its weights in file order.
   virtual const char* keras_class(const LayerSpec& l) const = 0;
   virtual std::vector<KerasWeight> keras_weights(const LayerSpec&) const { return {}; }
