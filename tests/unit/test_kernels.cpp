@@ -202,6 +202,11 @@ TEST(LaneKernels, EveryLaneMatchesTheOneLaneKernelsOnEveryInstructionSet) {
           ASSERT_TRUE(same_bits(bias2, bexp)) << "fused SGD, bias";
           ASSERT_TRUE(same_bits(dx2, dx)) << "fused SGD, dx";
           ASSERT_FALSE(same_bits(W2, W)) << "the step changed nothing";
+          // Without dx (the lowest Dense layer) and without a bias: the same weights.
+          auto W3 = W;
+          lanes::active().dense_backward_sgd(W3.data(), nullptr, x.data(), g.data(), nullptr, rows, out, in, gemm_order,
+                                             sgd);
+          ASSERT_TRUE(same_bits(W3, Wexp)) << "fused SGD without dx or bias, weights";
           ++checked;
         }
   }
