@@ -11,7 +11,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ "${1:-}" = "--scale" ]; then exec "$root/scripts/bench_scale.sh"; fi
 "$root/scripts/setup.sh"
-"$root/scripts/build.sh" bnlab_app bench_step bench_roofline bench_kernels >&2
+"$root/scripts/build.sh" bnlab_app bench_step bench_roofline bench_kernels bench_store >&2
 build="${BNLAB_BUILD_DIR:-$root/build}"
 bin="$build/bin/bnlab"
 samples="${1:-1000}"
@@ -96,6 +96,10 @@ rm -rf "$tmp/peer_run"; cp -r "$tmp/cache_batched" "$tmp/peer_run"; rm -f "$tmp/
 /usr/bin/python3 "$root/bench/bench_peer.py" "$tmp/peer_run" --repeat 3 > "$tmp/peer.out"
 "$build/bin/bench_roofline" > "$tmp/roof.out"
 "$build/bin/bench_kernels" 3000 > "$tmp/kern.out"
+mkdir -p "$tmp/store"
+"$build/bin/bench_store" "$tmp/store" 1000 64 7 > "$tmp/store.out"
+"$build/bin/bench_store" "$tmp/store" 20000 160 3 >> "$tmp/store.out"
+store_us() { awk -v n="$1" '$1 == "store_insert" && $3 == n { print $7 }' "$tmp/store.out"; }
 peer() { sed -n "s/^$1 //p" "$tmp/peer.out"; }
 roof() { sed -n "s/^$1 //p" "$tmp/roof.out"; }
 
@@ -225,6 +229,13 @@ PY
   echo "| kernel | layer (in x out) | ns per call | ns per weight vector | GB/s |"
   echo "|---|---|---|---|---|"
   awk '$1 == "kernel" { printf "| %s | %s | %.0f | %.3f | %.0f |\n", $2, $3, $5, $7, $9 }' "$tmp/kern.out"
+  echo
+  echo "The study store's writer works on the other core while the study runs; what it has not inserted when the last work"
+  echo "item ends, the phase waits for. \`bench_store\` (Store::insert of 10-epoch runs into a fresh store, best of several):"
+  printf '%s us per run over 1,000 runs (64 per transaction), %s over 20,000 (160 per transaction); the fine-tuning\n' \
+    "$(store_us 1000)" "$(store_us 20000)"
+  printf 'above takes %.1f (train) and %.1f us (frozen) per run of 10 epochs.\n' \
+    "$(/usr/bin/python3 -c "print($bn_train * 10)")" "$(/usr/bin/python3 -c "print($bn_frozen * 10)")"
 } > "$out.tmp"
 mv "$out.tmp" "$out"
 cat "$out"
