@@ -3,16 +3,18 @@
 // layer's weights of the group in one block, which is larger than L1 and fits L2): nanoseconds
 // per call and per weight vector (one weight of the 16 lanes, 64 bytes), and the bytes per second
 // that makes, so each kernel can be set against bench_roofline's L2 bandwidth. Every array starts
-// on a 64-byte boundary, as the engine's arena regions do (a vector's 16-byte alignment splits
-// each 64-byte load over two cache lines: measured here, it doubled the time of a layer in L1).
+// on a 64-byte boundary, as the engine's arena regions do (which also spread their starts over
+// the 4 KiB page; these arrays are not spread). malloc's 16-byte alignment, which this program
+// had before, splits every 64-byte load over two cache lines whenever an array does not happen
+// to start on a 64-byte boundary: measured here, that doubled the time of a layer in L1.
 // Not a test.
 // Usage: bench_kernels [REPEAT] [IN:OUT ...]   (default: seed_repro's 8:64 64:64 64:2)
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <memory>
 #include <cstdlib>
-#include <algorithm>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 

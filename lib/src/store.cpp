@@ -253,11 +253,11 @@ Store Store::open(const std::string& path, bool writable) {
       throw InputError(path + ": corrupt study store (" + (first != nullptr ? std::string(first) : sqlite3_errmsg(db)) +
                        "); move it away to start the study afresh");
   }
-  // The log is copied into the file (a checkpoint, with two syncs) once it holds 16,384 pages (64
-  // MiB), not SQLite's 1,000 (4 MiB): bench_store, 20,000 runs into a fresh store, 2.5-4.0 us per
-  // run against 5.0-5.7 (a study's writer keeps up with its workers; the rest of the log is
-  // copied when the study seals the store). Every committed run survives a kill either way.
-  if (writable) s.exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=16384;");
+  // SQLite's own checkpoint interval (1,000 pages) stays: 16,384 halved bench_store's inserts at
+  // 20,000 runs but only moved the log's copy to seal(), and in a 900,000-run study at one job
+  // each 64 MiB copy stalled the writer long enough to fill its queue and hold the worker up
+  // (fine-tuning phase 6.0-7.4 s against 4.8-6.1; docs/performance.md).
+  if (writable) s.exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;");
   return s;
 }
 
@@ -318,9 +318,24 @@ void Store::set_meta(const std::string& key, const std::string& value) {
 void Store::insert(const std::vector<StrategyResult>& runs) {
   if (runs.empty()) return;
   if (insert_run_ == nullptr) {
-    if (sqlite3_prepare_v2(db_, "INSERT INTO runs VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", -1, &insert_run_, nullptr) != SQLITE_OK ||
-        sqlite3_prepare_v2(db_, "INSERT INTO epochs VALUES(?,?,?,?,?,?)", -1, &insert_epochs_, nullptr) != SQLITE_OK)
+    // Both statements or neither: a guard finalizes what was prepared when fail() throws (after it
+    // has read SQLite's error), so a failed prepare leaves no half-made pair for the next call.
+    sqlite3_stmt* run_st = nullptr;
+    sqlite3_stmt* epochs_st = nullptr;
+    struct Finalize {
+      sqlite3_stmt*& a;
+      sqlite3_stmt*& b;
+      ~Finalize() {
+        sqlite3_finalize(a);
+        sqlite3_finalize(b);
+      }
+    } guard{run_st, epochs_st};
+    if (sqlite3_prepare_v2(db_, "INSERT INTO runs VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", -1, &run_st, nullptr) != SQLITE_OK ||
+        sqlite3_prepare_v2(db_, "INSERT INTO epochs VALUES(?,?,?,?,?,?)", -1, &epochs_st, nullptr) != SQLITE_OK)
       fail(db_, path_, "cannot prepare inserts");
+    insert_run_ = run_st;
+    insert_epochs_ = epochs_st;
+    run_st = epochs_st = nullptr;
   }
   exec("BEGIN IMMEDIATE;");
   try {

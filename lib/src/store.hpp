@@ -29,6 +29,9 @@ bool diverged(const StrategyResult& r, double factor);
 /// "ok", "diverged" or "failed".
 const char* run_status(const StrategyResult& r);
 
+/// A connection to one store. One thread at a time may use a Store (its connection is opened
+/// without SQLite's mutex): the study's writer thread between its start and its join, the caller
+/// before and after.
 class Store {
  public:
   using Meta = std::vector<std::pair<std::string, std::string>>;

@@ -142,7 +142,8 @@ TEST(LaneKernels, EveryLaneMatchesTheOneLaneKernelsOnEveryInstructionSet) {
   for (const auto& isa : isas) {
     ASSERT_TRUE(lanes::set_isa(isa));
     ASSERT_STREQ(lanes::active().isa, isa.c_str());
-    for (int64_t out : {1, 2, 7, 9, 64})
+    // out 3 and 6: the one-row fused backward's last sweep of three rows from o = 0, of two after four.
+    for (int64_t out : {1, 2, 3, 6, 7, 9, 64})
       for (int64_t in : {1, 7, 8, 9, 16, 24, 64, 65, 130})
         for (int64_t rows : {1, 3, 8, 9}) {
           SCOPED_TRACE(isa + ": out " + std::to_string(out) + ", in " + std::to_string(in) + ", rows " + std::to_string(rows));
@@ -202,15 +203,23 @@ TEST(LaneKernels, EveryLaneMatchesTheOneLaneKernelsOnEveryInstructionSet) {
           ASSERT_TRUE(same_bits(bias2, bexp)) << "fused SGD, bias";
           ASSERT_TRUE(same_bits(dx2, dx)) << "fused SGD, dx";
           ASSERT_FALSE(same_bits(W2, W)) << "the step changed nothing";
-          // Without dx (the lowest Dense layer) and without a bias: the same weights.
-          auto W3 = W;
-          lanes::active().dense_backward_sgd(W3.data(), nullptr, x.data(), g.data(), nullptr, rows, out, in, gemm_order,
-                                             sgd);
-          ASSERT_TRUE(same_bits(W3, Wexp)) << "fused SGD without dx or bias, weights";
+          // Without dx (the lowest Dense layer), with its bias: the same weights and bias.
+          auto W3 = W, bias3 = bias;
+          lanes::active().dense_backward_sgd(W3.data(), bias3.data(), x.data(), g.data(), nullptr, rows, out, in,
+                                             gemm_order, sgd);
+          ASSERT_TRUE(same_bits(W3, Wexp)) << "fused SGD without dx, weights";
+          ASSERT_TRUE(same_bits(bias3, bexp)) << "fused SGD without dx, bias";
+          // With dx, without a bias: the same weights and dx.
+          auto W4 = W;
+          std::vector<float> dx4(x.size(), 123.f);
+          lanes::active().dense_backward_sgd(W4.data(), nullptr, x.data(), g.data(), dx4.data(), rows, out, in,
+                                             gemm_order, sgd);
+          ASSERT_TRUE(same_bits(W4, Wexp)) << "fused SGD without a bias, weights";
+          ASSERT_TRUE(same_bits(dx4, dx)) << "fused SGD without a bias, dx";
           ++checked;
         }
   }
-  EXPECT_EQ(checked, static_cast<int>(isas.size()) * 5 * 9 * 4);
+  EXPECT_EQ(checked, static_cast<int>(isas.size()) * 7 * 9 * 4);
   EXPECT_FALSE(lanes::set_isa("sse9"));  // unknown: refused, nothing changes
   ASSERT_TRUE(lanes::set_isa(isas.back()));
 }

@@ -134,6 +134,42 @@ TEST(Tools, StoreKeepsEveryFieldBitForBit) {
   EXPECT_EQ(store.completed_runs().size(), runs.size() - 1);
 }
 
+// Store::insert binds a run's strings and curves in place and clears the bindings after each
+// statement: a run inserted after a failed one (in the same call or a later one) must not take the
+// failed run's error, nor a failed run the figures of the run before it.
+TEST(Tools, StoreInsertsLeaveNoBindingBehind) {
+  const auto c = parse_config(kStudy, "hand");
+  auto runs = hand_runs(c);
+  ASSERT_GE(runs.size(), 4u);
+  for (auto& r : runs) r.engine = "batched";
+  runs[1].failed = true;
+  runs[1].error = "strategy \"train\": loss is not finite";
+  const auto dir = temp_dir("store_bindings");
+  Store store = Store::create(store_path(dir), {{"experiment", c.name}});
+  store.insert({runs[0], runs[1], runs[2]});
+  store.insert({runs[3]});
+  sqlite3_stmt* st = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(store.db(), "SELECT run, error, evaluate_before IS NULL, final_loss IS NULL FROM runs ORDER BY run",
+                               -1, &st, nullptr),
+            SQLITE_OK);
+  int rows = 0;
+  while (sqlite3_step(st) == SQLITE_ROW) {
+    const auto run = static_cast<size_t>(sqlite3_column_int64(st, 0));
+    const bool failed = run == runs[1].run;
+    const auto* error = reinterpret_cast<const char*>(sqlite3_column_text(st, 1));
+    if (failed) {
+      EXPECT_STREQ(error, runs[1].error.c_str());
+    } else {
+      EXPECT_EQ(error, nullptr) << "run " << run << " took another run's error";
+    }
+    EXPECT_EQ(sqlite3_column_int(st, 2), failed ? 1 : 0) << "run " << run;
+    EXPECT_EQ(sqlite3_column_int(st, 3), failed ? 1 : 0) << "run " << run;
+    ++rows;
+  }
+  sqlite3_finalize(st);
+  EXPECT_EQ(rows, 4);
+}
+
 TEST(Tools, ANewStoreNeverTakesAnOldOnesLog) {
   // A store replaced while the old one's write-ahead log lies beside it (a kill at the wrong
   // moment): SQLite would replay that log into the new file. The log must be gone first.
