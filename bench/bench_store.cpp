@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -28,8 +29,9 @@ bool positive_arg(int argc, char** argv, int i, long fallback, long& out) {
     return true;
   }
   char* end = nullptr;
+  errno = 0;
   out = std::strtol(argv[i], &end, 10);
-  return end != argv[i] && *end == '\0' && out > 0;
+  return errno == 0 && end != argv[i] && *end == '\0' && out > 0;
 }
 
 int bench(const std::string& path, long runs, long batch, long repeat) {

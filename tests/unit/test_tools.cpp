@@ -136,20 +136,27 @@ TEST(Tools, StoreKeepsEveryFieldBitForBit) {
 
 // Store::insert binds a run's strings and curves in place and clears the bindings after each
 // statement: a run inserted after a failed one (in the same call or a later one) must not take the
-// failed run's error, nor a failed run the figures of the run before it.
+// failed run's error, nor a failed run the figures of the run before it, nor a run without
+// accuracy curves the curves of the run before it.
 TEST(Tools, StoreInsertsLeaveNoBindingBehind) {
   const auto c = parse_config(kStudy, "hand");
   auto runs = hand_runs(c);
   ASSERT_GE(runs.size(), 4u);
   for (auto& r : runs) r.engine = "batched";
+  runs[0].accuracy = {0.25, 0.5};
+  runs[0].val_accuracy = {0.5, 0.75};
   runs[1].failed = true;
   runs[1].error = "strategy \"train\": loss is not finite";
+  // Both calls' runs outlive the checks: a binding left behind would point at live values.
+  const std::vector<StrategyResult> first{runs[0], runs[1], runs[2]}, second{runs[3]};
   const auto dir = temp_dir("store_bindings");
   Store store = Store::create(store_path(dir), {{"experiment", c.name}});
-  store.insert({runs[0], runs[1], runs[2]});
-  store.insert({runs[3]});
+  store.insert(first);
+  store.insert(second);
   sqlite3_stmt* st = nullptr;
-  ASSERT_EQ(sqlite3_prepare_v2(store.db(), "SELECT run, error, evaluate_before IS NULL, final_loss IS NULL FROM runs ORDER BY run",
+  ASSERT_EQ(sqlite3_prepare_v2(store.db(),
+                               "SELECT r.run, r.error, r.evaluate_before IS NULL, r.final_loss IS NULL, "
+                               "e.run IS NULL, e.accuracy IS NULL FROM runs r LEFT JOIN epochs e USING (run) ORDER BY r.run",
                                -1, &st, nullptr),
             SQLITE_OK);
   int rows = 0;
@@ -164,6 +171,8 @@ TEST(Tools, StoreInsertsLeaveNoBindingBehind) {
     }
     EXPECT_EQ(sqlite3_column_int(st, 2), failed ? 1 : 0) << "run " << run;
     EXPECT_EQ(sqlite3_column_int(st, 3), failed ? 1 : 0) << "run " << run;
+    EXPECT_EQ(sqlite3_column_int(st, 4), failed ? 1 : 0) << "run " << run << ": epochs row";
+    if (!failed) EXPECT_EQ(sqlite3_column_int(st, 5), run == runs[0].run ? 0 : 1) << "run " << run << ": accuracy";
     ++rows;
   }
   sqlite3_finalize(st);
