@@ -2,22 +2,21 @@
 // lanes::kWidth lanes of a model's Dense shapes, state laid out as the engine lays it (every
 // layer's weights of the group in one block, which is larger than L1 and fits L2): nanoseconds
 // per call and per weight vector (one weight of the 16 lanes, 64 bytes), and the bytes per second
-// that makes, so each kernel can be set against bench_roofline's L2 bandwidth. Every array starts
-// on a 64-byte boundary, as the engine's arena regions do (which also spread their starts over
-// the 4 KiB page; these arrays are not spread). malloc's 16-byte alignment, which this program
-// had before, splits every 64-byte load over two cache lines whenever an array does not happen
-// to start on a 64-byte boundary: measured here, that doubled the time of a layer in L1.
-// Not a test.
+// that makes, so each kernel can be set against bench_roofline's L2 bandwidth. The arrays are
+// regions of one Arena, as the engine's are (aligned, their starts spread over the 4 KiB page).
+// malloc's 16-byte alignment, which this program had before, split every 64-byte load over two
+// cache lines whenever an array did not happen to start on a 64-byte boundary: measured here,
+// that doubled the time of a layer in L1. Not a test.
 // Usage: bench_kernels [REPEAT] [IN:OUT ...]   (default: seed_repro's 8:64 64:64 64:2)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <string>
 #include <vector>
 
+#include "arena.hpp"
 #include "lane_kernels.hpp"
 
 namespace {
@@ -25,23 +24,6 @@ namespace {
 struct Shape {
   long long in, out;
 };
-
-struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
-};
-using Floats = std::unique_ptr<float[], FreeDeleter>;
-
-/// n zeroed floats from a 64-byte boundary (the engine's Arena aligns its regions more strictly still).
-Floats aligned_floats(long long n) {
-  const size_t bytes = (static_cast<size_t>(n) * sizeof(float) + 63) / 64 * 64;
-  Floats p(static_cast<float*>(std::aligned_alloc(64, bytes)));
-  if (!p) {
-    std::fprintf(stderr, "bench_kernels: out of memory\n");
-    std::exit(1);
-  }
-  std::memset(p.get(), 0, bytes);
-  return p;
-}
 
 template <class F>
 double ns_per_call(long long repeat, F&& f) {
@@ -77,15 +59,20 @@ int main(int argc, char** argv) {
     width = std::max({width, s.in, s.out});
   }
   // Weights and biases of every layer in one block, as a group's parameters sit in the engine.
-  Floats block = aligned_floats(floats);
+  const long long n = width * kWidth;
+  bnlab::Arena arena;
+  const size_t block_id = arena.reserve(floats);
+  size_t vec_id[6];
+  for (auto& id : vec_id) id = arena.reserve(n);
+  arena.allocate();
+  float* block = arena.at(block_id);
+  float *xa = arena.at(vec_id[0]), *xb = arena.at(vec_id[1]), *ya = arena.at(vec_id[2]), *yb = arena.at(vec_id[3]),
+        *g = arena.at(vec_id[4]), *dx = arena.at(vec_id[5]);
   unsigned seed = 12345;
   for (long long i = 0; i < floats; ++i) {
     seed = seed * 1103515245u + 12345u;
     block[i] = (static_cast<float>((seed >> 8) & 0xffff) / 65536.f - 0.5f) * 0.1f;
   }
-  const long long n = width * kWidth;
-  Floats xa = aligned_floats(n), xb = aligned_floats(n), ya = aligned_floats(n), yb = aligned_floats(n),
-         g = aligned_floats(n), dx = aligned_floats(n);
   for (long long i = 0; i < n; ++i) {
     xa[i] = static_cast<float>(i % 7) * 0.25f;
     xb[i] = static_cast<float>(i % 5) * 0.5f;
@@ -100,13 +87,13 @@ int main(int argc, char** argv) {
   double total_fwd = 0, total_bwd = 0;
   long long total_w = 0;
   for (const auto& s : shapes) {
-    float* W = block.get() + at;
+    float* W = block + at;
     float* b = W + s.in * s.out * kWidth;
     at += (s.in + 1) * s.out * kWidth;
-    const double fwd = ns_per_call(repeat, [&] { k.dense_forward_pair(W, b, xa.get(), ya.get(), xb.get(), yb.get(), s.out, s.in); });
-    const double one = ns_per_call(repeat, [&] { k.dense_forward(W, b, xa.get(), ya.get(), 1, s.out, s.in, false); });
+    const double fwd = ns_per_call(repeat, [&] { k.dense_forward_pair(W, b, xa, ya, xb, yb, s.out, s.in); });
+    const double one = ns_per_call(repeat, [&] { k.dense_forward(W, b, xa, ya, 1, s.out, s.in, false); });
     const double bwd = ns_per_call(repeat, [&] {
-      k.dense_backward_sgd(W, b, xa.get(), g.get(), dx.get(), 1, s.out, s.in, false, sgd);
+      k.dense_backward_sgd(W, b, xa, g, dx, 1, s.out, s.in, false, sgd);
     });
     const double w = static_cast<double>(s.in * s.out);
     std::printf("kernel forward_pair %lldx%lld ns %.1f ns_per_wvec %.3f gbs %.1f\n", s.in, s.out, fwd, fwd / w, w * 64 / fwd);

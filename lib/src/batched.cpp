@@ -441,9 +441,9 @@ class Net {
   /// peer's shortcut, taken only where it is exact). Layer i is a BatchNorm on the batch statistics
   /// of one row: x - mean is exactly 0, x-hat is +-0, and dx = istd * (dh - mean(dh) - x-hat *
   /// mean(dh x-hat)) with dh = gradient * gamma is +-0 where x and dh are finite. Below (only kinds
-  /// whose kind passes_zero_gradient: Dense, BatchNorm, activations, Dropout), +-0 times finite weights, inputs, running statistics and
-  /// 1/sqrt(var + eps) stays +-0, and p + (-lr) * (+-0) is p unless p is -0 (-0 + +0 is +0) or -lr
-  /// is not finite; weight decay would change p. So: plain SGD without decay and a finite rate; dh,
+  /// whose passes_zero_gradient() holds: Dense, BatchNorm, activations, Dropout), +-0 times finite
+  /// weights, inputs, running statistics and 1/sqrt(var + eps) stays +-0, and p + (-lr) * (+-0)
+  /// is p unless p is -0 (-0 + +0 is +0) or -lr is not finite; weight decay would change p. So: plain SGD without decay and a finite rate; dh,
   /// layer i's input, every input below and the BatchNorm statistics below finite (checked each
   /// step, every lane, the padding too); the parameters below finite and none -0 (checked on the
   /// one lane replicate() spreads, valid while only shortcut steps follow). Otherwise the full pass

@@ -172,7 +172,9 @@ TEST(Tools, StoreInsertsLeaveNoBindingBehind) {
     EXPECT_EQ(sqlite3_column_int(st, 2), failed ? 1 : 0) << "run " << run;
     EXPECT_EQ(sqlite3_column_int(st, 3), failed ? 1 : 0) << "run " << run;
     EXPECT_EQ(sqlite3_column_int(st, 4), failed ? 1 : 0) << "run " << run << ": epochs row";
-    if (!failed) EXPECT_EQ(sqlite3_column_int(st, 5), run == runs[0].run ? 0 : 1) << "run " << run << ": accuracy";
+    if (!failed) {
+      EXPECT_EQ(sqlite3_column_int(st, 5), run == runs[0].run ? 0 : 1) << "run " << run << ": accuracy";
+    }
     ++rows;
   }
   sqlite3_finalize(st);
