@@ -237,6 +237,7 @@ class Net {
 
   /// Forward pass of every lane over `rows` rows (<= the capacity); x is [lanes][stride][in].
   void forward(Pass pass, const float* x, int64_t rows) {
+    mark_same();
     kept_below_ = 0;
     fit_same_below_ = 0;
     fit_paired_ = false;
@@ -262,6 +263,7 @@ class Net {
   ///   writes no state is not run again, one that writes (BatchNorm's running statistics) is.
   void forward_pair(const float* x, int64_t rows, Pass first = Pass::kInfer) {
     TORCH_CHECK(!store_.shared && store_.stride == 1 && rows == 1, "forward_pair: one row per lane, own state");
+    mark_same();
     const size_t xn = static_cast<size_t>(store_.used * inputs_);
     bool kept = kept_below_ > 0 && kept_version_ == store_.version && fit_x_.size() == xn &&
                 std::memcmp(fit_x_.data(), x, xn * sizeof(float)) == 0;
@@ -504,6 +506,14 @@ class Net {
         if (bad) return false;
       }
     return true;
+  }
+
+  /// Points each layer below unchanged_below_ at the snapshot every lane holds (BatchedLayer::same_params)
+  /// while that holds: its Dense forward passes then read one copy of the weights for all lanes.
+  void mark_same() {
+    const bool valid = store_.V > 1 && spread_of_ != nullptr && spread_version_ == store_.version;
+    for (size_t i = 0; i < layers_.size(); ++i)
+      layers_[i].same_params = valid && i < unchanged_below_ ? spread_of_->values.data() : nullptr;
   }
 
   /// Writes elements [from, n) of one lane's n (`column`) into every lane of every group of a

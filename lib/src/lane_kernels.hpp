@@ -47,6 +47,14 @@ struct Kernels {
   /// loaded once for both: the same values as two calls.
   void (*dense_forward_pair)(const float* W, const float* bias, const float* xa, float* ya, const float* xb,
                              float* yb, int64_t out, int64_t in);
+  /// dense_forward (not sequential) and dense_forward_pair when every lane's weights are the same:
+  /// W [out][in] and bias|null [out] are one plain copy, each weight broadcast to the lanes, the
+  /// same products and sums in the same order, so the same values, bit for bit. One copy of a
+  /// 64 x 64 layer is 16 KiB, read from L1, where the lanes' copies are 256 KiB from L2.
+  void (*dense_forward_same)(const float* W, const float* bias, const float* x, float* y, int64_t rows, int64_t out,
+                             int64_t in);
+  void (*dense_forward_pair_same)(const float* W, const float* bias, const float* xa, float* ya, const float* xb,
+                                  float* yb, int64_t out, int64_t in);
   /// From g [rows][out]: db (sum over rows), dW (sum of g x^T over rows; `from_zero`: added to 0
   /// as kernels::gemm does, else the first row assigned as kernels::outer does) and dx = W^T g;
   /// each output skipped when its pointer is null.

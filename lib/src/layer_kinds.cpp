@@ -49,10 +49,16 @@ class DenseKind final : public LayerKindDef {
     const LayerSpec& l = L.spec;
     if (s.V > 1) {  // interleaved groups: vertical SIMD over the lanes, each in its one-lane order
       const auto& k = lanes::active();
-      for (int64_t grp = 0; grp < s.groups(); ++grp)
-        k.dense_forward(s.P(grp) + L.at[0] * s.V, l.use_bias ? s.P(grp) + L.at[1] * s.V : nullptr,
-                        in + grp * s.stride * l.in * s.V, out + grp * s.stride * l.out * s.V, s.rows, l.out, l.in,
-                        s.rows >= kGemmRows);
+      const bool sequential = s.rows >= kGemmRows;
+      const float* same = sequential ? nullptr : L.same_params;  // every lane's weights, one copy
+      for (int64_t grp = 0; grp < s.groups(); ++grp) {
+        const int64_t xi = grp * s.stride * l.in * s.V, yo = grp * s.stride * l.out * s.V;
+        if (same != nullptr)
+          k.dense_forward_same(same + L.at[0], l.use_bias ? same + L.at[1] : nullptr, in + xi, out + yo, s.rows, l.out, l.in);
+        else
+          k.dense_forward(s.P(grp) + L.at[0] * s.V, l.use_bias ? s.P(grp) + L.at[1] * s.V : nullptr, in + xi, out + yo,
+                          s.rows, l.out, l.in, sequential);
+      }
       return;
     }
     for (int64_t lane = 0; lane < s.lanes; ++lane) {
@@ -77,10 +83,15 @@ class DenseKind final : public LayerKindDef {
       return;
     }
     const auto& k = lanes::active();
+    const float* same = L.same_params;
     for (int64_t grp = 0; grp < s.groups(); ++grp) {
       const int64_t xi = grp * s.stride * l.in * s.V, yo = grp * s.stride * l.out * s.V;
-      k.dense_forward_pair(s.P(grp) + L.at[0] * s.V, l.use_bias ? s.P(grp) + L.at[1] * s.V : nullptr, in_a + xi,
-                           out_a + yo, in_b + xi, out_b + yo, l.out, l.in);
+      if (same != nullptr)
+        k.dense_forward_pair_same(same + L.at[0], l.use_bias ? same + L.at[1] : nullptr, in_a + xi, out_a + yo,
+                                  in_b + xi, out_b + yo, l.out, l.in);
+      else
+        k.dense_forward_pair(s.P(grp) + L.at[0] * s.V, l.use_bias ? s.P(grp) + L.at[1] * s.V : nullptr, in_a + xi,
+                             out_a + yo, in_b + xi, out_b + yo, l.out, l.in);
     }
   }
   bool same_passes(const BatchedLayer&, Pass, Pass) const override { return true; }

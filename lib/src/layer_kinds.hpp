@@ -104,6 +104,11 @@ struct BatchedLayer {
   /// the engine's writes can change there (0: not kept). A layer whose gamma or beta trains never
   /// keeps them; a forward pass on batch statistics drops them.
   uint64_t affine_version = 0;
+  /// Set by the engine before a forward pass when every lane (the padding too) holds the same
+  /// parameters for this layer: one lane's plain copy of the whole parameter block (this layer's
+  /// at `at`, not interleaved), which a kind may read once for all lanes instead of each lane's
+  /// copy. Null otherwise.
+  const float* same_params = nullptr;
 };
 
 /// How a layer is written as a TorchScript module (bnlab export --as torchscript): PyTorch's own

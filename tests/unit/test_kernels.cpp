@@ -224,6 +224,48 @@ TEST(LaneKernels, EveryLaneMatchesTheOneLaneKernelsOnEveryInstructionSet) {
   ASSERT_TRUE(lanes::set_isa(isas.back()));
 }
 
+// One plain copy of the weights that every lane shares (the engine's layers below a backward pass
+// that stopped): dense_forward_same and dense_forward_pair_same must give exactly what
+// dense_forward and dense_forward_pair give on that copy spread into every lane.
+TEST(LaneKernels, SharedWeightsGiveWhatEachLanesCopyGivesOnEveryInstructionSet) {
+  int checked = 0;
+  for (const auto& isa : lanes::available()) {
+    ASSERT_TRUE(lanes::set_isa(isa));
+    const auto& k = lanes::active();
+    for (int64_t out : {1, 2, 3, 7, 64})
+      for (int64_t in : {1, 7, 8, 9, 16, 64, 65})
+        for (bool with_bias : {false, true})
+          for (int64_t rows : {1, 3}) {
+            SCOPED_TRACE(isa + ": out " + std::to_string(out) + ", in " + std::to_string(in) + (with_bias ? ", bias" : "") +
+                         ", rows " + std::to_string(rows));
+            auto W = values(out * in, 21);
+            W[0] = -0.f;  // copied as bits, not as values
+            const auto bias = values(out, 22), x = values(rows * in * kW, 23), x2 = values(in * kW, 24);
+            std::vector<float> Wl(W.size() * kW), bl(bias.size() * kW);
+            k.spread(W.data(), Wl.data(), out * in);
+            k.spread(bias.data(), bl.data(), out);
+            const float* b = with_bias ? bias.data() : nullptr;
+            const float* bL = with_bias ? bl.data() : nullptr;
+            std::vector<float> want(static_cast<size_t>(rows * out * kW)), got(want.size(), 123.f);
+            k.dense_forward(Wl.data(), bL, x.data(), want.data(), rows, out, in, false);
+            k.dense_forward_same(W.data(), b, x.data(), got.data(), rows, out, in);
+            ASSERT_TRUE(same_bits(got, want)) << "forward";
+            if (rows != 1) continue;
+            std::vector<float> wa(static_cast<size_t>(out * kW)), wb(wa.size()), ga(wa.size(), 123.f), gb(wa.size(), 123.f);
+            k.dense_forward_pair(Wl.data(), bL, x.data(), wa.data(), x2.data(), wb.data(), out, in);
+            k.dense_forward_pair_same(W.data(), b, x.data(), ga.data(), x2.data(), gb.data(), out, in);
+            ASSERT_TRUE(same_bits(ga, wa)) << "pair, first";
+            ASSERT_TRUE(same_bits(gb, wb)) << "pair, second";
+            if (out * in > 1) {  // (W[0] is 0)
+              ASSERT_FALSE(same_bits(ga, gb)) << "the two inputs gave the same outputs";
+            }
+            ++checked;
+          }
+  }
+  EXPECT_EQ(checked, static_cast<int>(lanes::available().size()) * 5 * 7 * 2);
+  ASSERT_TRUE(lanes::set_isa(lanes::available().back()));
+}
+
 // The element-wise kernels (BatchNorm, ReLU, spread, all_finite) on every instruction set against the formulas
 // written out here one element at a time, bit for bit, with each optional pointer present and
 // absent.
