@@ -88,6 +88,14 @@ struct Kernels {
   /// (r = m * batch (* unbias for the variance) + (1 - m) * r).
   void (*bn_running)(float* rm, float* rv, const float* mean, const float* var, float m, bool keras, float unbias,
                      int64_t C);
+  /// A BatchNorm's inference pass on the running statistics (xa to ya) and its fit pass on one
+  /// row's own statistics (xb to yb, saving xhat and istd), then, with `update`, bn_running's
+  /// update: per element the operations of inv_sqrt, bn_scale_shift and bn_affine, then of
+  /// bn_moments (one row), inv_sqrt, bn_normalize and bn_running, in that order, so the same values
+  /// as those calls, in one pass over the channels instead of nine.
+  void (*bn_pair_one_row)(const float* xa, float* ya, const float* xb, float* yb, float* xhat, float* istd,
+                          const float* gamma, const float* beta, float* rm, float* rv, float eps, bool update, float m,
+                          bool keras, float unbias, int64_t C);
   /// sum_g = sum of Gy over the rows, sum_gx = sum of Gy * h, h = xhat|null or (X - rm) * istd.
   void (*bn_sums)(const float* Gy, const float* xhat, const float* X, const float* rm, const float* istd, float* sum_g,
                   float* sum_gx, int64_t n, int64_t C);

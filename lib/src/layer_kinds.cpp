@@ -283,6 +283,23 @@ class BatchNormKind final : public LayerKindDef {
   }
   void forward_pair(const LaneStore& s, BatchedLayer& L, Pass first, const float* in_a, float* out_a, Pass second,
                     const float* in_b, float* out_b) const override {
+    if (!batch_stats(L, first) && second == Pass::kFit && L.mode.fit_batch_stats && L.mode.prior < 0 && s.rows == 1) {
+      // Running statistics, then one row's own (train's pair): one kernel, the two forward calls' values.
+      const int64_t C = L.spec.out * s.V;
+      L.istd_version = 0;  // saved_c ends with the fit pass's 1/sqrt, as after forward(kFit)
+      L.affine_version = 0;
+      const bool keras = L.spec.semantics == BnSemantics::kKeras;
+      const float unbias = keras ? 1.f : static_cast<float>(s.rows) / static_cast<float>(s.rows - 1);
+      for (int64_t grp = 0; grp < s.groups(); ++grp) {
+        const auto [gamma, beta, rm, rv] = bn_lane(s, L, grp);
+        const int64_t at = grp * s.stride * C;
+        lanes::active().bn_pair_one_row(in_a + at, out_a + at, in_b + at, out_b + at, L.saved + at, L.saved_c + grp * C,
+                                        gamma, beta, rm, rv, static_cast<float>(L.spec.eps), L.mode.updates,
+                                        static_cast<float>(L.mode.momentum), keras, unbias, C);
+        if (L.mode.counts) s.count(grp, L.at[kCount]);
+      }
+      return;
+    }
     if (batch_stats(L, first) || batch_stats(L, second)) {
       LayerKindDef::forward_pair(s, L, first, in_a, out_a, second, in_b, out_b);
       return;

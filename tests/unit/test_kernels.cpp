@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <iterator>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -263,6 +264,62 @@ TEST(LaneKernels, SharedWeightsGiveWhatEachLanesCopyGivesOnEveryInstructionSet) 
           }
   }
   EXPECT_EQ(checked, static_cast<int>(lanes::available().size()) * 5 * 7 * 2);
+  ASSERT_TRUE(lanes::set_isa(lanes::available().back()));
+}
+
+// train's BatchNorm pair in one kernel: what the separate kernels give, called in the order the
+// two forward passes call them (inference on the running statistics, then the fit pass on the
+// row's own statistics and the update), bit for bit; rows with an infinity or a NaN leave the
+// variance's all-zero shortcut for the chunk that holds them.
+TEST(LaneKernels, OneRowBatchNormPairIsTheTwoPassesOnEveryInstructionSet) {
+  int checked = 0;
+  for (const auto& isa : lanes::available()) {
+    ASSERT_TRUE(lanes::set_isa(isa));
+    const auto& k = lanes::active();
+    for (int64_t C : {1, 7, 16, 37, 1024})
+      for (int variant = 0; variant < 16; ++variant) {
+        const bool with_gamma = variant & 1, with_beta = variant & 2, keras = variant & 4, update = variant & 8;
+        SCOPED_TRACE(isa + ": channels " + std::to_string(C) + ", variant " + std::to_string(variant));
+        const size_t c_ = static_cast<size_t>(C);
+        auto xa = values(C, 31), xb = values(C, 32), rm = values(C, 35), rv = values(C, 36);
+        const auto gamma = values(C, 33), beta = values(C, 34);
+        for (auto& v : rv) v = std::fabs(v);
+        rv[0] = -0.f;
+        if (C > 20) {  // the second chunk: a non-finite row
+          xb[17] = std::numeric_limits<float>::infinity();
+          xb[19] = std::numeric_limits<float>::quiet_NaN();
+        }
+        const float eps = 1e-3f, m = 0.01f, unbias = keras ? 1.f : 1.7f;
+        const float* g = with_gamma ? gamma.data() : nullptr;
+        const float* b = with_beta ? beta.data() : nullptr;
+        // The two passes, kernel by kernel.
+        auto rm1 = rm, rv1 = rv;
+        std::vector<float> is(c_), alpha(c_), shift(c_), ya(c_), mean(c_), var(c_), istd(c_), xhat(c_), yb(c_);
+        k.inv_sqrt(rv1.data(), eps, is.data(), C);
+        k.bn_scale_shift(g, b, rm1.data(), is.data(), alpha.data(), shift.data(), C);
+        k.bn_affine(xa.data(), alpha.data(), shift.data(), ya.data(), 1, C);
+        k.bn_moments(xb.data(), 1, C, mean.data(), var.data());
+        k.inv_sqrt(var.data(), eps, istd.data(), C);
+        k.bn_normalize(xb.data(), mean.data(), istd.data(), g, b, xhat.data(), yb.data(), 1, C);
+        if (update) k.bn_running(rm1.data(), rv1.data(), mean.data(), var.data(), m, keras, unbias, C);
+        // The one kernel.
+        auto rm2 = rm, rv2 = rv;
+        std::vector<float> ya2(c_, 9.f), yb2(c_, 9.f), xhat2(c_, 9.f), istd2(c_, 9.f);
+        k.bn_pair_one_row(xa.data(), ya2.data(), xb.data(), yb2.data(), xhat2.data(), istd2.data(), g, b, rm2.data(),
+                          rv2.data(), eps, update, m, keras, unbias, C);
+        ASSERT_TRUE(same_bits(ya2, ya)) << "inference output";
+        ASSERT_TRUE(same_bits(yb2, yb)) << "fit output";
+        ASSERT_TRUE(same_bits(xhat2, xhat)) << "xhat";
+        ASSERT_TRUE(same_bits(istd2, istd)) << "istd";
+        ASSERT_TRUE(same_bits(rm2, rm1)) << "running mean";
+        ASSERT_TRUE(same_bits(rv2, rv1)) << "running variance";
+        if (update) {
+          ASSERT_FALSE(same_bits(rv2, rv)) << "the update changed nothing";
+        }
+        ++checked;
+      }
+  }
+  EXPECT_EQ(checked, static_cast<int>(lanes::available().size()) * 5 * 16);
   ASSERT_TRUE(lanes::set_isa(lanes::available().back()));
 }
 
