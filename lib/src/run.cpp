@@ -670,18 +670,25 @@ class Executor {
 
   /// Runs every item on `jobs` threads; stops early when asked to (request_stop()). What
   /// escapes an item (not a run's own failure) is rethrown after the workers stop.
-  void execute(size_t jobs) {
+  /// Runs every work item on `jobs` threads; returns the seconds they spent in the engines, summed.
+  double execute(size_t jobs) {
     std::atomic<size_t> next{0};
+    double engine_seconds = 0;
     std::atomic<bool> abandon{false};
     std::exception_ptr error;
     std::mutex mu;
     const auto worker = [&] {
       try {
         BatchedCache cache;  // this worker's laid-out models, reused by its next work items
+        std::chrono::steady_clock::duration in_engines{0};
         for (size_t i = next++; i < plan_.items.size() && !stop_requested() && !abandon; i = next++) {
+          const auto start = std::chrono::steady_clock::now();
           auto batch = plan_.items[i].batched ? batched(plan_.items[i].runs, cache) : torch(plan_.items[i].runs.front());
+          in_engines += std::chrono::steady_clock::now() - start;
           for (Sink* s : sinks_) s->take(batch);
         }
+        std::lock_guard<std::mutex> lock(mu);
+        engine_seconds += std::chrono::duration<double>(in_engines).count();
       } catch (...) {
         std::lock_guard<std::mutex> lock(mu);
         if (!error) error = std::current_exception();
@@ -693,6 +700,7 @@ class Executor {
     worker();
     for (auto& th : pool) th.join();
     if (error) std::rethrow_exception(error);
+    return engine_seconds;
   }
 
  private:
@@ -911,7 +919,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
     Executor executor(w, plan, verbose, single_run, sinks);
     std::exception_ptr error;
     try {
-      executor.execute(jobs);
+      result.engine_seconds = executor.execute(jobs);
     } catch (...) {
       error = std::current_exception();
     }
@@ -963,6 +971,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
                   {{"data", data_seconds},
                    {"pretrain", result.pretrain_seconds},
                    {"finetune", result.finetune_seconds},
+                   {"finetune_engines", result.engine_seconds},
                    {"reports", report_seconds},
                    {"total", since(t_start)}}}};
   write_file_atomic(dir + "/manifest.json", manifest.dump(2) + "\n");

@@ -62,6 +62,12 @@ TEST(Run, SmokeWritesACompleteSelfDescribingRunDirectory) {
   const auto manifest = nlohmann::json::parse(read_file(dir + "/manifest.json"));
   EXPECT_EQ(manifest["seeds"][0].get<int>(), 7);
   EXPECT_FALSE(manifest["pretrain_cached"].get<bool>());
+  // The engines' share of the fine-tuning phase, summed over the workers: at most each worker's
+  // whole phase.
+  const auto& t = manifest["timings_s"];
+  EXPECT_GT(t["finetune_engines"].get<double>(), 0.0);
+  EXPECT_LE(t["finetune_engines"].get<double>(), manifest["jobs"].get<double>() * t["finetune"].get<double>());
+  EXPECT_DOUBLE_EQ(t["finetune_engines"].get<double>(), r.engine_seconds);
   // The resolved config parses back to the same experiment.
   EXPECT_EQ(to_json(parse_config(read_file(dir + "/config.resolved.json"), "resolved")), to_json(c));
 }
