@@ -92,12 +92,17 @@ int main(int argc, char** argv) {
     at += (s.in + 1) * s.out * kWidth;
     const double fwd = ns_per_call(repeat, [&] { k.dense_forward_pair(W, b, xa, ya, xb, yb, s.out, s.in); });
     const double one = ns_per_call(repeat, [&] { k.dense_forward(W, b, xa, ya, 1, s.out, s.in, false); });
+    // The weights every lane shares (train's layers below its topmost BatchNorm): one plain copy,
+    // here the block's first in x out floats, broadcast to the lanes.
+    const double same = ns_per_call(repeat, [&] { k.dense_forward_same(W, b, xa, ya, 1, s.out, s.in); });
     const double bwd = ns_per_call(repeat, [&] {
       k.dense_backward_sgd(W, b, xa, g, dx, 1, s.out, s.in, false, sgd);
     });
     const double w = static_cast<double>(s.in * s.out);
     std::printf("kernel forward_pair %lldx%lld ns %.1f ns_per_wvec %.3f gbs %.1f\n", s.in, s.out, fwd, fwd / w, w * 64 / fwd);
     std::printf("kernel forward %lldx%lld ns %.1f ns_per_wvec %.3f gbs %.1f\n", s.in, s.out, one, one / w, w * 64 / one);
+    std::printf("kernel forward_same %lldx%lld ns %.1f ns_per_wvec %.3f gbs %.1f\n", s.in, s.out, same, same / w,
+                w * 4 / same);
     std::printf("kernel backward_sgd %lldx%lld ns %.1f ns_per_wvec %.3f gbs %.1f\n", s.in, s.out, bwd, bwd / w,
                 w * 128 / bwd);
     total_fwd += fwd;

@@ -239,7 +239,8 @@ PY
   echo
   echo "The Dense kernels alone (\`bench_kernels\`: one group of 16 lanes, its 311 KB of weights in L2, best of five), against"
   echo "the L2 bandwidth above: the paired forward pass and the single one (frozen's layers, train's below the top BatchNorm)"
-  echo "read each weight vector (64 bytes) once, the fused backward and SGD step reads and writes it (128 bytes)."
+  echo "read each weight vector (64 bytes) once, the fused backward and SGD step reads and writes it (128 bytes); forward_same"
+  echo "(the weights every lane shares, train's below its topmost BatchNorm) reads one plain copy, 4 bytes per weight, from L1."
   echo
   echo "| kernel | layer (in x out) | ns per call | ns per weight vector | GB/s |"
   echo "|---|---|---|---|---|"
