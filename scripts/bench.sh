@@ -8,6 +8,7 @@
 #        scripts/bench.sh --scale           only the scale section (scripts/bench_scale.sh:
 #                                            studies of up to 1.8 million runs, BENCHMARKS-scale.md)
 set -euo pipefail
+shopt -s inherit_errexit  # a failure inside $(...) stops the script too
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ "${1:-}" = "--scale" ]; then exec "$root/scripts/bench_scale.sh"; fi
 "$root/scripts/setup.sh"
@@ -77,7 +78,7 @@ py_study=$(py study_sample_epochs_per_s)
 cross=$(cmp -s "$tmp/study1/curves.csv" "$tmp/study2/curves.csv" && echo "byte-identical" || echo "DIFFERENT")
 
 # Against the strongest Python peer (bench/bench_peer.py, checked against bnlab's curves before it
-# is timed) and against this core's measured limits (bench_roofline). bnlab: best of five runs of
+# is timed) and against this core's measured limits (bench_roofline). bnlab: best of seven runs of
 # each strategy alone, 1 job, no exports (the peer writes nothing either).
 echo "bench: the peer study (train, frozen) in bnlab and in Python; the machine's limits..." >&2
 best_phase() {  # CONFIG -> "PHASE ENGINES": the best of seven runs, us per sample-epoch, of the
@@ -92,7 +93,7 @@ best_phase() {  # CONFIG -> "PHASE ENGINES": the best of seven runs, us per samp
   done
   echo "$best $engines"
 }
-best_train=$(best_phase "$tmp/peer_train.json")  # an assignment, so that a failed run stops the script
+best_train=$(best_phase "$tmp/peer_train.json")  # (inherit_errexit: a failed run stops the script)
 best_frozen=$(best_phase "$tmp/peer_frozen.json")
 read -r bn_train bn_train_engines <<< "$best_train"
 read -r bn_frozen bn_frozen_engines <<< "$best_frozen"
@@ -152,7 +153,7 @@ out="$root/BENCHMARKS.md"
   echo
   echo "The study: seed_repro, $samples samples, 10 epochs, strategies train and frozen, 1 job, 1 thread. bnlab: the fine-tuning"
   echo "phase of each strategy alone, best of seven runs, no exports; the phase includes storing every run in study.sqlite, which"
-  echo "the peer does not do, and "bnlab, engines only" is the part of it the workers spent fine-tuning and collecting curves"
+  echo "the peer does not do, and 'bnlab, engines only' is the part of it the workers spent fine-tuning and collecting curves"
   echo "(\`timings_s.finetune_engines\`; the work the peer's timing covers). The peer: \`bench/bench_peer.py\`, nine ways to write this study"
   echo "in PyTorch (stacked [K, out, in] tensors with autograd, functorch vmap, hand-written batched backward eager and TorchScript,"
   echo "lanes-last tensors in bnlab's float order, with and without two shortcuts exact for this study), each checked against"
@@ -204,13 +205,15 @@ flops = 4 * M + 2 * D + 3 * W + 2 * B
 bytes_ = 12 * (W + B)
 # Under train the backward pass stops at the topmost BatchNorm (one row's batch statistics pass
 # down an exactly zero gradient): the Dense layers below it are read by the inference pass only,
-# their fit outputs kept from the last step. Under frozen a layer's fit pass is its inference pass
+# their fit outputs kept from the last step, and since every lane holds the same weights there,
+# from one shared copy per group of 16 lanes (counted here as if from L2). Under frozen a layer's fit pass is its inference pass
 # and runs once. Each line counts what bnlab computes in an epoch's steady state, not the full
 # pass (a work item's first pair and last inference pass differ: the executed rates are a
 # little low).
 SW, SB, SD, KT, KF = (int(model.get(k, 0)) for k in ("train_skipped_weights", "train_skipped_biases", "train_skipped_dx_macs",
                                                     "train_kept_fit_macs", "frozen_shared_fit_macs"))
-work = {"train": (flops - 2 * SD - 3 * SW - 2 * SB - 2 * KT, bytes_ - 8 * (SW + SB)), "frozen": (flops - 2 * KF, bytes_)}
+work = {"train": (flops - 2 * SD - 3 * SW - 2 * SB - 2 * KT, bytes_ - 12 * (SW + SB) + 4 * (SW + SB) / 16),
+        "frozen": (flops - 2 * KF, bytes_)}
 peak = roof.get("peak_gflops avx512") or roof.get("peak_gflops avx2") or roof["peak_gflops portable"]
 bw = roof.get("bandwidth_gbs L2 read")
 for label, us, us_e in (("train", float(sys.argv[3]), float(sys.argv[5])), ("frozen", float(sys.argv[4]), float(sys.argv[6]))):

@@ -184,7 +184,7 @@ class Net {
   /// last replicate() was of this same `s` and since then only backward passes and the optimizer
   /// wrote parameters, the layers below the lowest one they may have changed hold s's parameters
   /// still, in every lane: those are not written again (under train, whose backward pass stops at
-  /// the topmost BatchNorm, 97% of seed_repro's parameters).
+  /// the topmost BatchNorm, 95% of seed_repro's parameters).
   void replicate(const Snapshot& s) {
     const size_t keep = spread_of_ == &s && spread_version_ == store_.version ? unchanged_below_ : 0;
     ++store_.version;
@@ -319,11 +319,13 @@ class Net {
   void backward(const float* x) {
     float* g = ga_;
     float* next = gb_;
-    size_t reached = layers_.size();  // the lowest layer whose backward ran
     if (store_.V > 1) x = xin_;  // packed by the forward pass
     for (size_t i = layers_.size(); i-- > 0;) {
       BatchedLayer& l = layers_[i];
       if (!l.need_dx && !l.mode.trainable) break;
+      // Before the layer's own backward (and the optimizer after it) may change it: a pass that
+      // throws part-way leaves the mark right for the next replicate().
+      unchanged_below_ = std::min(unchanged_below_, i);
       const float* in = i == 0 ? x : acts_[i - 1];
       if (l.need_dx && zero_below(i, x, g)) {
         // Its own gradients, no dx; what is below keeps every bit (see zero_below).
@@ -335,16 +337,13 @@ class Net {
         // and the optimizer steps only the layers from i up.
         kept_below_ = fit_paired_ ? i : 0;
         kept_version_ = store_.version;
-        unchanged_below_ = std::min(unchanged_below_, i);
         if (stopped_at_ != i) stepped_above_ = segments(store_.sgd != nullptr, i);
         stopped_at_ = i;
         return;
       }
       layer_kind(l.spec.kind).backward(store_, l, in, acts_[i], g, next);
       std::swap(g, next);
-      reached = i;
     }
-    unchanged_below_ = std::min(unchanged_below_, reached);  // the optimizer steps only layers it reached
     below_ok_version_ = 0;  // the parameters below may have changed
     kept_below_ = 0;
     stopped_at_ = 0;

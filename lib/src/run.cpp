@@ -496,12 +496,13 @@ class Sink {
 
 /// Inserts runs into the store from a writer thread, in transactions of whatever finished since
 /// the last one (every 0.2 s, or as soon as kWakeAt runs are waiting), and keeps
-/// progress.json (counts, rate, ETA) current. take() moves each result out of the batch: sinks
-/// that read the results must come before this one.
+/// progress.json (counts, rate, ETA) current. With `move`, take() moves each result out of the
+/// batch (no later sink may read them), else copies it.
 class StoreSink : public Sink {
  public:
-  StoreSink(Store& store, std::string dir, size_t planned, size_t resumed)
-      : store_(store), dir_(std::move(dir)), planned_(planned), resumed_(resumed), start_(std::chrono::steady_clock::now()) {
+  StoreSink(Store& store, std::string dir, size_t planned, size_t resumed, bool move)
+      : store_(store), dir_(std::move(dir)), planned_(planned), resumed_(resumed), move_(move),
+        start_(std::chrono::steady_clock::now()) {
     writer_ = std::thread([this] { loop(); });
   }
   ~StoreSink() override { stop(); }
@@ -512,7 +513,8 @@ class StoreSink : public Sink {
     if (error_) std::rethrow_exception(error_);
     for (auto& f : batch) {
       counts_[f.result.failed ? 2 : f.result.diverged ? 1 : 0] += 1;
-      queue_.push_back(std::move(f.result));  // the last sink that reads the results (see run())
+      if (move_) queue_.push_back(std::move(f.result));
+      else queue_.push_back(f.result);
     }
     if (queue_.size() >= kWakeAt) cv_.notify_one();  // the writer need not sleep out its 200 ms
   }
@@ -580,6 +582,7 @@ class StoreSink : public Sink {
   Store& store_;
   std::string dir_;
   size_t planned_, resumed_;
+  bool move_;
   std::chrono::steady_clock::time_point start_;
   /// Runs waiting for the writer, at most (workers wait beyond it). 8192 runs are
   /// about 8 MB: with the engine at 75,000 runs/s, a queue of 65,536 held 70 MB more at the peak
@@ -909,17 +912,16 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
   const size_t jobs = std::max<size_t>(1, std::min<size_t>(plan.items.size(), options.jobs > 0 ? static_cast<size_t>(options.jobs) : hw));
   {
-    StoreSink to_store(store, dir, plan.mine.size(), plan.resumed);
+    // The store's sink moves the results into its queue (copying them, with the store's lock held,
+    // was 5 to 11 us per work item) unless the on_run callback, after it, reads them. The weights
+    // file is written before its run can be in the store, and a batch is in the store's queue
+    // before a callback can throw.
+    StoreSink to_store(store, dir, plan.mine.size(), plan.resumed, /*move=*/!options.on_run);
     ConsoleSink console(plan, verbose, log);
     WeightsSink weights(dir);
     CallbackSink callback(options.on_run);
-    // The store's sink moves each result into its queue (copying them, with the store's lock
-    // held, was 5 to 11 us per work item): the sinks that read results come before it. The
-    // weights file is written before its run can be in the store.
-    std::vector<Sink*> sinks{&weights};
+    std::vector<Sink*> sinks{&weights, &to_store, &console};
     if (options.on_run) sinks.push_back(&callback);
-    sinks.push_back(&to_store);
-    sinks.push_back(&console);
     Executor executor(w, plan, verbose, single_run, sinks);
     std::exception_ptr error;
     try {

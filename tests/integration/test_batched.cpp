@@ -460,7 +460,8 @@ TEST(BatchedEngine, CachedNetsGiveTheSameBitsAsFreshOnes) {
   // with the same model and shape copies the model's state into the lanes instead of reading the
   // model again, and evaluates the pretrained weights on the Net it kept. Calls that reuse,
   // replace (other lanes, another strategy's model) and rebuild those Nets must give what fresh
-  // Nets give, float for float; with dropout too (each call's generators).
+  // Nets give, float for float; with dropout too (each call's generators). A kept Net also keeps
+  // the layers no backward pass wrote and reads their one shared copy (Net::replicate, same_params).
   int compared = 0;
   for (const char* path : {"configs/smoke/keras_nll.json", "configs/smoke/classify.json"}) {
     const Trained s = trained(path, {"finetune.optimizer.lr=0.01"});
@@ -473,8 +474,11 @@ TEST(BatchedEngine, CachedNetsGiveTheSameBitsAsFreshOnes) {
       for (const char* name : {"train", "frozen", "recalibrate_frozen"}) {
         const StrategyConfig strategy = preset(name);
         const Model prepared = prepare_model(*s.pretrained, strategy, s.config, &s.data);
+        // As the study runner does: a strategy whose preparation only copies the model fine-tunes
+        // from the pretrained model itself, so train and frozen share one kept Net, item after item.
+        const ModelImpl* ready = prepare_copies_only(strategy) ? s.pretrained.get() : prepared.get();
         for (const auto& item : items) {
-          const auto kept = finetune_batched(*s.pretrained, strategy, s.config, s.data, item, {}, nullptr, prepared.get(), &cache);
+          const auto kept = finetune_batched(*s.pretrained, strategy, s.config, s.data, item, {}, nullptr, ready, &cache);
           const auto fresh = finetune_batched(*s.pretrained, strategy, s.config, s.data, item, {}, nullptr, prepared.get());
           ASSERT_EQ(kept.size(), fresh.size());
           for (size_t i = 0; i < kept.size(); ++i) {

@@ -70,9 +70,10 @@ struct RunResult {
   bool pretrain_cached = false;        ///< every seed's weights came from the cache
   double pretrain_seconds = 0;
   double finetune_seconds = 0;
-  /// Of the fine-tuning phase, the time the workers spent in the engines (fine-tuning work items
-  /// and collecting their curves), summed over the workers: the phase less setting it up, handing
-  /// runs to the sinks and waiting for the store's writer.
+  /// The time the workers spent in the engines during the fine-tuning phase (preparing each
+  /// strategy's model, fine-tuning the work items, collecting their curves), summed over the
+  /// workers; at one job, the phase less its set-up, handing runs to the sinks and waiting for
+  /// the store's writer.
   double engine_seconds = 0;
   /// This shard's finished runs in run order, read back from the store, for studies of at most
   /// report.export_limit runs; empty for larger ones (read study.sqlite instead).
