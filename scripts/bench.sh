@@ -153,7 +153,7 @@ out="$root/BENCHMARKS.md"
   echo
   echo "The study: seed_repro, $samples samples, 10 epochs, strategies train and frozen, 1 job, 1 thread. bnlab: the fine-tuning"
   echo "phase of each strategy alone, best of seven runs, no exports; the phase includes storing every run in study.sqlite, which"
-  echo "the peer does not do, and 'bnlab, engines only' is the part of it the workers spent fine-tuning and collecting curves"
+  echo "the peer does not do, and 'bnlab, engines only' is the part of it the workers spent preparing models, fine-tuning and collecting curves"
   echo "(\`timings_s.finetune_engines\`; the work the peer's timing covers). The peer: \`bench/bench_peer.py\`, nine ways to write this study"
   echo "in PyTorch (stacked [K, out, in] tensors with autograd, functorch vmap, hand-written batched backward eager and TorchScript,"
   echo "lanes-last tensors in bnlab's float order, with and without two shortcuts exact for this study), each checked against"
@@ -241,7 +241,7 @@ if bw:
 PY
   echo
   echo "The Dense kernels alone (\`bench_kernels\`: one group of 16 lanes, its 311 KB of weights in L2, best of five), against"
-  echo "the L2 bandwidth above: the paired forward pass and the single one (frozen's layers, train's below the top BatchNorm)"
+  echo "the L2 bandwidth above: the paired forward pass and the single one (frozen's layers)"
   echo "read each weight vector (64 bytes) once, the fused backward and SGD step reads and writes it (128 bytes); forward_same"
   echo "(the weights every lane shares, train's below its topmost BatchNorm) reads one plain copy, 4 bytes per weight, from L1."
   echo
