@@ -672,8 +672,8 @@ class Executor {
   }
 
   /// Runs every item on `jobs` threads; stops early when asked to (request_stop()). What
-  /// escapes an item (not a run's own failure) is rethrown after the workers stop.
-  /// Runs every work item on `jobs` threads; returns the seconds they spent in the engines, summed.
+  /// escapes an item (not a run's own failure) is rethrown after the workers stop. Returns the
+  /// seconds the workers spent in the engines, summed.
   double execute(size_t jobs) {
     std::atomic<size_t> next{0};
     double engine_seconds = 0;
