@@ -72,6 +72,46 @@ TEST(Run, SmokeWritesACompleteSelfDescribingRunDirectory) {
   EXPECT_EQ(to_json(parse_config(read_file(dir + "/config.resolved.json"), "resolved")), to_json(c));
 }
 
+// progress.json: there as "running" from the first finished run on (watchers, the CLI and Slurm
+// tests wait for it), the writer's final counts at the end, and a rerun's resumed runs counted.
+TEST(Run, ProgressFileSaysRunningFromTheFirstRunAndFinishedAtTheEnd) {
+  const auto c = load_config(source("configs/smoke/keras_nll.json"));
+  const auto dir = temp_dir("progress") + "/run";
+  RunOptions o;
+  o.out_dir = dir;
+  o.verbose = 0;
+  std::vector<nlohmann::json> during;
+  o.on_run = [&](const StrategyResult&) {
+    // Before the writer's first transaction (it waits for 64 runs, 0.2 s or the end).
+    ASSERT_EQ(::access((dir + "/progress.json").c_str(), R_OK), 0) << "no progress.json while the study runs";
+    during.push_back(nlohmann::json::parse(read_file(dir + "/progress.json")));
+  };
+  std::ostringstream log;
+  run(c, o, log);
+  ASSERT_EQ(during.size(), 2u);
+  for (const auto& p : during) {
+    EXPECT_EQ(p["state"], "running");
+    EXPECT_EQ(p["runs_planned"].get<int>(), 2);
+    EXPECT_LE(p["runs_done"].get<int>(), 2);
+  }
+  const auto end = nlohmann::json::parse(read_file(dir + "/progress.json"));
+  EXPECT_EQ(end["state"], "finished");
+  EXPECT_EQ(end["runs_planned"].get<int>(), 2);
+  EXPECT_EQ(end["runs_done"].get<int>(), 2);
+  EXPECT_EQ(end["resumed"].get<int>(), 0);
+  EXPECT_EQ(end["ok"].get<int>() + end["diverged"].get<int>() + end["failed"].get<int>(), 2);
+  EXPECT_GT(end["runs_per_s"].get<double>(), 0.0);
+  EXPECT_EQ(end["eta_s"].get<double>(), 0.0);
+  // Again into the same directory: both runs come from the store, none is fine-tuned.
+  o.on_run = nullptr;
+  run(c, o, log);
+  const auto again = nlohmann::json::parse(read_file(dir + "/progress.json"));
+  EXPECT_EQ(again["state"], "finished");
+  EXPECT_EQ(again["resumed"].get<int>(), 2);
+  EXPECT_EQ(again["runs_done"].get<int>(), 2);
+  EXPECT_EQ(again["ok"].get<int>() + again["diverged"].get<int>() + again["failed"].get<int>(), 0);
+}
+
 TEST(Run, SetsAreRunsWithTheirRowsRecordedAndCurvesIndependentOfLanes) {
   // finetune.sets (issue 17, part 4) end to end: three drawn sets of four samples, batches of two.
   const auto c = load_config(source("configs/smoke/keras_nll.json"),

@@ -112,6 +112,40 @@ TEST(Study, ConcurrencyAndShardsDoNotChangeResults) {
   }
 }
 
+// The on_run callback follows the store among the sinks: a callback that throws stops the
+// study, but the work item it was handed is in the store already (and progress.json says the
+// study stopped short of its plan).
+TEST(Store, ACallbackThatThrowsLeavesItsWorkItemStored) {
+  const auto c = load_config(source("configs/smoke/study.json"));
+  const auto dir = temp_dir("store_cb") + "/run";
+  RunOptions o;
+  o.out_dir = dir;
+  o.verbose = 0;
+  o.jobs = 1;
+  o.plots = false;
+  std::vector<StrategyResult> seen;
+  o.on_run = [&](const StrategyResult& r) {
+    seen.push_back(r);
+    throw std::runtime_error("the callback stops here");
+  };
+  std::ostringstream log;
+  try {
+    run(c, o, log);
+    FAIL() << "expected the callback's error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("the callback stops here"), std::string::npos) << e.what();
+  }
+  ASSERT_EQ(seen.size(), 1u);
+  const auto in_store = stored(dir);
+  const auto it = std::find_if(in_store.begin(), in_store.end(), [&](const StrategyResult& r) { return r.run == seen[0].run; });
+  ASSERT_NE(it, in_store.end()) << "the run the callback was handed is not in the store";
+  expect_same_runs({seen[0]}, {*it}, "the callback's run");
+  const auto progress = nlohmann::json::parse(read_file(dir + "/progress.json"));
+  EXPECT_EQ(progress["state"], "stopped");
+  EXPECT_EQ(progress["runs_done"].get<size_t>(), in_store.size());
+  EXPECT_LT(in_store.size(), progress["runs_planned"].get<size_t>());
+}
+
 TEST(Store, HoldsExactlyWhatTheEnginesReported) {
   // Half the runs on each engine: the same study, once more with --engine torch, is compared too.
   const auto c = load_config(source("configs/smoke/study.json"));
