@@ -550,7 +550,7 @@ class StoreSink : public Sink {
   void loop() {
     pthread_setname_np(pthread_self(), "bnlab-writer");  // for perf and top -H
     std::unique_lock<std::mutex> lock(mu_);
-    double last_progress = 0;  // run() wrote the file as the phase began; next a second in, then at the end
+    double last_progress = 0;  // run() wrote the file as the phase began: rewritten at the first transaction 1 s or more after the last write, and at the end
     std::vector<StrategyResult> batch;  // its capacity goes back to the queue after each transaction
     while (true) {
       cv_.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopped_ || queue_.size() >= kWakeAt; });
@@ -919,7 +919,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   // started behind by that much and a 1,000-sample study's last transaction waited for it.
   store.set_meta("finetune_started_at", iso_now());
   // progress.json says "running" from here on (a watcher, a test, a Slurm script waits for it);
-  // the writer rewrites it a second into the phase and at its end. The writer used to write it
+  // the writer rewrites it once a second at most, and at the phase's end. The writer used to write it
   // after its first transaction: the same 0.3-0.45 ms (creating the file, renaming it over the
   // old one), which in a 1,000-sample train study delayed the writer, and the writer, not the
   // engine, ended that phase. Here it is outside the phase's clock; the command takes as long.

@@ -70,9 +70,13 @@ cd "$tmp/kill"
 job="$(sbatch --parsable --array=1-4 --cpus-per-task=1 scripts/slurm_study.sh study.json shards 4)"
 for _ in $(seq 1500); do [ -f shards/2/progress.json ] && break; sleep 0.2; done
 [ -f shards/2/progress.json ] || { echo "FAIL: task 2 never started fine-tuning"; exit 1; }
+# progress.json appears as fine-tuning begins; the resubmission below must find stored runs, so the
+# cancel waits for the writer's first transaction (64 runs, within milliseconds).
+stored_now() { /usr/bin/python3 -c 'import sqlite3; print(sqlite3.connect("shards/2/study.sqlite").execute("SELECT COUNT(*) FROM runs").fetchone()[0])'; }
+for _ in $(seq 200); do [ "$(stored_now)" -gt 0 ] && break; sleep 0.05; done
 scancel "${job}_2"
 wait_queue
-stored="$(/usr/bin/python3 -c 'import sqlite3; print(sqlite3.connect("shards/2/study.sqlite").execute("SELECT COUNT(*) FROM runs").fetchone()[0])')"
+stored="$(stored_now)"
 # Slurm's cancel may reach bnlab as SIGTERM (it then stops after the runs in flight) or SIGKILL.
 if [ "$stored" -ge 135000 ]; then echo "FAIL: task 2 finished all its 135000 runs before it was killed; nothing was tested"; exit 1; fi
 echo "slurm: task 2 cancelled midway ($stored of 135000 runs stored); resubmitting it alone"
