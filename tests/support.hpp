@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "bnlab/run.hpp"
+
 namespace bnlab::test {
 
 /// A path inside the source tree (configs, fixtures, goldens).
@@ -18,6 +20,16 @@ inline std::string temp_dir(const std::string& tag) {
   std::string tmpl = std::string(base ? base : "/tmp") + "/bnlab_" + tag + "_XXXXXX";
   if (::mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed for " + tmpl);
   return tmpl;
+}
+
+/// Options for an in-process run() into `dir`: silent, no plots, `jobs` workers (0: all cores).
+inline RunOptions quiet_options(const std::string& dir, int jobs = 0) {
+  RunOptions o;
+  o.out_dir = dir;
+  o.verbose = 0;
+  o.jobs = jobs;
+  o.plots = false;
+  return o;
 }
 
 }  // namespace bnlab::test

@@ -77,9 +77,7 @@ TEST(Run, SmokeWritesACompleteSelfDescribingRunDirectory) {
 TEST(Run, ProgressFileSaysRunningFromTheFirstRunAndFinishedAtTheEnd) {
   const auto c = load_config(source("configs/smoke/keras_nll.json"));
   const auto dir = temp_dir("progress") + "/run";
-  RunOptions o;
-  o.out_dir = dir;
-  o.verbose = 0;
+  RunOptions o = test::quiet_options(dir);
   std::vector<nlohmann::json> during;
   o.on_run = [&](const StrategyResult&) {
     // The file is there from the phase's start. (Before, the writer wrote it with its first

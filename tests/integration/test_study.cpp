@@ -30,10 +30,8 @@ using test::temp_dir;
 
 RunResult run_study(const Config& c, const std::string& dir, int jobs, int shard = 1, int shards = 1, bool plots = false,
                     std::ostream* log = nullptr) {
-  RunOptions o;
-  o.out_dir = dir;
+  RunOptions o = test::quiet_options(dir, jobs);
   o.verbose = log ? 1 : 0;
-  o.jobs = jobs;
   o.shard_index = shard;
   o.shard_count = shards;
   o.plots = plots;
@@ -118,11 +116,7 @@ TEST(Study, ConcurrencyAndShardsDoNotChangeResults) {
 TEST(Store, ACallbackThatThrowsLeavesItsWorkItemStored) {
   const auto c = load_config(source("configs/smoke/study.json"));
   const auto dir = temp_dir("store_cb") + "/run";
-  RunOptions o;
-  o.out_dir = dir;
-  o.verbose = 0;
-  o.jobs = 1;
-  o.plots = false;
+  RunOptions o = test::quiet_options(dir, 1);
   std::vector<StrategyResult> seen;
   o.on_run = [&](const StrategyResult& r) {
     seen.push_back(r);
@@ -150,11 +144,7 @@ TEST(Store, HoldsExactlyWhatTheEnginesReported) {
   // Half the runs on each engine: the same study, once more with --engine torch, is compared too.
   const auto c = load_config(source("configs/smoke/study.json"));
   const auto dir = temp_dir("store_eq") + "/run";
-  RunOptions o;
-  o.out_dir = dir;
-  o.verbose = 0;
-  o.jobs = 2;
-  o.plots = false;
+  RunOptions o = test::quiet_options(dir, 2);
   std::vector<StrategyResult> seen;
   o.on_run = [&](const StrategyResult& r) { seen.push_back(r); };
   std::ostringstream log;
@@ -191,10 +181,7 @@ TEST(Store, AForeignOrCorruptStoreStopsTheRunAndStaysAsItWas) {
   // A run directory of bnlab's whose store was since replaced by something else (a folder
   // that is not bnlab's is refused before the store is looked at: RunDir.*, cli).
   const auto dir = temp_dir("store_bad") + "/run";
-  RunOptions o;
-  o.out_dir = dir;
-  o.verbose = 0;
-  o.plots = false;
+  RunOptions o = test::quiet_options(dir);
   std::ostringstream log;
   run(c, o, log);
   { std::ofstream(dir + "/study.sqlite", std::ios::trunc) << "SQLite format 3, or so it says"; }
