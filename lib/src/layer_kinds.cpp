@@ -20,6 +20,12 @@ namespace {
 /// batches); below, matrix-vector loops need no transposed copies.
 constexpr int64_t kGemmRows = 8;
 
+/// The factor that turns a batch's biased variance over n rows into what a BatchNorm's running
+/// variance and prior_bn take: 1 under Keras numerics, n / (n - 1) (unbiased) under PyTorch's.
+float variance_unbias(BnSemantics semantics, int64_t n) {
+  return semantics == BnSemantics::kKeras ? 1.f : static_cast<float>(n) / static_cast<float>(n - 1);
+}
+
 torch::Tensor wrap(float* p, std::initializer_list<int64_t> sizes) {
   return torch::from_blob(p, sizes, torch::TensorOptions().dtype(torch::kFloat));
 }
@@ -266,7 +272,7 @@ class BatchNormKind final : public LayerKindDef {
         // prior_bn: p * running + (1 - p) * batch, the batch variance biased under Keras numerics
         // and unbiased (robusta's momentum-1 BatchNorm) under PyTorch's; nothing is updated.
         const float p = static_cast<float>(L.mode.prior), q = static_cast<float>(1.0 - L.mode.prior);
-        const float unbias = L.spec.semantics == BnSemantics::kKeras ? 1.f : static_cast<float>(n) / static_cast<float>(n - 1);
+        const float unbias = variance_unbias(L.spec.semantics, n);
         for (int64_t c = 0; c < C; ++c) {
           mean[c] = rm[c] * p + mean[c] * q;
           var[c] = rv[c] * p + var[c] * unbias * q;
@@ -277,8 +283,7 @@ class BatchNormKind final : public LayerKindDef {
       if (pass == Pass::kFit && L.mode.counts) s.count(grp, L.at[kCount]);
       if (pass == Pass::kFit && !L.mode.updates) continue;
       const bool keras = L.spec.semantics == BnSemantics::kKeras;
-      k.bn_running(rm, rv, mean, var, static_cast<float>(L.mode.momentum), keras,
-                   keras ? 1.f : static_cast<float>(n) / static_cast<float>(n - 1), C);
+      k.bn_running(rm, rv, mean, var, static_cast<float>(L.mode.momentum), keras, variance_unbias(L.spec.semantics, n), C);
     }
   }
   void forward_pair(const LaneStore& s, BatchedLayer& L, Pass first, const float* in_a, float* out_a, Pass second,
@@ -289,13 +294,12 @@ class BatchNormKind final : public LayerKindDef {
       L.istd_version = 0;  // saved_c ends with the fit pass's 1/sqrt, as after forward(kFit)
       L.affine_version = 0;
       const bool keras = L.spec.semantics == BnSemantics::kKeras;
-      const float unbias = keras ? 1.f : static_cast<float>(s.rows) / static_cast<float>(s.rows - 1);
       for (int64_t grp = 0; grp < s.groups(); ++grp) {
         const auto [gamma, beta, rm, rv] = bn_lane(s, L, grp);
         const int64_t at = grp * s.stride * C;
         lanes::active().bn_pair_one_row(in_a + at, out_a + at, in_b + at, out_b + at, L.saved + at, L.saved_c + grp * C,
                                         gamma, beta, rm, rv, static_cast<float>(L.spec.eps), L.mode.updates,
-                                        static_cast<float>(L.mode.momentum), keras, unbias, C);
+                                        static_cast<float>(L.mode.momentum), keras, variance_unbias(L.spec.semantics, s.rows), C);
         if (L.mode.counts) s.count(grp, L.at[kCount]);
       }
       return;

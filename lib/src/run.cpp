@@ -550,7 +550,9 @@ class StoreSink : public Sink {
   void loop() {
     pthread_setname_np(pthread_self(), "bnlab-writer");  // for perf and top -H
     std::unique_lock<std::mutex> lock(mu_);
-    double last_progress = 0;  // run() wrote the file as the phase began: rewritten at the first transaction 1 s or more after the last write, and at the end
+    // run() wrote progress.json as the phase began; rewritten with the first transaction 1 s or
+    // more after the last write, and at the end.
+    double last_progress = 0;
     std::vector<StrategyResult> batch;  // its capacity goes back to the queue after each transaction
     while (true) {
       cv_.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopped_ || queue_.size() >= kWakeAt; });
@@ -565,7 +567,7 @@ class StoreSink : public Sink {
         const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
         if (last || elapsed - last_progress >= 1.0) {
           last_progress = elapsed;
-          write_progress(counts, elapsed, last);
+          write_progress_file(dir_, planned_, resumed_, counts, elapsed, last);
         }
       } catch (...) {
         fail(std::current_exception());
@@ -583,10 +585,6 @@ class StoreSink : public Sink {
     }
     drained_.notify_all();
   }
-  void write_progress(const size_t counts[3], double elapsed, bool last) {
-    write_progress_file(dir_, planned_, resumed_, counts, elapsed, last);
-  }
-
   Store& store_;
   std::string dir_;
   size_t planned_, resumed_;
