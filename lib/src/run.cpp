@@ -509,14 +509,29 @@ void write_progress_file(const std::string& dir, size_t planned, size_t resumed,
 
 /// Inserts runs into the store from a writer thread, in transactions of whatever finished since
 /// the last one (every 0.2 s, or as soon as kWakeAt runs are waiting), and keeps
-/// progress.json (counts, rate, ETA) current. With `move`, take() moves each result out of the
-/// batch (no later sink may read them), else copies it.
+/// progress.json (counts, rate, ETA) current, from its first state (running, nothing done),
+/// written as the sink is made. With `move`, take() moves each result out of the batch (no later
+/// sink may read them), else copies it.
 class StoreSink : public Sink {
  public:
   StoreSink(Store& store, std::string dir, size_t planned, size_t resumed, bool move)
       : store_(store), dir_(std::move(dir)), planned_(planned), resumed_(resumed), move_(move),
         start_(std::chrono::steady_clock::now()) {
+    // The writer starts first and waits for the lock until progress.json's first state is
+    // written: a new thread first ran 0.15 to 2.9 ms after its creation on this VM (an idle
+    // virtual CPU waking), which now passes during that write (0.3 to 0.5 ms) instead of during
+    // the study, where the writer fell behind by as much.
+    std::unique_lock<std::mutex> lock(mu_);
     writer_ = std::thread([this] { loop(); });
+    try {
+      const size_t none[3] = {0, 0, 0};
+      write_progress_file(dir_, planned_, resumed_, none, 0.0, false);
+    } catch (...) {
+      stopped_ = taken_over_ = true;  // the writer returns without touching the store
+      lock.unlock();
+      writer_.join();
+      throw;
+    }
   }
   ~StoreSink() override { stop(); }
   void take(std::vector<Finished>& batch) override {
@@ -529,7 +544,7 @@ class StoreSink : public Sink {
       if (move_) queue_.push_back(std::move(f.result));
       else queue_.push_back(f.result);
     }
-    if (queue_.size() >= kWakeAt) cv_.notify_one();  // the writer need not sleep out its 200 ms
+    if (sleeping_ && queue_.size() >= kWakeAt) cv_.notify_one();  // a busy writer takes them when it is done
   }
   void close() override {
     stop();
@@ -538,24 +553,51 @@ class StoreSink : public Sink {
 
  private:
   void stop() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (stopped_) return;
-      stopped_ = true;
-    }
+    std::unique_lock<std::mutex> lock(mu_);
+    if (stopped_) return;
+    stopped_ = true;
+    // A sleeping writer would first have to be woken (0.05 to 1.7 ms on this VM, all of it at the
+    // study's end): this thread inserts what is left instead, and the writer, woken, only returns.
+    // A writer inside a transaction sees stopped_ when it is done and inserts the rest itself.
+    const bool finish_here = sleeping_ && !error_;
+    taken_over_ = finish_here;
+    std::vector<StrategyResult> rest;
+    if (finish_here) rest.swap(queue_);
+    const size_t counts[3] = {counts_[0], counts_[1], counts_[2]};
+    lock.unlock();
     cv_.notify_all();
     drained_.notify_all();
+    if (finish_here) {
+      try {
+        write(rest, counts, true);
+      } catch (...) {
+        fail(std::current_exception());
+      }
+    }
     if (writer_.joinable()) writer_.join();
+  }
+  /// One transaction and, at the end or 1 s or more after the last, progress.json.
+  void write(const std::vector<StrategyResult>& batch, const size_t counts[3], bool last) {
+    if (!batch.empty()) store_.insert(batch);
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    if (last || elapsed - last_progress_ >= 1.0) {
+      last_progress_ = elapsed;
+      write_progress_file(dir_, planned_, resumed_, counts, elapsed, last);
+    }
   }
   void loop() {
     pthread_setname_np(pthread_self(), "bnlab-writer");  // for perf and top -H
     std::unique_lock<std::mutex> lock(mu_);
-    // run() wrote progress.json as the phase began; rewritten with the first transaction 1 s or
-    // more after the last write, and at the end.
-    double last_progress = 0;
     std::vector<StrategyResult> batch;  // its capacity goes back to the queue after each transaction
     while (true) {
-      cv_.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopped_ || queue_.size() >= kWakeAt; });
+      // Woken by a worker once kWakeAt runs wait, by stop(), or after 0.2 s; kWakeAt runs that
+      // came in while it was inserting are taken at once.
+      if (!stopped_ && queue_.size() < kWakeAt) {
+        sleeping_ = true;
+        cv_.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopped_ || queue_.size() >= kWakeAt; });
+        sleeping_ = false;
+      }
+      if (taken_over_) return;  // stop() inserted the rest
       const bool last = stopped_;
       batch.clear();
       batch.swap(queue_);
@@ -563,12 +605,7 @@ class StoreSink : public Sink {
       lock.unlock();
       drained_.notify_all();
       try {
-        store_.insert(batch);
-        const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-        if (last || elapsed - last_progress >= 1.0) {
-          last_progress = elapsed;
-          write_progress_file(dir_, planned_, resumed_, counts, elapsed, last);
-        }
+        write(batch, counts, last);
       } catch (...) {
         fail(std::current_exception());
         return;
@@ -590,6 +627,7 @@ class StoreSink : public Sink {
   size_t planned_, resumed_;
   bool move_;
   std::chrono::steady_clock::time_point start_;
+  double last_progress_ = 0;  // the constructor wrote progress.json
   /// Runs waiting for the writer, at most (workers wait beyond it). 8192 runs are
   /// about 8 MB: with the engine at 75,000 runs/s, a queue of 65,536 held 70 MB more at the peak
   /// of a 100,000-sample study than at 10,000 samples (BENCHMARKS-scale.md).
@@ -602,6 +640,8 @@ class StoreSink : public Sink {
   std::vector<StrategyResult> queue_;
   size_t counts_[3] = {0, 0, 0};  // ok, diverged, failed in this invocation
   bool stopped_ = false;
+  bool sleeping_ = false;    // the writer waits on cv_
+  bool taken_over_ = false;  // stop() wrote the last transaction; the writer returns
   std::exception_ptr error_;
   std::thread writer_;
 };
@@ -916,24 +956,22 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   // 1 to 3 ms on this VM, as part of making the store ready. Done in the phase, the writer thread
   // started behind by that much and a 1,000-sample study's last transaction waited for it.
   store.set_meta("finetune_started_at", iso_now());
-  // progress.json says "running" from here on (a watcher, a test, a Slurm script waits for it);
-  // the writer rewrites it once a second at most, and at the phase's end. The writer used to write it
-  // after its first transaction: the same 0.3-0.45 ms (creating the file, renaming it over the
-  // old one), which in a 1,000-sample train study delayed the writer, and the writer, not the
-  // engine, ended that phase. Here it is outside the phase's clock; the command takes as long.
-  const size_t none[3] = {0, 0, 0};
-  write_progress_file(dir, plan.mine.size(), plan.resumed, none, 0.0, false);
   const bool single_run = config.seeds.size() == 1 && config.finetune.samples.size() == 1 && config.grid.size() == 1;
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());  // reads sysfs: 30 us here
   const size_t jobs = std::max<size_t>(1, std::min<size_t>(plan.items.size(), options.jobs > 0 ? static_cast<size_t>(options.jobs) : hw));
 
-  t = clock::now();
   {
     // The store's sink moves the results into its queue (copying them, with the store's lock held,
     // was 5 to 11 us per work item) unless the on_run callback, after it, reads them. The weights
     // file is written before its run can be in the store, and a batch is in the store's queue
     // before a callback can throw.
+    // progress.json says "running" once the sink is made (a watcher, a test, a Slurm script waits
+    // for it); the writer rewrites it once a second at most, and at the phase's end. The writer
+    // used to write it after its first transaction: the same 0.3-0.45 ms (creating the file,
+    // renaming it over the old one), which in a 1,000-sample train study delayed the writer, and
+    // the writer, not the engine, ended that phase. Here it is outside the phase's clock.
     StoreSink to_store(store, dir, plan.mine.size(), plan.resumed, /*move=*/!options.on_run);
+    t = clock::now();
     ConsoleSink console(plan, verbose, log);
     WeightsSink weights(dir);
     CallbackSink callback(options.on_run);

@@ -112,6 +112,38 @@ TEST(Run, ProgressFileSaysRunningFromTheFirstRunAndFinishedAtTheEnd) {
   EXPECT_EQ(again["ok"].get<int>() + again["diverged"].get<int>() + again["failed"].get<int>(), 0);
 }
 
+// The store's sink writes progress.json's first state while its writer thread starts. When that
+// write fails, the thread is joined before the error reaches the caller (a std::thread destroyed
+// unjoined aborts the process: this test then crashes), nothing is stored, and a rerun works.
+TEST(Run, AProgressFileThatCannotBeWrittenStopsTheStudyCleanly) {
+  const auto c = load_config(source("configs/smoke/keras_nll.json"));
+  const auto dir = temp_dir("progress_blocked") + "/run";
+  RunOptions o = test::quiet_options(dir);
+  size_t finished = 0;
+  o.on_run = [&](const StrategyResult&) { ++finished; };
+  std::ostringstream log;
+  run(c, o, log);
+  ASSERT_EQ(finished, 2u);
+  // Where progress.json's temporary goes, a folder (not empty, so the sweep of stale temporaries
+  // at the start leaves it): opening it as a file fails. --force: both runs again, from a new store.
+  const std::string blocker = dir + "/.progress.json.tmp." + std::to_string(::getpid());
+  ASSERT_EQ(std::system(("mkdir '" + blocker + "' && touch '" + blocker + "/keep'").c_str()), 0);
+  o.force = true;
+  try {
+    run(c, o, log);
+    ADD_FAILURE() << "the study ran without its progress file";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("progress.json"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(finished, 2u) << "a run finished after the progress file failed";
+  ASSERT_EQ(std::system(("rm -r '" + blocker + "'").c_str()), 0);
+  o.force = false;
+  const RunResult r = run(c, o, log);
+  EXPECT_EQ(r.resumed, 0u);
+  EXPECT_EQ(finished, 4u);
+  EXPECT_EQ(nlohmann::json::parse(read_file(dir + "/progress.json"))["state"], "finished");
+}
+
 TEST(Run, SetsAreRunsWithTheirRowsRecordedAndCurvesIndependentOfLanes) {
   // finetune.sets (issue 17, part 4) end to end: three drawn sets of four samples, batches of two.
   const auto c = load_config(source("configs/smoke/keras_nll.json"),
