@@ -544,7 +544,11 @@ class StoreSink : public Sink {
       if (move_) queue_.push_back(std::move(f.result));
       else queue_.push_back(f.result);
     }
-    if (sleeping_ && queue_.size() >= kWakeAt) cv_.notify_one();  // a busy writer takes them when it is done
+    // A busy writer takes them when it is done. Within the study's last kWakeAt runs, each work
+    // item's runs are taken as they come, so that the study's end waits to insert the last item's
+    // runs only, not up to kWakeAt - 1 more.
+    taken_ += batch.size();
+    if (sleeping_ && (queue_.size() >= kWakeAt || near_end())) cv_.notify_one();
   }
   void close() override {
     stop();
@@ -576,6 +580,8 @@ class StoreSink : public Sink {
     }
     if (writer_.joinable()) writer_.join();
   }
+  /// Whether fewer than kWakeAt of this invocation's runs are still to come (mu_ held).
+  bool near_end() const { return taken_ + kWakeAt > planned_ - resumed_; }
   /// One transaction and, at the end or 1 s or more after the last, progress.json.
   void write(const std::vector<StrategyResult>& batch, const size_t counts[3], bool last) {
     if (!batch.empty()) store_.insert(batch);
@@ -592,9 +598,10 @@ class StoreSink : public Sink {
     while (true) {
       // Woken by a worker once kWakeAt runs wait, by stop(), or after 0.2 s; kWakeAt runs that
       // came in while it was inserting are taken at once.
-      if (!stopped_ && queue_.size() < kWakeAt) {
+      const auto ready = [&] { return stopped_ || queue_.size() >= kWakeAt || (!queue_.empty() && near_end()); };
+      if (!ready()) {
         sleeping_ = true;
-        cv_.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopped_ || queue_.size() >= kWakeAt; });
+        cv_.wait_for(lock, std::chrono::milliseconds(200), ready);
         sleeping_ = false;
       }
       if (taken_over_) return;  // stop() inserted the rest
@@ -639,6 +646,7 @@ class StoreSink : public Sink {
   std::condition_variable cv_, drained_;
   std::vector<StrategyResult> queue_;
   size_t counts_[3] = {0, 0, 0};  // ok, diverged, failed in this invocation
+  size_t taken_ = 0;              // runs handed over in this invocation (counts_ summed)
   bool stopped_ = false;
   bool sleeping_ = false;    // the writer waits on cv_
   bool taken_over_ = false;  // stop() wrote the last transaction; the writer returns
