@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cctype>
 #include <climits>
@@ -508,10 +509,11 @@ void write_progress_file(const std::string& dir, size_t planned, size_t resumed,
 }
 
 /// Inserts runs into the store from a writer thread, in transactions of whatever finished since
-/// the last one (every 0.2 s, or as soon as kWakeAt runs are waiting), and keeps
-/// progress.json (counts, rate, ETA) current, from its first state (running, nothing done),
-/// written as the sink is made. With `move`, take() moves each result out of the batch (no later
-/// sink may read them), else copies it.
+/// the last one (every 0.2 s, as soon as kWakeAt runs are waiting, and for each work item within
+/// the invocation's last kWakeAt runs), and keeps progress.json (counts, rate, ETA) current, from
+/// its first state (running, nothing done), written as the sink is made. The last transaction
+/// and state are the writer's, or the closing thread's when the writer sleeps (stop()). With
+/// `move`, take() moves each result out of the batch (no later sink may read them), else copies it.
 class StoreSink : public Sink {
  public:
   StoreSink(Store& store, std::string dir, size_t planned, size_t resumed, bool move)
@@ -519,15 +521,15 @@ class StoreSink : public Sink {
         start_(std::chrono::steady_clock::now()) {
     // The writer starts first and waits for the lock until progress.json's first state is
     // written: a new thread first ran 0.15 to 2.9 ms after its creation on this VM (an idle
-    // virtual CPU waking), which now passes during that write (0.3 to 0.5 ms) instead of during
-    // the study, where the writer fell behind by as much.
+    // virtual CPU waking), during which the writer fell behind the study; now up to the write's
+    // 0.3 to 0.5 ms of it passes before the study begins.
     std::unique_lock<std::mutex> lock(mu_);
     writer_ = std::thread([this] { loop(); });
     try {
       const size_t none[3] = {0, 0, 0};
       write_progress_file(dir_, planned_, resumed_, none, 0.0, false);
     } catch (...) {
-      stopped_ = taken_over_ = true;  // the writer returns without touching the store
+      stopped_ = closer_finished_ = true;  // the writer returns without touching the store
       lock.unlock();
       writer_.join();
       throw;
@@ -544,10 +546,9 @@ class StoreSink : public Sink {
       if (move_) queue_.push_back(std::move(f.result));
       else queue_.push_back(f.result);
     }
-    // A busy writer takes them when it is done. Within the study's last kWakeAt runs, each work
-    // item's runs are taken as they come, so that the study's end waits to insert the last item's
-    // runs only, not up to kWakeAt - 1 more.
-    taken_ += batch.size();
+    // A busy writer takes them when it is done. Within the invocation's last kWakeAt runs, a
+    // sleeping writer is woken for each work item, so that the study's end usually waits to
+    // insert the last item's runs only, not up to kWakeAt - 1 more.
     if (sleeping_ && (queue_.size() >= kWakeAt || near_end())) cv_.notify_one();
   }
   void close() override {
@@ -556,18 +557,21 @@ class StoreSink : public Sink {
   }
 
  private:
+  using Counts = std::array<size_t, 3>;  // ok, diverged, failed
   void stop() {
     std::unique_lock<std::mutex> lock(mu_);
     if (stopped_) return;
     stopped_ = true;
-    // A sleeping writer would first have to be woken (0.05 to 1.7 ms on this VM, all of it at the
-    // study's end): this thread inserts what is left instead, and the writer, woken, only returns.
-    // A writer inside a transaction sees stopped_ when it is done and inserts the rest itself.
+    // A sleeping writer would first have to be woken (0.05 to 1.7 ms on this VM) before the last
+    // transaction: this thread inserts what is left instead while the writer wakes, and the
+    // writer, woken, only returns (join() still waits for that, now beside the insert and the
+    // final progress.json rather than before them). A writer inside a transaction sees stopped_
+    // when it is done and inserts the rest itself.
     const bool finish_here = sleeping_ && !error_;
-    taken_over_ = finish_here;
+    closer_finished_ = finish_here;
     std::vector<StrategyResult> rest;
     if (finish_here) rest.swap(queue_);
-    const size_t counts[3] = {counts_[0], counts_[1], counts_[2]};
+    const Counts counts = counts_;
     lock.unlock();
     cv_.notify_all();
     drained_.notify_all();
@@ -581,14 +585,14 @@ class StoreSink : public Sink {
     if (writer_.joinable()) writer_.join();
   }
   /// Whether fewer than kWakeAt of this invocation's runs are still to come (mu_ held).
-  bool near_end() const { return taken_ + kWakeAt > planned_ - resumed_; }
+  bool near_end() const { return counts_[0] + counts_[1] + counts_[2] + kWakeAt > planned_ - resumed_; }
   /// One transaction and, at the end or 1 s or more after the last, progress.json.
-  void write(const std::vector<StrategyResult>& batch, const size_t counts[3], bool last) {
-    if (!batch.empty()) store_.insert(batch);
+  void write(const std::vector<StrategyResult>& batch, const Counts& counts, bool last) {
+    store_.insert(batch);
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
     if (last || elapsed - last_progress_ >= 1.0) {
       last_progress_ = elapsed;
-      write_progress_file(dir_, planned_, resumed_, counts, elapsed, last);
+      write_progress_file(dir_, planned_, resumed_, counts.data(), elapsed, last);
     }
   }
   void loop() {
@@ -596,19 +600,19 @@ class StoreSink : public Sink {
     std::unique_lock<std::mutex> lock(mu_);
     std::vector<StrategyResult> batch;  // its capacity goes back to the queue after each transaction
     while (true) {
-      // Woken by a worker once kWakeAt runs wait, by stop(), or after 0.2 s; kWakeAt runs that
-      // came in while it was inserting are taken at once.
+      // Woken by a worker once kWakeAt runs wait (near the end, once any wait), by stop(), or
+      // after 0.2 s; what came in while it was inserting, if that is enough, is taken at once.
       const auto ready = [&] { return stopped_ || queue_.size() >= kWakeAt || (!queue_.empty() && near_end()); };
       if (!ready()) {
         sleeping_ = true;
         cv_.wait_for(lock, std::chrono::milliseconds(200), ready);
         sleeping_ = false;
       }
-      if (taken_over_) return;  // stop() inserted the rest
+      if (closer_finished_) return;  // stop() inserted the rest
       const bool last = stopped_;
       batch.clear();
       batch.swap(queue_);
-      const size_t counts[3] = {counts_[0], counts_[1], counts_[2]};
+      const Counts counts = counts_;
       lock.unlock();
       drained_.notify_all();
       try {
@@ -639,17 +643,17 @@ class StoreSink : public Sink {
   /// about 8 MB: with the engine at 75,000 runs/s, a queue of 65,536 held 70 MB more at the peak
   /// of a 100,000-sample study than at 10,000 samples (BENCHMARKS-scale.md).
   static constexpr size_t kMaxQueued = 1 << 13;
-  /// The writer takes the queue once this many runs wait (or every 200 ms, or at the end), so that
-  /// a small study's runs are inserted while the workers compute rather than all after them.
+  /// The writer takes the queue once this many runs wait (or every 200 ms, near the end once any
+  /// wait, or at the end), so that a small study's runs are inserted while the workers compute
+  /// rather than all after them.
   static constexpr size_t kWakeAt = 64;
   std::mutex mu_;
   std::condition_variable cv_, drained_;
   std::vector<StrategyResult> queue_;
-  size_t counts_[3] = {0, 0, 0};  // ok, diverged, failed in this invocation
-  size_t taken_ = 0;              // runs handed over in this invocation (counts_ summed)
+  Counts counts_{};  // ok, diverged, failed in this invocation
   bool stopped_ = false;
   bool sleeping_ = false;    // the writer waits on cv_
-  bool taken_over_ = false;  // stop() wrote the last transaction; the writer returns
+  bool closer_finished_ = false;  // stop() wrote the last transaction; the writer returns
   std::exception_ptr error_;
   std::thread writer_;
 };

@@ -30,8 +30,9 @@ bool diverged(const StrategyResult& r, double factor);
 const char* run_status(const StrategyResult& r);
 
 /// A connection to one store. One thread at a time may use a Store (its connection is opened
-/// without SQLite's mutex): the study's writer thread between its start and its join, the caller
-/// before and after.
+/// without SQLite's mutex): the study's writer thread between its start and its join (or the
+/// thread that closes the study's sink, when it takes the last transaction over from a sleeping
+/// writer; the hand-overs are ordered by the sink's mutex), the caller before and after.
 class Store {
  public:
   using Meta = std::vector<std::pair<std::string, std::string>>;
