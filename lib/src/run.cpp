@@ -653,7 +653,7 @@ class StoreSink : public Sink {
   Counts counts_{};  // ok, diverged, failed in this invocation
   bool stopped_ = false;
   bool sleeping_ = false;    // the writer waits on cv_
-  bool closer_finished_ = false;  // stop() wrote the last transaction; the writer returns
+  bool closer_finished_ = false;  // stop() (or a failed constructor) stands in for the writer, which returns
   std::exception_ptr error_;
   std::thread writer_;
 };
