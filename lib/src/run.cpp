@@ -511,9 +511,9 @@ void write_progress_file(const std::string& dir, size_t planned, size_t resumed,
 /// Inserts runs into the store from a writer thread, in transactions of whatever finished since
 /// the last one (every 0.2 s, or as soon as kWakeAt runs are waiting), and keeps progress.json
 /// (counts, rate, ETA) current, from its first state (running, nothing done), written as the
-/// sink is made. The last transaction
-/// and state are the writer's, or the closing thread's when the writer sleeps (stop()). With
-/// `move`, take() moves each result out of the batch (no later sink may read them), else copies it.
+/// sink is made. The last transaction and state are the writer's, or the closing thread's when
+/// the writer sleeps (stop()). With `move`, take() moves each result out of the batch (no later
+/// sink may read them), else copies it.
 class StoreSink : public Sink {
  public:
   StoreSink(Store& store, std::string dir, size_t planned, size_t resumed, bool move)

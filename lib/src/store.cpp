@@ -205,8 +205,9 @@ bool write_failed(sqlite3* db) {
 Store Store::open(const std::string& path, bool writable) {
   sqlite3* db = nullptr;
   // NOMUTEX: one thread at a time uses a Store (the study's writer thread between its start and
-  // its join, or the thread that takes its last transaction over: see store.hpp), so SQLite need not lock the connection around every call (about a sixth of the
-  // writer's time in a profile of a 20,000-run study).
+  // its join, or the thread that takes its last transaction over: see store.hpp), so SQLite need
+  // not lock the connection around every call (about a sixth of the writer's time in a profile
+  // of a 20,000-run study).
   const int flags = (writable ? SQLITE_OPEN_READWRITE : SQLITE_OPEN_READONLY) | SQLITE_OPEN_NOMUTEX;
   if (sqlite3_open_v2(path.c_str(), &db, flags, nullptr) != SQLITE_OK) {
     const std::string why = db != nullptr ? sqlite3_errmsg(db) : "out of memory";
