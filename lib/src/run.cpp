@@ -496,9 +496,11 @@ class Sink {
   virtual void close() {}
 };
 
-/// progress.json: `counts` (ok, diverged, failed) finished by this invocation in `elapsed` seconds
-/// of its fine-tuning; `last`: the phase is over (finished, or stopped short of the plan).
-void write_progress_file(const std::string& dir, size_t planned, size_t resumed, const size_t counts[3], double elapsed, bool last) {
+using RunCounts = std::array<size_t, 3>;  ///< runs that ended ok, diverged, failed
+
+/// progress.json: `counts` finished by this invocation in `elapsed` seconds of its fine-tuning;
+/// `last`: the phase is over (finished, or stopped short of the plan).
+void write_progress_file(const std::string& dir, size_t planned, size_t resumed, const RunCounts& counts, double elapsed, bool last) {
   const size_t now = counts[0] + counts[1] + counts[2], done = resumed + now;
   const double rate = elapsed > 0 ? static_cast<double>(now) / elapsed : 0.0;
   ojson p{{"runs_planned", planned}, {"runs_done", done},        {"resumed", resumed},      {"ok", counts[0]},
@@ -526,8 +528,7 @@ class StoreSink : public Sink {
     std::unique_lock<std::mutex> lock(mu_);
     writer_ = std::thread([this] { loop(); });
     try {
-      const size_t none[3] = {0, 0, 0};
-      write_progress_file(dir_, planned_, resumed_, none, 0.0, false);
+      write_progress_file(dir_, planned_, resumed_, RunCounts{}, 0.0, false);
     } catch (...) {
       stopped_ = closer_finished_ = true;  // the writer returns without touching the store
       lock.unlock();
@@ -557,7 +558,6 @@ class StoreSink : public Sink {
   }
 
  private:
-  using Counts = std::array<size_t, 3>;  // ok, diverged, failed
   void stop() {
     std::unique_lock<std::mutex> lock(mu_);
     if (stopped_) return;
@@ -571,7 +571,7 @@ class StoreSink : public Sink {
     closer_finished_ = finish_here;
     std::vector<StrategyResult> rest;
     if (finish_here) rest.swap(queue_);
-    const Counts counts = counts_;
+    const RunCounts counts = counts_;
     lock.unlock();
     cv_.notify_all();
     drained_.notify_all();
@@ -585,12 +585,12 @@ class StoreSink : public Sink {
     if (writer_.joinable()) writer_.join();
   }
   /// One transaction and, at the end or 1 s or more after the last, progress.json.
-  void write(const std::vector<StrategyResult>& batch, const Counts& counts, bool last) {
+  void write(const std::vector<StrategyResult>& batch, const RunCounts& counts, bool last) {
     store_.insert(batch);
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
     if (last || elapsed - last_progress_ >= 1.0) {
       last_progress_ = elapsed;
-      write_progress_file(dir_, planned_, resumed_, counts.data(), elapsed, last);
+      write_progress_file(dir_, planned_, resumed_, counts, elapsed, last);
     }
   }
   void loop() {
@@ -610,7 +610,7 @@ class StoreSink : public Sink {
       const bool last = stopped_;
       batch.clear();
       batch.swap(queue_);
-      const Counts counts = counts_;
+      const RunCounts counts = counts_;
       lock.unlock();
       drained_.notify_all();
       try {
@@ -647,7 +647,7 @@ class StoreSink : public Sink {
   std::mutex mu_;
   std::condition_variable cv_, drained_;
   std::vector<StrategyResult> queue_;
-  Counts counts_{};  // ok, diverged, failed in this invocation
+  RunCounts counts_{};  // in this invocation
   bool stopped_ = false;
   bool sleeping_ = false;    // the writer waits on cv_
   bool closer_finished_ = false;  // stop() (or a failed constructor) stands in for the writer, which returns

@@ -129,7 +129,7 @@ TEST(Run, AProgressFileThatCannotBeWrittenStopsTheStudyCleanly) {
   const std::string before = read_file(dir + "/progress.json");
   // Where progress.json's temporary goes, a folder (not empty, so the sweep of stale temporaries
   // at the start leaves it): opening it as a file fails. --force: both runs again, from a new store.
-  const std::string blocker = dir + "/.progress.json.tmp." + std::to_string(::getpid());
+  const std::string blocker = temp_name(dir + "/progress.json");
   ASSERT_TRUE(std::filesystem::create_directory(blocker));
   std::ofstream(blocker + "/keep") << "x";
   o.force = true;
