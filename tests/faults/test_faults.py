@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import struct
@@ -51,11 +52,25 @@ def finish(out):
 
 
 def store_rows(out):
-    """(runs, epochs) of study.sqlite, read-only, in run order; None when there is no store."""
+    """(runs, epochs) of study.sqlite, read-only, in run order; None when there is no store.
+    A kill inside a rollback-journal transaction (the store's first writes, before its log)
+    leaves a hot journal, which a read-only connection cannot roll back ("attempt to write a
+    readonly database"): then a copy of the store and its journal is read, rolled back as bnlab's
+    next writable open does."""
     path = os.path.join(out, "study.sqlite")
     if not os.path.exists(path):
         return None
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    if os.path.exists(path + "-journal"):
+        scratch = os.path.join(tmp, "hot_journal")
+        shutil.rmtree(scratch, ignore_errors=True)
+        os.makedirs(scratch)
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                shutil.copy(path + suffix, os.path.join(scratch, "study.sqlite" + suffix))
+        path = os.path.join(scratch, "study.sqlite")
+        con = sqlite3.connect(path, timeout=30)
+    else:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
         check(con.execute("PRAGMA integrity_check").fetchone()[0] == "ok", f"{path}: integrity check failed")
         return (con.execute("SELECT * FROM runs ORDER BY run").fetchall(),
