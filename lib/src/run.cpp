@@ -24,6 +24,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
@@ -488,7 +489,7 @@ struct Finished {
 
 /// One output of a study. take() is called from the executor's workers, concurrently, with a
 /// batch of finished runs; close() once after the last batch (also when the study stops early),
-/// and rethrows what went wrong.
+/// and rethrows what went wrong (StoreSink: up to its last commit; see its finish()).
 class Sink {
  public:
   virtual ~Sink() = default;
@@ -511,11 +512,13 @@ void write_progress_file(const std::string& dir, size_t planned, size_t resumed,
 }
 
 /// Inserts runs into the store from a writer thread, in transactions of whatever finished since
-/// the last one (every 0.2 s, or as soon as kWakeAt runs are waiting), and keeps progress.json
+/// the last one (every 0.2 s, or once kWakeAt runs are waiting when it looks), and keeps progress.json
 /// (counts, rate, ETA) current, from its first state (running, nothing done), written as the
-/// sink is made. The last transaction and state are the writer's, or the closing thread's when
-/// the writer sleeps (stop()). With `move`, take() moves each result out of the batch (no later
-/// sink may read them), else copies it.
+/// sink is made. The last transaction is the writer's, or the closing thread's when the writer
+/// sleeps (stop()); progress.json's final state is always the writer's, after that commit:
+/// close() returns once the last run is stored, and finish() waits for that final state (the
+/// caller writes its reports meanwhile). With `move`, take() moves each result out of the batch
+/// (no later sink may read them), else copies it.
 class StoreSink : public Sink {
  public:
   StoreSink(Store& store, std::string dir, size_t planned, size_t resumed, bool move)
@@ -530,30 +533,55 @@ class StoreSink : public Sink {
     try {
       write_progress_file(dir_, planned_, resumed_, RunCounts{}, 0.0, false);
     } catch (...) {
-      stopped_ = closer_finished_ = true;  // the writer returns without touching the store
+      stopped_ = closer_inserts_ = true;  // the writer returns, its statements prepared at most
+      error_ = std::current_exception();
       lock.unlock();
+      cv_.notify_all();
       writer_.join();
       throw;
     }
   }
-  ~StoreSink() override { stop(); }
+  ~StoreSink() override {
+    stop();
+    if (writer_.joinable()) writer_.join();
+  }
   void take(std::vector<Finished>& batch) override {
     std::unique_lock<std::mutex> lock(mu_);
-    // Back-pressure: workers wait while the writer is behind, so memory stays bounded.
+    // Back-pressure: workers wait while the writer is behind, so memory stays bounded (a napping
+    // writer is woken then: its nap may be long after a change of pace).
+    if (queue_.size() >= kMaxQueued && sleeping_) cv_.notify_one();
     drained_.wait(lock, [&] { return queue_.size() < kMaxQueued || error_ || stopped_; });
     if (error_) std::rethrow_exception(error_);
+    // The rate runs come at, for the writer's naps: since the end of the first work item (the
+    // study's set-up and the threads' start-up left out), over every worker.
+    const auto now = std::chrono::steady_clock::now();
+    if (first_take_ == std::chrono::steady_clock::time_point{}) first_take_ = now;
+    else rate_runs_ += batch.size();
+    if (rate_runs_ > 0) per_run_ = std::chrono::duration<double>(now - first_take_).count() / static_cast<double>(rate_runs_);
     for (auto& f : batch) {
       counts_[f.result.failed ? 2 : f.result.diverged ? 1 : 0] += 1;
       if (move_) queue_.push_back(std::move(f.result));
       else queue_.push_back(f.result);
     }
-    // A busy writer takes them when it is done. (Waking it for each work item near the study's
-    // end shortened the last transaction, but made the number of transactions of a small study,
-    // hence its writes, depend on thread timing: tests/faults/test_disk_full.py counts them.)
-    if (sleeping_ && queue_.size() >= kWakeAt) cv_.notify_one();
+    // No wake-up from here: the writer wakes itself when kWakeAt runs should be waiting (see
+    // loop()). Waking it from a worker cost that worker 15 us per wake-up on this VM (a futex
+    // system call and an interrupt to the other virtual CPU). (Waking it for each work item near
+    // the study's end shortened the last transaction, but made the number of transactions of a
+    // small study, hence its writes, depend on thread timing: tests/faults/test_disk_full.py
+    // counts them.)
   }
+  /// Returns once every run taken is in the store (or the store failed: rethrown). A failure of
+  /// the final progress.json that follows the commit is finish()'s.
   void close() override {
     stop();
+    std::unique_lock<std::mutex> lock(mu_);
+    drained_.wait(lock, [&] { return committed_ || error_; });
+    if (!committed_) std::rethrow_exception(error_);
+  }
+  /// Returns once progress.json holds its final state (or its write failed: rethrown).
+  void finish() {
+    close();
+    if (writer_.joinable()) writer_.join();
     if (error_) std::rethrow_exception(error_);
   }
 
@@ -563,50 +591,81 @@ class StoreSink : public Sink {
     if (stopped_) return;
     stopped_ = true;
     // A sleeping writer would first have to be woken (0.05 to 1.7 ms on this VM) before the last
-    // transaction: this thread inserts what is left instead while the writer wakes, and the
-    // writer, woken, only returns (join() still waits for that, now beside the insert and the
-    // final progress.json rather than before them). A writer inside a transaction sees stopped_
-    // when it is done and inserts the rest itself.
-    const bool finish_here = sleeping_ && !error_;
-    closer_finished_ = finish_here;
+    // transaction: this thread inserts what is left instead, and then wakes the writer for
+    // progress.json's final state, which nothing here waits for (see finish()). A writer inside
+    // a transaction sees stopped_ when it is done and inserts the rest itself.
+    const bool insert_here = sleeping_ && !error_;
+    closer_inserts_ = insert_here;
     std::vector<StrategyResult> rest;
-    if (finish_here) rest.swap(queue_);
+    if (insert_here) rest.swap(queue_);
     const RunCounts counts = counts_;
     lock.unlock();
-    cv_.notify_all();
     drained_.notify_all();
-    if (finish_here) {
-      try {
-        write(rest, counts, true);
-      } catch (...) {
-        fail(std::current_exception());
-      }
+    if (!insert_here) {
+      cv_.notify_all();
+      return;
     }
-    if (writer_.joinable()) writer_.join();
-  }
-  /// One transaction and, at the end or 1 s or more after the last, progress.json.
-  void write(const std::vector<StrategyResult>& batch, const RunCounts& counts, bool last) {
-    store_.insert(batch);
-    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-    if (last || elapsed - last_progress_ >= 1.0) {
-      last_progress_ = elapsed;
-      write_progress_file(dir_, planned_, resumed_, counts, elapsed, last);
+    try {
+      store_.insert(rest);
+    } catch (...) {
+      fail(std::current_exception());
+      cv_.notify_all();
+      return;
     }
+    committed(counts);
   }
+  /// The last transaction is committed: close() may return, and the writer writes progress.json's
+  /// final state with these counts and the time of the commit.
+  void committed(const RunCounts& counts) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      committed_ = true;
+      final_counts_ = counts;
+      final_elapsed_ = elapsed();
+    }
+    drained_.notify_all();
+    cv_.notify_all();
+  }
+  /// How long the kWakeAt - queued runs still to come should take at the rate runs have come
+  /// (see take()), from 0.05 ms to 0.2 s; until that rate is known, a quarter of the time since the
+  /// sink was made, from 0.1 ms (a first item of a fast study took 0.3 to 0.6 ms; a slow study's
+  /// writer wakes about three times per doubling of the time it has waited). With mu_ held.
+  std::chrono::steady_clock::duration nap() const {
+    const double s = per_run_ > 0 ? std::max(5e-5, per_run_ * static_cast<double>(kWakeAt - std::min(queue_.size(), kWakeAt)))
+                                  : std::max(1e-4, elapsed() / 4);
+    using seconds = std::chrono::duration<double>;
+    return std::chrono::duration_cast<std::chrono::steady_clock::duration>(seconds(std::min(s, 0.2)));
+  }
+  double elapsed() const { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count(); }
   void loop() {
     pthread_setname_np(pthread_self(), "bnlab-writer");  // for perf and top -H
+    // While the constructor writes progress.json and the first work item runs: the statements,
+    // and this thread's first allocations (its malloc arena), which made the first transaction
+    // 0.5 to 0.85 ms instead of 0.15 to 0.25 (no other thread uses the store until the phase ends).
+    try {
+      store_.prepare_inserts();
+    } catch (...) {
+      fail(std::current_exception());
+      return;
+    }
     std::unique_lock<std::mutex> lock(mu_);
     std::vector<StrategyResult> batch;  // its capacity goes back to the queue after each transaction
-    while (true) {
-      // Woken by a worker once kWakeAt runs wait, by stop(), or after 0.2 s; kWakeAt runs that
-      // came in while it was inserting are taken at once.
+    while (!committed_) {
+      // It takes the queue once kWakeAt runs wait, at the end (woken by stop()), or 0.2 s after
+      // it began to wait; kWakeAt runs that came in while it was inserting are taken at once. It
+      // wakes itself to look: when kWakeAt runs should be there at the rate they have come so far.
       const auto ready = [&] { return stopped_ || queue_.size() >= kWakeAt; };
       if (!ready()) {
         sleeping_ = true;
-        cv_.wait_for(lock, std::chrono::milliseconds(200), ready);
+        const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(200);
+        while (!ready() && std::chrono::steady_clock::now() < until)
+          cv_.wait_until(lock, std::min(until, std::chrono::steady_clock::now() + nap()));
         sleeping_ = false;
       }
-      if (closer_finished_) return;  // stop() inserted the rest
+      if (closer_inserts_) {  // stop() inserts the rest: its commit, or its failure
+        cv_.wait(lock, [&] { return committed_ || error_; });
+        break;
+      }
       const bool last = stopped_;
       batch.clear();
       batch.swap(queue_);
@@ -614,20 +673,35 @@ class StoreSink : public Sink {
       lock.unlock();
       drained_.notify_all();
       try {
-        write(batch, counts, last);
+        store_.insert(batch);
+        if (last) {
+          committed(counts);
+        } else if (elapsed() - last_progress_ >= 1.0) {  // at most once a second while it runs
+          last_progress_ = elapsed();
+          write_progress_file(dir_, planned_, resumed_, counts, last_progress_, false);
+        }
       } catch (...) {
         fail(std::current_exception());
         return;
       }
       lock.lock();
-      if (last) return;
+    }
+    if (error_) return;
+    const RunCounts counts = final_counts_;
+    const double at = final_elapsed_;
+    lock.unlock();
+    try {
+      write_progress_file(dir_, planned_, resumed_, counts, at, true);
+    } catch (...) {
+      fail(std::current_exception());
     }
   }
-  /// The writer's error, for the workers (take) and close() to rethrow; the writer then stops.
+  /// The writer's or the closing thread's error, for the workers (take), close() and finish() to
+  /// rethrow; the writer then stops.
   void fail(std::exception_ptr e) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      error_ = std::move(e);
+      if (!error_) error_ = std::move(e);
     }
     drained_.notify_all();
   }
@@ -643,14 +717,25 @@ class StoreSink : public Sink {
   static constexpr size_t kMaxQueued = 1 << 13;
   /// The writer takes the queue once this many runs wait (or every 200 ms, or at the end), so that
   /// a small study's runs are inserted while the workers compute rather than all after them.
-  static constexpr size_t kWakeAt = 64;
+  /// One 16-lane work item: inserting runs costs the writer about what computing them costs a
+  /// worker (4 to 5 us per run on this VM), so it begins with the first item; once behind, it
+  /// takes what has come meanwhile, in larger transactions (35 us each). A study of fewer runs
+  /// that ends within 0.2 s has one transaction, at its end, whatever the timing (tests/faults
+  /// counts its writes).
+  static constexpr size_t kWakeAt = 16;
   std::mutex mu_;
   std::condition_variable cv_, drained_;
   std::vector<StrategyResult> queue_;
   RunCounts counts_{};  // in this invocation
+  std::chrono::steady_clock::time_point first_take_{};  // when the first work item came
+  size_t rate_runs_ = 0;  // runs that came after it
+  double per_run_ = 0;    // seconds per run since then (0: not known yet)
   bool stopped_ = false;
-  bool sleeping_ = false;    // the writer waits on cv_
-  bool closer_finished_ = false;  // stop() (or a failed constructor) stands in for the writer, which returns
+  bool sleeping_ = false;        // the writer waits on cv_
+  bool closer_inserts_ = false;  // stop() (or a failed constructor) stands in for the writer's last transaction
+  bool committed_ = false;       // the last transaction is committed
+  RunCounts final_counts_{};     // what it stored, and when (for progress.json's final state)
+  double final_elapsed_ = 0;
   std::exception_ptr error_;
   std::thread writer_;
 };
@@ -969,22 +1054,25 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());  // reads sysfs: 30 us here
   const size_t jobs = std::max<size_t>(1, std::min<size_t>(plan.items.size(), options.jobs > 0 ? static_cast<size_t>(options.jobs) : hw));
 
+  // The store's sink lives on past the phase: its writer writes progress.json's final state after
+  // the last commit while this thread writes the reports (finish() below waits for it).
+  std::optional<StoreSink> to_store;
   {
     // The store's sink moves the results into its queue (copying them, with the store's lock held,
     // was 5 to 11 us per work item) unless the on_run callback, after it, reads them. The weights
     // file is written before its run can be in the store, and a batch is in the store's queue
     // before a callback can throw.
     // progress.json says "running" once the sink is made (a watcher, a test, a Slurm script waits
-    // for it); the writer rewrites it once a second at most, and at the phase's end. The writer
+    // for it); the writer rewrites it once a second at most, and after the phase's last commit. The writer
     // used to write it after its first transaction: the same 0.3-0.45 ms (creating the file,
     // renaming it over the old one), which in a 1,000-sample train study delayed the writer, and
     // the writer, not the engine, ended that phase. Here it is outside the phase's clock.
-    StoreSink to_store(store, dir, plan.mine.size(), plan.resumed, /*move=*/!options.on_run);
+    to_store.emplace(store, dir, plan.mine.size(), plan.resumed, /*move=*/!options.on_run);
     t = clock::now();
     ConsoleSink console(plan, verbose, log);
     WeightsSink weights(dir);
     CallbackSink callback(options.on_run);
-    std::vector<Sink*> sinks{&weights, &to_store, &console};
+    std::vector<Sink*> sinks{&weights, &*to_store, &console};
     if (options.on_run) sinks.push_back(&callback);
     Executor executor(w, plan, verbose, single_run, sinks);
     std::exception_ptr error;
@@ -1013,6 +1101,7 @@ RunResult run(const Config& input, const RunOptions& options, std::ostream& log)
   // Callers of small studies get the runs; large ones read the store.
   if (plan.mine.size() <= static_cast<size_t>(config.report.export_limit)) result.runs = store.read_all();
   const double report_seconds = since(t);
+  to_store->finish();
   store.seal();
   const auto counts = store.status_counts();
   result.failed = counts.failed;

@@ -316,8 +316,7 @@ void Store::set_meta(const std::string& key, const std::string& value) {
   if (sqlite3_step(q.st) != SQLITE_DONE) fail(db_, path_, "cannot write the metadata");
 }
 
-void Store::insert(const std::vector<StrategyResult>& runs) {
-  if (runs.empty()) return;
+void Store::prepare_inserts() {
   if (insert_run_ == nullptr) {
     // Both statements or neither: a guard finalizes what was prepared when fail() throws (after it
     // has read SQLite's error), so a failed prepare leaves no half-made pair for the next call.
@@ -338,6 +337,11 @@ void Store::insert(const std::vector<StrategyResult>& runs) {
     insert_epochs_ = epochs_st;
     run_st = epochs_st = nullptr;
   }
+}
+
+void Store::insert(const std::vector<StrategyResult>& runs) {
+  if (runs.empty()) return;
+  prepare_inserts();
   exec("BEGIN IMMEDIATE;");
   try {
     for (const auto& r : runs) {

@@ -30,7 +30,7 @@ bool diverged(const StrategyResult& r, double factor);
 const char* run_status(const StrategyResult& r);
 
 /// A connection to one store. One thread at a time may use a Store (its connection is opened
-/// without SQLite's mutex): the study's writer thread between its start and its join (or the
+/// without SQLite's mutex): the study's writer thread from its start to its last commit (or the
 /// thread that closes the study's sink, when it takes the last transaction over from a sleeping
 /// writer; the hand-overs are ordered by the sink's mutex), the caller before and after.
 class Store {
@@ -61,6 +61,9 @@ class Store {
 
   /// Inserts finished runs (their `engine` and curves included) in one transaction.
   void insert(const std::vector<StrategyResult>& runs);
+  /// Prepares insert()'s statements now (else its first call does), e.g. on a thread that waits
+  /// for runs anyway.
+  void prepare_inserts();
   /// Runs of every status, in the store.
   size_t count() const;
   struct Counts {

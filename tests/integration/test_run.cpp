@@ -148,6 +148,45 @@ TEST(Run, AProgressFileThatCannotBeWrittenStopsTheStudyCleanly) {
   EXPECT_EQ(nlohmann::json::parse(read_file(dir + "/progress.json"))["state"], "finished");
 }
 
+// progress.json's final state is written by the store's writer thread after the last commit,
+// while run() writes the reports; run() waits for it before the manifest. When that write fails
+// (its temporary's path made a folder while the study runs), run() reports it naming the file,
+// progress.json stays the last complete state, every run is in the store, and a rerun finishes.
+TEST(Run, AFinalProgressFileThatCannotBeWrittenFailsTheRunAfterItsRunsAreStored) {
+  const auto c = load_config(source("configs/smoke/keras_nll.json"));
+  const auto dir = temp_dir("progress_final") + "/run";
+  RunOptions o = test::quiet_options(dir);
+  const std::string blocker = temp_name(dir + "/progress.json");
+  std::string during;
+  size_t seen = 0;
+  o.on_run = [&](const StrategyResult&) {
+    // At the last run (both are in the store's queue by now): only the final write follows,
+    // unless the phase took a second (the writer's rewrite once a second).
+    if (++seen < 2) return;
+    during = read_file(dir + "/progress.json");
+    ASSERT_TRUE(std::filesystem::create_directory(blocker));
+    std::ofstream(blocker + "/keep") << "x";
+  };
+  std::ostringstream log;
+  try {
+    run(c, o, log);
+    ADD_FAILURE() << "the study ended without its final progress file";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("progress.json"), std::string::npos) << e.what();
+  }
+  ASSERT_FALSE(during.empty());
+  EXPECT_EQ(read_file(dir + "/progress.json"), during);
+  EXPECT_EQ(nlohmann::json::parse(during)["state"], "running");
+  EXPECT_FALSE(std::filesystem::exists(dir + "/manifest.json")) << "a manifest for a run that failed";
+  std::filesystem::remove_all(blocker);
+  o.on_run = nullptr;
+  const RunResult r = run(c, o, log);
+  EXPECT_EQ(r.resumed, 2u) << "the runs were not in the store";
+  const auto end = nlohmann::json::parse(read_file(dir + "/progress.json"));
+  EXPECT_EQ(end["state"], "finished");
+  EXPECT_EQ(end["resumed"].get<int>(), 2);
+}
+
 TEST(Run, SetsAreRunsWithTheirRowsRecordedAndCurvesIndependentOfLanes) {
   // finetune.sets (issue 17, part 4) end to end: three drawn sets of four samples, batches of two.
   const auto c = load_config(source("configs/smoke/keras_nll.json"),
