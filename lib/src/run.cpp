@@ -938,7 +938,11 @@ class Executor {
     std::vector<StrategyResult> rs;
     try {
       rs = finetune_batched(*w_.models[key.seed], strategy, c_, run, w_.data, samples,
-                            [&](size_t lane, const EpochRecord& e) { out[lane].text += epoch_line(e); },
+                            // Epoch lines are text for the console at verbose 2 only; below it, no call
+                            // per lane and epoch (an empty line appended 160 times per 16-lane item).
+                            verbose_ >= 2 ? std::function<void(size_t, const EpochRecord&)>(
+                                                [&](size_t lane, const EpochRecord& e) { out[lane].text += epoch_line(e); })
+                                          : nullptr,
                             keep_weights_ ? &tuned : nullptr, prepared_for(key, run), &cache);
     } catch (const std::exception& e) {
       rs.assign(ms.size(), failure(e));
