@@ -342,9 +342,17 @@ void Store::prepare_inserts() {
 void Store::insert(const std::vector<StrategyResult>& runs) {
   if (runs.empty()) return;
   prepare_inserts();
+  // In run order: the work items of several workers arrive in any order, and a row inserted
+  // before the last one of its table splits a page where appending fills it (a 90,000-run study
+  // at --jobs 2: 28.0 to 28.7 MB by arrival order, 27.6 at --jobs 1).
+  thread_local std::vector<const StrategyResult*> order;
+  order.clear();
+  for (const auto& r : runs) order.push_back(&r);
+  std::sort(order.begin(), order.end(), [](const StrategyResult* a, const StrategyResult* b) { return a->run < b->run; });
   exec("BEGIN IMMEDIATE;");
   try {
-    for (const auto& r : runs) {
+    for (const StrategyResult* p : order) {
+      const StrategyResult& r = *p;
       sqlite3_stmt* st = insert_run_;
       sqlite3_reset(st);
       sqlite3_bind_int64(st, 1, static_cast<sqlite3_int64>(r.run));
