@@ -78,6 +78,7 @@ class Net {
       specs_.push_back(spec);
     }
     for (const auto& l : layers_) ranges_.push_back(parameter_range(l));
+    deferred_.assign(layers_.size(), false);
     outputs_ = model.outputs();
     // Every float array in one arena (see Arena); the hottest pair, parameters and gradients, first.
     const int64_t copies = shared ? 1 : lanes;
@@ -173,7 +174,7 @@ class Net {
   void replicate(int64_t from) {
     Snapshot s;
     snapshot(from, s, true);
-    replicate(s);
+    replicate(s, /*defer=*/false);
     spread_of_ = nullptr;  // s is gone: its address may be another snapshot's next time
   }
   /// Writes the state `s` (a snapshot of one lane) into every lane, the padding too. When the
@@ -181,12 +182,21 @@ class Net {
   /// wrote parameters, the layers below the lowest one they may have changed hold s's parameters
   /// still, in every lane: those are not written again (under train, whose backward pass stops at
   /// the topmost BatchNorm, 95% of seed_repro's parameters).
-  void replicate(const Snapshot& s) {
+  /// With `defer` (s outlives every use of this Net until the next replicate), a Dense layer's
+  /// parameters are not written to interleaved one-row lanes at all: until a pass writes them, its
+  /// forward passes read s (mark_same) and its first fused SGD step reads s and writes the lanes
+  /// (dense_backward_sgd_same); anything else that reads or writes the lanes' state writes s's
+  /// values there first (materialize). Spreading them cost 3% of a frozen study's main thread,
+  /// 300 KB per 16-lane work item that the first step rewrote.
+  void replicate(const Snapshot& s, bool defer = true) {
     const size_t keep = spread_of_ == &s && spread_version_ == store_.version ? unchanged_below_ : 0;
     ++store_.version;
     for (int64_t lane = 0; lane < store_.lanes; ++lane) std::copy_n(s.counts.data(), n_counts_, counts_.data() + lane * n_counts_);
-    const int64_t from = keep < layers_.size() ? param_begin_[keep] : n_params_;
-    spread(params_, n_params_, s.values.data(), from);
+    const bool may_defer = defer && store_.V > 1 && store_.stride == 1 && !store_.shared;
+    for (size_t i = keep; i < layers_.size(); ++i) {  // the layers below keep hold s (or defer to it) still
+      deferred_[i] = may_defer && layers_[i].spec.kind == LayerKind::kDense;
+      if (!deferred_[i]) spread(params_, n_params_, s.values.data(), param_begin_[i], param_end(i));
+    }
     spread(buffers_, n_buffers_, s.values.data() + n_params_);
     spread_of_ = &s;
     spread_version_ = store_.version;
@@ -322,12 +332,20 @@ class Net {
       // Before the layer's own backward (and the optimizer after it) may change it: a pass that
       // throws part-way leaves the mark right for the next replicate().
       unchanged_below_ = std::min(unchanged_below_, i);
+      // Deferred lanes (replicate): a fused SGD step of one row reads the snapshot and writes
+      // them; any other pass reads them, so they are written first.
+      if (deferred_[i]) {
+        if (l.mode.trainable && store_.sgd != nullptr && store_.rows == 1) l.lazy_params = spread_of_->values.data();
+        else materialize(i);
+        deferred_[i] = false;
+      }
       const float* in = i == 0 ? x : acts_[i - 1];
       if (l.need_dx && zero_below(i, x, g)) {
         // Its own gradients, no dx; what is below keeps every bit (see zero_below).
         l.need_dx = false;
         layer_kind(l.spec.kind).backward(store_, l, in, acts_[i], g, next);
         l.need_dx = true;
+        l.lazy_params = nullptr;
         zero_gradient_shortcut_count.fetch_add(1, std::memory_order_relaxed);
         // Nothing below i changes: the next forward_pair may keep this fit pass's outputs there,
         // and the optimizer steps only the layers from i up.
@@ -338,6 +356,7 @@ class Net {
         return;
       }
       layer_kind(l.spec.kind).backward(store_, l, in, acts_[i], g, next);
+      l.lazy_params = nullptr;
       std::swap(g, next);
     }
     below_ok_version_ = 0;  // the parameters below may have changed
@@ -361,6 +380,7 @@ class Net {
 
   /// Copies the state of `lane` into `dst` (save) or back from it.
   void snapshot(int64_t lane, Snapshot& dst, bool save) {
+    materialize_all();
     const int64_t V = store_.V, v = lane % V;
     float* p = store_.P(lane / V) + v;
     float* b = store_.B(lane / V) + v;
@@ -381,6 +401,7 @@ class Net {
  private:
   /// Moves every state tensor by its state-dict name, as the kind's state() lists it.
   void transfer(int64_t lane, ModelImpl& model, bool in) {
+    materialize_all();
     torch::NoGradGuard no_grad;
     if (in) ++store_.version;
     std::map<std::string, torch::Tensor> tensors;
@@ -517,16 +538,26 @@ class Net {
       layers_[i].same_params = valid && i < unchanged_below_ ? spread_of_->values.data() : nullptr;
   }
 
-  /// Writes elements [from, n) of one lane's n (`column`) into every lane of every group of a
-  /// block (interleaved groups: the kernels' spread, one vector store per value, compiled for the
-  /// CPU's widest path).
-  void spread(float* block, int64_t n, const float* column, int64_t from = 0) {
-    const int64_t V = store_.V;
+  /// Writes elements [from, to) (to: n when negative) of one lane's n (`column`) into every lane
+  /// of every group of a block (interleaved groups: the kernels' spread, one vector store per
+  /// value, compiled for the CPU's widest path).
+  void spread(float* block, int64_t n, const float* column, int64_t from = 0, int64_t to = -1) {
+    const int64_t V = store_.V, end = to < 0 ? n : to;
     for (int64_t grp = 0; grp < store_.groups(); ++grp) {
       float* dst = block + (grp * n + from) * V;
-      if (V == lanes::kWidth) lanes::active().spread(column + from, dst, n - from);
-      else std::copy_n(column + from, n - from, dst);
+      if (V == lanes::kWidth) lanes::active().spread(column + from, dst, end - from);
+      else std::copy_n(column + from, end - from, dst);
     }
+  }
+  int64_t param_end(size_t i) const { return i + 1 < layers_.size() ? param_begin_[i + 1] : n_params_; }
+  /// Writes layer i's deferred parameters (replicate) into every lane.
+  void materialize(size_t i) {
+    if (!deferred_[i]) return;
+    spread(params_, n_params_, spread_of_->values.data(), param_begin_[i], param_end(i));
+    deferred_[i] = false;
+  }
+  void materialize_all() {
+    for (size_t i = 0; i < deferred_.size(); ++i) materialize(i);
   }
 
   /// x as the first layer reads it: itself, or interleaved into xin_ (the padding stays 0).
@@ -543,6 +574,8 @@ class Net {
   std::vector<LayerSpec> specs_;  ///< the layers' specs, as resolve_modes reads them
   std::vector<Segment> ranges_;   ///< each layer's parameter_range
   std::vector<int64_t> param_begin_;  ///< where each layer's parameters begin (they follow the layers' order)
+  /// Per layer: its parameters are not written in the lanes, which hold spread_of_'s (replicate).
+  std::vector<bool> deferred_;
   std::vector<LayerMode> default_modes_;  ///< set_policy(nullptr)'s resolution
   int64_t n_params_ = 0, n_buffers_ = 0, n_counts_ = 0, outputs_ = 0;
   Arena arena_;

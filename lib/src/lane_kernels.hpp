@@ -65,6 +65,10 @@ struct Kernels {
   /// dense_backward then Sgd over dW and db, bit for bit.
   void (*dense_backward_sgd)(float* W, float* bias, const float* x, const float* g, float* dx, int64_t rows,
                              int64_t out, int64_t in, bool from_zero, Sgd sgd);
+  /// dense_backward_sgd of one row when every lane's W and bias hold ws [out][in] and bs|null
+  /// [out], one plain copy, read broadcast; the lanes' W and bias are only written (the same bits).
+  void (*dense_backward_sgd_same)(const float* ws, const float* bs, float* W, float* bias, const float* x,
+                                  const float* g, float* dx, int64_t out, int64_t in, bool from_zero, Sgd sgd);
 
   /// C = init|null (0) + A B, A [M][K], B [K][N], C [M][N], plain (not interleaved): each element
   /// summed from its start with k ascending, kernels::gemm's order (one lane's product of many rows).

@@ -109,6 +109,15 @@ class DenseKind final : public LayerKindDef {
     if (s.V > 1) {
       const auto& k = lanes::active();
       const int64_t V = s.V;
+      if (trainable && s.sgd != nullptr && L.lazy_params != nullptr && s.rows == 1) {
+        const float* ws = L.lazy_params + L.at[0];
+        const float* bs = l.use_bias ? L.lazy_params + L.at[1] : nullptr;
+        for (int64_t grp = 0; grp < s.groups(); ++grp)
+          k.dense_backward_sgd_same(ws, bs, s.P(grp) + L.at[0] * V, l.use_bias ? s.P(grp) + L.at[1] * V : nullptr,
+                                    in + grp * s.stride * l.in * V, g + grp * s.stride * l.out * V,
+                                    L.need_dx ? dx + grp * s.stride * l.in * V : nullptr, l.out, l.in, false, *s.sgd);
+        return;
+      }
       if (trainable && s.sgd != nullptr) {
         for (int64_t grp = 0; grp < s.groups(); ++grp)
           k.dense_backward_sgd(s.P(grp) + L.at[0] * V, l.use_bias ? s.P(grp) + L.at[1] * V : nullptr,

@@ -260,6 +260,29 @@ TEST(LaneKernels, SharedWeightsGiveWhatEachLanesCopyGivesOnEveryInstructionSet) 
             if (out * in > 1) {  // (W[0] is 0)
               ASSERT_FALSE(same_bits(ga, gb)) << "the two inputs gave the same outputs";
             }
+            // The fused SGD step of one row reading the shared copy and writing the lanes (whose
+            // old contents it must not read: they hold garbage here) gives what it gives on the
+            // lanes' copies, with dx (from 0 and the first row) and without.
+            const auto g = values(out * kW, 25);
+            lanes::Sgd sgd;
+            sgd.neg_lr = -0.37f;
+            for (bool with_dx : {true, false}) {
+              auto Wwant = Wl, bwant = bl;
+              std::vector<float> dxwant(static_cast<size_t>(in * kW)), dxgot(dxwant.size(), 123.f);
+              k.dense_backward_sgd(Wwant.data(), with_bias ? bwant.data() : nullptr, x.data(), g.data(),
+                                   with_dx ? dxwant.data() : nullptr, 1, out, in, false, sgd);
+              std::vector<float> Wgot(Wl.size(), std::numeric_limits<float>::quiet_NaN()), bgot(bl.size(), 7.f);
+              k.dense_backward_sgd_same(W.data(), b, Wgot.data(), with_bias ? bgot.data() : nullptr, x.data(), g.data(),
+                                        with_dx ? dxgot.data() : nullptr, out, in, false, sgd);
+              ASSERT_TRUE(same_bits(Wgot, Wwant)) << "fused SGD on shared weights, weights";
+              if (with_bias) {
+                ASSERT_TRUE(same_bits(bgot, bwant)) << "fused SGD on shared weights, bias";
+              }
+              if (with_dx) {
+                ASSERT_TRUE(same_bits(dxgot, dxwant)) << "fused SGD on shared weights, dx";
+              }
+              ASSERT_FALSE(same_bits(Wwant, Wl)) << "the step changed nothing";
+            }
             ++checked;
           }
   }
