@@ -144,7 +144,7 @@ out="$root/BENCHMARKS.md"
   echo "$(rss "$tmp/study2.rss") with $(nproc) jobs (torch engine, $slow_samples samples: $(rss "$tmp/torch1.rss")); Python script, all three parts: $(rss "$tmp/py.rss")."
   echo
   echo "The study: bnlab $samples samples, Python and the torch engine $slow_samples (rates are per sample-epoch). The fine-tuning phase"
-  echo "is manifest.json's \`timings_s.finetune\` (preparing each strategy's model, fine-tuning, storing every run, rewriting progress.json while it runs; its final state is written beside the reports); the whole command"
+  echo "is manifest.json's \`timings_s.finetune\` (preparing each strategy's model, fine-tuning, storing every run, rewriting progress.json while it runs; its final state is written after the phase's clock stops, while the reports are written); the whole command"
   echo "adds loading the cached weights, writing every report and process start-up. curves.csv at 1 and $(nproc) jobs: $cross."
   echo "The 32-lane engine step is $(step batched train 32) us per lane (train preset). Memory flatness over 3000 epochs is a test:"
   echo "\`Memory.FlatAcrossEpochs\` in tests/integration/test_batched.cpp."
