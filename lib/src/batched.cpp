@@ -83,7 +83,8 @@ class Net {
     // Every float array in one arena (see Arena); the hottest pair, parameters and gradients, first.
     const int64_t copies = shared ? 1 : lanes;
     param_floats_ = static_cast<size_t>(copies * n_params_);
-    // Parameters are written whole by load() and replicate() before any use, and gradients by
+    // Parameters are written whole by load() and replicate() before any use (a Dense layer's, in
+    // interleaved one-row lanes, deferred to its first step: see replicate()), and gradients by
     // every backward pass before the optimizer reads them: neither is zeroed.
     const size_t p = arena_.reserve(copies * n_params_, /*zeroed=*/false);
     const size_t g = arena_.reserve(shared ? 0 : copies * n_params_, /*zeroed=*/false);
@@ -334,6 +335,7 @@ class Net {
       unchanged_below_ = std::min(unchanged_below_, i);
       // Deferred lanes (replicate): a fused SGD step of one row reads the snapshot and writes
       // them; any other pass reads them, so they are written first.
+      l.lazy_params = nullptr;
       if (deferred_[i]) {
         if (l.mode.trainable && store_.sgd != nullptr && store_.rows == 1) l.lazy_params = spread_of_->values.data();
         else materialize(i);

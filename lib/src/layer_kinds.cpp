@@ -109,7 +109,8 @@ class DenseKind final : public LayerKindDef {
     if (s.V > 1) {
       const auto& k = lanes::active();
       const int64_t V = s.V;
-      if (trainable && s.sgd != nullptr && L.lazy_params != nullptr && s.rows == 1) {
+      if (L.lazy_params != nullptr) {  // the lanes hold nothing of this layer yet: only this step may run
+        TORCH_CHECK(trainable && s.sgd != nullptr && s.rows == 1, "batched engine: deferred Dense lanes outside a fused one-row SGD step");
         const float* ws = L.lazy_params + L.at[0];
         const float* bs = l.use_bias ? L.lazy_params + L.at[1] : nullptr;
         for (int64_t grp = 0; grp < s.groups(); ++grp)

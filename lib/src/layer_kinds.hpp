@@ -109,9 +109,10 @@ struct BatchedLayer {
   /// at `at`, not interleaved), which a kind may read once for all lanes instead of each lane's
   /// copy. Null otherwise.
   const float* same_params = nullptr;
-  /// Set by the Net for one backward pass: this Dense layer's lanes were never written since the
-  /// Net spread these values (one lane's state, plain) to every lane; a fused SGD step reads them
-  /// from here and writes the lanes (see Net::replicate).
+  /// Set by the Net for one backward pass of a trainable Dense layer under a fused SGD rule, one
+  /// row per lane: the lanes do not hold this layer's parameters yet (their memory is stale);
+  /// they are these values (one lane's state, plain), which the step reads from here before it
+  /// writes the lanes (see Net::replicate).
   const float* lazy_params = nullptr;
 };
 
