@@ -34,6 +34,8 @@ import tempfile
 import h5py
 import numpy as np
 
+from store_copy import copy_store
+
 COMMANDS = ("run", "explain", "golden", "check", "export", "merge")
 ap = argparse.ArgumentParser()
 ap.add_argument("bin")
@@ -118,14 +120,9 @@ def walk(root):
 def store_ok(path):
     """SQLite's integrity check on a copy of the store with its journal or log: a transaction cut
     short leaves a hot journal, which SQLite rolls back on the next writable open, as bnlab's."""
-    scratch = os.path.join(tmp, "scratch")
-    shutil.rmtree(scratch, ignore_errors=True)
-    os.makedirs(scratch)
-    for suffix in ("", "-journal", "-wal", "-shm"):
-        if os.path.exists(path + suffix):
-            shutil.copy(path + suffix, os.path.join(scratch, "study.sqlite" + suffix))
+    copy = copy_store(path, os.path.join(tmp, "scratch"))
     try:
-        con = sqlite3.connect(os.path.join(scratch, "study.sqlite"))
+        con = sqlite3.connect(copy)
         ok = con.execute("PRAGMA integrity_check").fetchone()[0]
         con.close()
         return None if ok == "ok" else f"integrity_check says {ok}"

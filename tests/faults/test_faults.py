@@ -17,7 +17,6 @@ import csv
 import json
 import os
 import random
-import shutil
 import signal
 import sqlite3
 import struct
@@ -27,6 +26,8 @@ import tempfile
 import time
 
 import torch
+
+from store_copy import copy_store
 
 BIN, SRC = sys.argv[1], sys.argv[2]
 CONFIG = os.path.join(SRC, "tests/faults/kill_study.json")
@@ -61,13 +62,7 @@ def store_rows(out):
     if not os.path.exists(path):
         return None
     if os.path.exists(path + "-journal"):
-        scratch = os.path.join(tmp, "hot_journal")
-        shutil.rmtree(scratch, ignore_errors=True)
-        os.makedirs(scratch)
-        for suffix in ("", "-journal", "-wal", "-shm"):
-            if os.path.exists(path + suffix):
-                shutil.copy(path + suffix, os.path.join(scratch, "study.sqlite" + suffix))
-        path = os.path.join(scratch, "study.sqlite")
+        path = copy_store(path, os.path.join(tmp, "hot_journal"))
         con = sqlite3.connect(path, timeout=30)
     else:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
