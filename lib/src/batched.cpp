@@ -133,6 +133,24 @@ class Net {
 
   int64_t lanes() const { return store_.lanes; }  ///< with the padding of the last group
   int64_t used() const { return store_.used; }    ///< lanes that hold a run
+  /// Whether `lanes` runs that fine-tune lay out in this Net's groups (interleaved, the last one
+  /// padded), so that set_used() lets it serve them: a study's last, partial work item then reuses
+  /// its worker's Net instead of making one (0.1 ms at seed_repro's size).
+  bool takes(int64_t lanes) const {
+    const int64_t V = store_.V;
+    return !store_.shared && V > 1 && lanes > 1 && (lanes + V - 1) / V * V == store_.lanes;
+  }
+  /// `lanes` of them hold a run (takes(lanes)); the others are padding again, as in a Net made
+  /// for `lanes`: input 0, no generator.
+  void set_used(int64_t lanes) {
+    TORCH_CHECK(takes(lanes), "Net::set_used: ", lanes, " lanes do not fit this Net's ", store_.lanes);
+    for (int64_t lane = lanes; lane < store_.lanes; ++lane) {
+      generators_[static_cast<size_t>(lane)] = nullptr;
+      for (int64_t row = 0; row < store_.stride; ++row)
+        for (int64_t col = 0; col < inputs_; ++col) xin_[offset(lane, row, col, inputs_)] = 0.f;
+    }
+    store_.used = lanes;
+  }
   /// Where element (row, col) of a `width`-wide activation of `lane` sits.
   int64_t offset(int64_t lane, int64_t row, int64_t col, int64_t width) const {
     const int64_t V = store_.V;
@@ -162,15 +180,21 @@ class Net {
   float* output_grad() { return ga_; }  // where the loss writes dL/d(output)
 
   /// Copies the state of `model` (same layers) into `lane`.
-  void load(int64_t lane, const ModelImpl& model) { transfer(lane, const_cast<ModelImpl&>(model), true); }
-  /// Writes `lane`'s state into `model`.
-  void store(int64_t lane, ModelImpl& model) const { const_cast<Net*>(this)->transfer(lane, model, false); }
-
   /// A lane's whole state: parameters, buffers and num_batches_tracked counters.
   struct Snapshot {
     std::vector<float> values;
     std::vector<int64_t> counts;
   };
+  void load(int64_t lane, const ModelImpl& model) { transfer(lane, const_cast<ModelImpl&>(model), true); }
+  /// Reads `model`'s state into `dst` as snapshot() lays out a lane's, without writing any lane.
+  void load(const ModelImpl& model, Snapshot& dst) {
+    dst.values.resize(static_cast<size_t>(n_params_ + n_buffers_));
+    dst.counts.assign(static_cast<size_t>(n_counts_), 0);
+    transfer(-1, const_cast<ModelImpl&>(model), true, &dst);
+  }
+  /// Writes `lane`'s state into `model`.
+  void store(int64_t lane, ModelImpl& model) const { const_cast<Net*>(this)->transfer(lane, model, false); }
+
   /// Copies lane `from`'s state to every other lane (the padding too).
   void replicate(int64_t from) {
     Snapshot s;
@@ -401,11 +425,13 @@ class Net {
   }
 
  private:
-  /// Moves every state tensor by its state-dict name, as the kind's state() lists it.
-  void transfer(int64_t lane, ModelImpl& model, bool in) {
-    materialize_all();
+  /// Moves every state tensor by its state-dict name, as the kind's state() lists it: to or from
+  /// `lane`, or (`snap`, in only) into a snapshot's layout.
+  void transfer(int64_t lane, ModelImpl& model, bool in, Snapshot* snap = nullptr) {
+    TORCH_CHECK(snap == nullptr || in, "Net::transfer: a snapshot is only read into");
+    if (snap == nullptr) materialize_all();
     torch::NoGradGuard no_grad;
-    if (in) ++store_.version;
+    if (in && snap == nullptr) ++store_.version;
     std::map<std::string, torch::Tensor> tensors;
     for (const auto& p : model.named_parameters()) tensors[p.key()] = p.value();
     for (const auto& b : model.named_buffers()) tensors[b.key()] = b.value();
@@ -422,7 +448,7 @@ class Net {
         // study's first Net's 0.1 to 0.15 ms load (the values are the same).
         const bool plain_cpu = tensor.device().is_cpu() && tensor.is_contiguous();
         if (state[t].where == StateTensor::kCounter) {
-          int64_t& count = store_.C(lane)[l.at[t]];
+          int64_t& count = snap != nullptr ? snap->counts[static_cast<size_t>(l.at[t])] : store_.C(lane)[l.at[t]];
           if (!in) tensor.fill_(count);
           else if (plain_cpu && tensor.scalar_type() == torch::kLong && tensor.numel() == 1) count = *tensor.data_ptr<int64_t>();
           else count = tensor.item<int64_t>();
@@ -430,9 +456,10 @@ class Net {
         }
         // Element by element through a plain float copy of the tensor (a strided torch copy costs
         // more than the copying itself for tensors this small).
-        const int64_t V = store_.V, n = tensor.numel();
-        float* base = (state[t].where == StateTensor::kParameter ? store_.P(lane / V) : store_.B(lane / V)) +
-                      l.at[t] * V + lane % V;
+        const bool param = state[t].where == StateTensor::kParameter;
+        const int64_t V = snap != nullptr ? 1 : store_.V, n = tensor.numel();
+        float* base = snap != nullptr ? snap->values.data() + (param ? 0 : n_params_) + l.at[t]
+                                      : (param ? store_.P(lane / V) : store_.B(lane / V)) + l.at[t] * V + lane % V;
         if (in) {
           const bool direct = plain_cpu && tensor.scalar_type() == torch::kFloat;
           const torch::Tensor src = direct ? torch::Tensor() : tensor.to(torch::kFloat).contiguous();
@@ -766,9 +793,11 @@ std::vector<float> gather_rows(const torch::Tensor& t, const std::vector<int64_t
 /// the model (`start`, one lane's snapshot; not kept for a shared Net, which no pass changes).
 struct CachedNet {
   CachedNet(const ModelImpl& model, int64_t lanes, int64_t rows, bool shared) : net(model, lanes, rows, shared) {
-    net.load(0, model);
-    if (shared) return;
-    net.snapshot(0, start, true);
+    // A shared Net is the copy every lane reads; one that fine-tunes gets the model's state in
+    // every lane from replicate(start) (net_for), so none is written here. Loading lane 0 and reading
+    // it back wrote and read a value per 64-byte line of the interleaved layout: 0.05 to 0.1 ms.
+    if (shared) net.load(0, model);
+    else net.load(model, start);
   }
   Net net;
   /// One lane's copy of the model's state, which replicate() spreads to every lane (not kept for a
@@ -809,7 +838,8 @@ Net& net_for(BatchedCache* cache, std::unique_ptr<CachedNet>& local, const Model
   if (owner) {
     auto& nets = BatchedCacheAccess::nets(*cache);
     auto& s = shared ? nets.shared : nets.own;
-    if (s.model.get() != owner.get() || s.lanes != lanes || s.rows != rows) {
+    const bool same_shape = s.lanes == lanes || (!shared && s.net && s.net->net.takes(lanes));
+    if (s.model.get() != owner.get() || !same_shape || s.rows != rows) {
       s.net.reset();  // its arena goes back to the thread's spares before the next is made
       s = {std::move(owner), lanes, rows, nullptr};
     }
@@ -817,6 +847,7 @@ Net& net_for(BatchedCache* cache, std::unique_ptr<CachedNet>& local, const Model
   }
   if (!*slot) *slot = std::make_unique<CachedNet>(model, lanes, rows, shared);
   CachedNet& c = **slot;
+  if (!shared && c.net.used() != lanes) c.net.set_used(lanes);
   if (!shared) c.net.replicate(c.start);
   return c.net;
 }
@@ -912,6 +943,9 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
   const bool gather = k > 1;
   const bool pairs = !gather && finetuned == nullptr;
   bool fit_ready = pairs;  // this epoch's fit pass already ran (with the last inference pass)
+  // Its losses (and their gradient) too: where the pair's passes gave one output, the inference
+  // pass's lane_losses computed the next fit pass's values on the same floats, the gradient with them.
+  bool fit_losses_ready = false;
   if (pairs) {
     net.set_policy(&strategy);
     net.forward_pair(x.data(), k, Pass::kPlain);
@@ -962,7 +996,12 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
           }
       const float* xs = gather ? xb.data() : x.data();
       if (!fit_ready) net.forward(Pass::kFit, xs, len);
-      lane_losses(net, loss_kind, gather ? yb.data() : y.data(), len, targets, steps, values, classification ? &correct : nullptr);
+      if (fit_losses_ready) {
+        values = val;
+        if (classification) correct = val_correct;
+      } else {
+        lane_losses(net, loss_kind, gather ? yb.data() : y.data(), len, targets, steps, values, classification ? &correct : nullptr);
+      }
       for (size_t l = 0; l < samples.size(); ++l) {
         sum[l] += values[l] * static_cast<double>(len);
         if (classification) sum_correct[l] += correct[l];
@@ -975,8 +1014,9 @@ std::vector<StrategyResult> finetune_batched(const ModelImpl& pretrained, const 
     fit_ready = pairs && epoch < ft.epochs;
     if (fit_ready) net.forward_pair(x.data(), k);
     else net.forward(Pass::kInfer, x.data(), k);
-    lane_losses(net, loss_kind, y.data(), k, targets, false, val, classification ? &val_correct : nullptr,
-                fit_ready ? net.inferred() : nullptr);
+    fit_losses_ready = fit_ready && net.inferred() == net.output();
+    lane_losses(net, loss_kind, y.data(), k, targets, fit_losses_ready && steps, val,
+                classification ? &val_correct : nullptr, fit_ready ? net.inferred() : nullptr);
     for (size_t l = 0; l < samples.size(); ++l) {
       auto& r = results[l];
       if (r.failed) continue;
