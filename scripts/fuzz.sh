@@ -24,7 +24,7 @@ lib="$root/lib/src"
 # targets in parallel: one builds while the others wait on the lock), then linked with each one.
 # tensorboard.cpp includes the Event proto's code, which the CMake build generates with protoc
 # into the build folder's lib/ (scripts/build.sh has run before any fuzz target).
-core=(config model_spec text json_input run_dir pickle store report html_report tensorboard tools csv)
+core=(config model_spec text json_input run_dir pickle store wal_vfs report html_report tensorboard tools csv)
 gen="${BNLAB_BUILD_DIR:-$root/build}/lib"
 [ -f "$gen/tensorboard_event.pb.cc" ] || { echo "fuzz.sh: $gen/tensorboard_event.pb.cc is missing: run scripts/build.sh first" >&2; exit 2; }
 flags=(-std=c++17 -O1 -g -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined -I"$root/lib/include" -I"$lib" -I"$gen")

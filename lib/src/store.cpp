@@ -15,6 +15,7 @@
 #include "report.hpp"
 #include "run_dir.hpp"
 #include "text.hpp"
+#include "wal_vfs.hpp"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the store writes curves as little-endian float64 blobs by copying doubles"
@@ -209,7 +210,8 @@ Store Store::open(const std::string& path, bool writable) {
   // not lock the connection around every call (about a sixth of the writer's time in a profile
   // of a 20,000-run study).
   const int flags = (writable ? SQLITE_OPEN_READWRITE : SQLITE_OPEN_READONLY) | SQLITE_OPEN_NOMUTEX;
-  if (sqlite3_open_v2(path.c_str(), &db, flags, nullptr) != SQLITE_OK) {
+  // Through store_vfs(): each transaction's log frames reach the disk as one write (wal_vfs.cpp).
+  if (sqlite3_open_v2(path.c_str(), &db, flags, store_vfs()) != SQLITE_OK) {
     const std::string why = db != nullptr ? sqlite3_errmsg(db) : "out of memory";
     sqlite3_close(db);
     throw InputError(path + ": cannot open the study store (" + why + ")");

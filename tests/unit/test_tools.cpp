@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 
 #include "bnlab/config.hpp"
@@ -18,6 +19,7 @@
 #include "store.hpp"
 #include "support.hpp"
 #include "text.hpp"
+#include "wal_vfs.hpp"
 
 namespace {
 
@@ -179,6 +181,110 @@ TEST(Tools, StoreInsertsLeaveNoBindingBehind) {
   }
   sqlite3_finalize(st);
   EXPECT_EQ(rows, 4);
+}
+
+/// `n` ok runs numbered from `first`, 10-epoch curves (as bench_store makes them).
+std::vector<StrategyResult> numbered_runs(size_t first, size_t n) {
+  std::vector<StrategyResult> out(n);
+  for (size_t i = 0; i < n; ++i) {
+    StrategyResult& r = out[i];
+    r.run = first + i;
+    r.name = "frozen";
+    r.sample = static_cast<int64_t>(first + i);
+    r.engine = "batched";
+    r.evaluate_before = 1.0 + 1e-3 * static_cast<double>(first + i);
+    for (int e = 0; e < 10; ++e) {
+      r.loss.push_back(r.evaluate_before - 1e-5 * e);
+      r.val_loss.push_back(r.evaluate_before - 1e-5 * (e + 1));
+    }
+  }
+  return out;
+}
+
+/// Runs and the sum of their first losses, as a connection that is not the store's (SQLite's
+/// default VFS, as another process would read it) sees the file now.
+std::pair<int64_t, double> seen_by_another_reader(const std::string& path) {
+  sqlite3* db = nullptr;
+  EXPECT_EQ(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+  sqlite3_stmt* st = nullptr;
+  EXPECT_EQ(sqlite3_prepare_v2(db, "SELECT count(*), total(first_loss) FROM runs", -1, &st, nullptr), SQLITE_OK);
+  EXPECT_EQ(sqlite3_step(st), SQLITE_ROW);
+  const std::pair<int64_t, double> seen{sqlite3_column_int64(st, 0), sqlite3_column_double(st, 1)};
+  sqlite3_finalize(st);
+  sqlite3_close(db);
+  return seen;
+}
+
+double first_losses(const std::vector<StrategyResult>& runs) {
+  double sum = 0;
+  for (const auto& r : runs) sum += r.loss.front();
+  return sum;
+}
+
+// The store's VFS (wal_vfs.cpp) hands a transaction's log frames to the operating system as one
+// write (in parts of under 128 KiB, the most SQLite's unix VFS writes at once), and before the
+// commit is published: another connection sees every committed run at once. A transaction larger
+// than SQLite's page cache (which then writes frames as it goes, and may rewrite one) and one
+// rolled back after that leave a sound store holding exactly the committed runs.
+TEST(Tools, StoreLogReachesTheDiskOnceAPartPerTransaction) {
+  const auto dir = temp_dir("store_log");
+  const std::string path = store_path(dir);
+  std::optional<Store> opened(Store::create(path, {{"experiment", "log"}}));
+  Store& store = *opened;
+  store.set_meta("finetune_started_at", "now");  // the log exists, as in a study
+  std::vector<StrategyResult> all;
+  const auto insert = [&](const std::vector<StrategyResult>& runs) {
+    const WalWrites before = wal_writes();
+    store.insert(runs);
+    all.insert(all.end(), runs.begin(), runs.end());
+    const WalWrites after = wal_writes();
+    // Every commit's frames went out with its commit frame, none when its locks were released
+    // (then a reader could already have seen the commit in the wal-index).
+    EXPECT_EQ(after.at_unlock, before.at_unlock);
+    const auto seen = seen_by_another_reader(path);
+    EXPECT_EQ(seen.first, static_cast<int64_t>(all.size()));
+    EXPECT_EQ(seen.second, first_losses(all));
+    return std::make_pair(after.asked - before.asked, after.issued - before.issued);
+  };
+  // 16 runs, a few pages: two writes asked per frame, one issued.
+  const auto small = insert(numbered_runs(0, 16));
+  EXPECT_GE(small.first, 4u);
+  EXPECT_EQ(small.second, 1u);
+  // 3,000 runs, about 1 MB of frames: parts of under 128 KiB (written whole, they would fail:
+  // the unix VFS masks a write's size with 0x1ffff).
+  const auto mid = insert(numbered_runs(16, 3000));
+  EXPECT_GE(mid.first, 300u);
+  EXPECT_GE(mid.second, 6u);
+  EXPECT_LE(mid.second, 12u);
+  // 30,000 runs, about 10 MB: beyond the page cache and the VFS's 4 MiB buffer.
+  const auto large = insert(numbered_runs(3016, 30000));
+  EXPECT_GE(large.first, 3000u);
+  EXPECT_LT(large.second, large.first / 20);
+  // The same run twice at the end of 30,000 new ones: the insert fails after SQLite wrote frames,
+  // the transaction rolls back, and the store holds what it held.
+  auto twice = numbered_runs(40000, 30000);
+  twice.push_back(twice.back());
+  const WalWrites before_rollback = wal_writes();
+  EXPECT_THROW(store.insert(twice), std::logic_error);
+  EXPECT_GT(wal_writes().asked, before_rollback.asked + 1000);  // SQLite wrote frames before the failure
+  // The last of them were still buffered: they went out as the write lock was released (as they
+  // would have without the buffer, beyond the log's valid end).
+  EXPECT_EQ(wal_writes().at_unlock, before_rollback.at_unlock + 1);
+  const auto after_rollback = seen_by_another_reader(path);
+  EXPECT_EQ(after_rollback.first, static_cast<int64_t>(all.size()));
+  EXPECT_EQ(after_rollback.second, first_losses(all));
+  insert(numbered_runs(33016, 16));
+  opened.reset();  // closed: SQLite copies the log into the file
+  Store back = Store::open(path, false);
+  EXPECT_EQ(back.count(), all.size());
+  const auto read = back.read_all();
+  ASSERT_EQ(read.size(), all.size());
+  for (size_t i = 0; i < all.size(); i += 997) EXPECT_EQ(read[i].val_loss, all[i].val_loss) << "run " << all[i].run;
+  sqlite3_stmt* st = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(back.db(), "PRAGMA integrity_check", -1, &st, nullptr), SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(st), SQLITE_ROW);
+  EXPECT_STREQ(reinterpret_cast<const char*>(sqlite3_column_text(st, 0)), "ok");
+  sqlite3_finalize(st);
 }
 
 TEST(Tools, ANewStoreNeverTakesAnOldOnesLog) {

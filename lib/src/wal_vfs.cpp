@@ -1,0 +1,260 @@
+// The study store's VFS (wal_vfs.hpp). SQLite writes each frame of a write-ahead log as two
+// writes, its 24-byte header and then the page; on this VM a write system call costs about 3.5 us,
+// so a transaction of 64 runs (about ten frames) spent 70 us in them, a third of the writer's time
+// at that size. Here a log's writes that follow one another in the file are kept in memory and
+// reach the operating system as one write when the transaction's commit frame is complete, before
+// SQLite publishes the frames in the wal-index: readers, a crash and a kill see what they would
+// see without it (the frames of a transaction SQLite reports committed are in the file; any
+// others are beyond the log's valid end, as SQLite's own partial writes would be).
+//
+// Buffered bytes also go out before anything that reads, syncs, sizes, truncates or closes the
+// log, before a write elsewhere in it, beyond kMaxBuffered, and when this thread releases a
+// wal-index lock (a transaction rolled back after spilling frames: they go out while its
+// connection still holds the write lock, as they would have without the buffer).
+#include "wal_vfs.hpp"
+
+#include <sqlite3.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <mutex>
+
+namespace bnlab {
+namespace {
+
+std::atomic<uint64_t> g_asked{0}, g_issued{0}, g_at_unlock{0};
+sqlite3_vfs* g_default = nullptr;
+sqlite3_vfs g_vfs;
+
+/// A transaction larger than this (SQLite spilling pages from its cache as it goes) writes in
+/// parts of this size.
+constexpr sqlite3_int64 kMaxBuffered = sqlite3_int64{4} << 20;
+
+struct File {
+  sqlite3_file base;   // pMethods: kMethods (this struct is the sqlite3_file SQLite holds)
+  sqlite3_file* real;  // the default VFS's file, in the same allocation after this struct
+  bool log;            // a write-ahead log: its writes are buffered
+  // A log's bytes not yet written, from file offset `at`.
+  char* data;
+  sqlite3_int64 len, cap, at;
+  bool commit_next;  // the last write was a commit frame's header: the next one completes it
+};
+
+/// The log this thread has bytes buffered in (at most one transaction is open per thread).
+thread_local File* t_pending = nullptr;
+
+File* as_file(sqlite3_file* f) { return reinterpret_cast<File*>(f); }
+
+/// The most one write hands the default VFS: SQLite's unix VFS writes at most 128 KiB - 1 bytes
+/// per call (it masks the size with 0x1ffff).
+constexpr sqlite3_int64 kMaxWrite = (sqlite3_int64{1} << 17) - 4096;
+
+/// Writes the buffered bytes (they are dropped if that fails: SQLite has the error).
+int flush(File* f) {
+  if (f->len == 0) return SQLITE_OK;
+  const sqlite3_int64 n = f->len;
+  f->len = 0;
+  if (t_pending == f) t_pending = nullptr;
+  for (sqlite3_int64 done = 0; done < n; done += kMaxWrite) {
+    g_issued.fetch_add(1, std::memory_order_relaxed);
+    const int part = static_cast<int>(std::min(kMaxWrite, n - done));
+    if (const int rc = f->real->pMethods->xWrite(f->real, f->data + done, part, f->at + done); rc != SQLITE_OK) return rc;
+  }
+  return SQLITE_OK;
+}
+
+uint32_t big_endian32(const void* p) {
+  unsigned char b[4];
+  std::memcpy(b, p, 4);
+  return (uint32_t{b[0]} << 24) | (uint32_t{b[1]} << 16) | (uint32_t{b[2]} << 8) | b[3];
+}
+
+int x_close(sqlite3_file* pf) {
+  File* f = as_file(pf);
+  const int rc = flush(f);
+  const int rc_close = f->real->pMethods->xClose(f->real);
+  sqlite3_free(f->data);
+  f->data = nullptr;
+  f->cap = 0;
+  return rc != SQLITE_OK ? rc : rc_close;
+}
+int x_read(sqlite3_file* pf, void* buf, int amt, sqlite3_int64 off) {
+  File* f = as_file(pf);
+  if (const int rc = flush(f); rc != SQLITE_OK) return rc;
+  return f->real->pMethods->xRead(f->real, buf, amt, off);
+}
+int x_write(sqlite3_file* pf, const void* buf, int amt, sqlite3_int64 off) {
+  File* f = as_file(pf);
+  if (!f->log) return f->real->pMethods->xWrite(f->real, buf, amt, off);
+  g_asked.fetch_add(1, std::memory_order_relaxed);
+  if (f->len > 0 && off != f->at + f->len)
+    if (const int rc = flush(f); rc != SQLITE_OK) return rc;
+  if (f->len + amt > f->cap) {
+    const sqlite3_int64 cap = std::max<sqlite3_int64>(2 * f->cap, std::max<sqlite3_int64>(f->len + amt, 64 << 10));
+    void* grown = sqlite3_realloc64(f->data, static_cast<sqlite3_uint64>(cap));
+    if (grown == nullptr) {  // write through
+      if (const int rc = flush(f); rc != SQLITE_OK) return rc;
+      f->commit_next = false;
+      g_issued.fetch_add(1, std::memory_order_relaxed);
+      return f->real->pMethods->xWrite(f->real, buf, amt, off);
+    }
+    f->data = static_cast<char*>(grown);
+    f->cap = cap;
+  }
+  if (f->len == 0) f->at = off;
+  std::memcpy(f->data + f->len, buf, static_cast<size_t>(amt));
+  f->len += amt;
+  t_pending = f;
+  // A frame header is the only 24-byte write to a log; bytes 4-7 are the database's size in pages
+  // after a commit, in a commit frame, and 0 in any other.
+  const bool completes_commit = f->commit_next;
+  f->commit_next = amt == 24 && big_endian32(static_cast<const char*>(buf) + 4) != 0;
+  if (completes_commit || f->len >= kMaxBuffered) return flush(f);
+  return SQLITE_OK;
+}
+int x_truncate(sqlite3_file* pf, sqlite3_int64 size) {
+  File* f = as_file(pf);
+  if (const int rc = flush(f); rc != SQLITE_OK) return rc;
+  return f->real->pMethods->xTruncate(f->real, size);
+}
+int x_sync(sqlite3_file* pf, int flags) {
+  File* f = as_file(pf);
+  if (const int rc = flush(f); rc != SQLITE_OK) return rc;
+  return f->real->pMethods->xSync(f->real, flags);
+}
+int x_file_size(sqlite3_file* pf, sqlite3_int64* size) {
+  File* f = as_file(pf);
+  if (const int rc = flush(f); rc != SQLITE_OK) return rc;
+  return f->real->pMethods->xFileSize(f->real, size);
+}
+int x_lock(sqlite3_file* pf, int lock) { return as_file(pf)->real->pMethods->xLock(as_file(pf)->real, lock); }
+int x_unlock(sqlite3_file* pf, int lock) { return as_file(pf)->real->pMethods->xUnlock(as_file(pf)->real, lock); }
+int x_check_reserved_lock(sqlite3_file* pf, int* out) {
+  return as_file(pf)->real->pMethods->xCheckReservedLock(as_file(pf)->real, out);
+}
+int x_file_control(sqlite3_file* pf, int op, void* arg) {
+  File* f = as_file(pf);
+  if (const int rc = flush(f); rc != SQLITE_OK) return rc;
+  return f->real->pMethods->xFileControl(f->real, op, arg);
+}
+int x_sector_size(sqlite3_file* pf) { return as_file(pf)->real->pMethods->xSectorSize(as_file(pf)->real); }
+int x_device_characteristics(sqlite3_file* pf) {
+  return as_file(pf)->real->pMethods->xDeviceCharacteristics(as_file(pf)->real);
+}
+int x_shm_map(sqlite3_file* pf, int region, int size, int extend, void volatile** out) {
+  return as_file(pf)->real->pMethods->xShmMap(as_file(pf)->real, region, size, extend, out);
+}
+int x_shm_lock(sqlite3_file* pf, int offset, int n, int flags) {
+  // Called on the database's file; the log with bytes waiting is this thread's (see the top).
+  if ((flags & SQLITE_SHM_UNLOCK) != 0 && t_pending != nullptr) {
+    g_at_unlock.fetch_add(1, std::memory_order_relaxed);
+    flush(t_pending);
+  }
+  return as_file(pf)->real->pMethods->xShmLock(as_file(pf)->real, offset, n, flags);
+}
+void x_shm_barrier(sqlite3_file* pf) { as_file(pf)->real->pMethods->xShmBarrier(as_file(pf)->real); }
+int x_shm_unmap(sqlite3_file* pf, int del) { return as_file(pf)->real->pMethods->xShmUnmap(as_file(pf)->real, del); }
+int x_fetch(sqlite3_file* pf, sqlite3_int64 off, int amt, void** out) {
+  File* f = as_file(pf);
+  if (const int rc = flush(f); rc != SQLITE_OK) return rc;
+  return f->real->pMethods->xFetch(f->real, off, amt, out);
+}
+int x_unfetch(sqlite3_file* pf, sqlite3_int64 off, void* p) { return as_file(pf)->real->pMethods->xUnfetch(as_file(pf)->real, off, p); }
+
+const sqlite3_io_methods kMethods = {3,
+                                     x_close,
+                                     x_read,
+                                     x_write,
+                                     x_truncate,
+                                     x_sync,
+                                     x_file_size,
+                                     x_lock,
+                                     x_unlock,
+                                     x_check_reserved_lock,
+                                     x_file_control,
+                                     x_sector_size,
+                                     x_device_characteristics,
+                                     x_shm_map,
+                                     x_shm_lock,
+                                     x_shm_barrier,
+                                     x_shm_unmap,
+                                     x_fetch,
+                                     x_unfetch};
+
+constexpr int kRealAt = static_cast<int>((sizeof(File) + 15) / 16 * 16);
+
+int x_open(sqlite3_vfs*, const char* name, sqlite3_file* pf, int flags, int* out_flags) {
+  File* f = as_file(pf);
+  std::memset(f, 0, sizeof(File));
+  f->real = reinterpret_cast<sqlite3_file*>(reinterpret_cast<char*>(pf) + kRealAt);
+  const int rc = g_default->xOpen(g_default, name, f->real, flags, out_flags);
+  if (rc != SQLITE_OK) {
+    if (f->real->pMethods != nullptr) f->real->pMethods->xClose(f->real);
+    return rc;  // pMethods stays null: SQLite does not close it
+  }
+  if (f->real->pMethods->iVersion < 3) {  // every method above forwards a version-3 one
+    f->real->pMethods->xClose(f->real);
+    return SQLITE_CANTOPEN;
+  }
+  f->log = (flags & SQLITE_OPEN_WAL) != 0;
+  f->base.pMethods = &kMethods;
+  return SQLITE_OK;
+}
+int x_delete(sqlite3_vfs*, const char* name, int sync_dir) { return g_default->xDelete(g_default, name, sync_dir); }
+int x_access(sqlite3_vfs*, const char* name, int flags, int* out) { return g_default->xAccess(g_default, name, flags, out); }
+int x_full_pathname(sqlite3_vfs*, const char* name, int n, char* out) {
+  return g_default->xFullPathname(g_default, name, n, out);
+}
+void* x_dl_open(sqlite3_vfs*, const char* name) { return g_default->xDlOpen(g_default, name); }
+void x_dl_error(sqlite3_vfs*, int n, char* msg) { g_default->xDlError(g_default, n, msg); }
+void (*x_dl_sym(sqlite3_vfs*, void* lib, const char* sym))(void) { return g_default->xDlSym(g_default, lib, sym); }
+void x_dl_close(sqlite3_vfs*, void* lib) { g_default->xDlClose(g_default, lib); }
+int x_randomness(sqlite3_vfs*, int n, char* out) { return g_default->xRandomness(g_default, n, out); }
+int x_sleep(sqlite3_vfs*, int us) { return g_default->xSleep(g_default, us); }
+int x_current_time(sqlite3_vfs*, double* out) { return g_default->xCurrentTime(g_default, out); }
+int x_get_last_error(sqlite3_vfs*, int n, char* out) { return g_default->xGetLastError(g_default, n, out); }
+int x_current_time_int64(sqlite3_vfs*, sqlite3_int64* out) { return g_default->xCurrentTimeInt64(g_default, out); }
+int x_set_system_call(sqlite3_vfs*, const char* name, sqlite3_syscall_ptr p) {
+  return g_default->xSetSystemCall(g_default, name, p);
+}
+sqlite3_syscall_ptr x_get_system_call(sqlite3_vfs*, const char* name) { return g_default->xGetSystemCall(g_default, name); }
+const char* x_next_system_call(sqlite3_vfs*, const char* name) { return g_default->xNextSystemCall(g_default, name); }
+
+}  // namespace
+
+const char* store_vfs() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    g_default = sqlite3_vfs_find(nullptr);
+    if (g_default == nullptr || g_default->iVersion < 3) return;  // then SQLite's default is used as it is
+    g_vfs = sqlite3_vfs{3,
+                        kRealAt + g_default->szOsFile,
+                        g_default->mxPathname,
+                        nullptr,
+                        "bnlab-wal",
+                        nullptr,
+                        x_open,
+                        x_delete,
+                        x_access,
+                        x_full_pathname,
+                        x_dl_open,
+                        x_dl_error,
+                        x_dl_sym,
+                        x_dl_close,
+                        x_randomness,
+                        x_sleep,
+                        x_current_time,
+                        x_get_last_error,
+                        x_current_time_int64,
+                        x_set_system_call,
+                        x_get_system_call,
+                        x_next_system_call};
+    if (sqlite3_vfs_register(&g_vfs, 0) != SQLITE_OK) g_vfs.zName = nullptr;
+  });
+  return g_vfs.zName;  // nullptr (SQLite's default VFS) if it could not be registered
+}
+
+WalWrites wal_writes() { return {g_asked.load(), g_issued.load(), g_at_unlock.load()}; }
+
+}  // namespace bnlab
