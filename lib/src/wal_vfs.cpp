@@ -8,9 +8,13 @@
 // others are beyond the log's valid end, as SQLite's own partial writes would be).
 //
 // Buffered bytes also go out before anything that reads, syncs, sizes, truncates or closes the
-// log, before a write elsewhere in it, beyond kMaxBuffered, and when this thread releases a
-// wal-index lock (a transaction rolled back after spilling frames: they go out while its
-// connection still holds the write lock, as they would have without the buffer).
+// log, before a write elsewhere in it, beyond kMaxBuffered, at the wal-index barrier SQLite
+// publishes a commit with (a safety net), and when this thread releases a wal-index lock (a
+// transaction rolled back after spilling frames: they go out while its connection still holds
+// the write lock, as they would have without the buffer). The commit frame is recognised by
+// synchronous=NORMAL's writes (the store's): a header, then its page. (With FULL on a device
+// without powersafe overwrite, SQLite pads to a sector with copies of the commit frame and splits
+// the last at the sync point; the part after its sync waits for the barrier.)
 #include "wal_vfs.hpp"
 
 #include <sqlite3.h>
@@ -19,11 +23,12 @@
 #include <atomic>
 #include <cstring>
 #include <mutex>
+#include <vector>
 
 namespace bnlab {
 namespace {
 
-std::atomic<uint64_t> g_asked{0}, g_issued{0}, g_at_unlock{0};
+std::atomic<uint64_t> g_asked{0}, g_issued{0}, g_at_unlock{0}, g_at_barrier{0};
 sqlite3_vfs* g_default = nullptr;
 sqlite3_vfs g_vfs;
 
@@ -35,14 +40,22 @@ struct File {
   sqlite3_file base;   // pMethods: kMethods (this struct is the sqlite3_file SQLite holds)
   sqlite3_file* real;  // the default VFS's file, in the same allocation after this struct
   bool log;            // a write-ahead log: its writes are buffered
-  // A log's bytes not yet written, from file offset `at`.
+  // A log's bytes not yet written, from file offset `at`, buffered by the thread `writer` stands
+  // for (the address of its t_token).
   char* data;
   sqlite3_int64 len, cap, at;
-  bool commit_next;  // the last write was a commit frame's header: the next one completes it
+  const void* writer;
+  // Where the page of the last commit frame header written goes (-1: none): that write
+  // completes the commit.
+  sqlite3_int64 commit_page_at;
+  int sticky;  // a failed write of a flush that could not report it (see flush_mine)
 };
 
-/// The log this thread has bytes buffered in (at most one transaction is open per thread).
-thread_local File* t_pending = nullptr;
+// The logs with bytes buffered, for a thread to find its own at a wal-index barrier or unlock
+// (called on the database's file, not the log's).
+std::mutex g_pending_mu;
+std::vector<File*> g_pending;
+thread_local char t_token;
 
 File* as_file(sqlite3_file* f) { return reinterpret_cast<File*>(f); }
 
@@ -50,18 +63,42 @@ File* as_file(sqlite3_file* f) { return reinterpret_cast<File*>(f); }
 /// per call (it masks the size with 0x1ffff).
 constexpr sqlite3_int64 kMaxWrite = (sqlite3_int64{1} << 17) - 4096;
 
-/// Writes the buffered bytes (they are dropped if that fails: SQLite has the error).
+/// Writes the buffered bytes (they are dropped if that fails: SQLite has the error), or returns
+/// the error an earlier flush could not report.
 int flush(File* f) {
-  if (f->len == 0) return SQLITE_OK;
   const sqlite3_int64 n = f->len;
-  f->len = 0;
-  if (t_pending == f) t_pending = nullptr;
+  if (n > 0) {
+    f->len = 0;
+    std::lock_guard<std::mutex> lock(g_pending_mu);
+    const auto it = std::find(g_pending.begin(), g_pending.end(), f);
+    if (it != g_pending.end()) g_pending.erase(it);
+  }
+  if (f->sticky != SQLITE_OK) {  // the transaction has failed: what it buffered since is dropped
+    const int rc = f->sticky;
+    f->sticky = SQLITE_OK;
+    return rc;
+  }
   for (sqlite3_int64 done = 0; done < n; done += kMaxWrite) {
     g_issued.fetch_add(1, std::memory_order_relaxed);
     const int part = static_cast<int>(std::min(kMaxWrite, n - done));
     if (const int rc = f->real->pMethods->xWrite(f->real, f->data + done, part, f->at + done); rc != SQLITE_OK) return rc;
   }
   return SQLITE_OK;
+}
+
+/// Flushes the logs this thread has bytes buffered in. At a wal-index barrier (SQLite is about to
+/// publish frames) and unlock (a transaction rolled back after writing frames) there is no error
+/// to return: a failure is kept for the log's next call that writes or reads.
+void flush_mine() {
+  File* mine[8];
+  size_t n = 0;
+  {
+    std::lock_guard<std::mutex> lock(g_pending_mu);
+    for (File* f : g_pending)
+      if (f->writer == &t_token && n < 8) mine[n++] = f;
+  }
+  for (size_t i = 0; i < n; ++i)
+    if (const int rc = flush(mine[i]); rc != SQLITE_OK) mine[i]->sticky = rc;
 }
 
 uint32_t big_endian32(const void* p) {
@@ -90,27 +127,35 @@ int x_write(sqlite3_file* pf, const void* buf, int amt, sqlite3_int64 off) {
   g_asked.fetch_add(1, std::memory_order_relaxed);
   if (f->len > 0 && off != f->at + f->len)
     if (const int rc = flush(f); rc != SQLITE_OK) return rc;
+  // A frame header is the only 24-byte write to a log; bytes 4-7 are the database's size in pages
+  // after a commit, in a commit frame, and 0 in any other. The write of that frame's page
+  // completes the commit. A commit header that follows no buffered frame goes out at once: it may
+  // be a rewrite (SQLite rewrites the headers of a transaction that overwrote one of its own
+  // frames, the commit frame's last, with no page after it) or a one-frame transaction.
+  const bool commit_header = amt == 24 && big_endian32(static_cast<const char*>(buf) + 4) != 0;
+  const bool completes_commit = f->commit_page_at >= 0 && off == f->commit_page_at;
+  f->commit_page_at = commit_header ? off + amt : -1;
+  const bool now = completes_commit || (commit_header && f->len == 0);
   if (f->len + amt > f->cap) {
     const sqlite3_int64 cap = std::max<sqlite3_int64>(2 * f->cap, std::max<sqlite3_int64>(f->len + amt, 64 << 10));
     void* grown = sqlite3_realloc64(f->data, static_cast<sqlite3_uint64>(cap));
     if (grown == nullptr) {  // write through
       if (const int rc = flush(f); rc != SQLITE_OK) return rc;
-      f->commit_next = false;
       g_issued.fetch_add(1, std::memory_order_relaxed);
       return f->real->pMethods->xWrite(f->real, buf, amt, off);
     }
     f->data = static_cast<char*>(grown);
     f->cap = cap;
   }
-  if (f->len == 0) f->at = off;
+  if (f->len == 0) {
+    f->at = off;
+    f->writer = &t_token;
+    std::lock_guard<std::mutex> lock(g_pending_mu);
+    g_pending.push_back(f);
+  }
   std::memcpy(f->data + f->len, buf, static_cast<size_t>(amt));
   f->len += amt;
-  t_pending = f;
-  // A frame header is the only 24-byte write to a log; bytes 4-7 are the database's size in pages
-  // after a commit, in a commit frame, and 0 in any other.
-  const bool completes_commit = f->commit_next;
-  f->commit_next = amt == 24 && big_endian32(static_cast<const char*>(buf) + 4) != 0;
-  if (completes_commit || f->len >= kMaxBuffered) return flush(f);
+  if (now || f->len >= kMaxBuffered) return flush(f);
   return SQLITE_OK;
 }
 int x_truncate(sqlite3_file* pf, sqlite3_int64 size) {
@@ -145,15 +190,27 @@ int x_device_characteristics(sqlite3_file* pf) {
 int x_shm_map(sqlite3_file* pf, int region, int size, int extend, void volatile** out) {
   return as_file(pf)->real->pMethods->xShmMap(as_file(pf)->real, region, size, extend, out);
 }
+bool mine_pending() {
+  std::lock_guard<std::mutex> lock(g_pending_mu);
+  return std::any_of(g_pending.begin(), g_pending.end(), [](const File* f) { return f->writer == &t_token; });
+}
 int x_shm_lock(sqlite3_file* pf, int offset, int n, int flags) {
-  // Called on the database's file; the log with bytes waiting is this thread's (see the top).
-  if ((flags & SQLITE_SHM_UNLOCK) != 0 && t_pending != nullptr) {
+  // Called on the database's file: this thread's logs with bytes waiting (see the top).
+  if ((flags & SQLITE_SHM_UNLOCK) != 0 && mine_pending()) {
     g_at_unlock.fetch_add(1, std::memory_order_relaxed);
-    flush(t_pending);
+    flush_mine();
   }
   return as_file(pf)->real->pMethods->xShmLock(as_file(pf)->real, offset, n, flags);
 }
-void x_shm_barrier(sqlite3_file* pf) { as_file(pf)->real->pMethods->xShmBarrier(as_file(pf)->real); }
+void x_shm_barrier(sqlite3_file* pf) {
+  // SQLite publishes a commit in the wal-index header's two copies with a barrier between them.
+  // Every commit's frames have gone out with its commit frame by then; this is a safety net.
+  if (mine_pending()) {
+    g_at_barrier.fetch_add(1, std::memory_order_relaxed);
+    flush_mine();
+  }
+  as_file(pf)->real->pMethods->xShmBarrier(as_file(pf)->real);
+}
 int x_shm_unmap(sqlite3_file* pf, int del) { return as_file(pf)->real->pMethods->xShmUnmap(as_file(pf)->real, del); }
 int x_fetch(sqlite3_file* pf, sqlite3_int64 off, int amt, void** out) {
   File* f = as_file(pf);
@@ -187,6 +244,7 @@ constexpr int kRealAt = static_cast<int>((sizeof(File) + 15) / 16 * 16);
 int x_open(sqlite3_vfs*, const char* name, sqlite3_file* pf, int flags, int* out_flags) {
   File* f = as_file(pf);
   std::memset(f, 0, sizeof(File));
+  f->commit_page_at = -1;
   f->real = reinterpret_cast<sqlite3_file*>(reinterpret_cast<char*>(pf) + kRealAt);
   const int rc = g_default->xOpen(g_default, name, f->real, flags, out_flags);
   if (rc != SQLITE_OK) {
@@ -255,6 +313,6 @@ const char* store_vfs() {
   return g_vfs.zName;  // nullptr (SQLite's default VFS) if it could not be registered
 }
 
-WalWrites wal_writes() { return {g_asked.load(), g_issued.load(), g_at_unlock.load()}; }
+WalWrites wal_writes() { return {g_asked.load(), g_issued.load(), g_at_unlock.load(), g_at_barrier.load()}; }
 
 }  // namespace bnlab

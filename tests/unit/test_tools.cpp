@@ -238,8 +238,9 @@ TEST(Tools, StoreLogReachesTheDiskOnceAPartPerTransaction) {
     store.insert(runs);
     all.insert(all.end(), runs.begin(), runs.end());
     const WalWrites after = wal_writes();
-    // Every commit's frames went out with its commit frame, none when its locks were released
-    // (then a reader could already have seen the commit in the wal-index).
+    // Every commit's frames went out with its commit frame: none waited until SQLite published
+    // the commit (its barrier) or released its locks.
+    EXPECT_EQ(after.at_barrier, before.at_barrier);
     EXPECT_EQ(after.at_unlock, before.at_unlock);
     const auto seen = seen_by_another_reader(path);
     EXPECT_EQ(seen.first, static_cast<int64_t>(all.size()));
@@ -260,6 +261,34 @@ TEST(Tools, StoreLogReachesTheDiskOnceAPartPerTransaction) {
   const auto large = insert(numbered_runs(3016, 30000));
   EXPECT_GE(large.first, 3000u);
   EXPECT_LT(large.second, large.first / 20);
+  // A transaction that writes pages it already wrote to the log (spilled by the first update,
+  // changed again by the second): SQLite overwrites those frames in place and, at the commit,
+  // rewrites the header of every frame from the first overwritten one, the commit frame's last
+  // (no page follows that write). The commit frame's header must go out before the commit is published.
+  {
+    const WalWrites before = wal_writes();
+    char* error = nullptr;
+    ASSERT_EQ(sqlite3_exec(store.db(),
+                           "BEGIN; UPDATE runs SET final_loss = first_loss + 1; "
+                           "UPDATE runs SET final_loss = first_loss + 2 WHERE run % 7 = 0; COMMIT;",
+                           nullptr, nullptr, &error),
+              SQLITE_OK)
+        << (error != nullptr ? error : "");
+    const WalWrites after = wal_writes();
+    EXPECT_LE(after.issued - before.issued, after.asked - before.asked);  // rewrites go one by one
+    EXPECT_EQ(after.at_barrier, before.at_barrier);
+    EXPECT_EQ(after.at_unlock, before.at_unlock);
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+    sqlite3_stmt* st = nullptr;
+    ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT count(*) FROM runs WHERE final_loss = first_loss + (CASE WHEN run % 7 = 0 THEN 2 ELSE 1 END)",
+                                 -1, &st, nullptr),
+              SQLITE_OK);
+    ASSERT_EQ(sqlite3_step(st), SQLITE_ROW);
+    EXPECT_EQ(sqlite3_column_int64(st, 0), static_cast<int64_t>(all.size()));
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+  }
   // The same run twice at the end of 30,000 new ones: the insert fails after SQLite wrote frames,
   // the transaction rolls back, and the store holds what it held.
   auto twice = numbered_runs(40000, 30000);
