@@ -23,12 +23,13 @@
 #include <atomic>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <vector>
 
 namespace bnlab {
 namespace {
 
-std::atomic<uint64_t> g_asked{0}, g_issued{0}, g_at_unlock{0}, g_at_barrier{0};
+std::atomic<uint64_t> g_asked{0}, g_issued{0}, g_at_unlock{0}, g_at_barrier{0}, g_alone{0};
 sqlite3_vfs* g_default = nullptr;
 sqlite3_vfs g_vfs;
 
@@ -48,7 +49,9 @@ struct File {
   // Where the page of the last commit frame header written goes (-1: none): that write
   // completes the commit.
   sqlite3_int64 commit_page_at;
-  int sticky;  // a failed write of a flush that could not report it (see flush_mine)
+  // Set once a flush failed: frames SQLite counts as written are lost, so no later write, sync or
+  // truncate of this log may succeed (the transaction cannot commit; the store is reopened).
+  int failed;
 };
 
 // The logs with bytes buffered, for a thread to find its own at a wal-index barrier or unlock
@@ -63,8 +66,8 @@ File* as_file(sqlite3_file* f) { return reinterpret_cast<File*>(f); }
 /// per call (it masks the size with 0x1ffff).
 constexpr sqlite3_int64 kMaxWrite = (sqlite3_int64{1} << 17) - 4096;
 
-/// Writes the buffered bytes (they are dropped if that fails: SQLite has the error), or returns
-/// the error an earlier flush could not report.
+/// Writes the buffered bytes. If that fails they are lost, and the log fails from then on (see
+/// File::failed): whichever call made the flush, read or write, the transaction cannot commit.
 int flush(File* f) {
   const sqlite3_int64 n = f->len;
   if (n > 0) {
@@ -73,32 +76,29 @@ int flush(File* f) {
     const auto it = std::find(g_pending.begin(), g_pending.end(), f);
     if (it != g_pending.end()) g_pending.erase(it);
   }
-  if (f->sticky != SQLITE_OK) {  // the transaction has failed: what it buffered since is dropped
-    const int rc = f->sticky;
-    f->sticky = SQLITE_OK;
-    return rc;
-  }
+  if (f->failed != SQLITE_OK) return f->failed;
   for (sqlite3_int64 done = 0; done < n; done += kMaxWrite) {
     g_issued.fetch_add(1, std::memory_order_relaxed);
     const int part = static_cast<int>(std::min(kMaxWrite, n - done));
-    if (const int rc = f->real->pMethods->xWrite(f->real, f->data + done, part, f->at + done); rc != SQLITE_OK) return rc;
+    if (const int rc = f->real->pMethods->xWrite(f->real, f->data + done, part, f->at + done); rc != SQLITE_OK) {
+      f->failed = rc;
+      return rc;
+    }
   }
   return SQLITE_OK;
 }
 
 /// Flushes the logs this thread has bytes buffered in. At a wal-index barrier (SQLite is about to
 /// publish frames) and unlock (a transaction rolled back after writing frames) there is no error
-/// to return: a failure is kept for the log's next call that writes or reads.
+/// to return: a failure makes the log fail from then on (flush).
 void flush_mine() {
-  File* mine[8];
-  size_t n = 0;
+  std::vector<File*> mine;
   {
     std::lock_guard<std::mutex> lock(g_pending_mu);
     for (File* f : g_pending)
-      if (f->writer == &t_token && n < 8) mine[n++] = f;
+      if (f->writer == &t_token) mine.push_back(f);
   }
-  for (size_t i = 0; i < n; ++i)
-    if (const int rc = flush(mine[i]); rc != SQLITE_OK) mine[i]->sticky = rc;
+  for (File* f : mine) flush(f);
 }
 
 uint32_t big_endian32(const void* p) {
@@ -118,12 +118,14 @@ int x_close(sqlite3_file* pf) {
 }
 int x_read(sqlite3_file* pf, void* buf, int amt, sqlite3_int64 off) {
   File* f = as_file(pf);
-  if (const int rc = flush(f); rc != SQLITE_OK) return rc;
+  if (f->len > 0)
+    if (const int rc = flush(f); rc != SQLITE_OK) return rc;
   return f->real->pMethods->xRead(f->real, buf, amt, off);
 }
 int x_write(sqlite3_file* pf, const void* buf, int amt, sqlite3_int64 off) {
   File* f = as_file(pf);
   if (!f->log) return f->real->pMethods->xWrite(f->real, buf, amt, off);
+  if (f->failed != SQLITE_OK) return f->failed;
   g_asked.fetch_add(1, std::memory_order_relaxed);
   if (f->len > 0 && off != f->at + f->len)
     if (const int rc = flush(f); rc != SQLITE_OK) return rc;
@@ -136,6 +138,7 @@ int x_write(sqlite3_file* pf, const void* buf, int amt, sqlite3_int64 off) {
   const bool completes_commit = f->commit_page_at >= 0 && off == f->commit_page_at;
   f->commit_page_at = commit_header ? off + amt : -1;
   const bool now = completes_commit || (commit_header && f->len == 0);
+  if (commit_header && f->len == 0) g_alone.fetch_add(1, std::memory_order_relaxed);
   if (f->len + amt > f->cap) {
     const sqlite3_int64 cap = std::max<sqlite3_int64>(2 * f->cap, std::max<sqlite3_int64>(f->len + amt, 64 << 10));
     void* grown = sqlite3_realloc64(f->data, static_cast<sqlite3_uint64>(cap));
@@ -151,7 +154,12 @@ int x_write(sqlite3_file* pf, const void* buf, int amt, sqlite3_int64 off) {
     f->at = off;
     f->writer = &t_token;
     std::lock_guard<std::mutex> lock(g_pending_mu);
-    g_pending.push_back(f);
+    try {
+      g_pending.push_back(f);
+    } catch (const std::bad_alloc&) {  // not listed, not buffered: written through
+      g_issued.fetch_add(1, std::memory_order_relaxed);
+      return f->real->pMethods->xWrite(f->real, buf, amt, off);
+    }
   }
   std::memcpy(f->data + f->len, buf, static_cast<size_t>(amt));
   f->len += amt;
@@ -160,7 +168,7 @@ int x_write(sqlite3_file* pf, const void* buf, int amt, sqlite3_int64 off) {
 }
 int x_truncate(sqlite3_file* pf, sqlite3_int64 size) {
   File* f = as_file(pf);
-  if (const int rc = flush(f); rc != SQLITE_OK) return rc;
+  if (const int rc = flush(f); rc != SQLITE_OK) return rc;  // also once the log failed
   return f->real->pMethods->xTruncate(f->real, size);
 }
 int x_sync(sqlite3_file* pf, int flags) {
@@ -170,7 +178,8 @@ int x_sync(sqlite3_file* pf, int flags) {
 }
 int x_file_size(sqlite3_file* pf, sqlite3_int64* size) {
   File* f = as_file(pf);
-  if (const int rc = flush(f); rc != SQLITE_OK) return rc;
+  if (f->len > 0)
+    if (const int rc = flush(f); rc != SQLITE_OK) return rc;
   return f->real->pMethods->xFileSize(f->real, size);
 }
 int x_lock(sqlite3_file* pf, int lock) { return as_file(pf)->real->pMethods->xLock(as_file(pf)->real, lock); }
@@ -179,9 +188,8 @@ int x_check_reserved_lock(sqlite3_file* pf, int* out) {
   return as_file(pf)->real->pMethods->xCheckReservedLock(as_file(pf)->real, out);
 }
 int x_file_control(sqlite3_file* pf, int op, void* arg) {
-  File* f = as_file(pf);
-  if (const int rc = flush(f); rc != SQLITE_OK) return rc;
-  return f->real->pMethods->xFileControl(f->real, op, arg);
+  // No flush: SQLite ignores what some of these return (a size hint), and a sync flushes.
+  return as_file(pf)->real->pMethods->xFileControl(as_file(pf)->real, op, arg);
 }
 int x_sector_size(sqlite3_file* pf) { return as_file(pf)->real->pMethods->xSectorSize(as_file(pf)->real); }
 int x_device_characteristics(sqlite3_file* pf) {
@@ -214,7 +222,8 @@ void x_shm_barrier(sqlite3_file* pf) {
 int x_shm_unmap(sqlite3_file* pf, int del) { return as_file(pf)->real->pMethods->xShmUnmap(as_file(pf)->real, del); }
 int x_fetch(sqlite3_file* pf, sqlite3_int64 off, int amt, void** out) {
   File* f = as_file(pf);
-  if (const int rc = flush(f); rc != SQLITE_OK) return rc;
+  if (f->len > 0)
+    if (const int rc = flush(f); rc != SQLITE_OK) return rc;
   return f->real->pMethods->xFetch(f->real, off, amt, out);
 }
 int x_unfetch(sqlite3_file* pf, sqlite3_int64 off, void* p) { return as_file(pf)->real->pMethods->xUnfetch(as_file(pf)->real, off, p); }
@@ -313,6 +322,8 @@ const char* store_vfs() {
   return g_vfs.zName;  // nullptr (SQLite's default VFS) if it could not be registered
 }
 
-WalWrites wal_writes() { return {g_asked.load(), g_issued.load(), g_at_unlock.load(), g_at_barrier.load()}; }
+WalWrites wal_writes() {
+  return {g_asked.load(), g_issued.load(), g_at_unlock.load(), g_at_barrier.load(), g_alone.load()};
+}
 
 }  // namespace bnlab

@@ -15,9 +15,10 @@ const char* store_vfs();
 /// that reached the operating system, and the times bytes were still waiting when a wal-index lock
 /// was released (only a transaction rolled back after SQLite wrote frames leaves any) or when
 /// SQLite was publishing a commit (none should: a commit's frames go out with its commit frame).
-/// For tests and benchmarks.
+/// `alone`: commit frame headers written on their own, at once (a rewrite, a one-frame
+/// transaction). For tests and benchmarks.
 struct WalWrites {
-  uint64_t asked = 0, issued = 0, at_unlock = 0, at_barrier = 0;
+  uint64_t asked = 0, issued = 0, at_unlock = 0, at_barrier = 0, alone = 0;
 };
 WalWrites wal_writes();
 

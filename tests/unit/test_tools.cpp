@@ -268,6 +268,8 @@ TEST(Tools, StoreLogReachesTheDiskOnceAPartPerTransaction) {
   {
     const WalWrites before = wal_writes();
     char* error = nullptr;
+    // A cache of 50 pages: the first update spills, whatever SQLite's default cache size.
+    ASSERT_EQ(sqlite3_exec(store.db(), "PRAGMA cache_size = 50", nullptr, nullptr, nullptr), SQLITE_OK);
     ASSERT_EQ(sqlite3_exec(store.db(),
                            "BEGIN; UPDATE runs SET final_loss = first_loss + 1; "
                            "UPDATE runs SET final_loss = first_loss + 2 WHERE run % 7 = 0; COMMIT;",
@@ -275,7 +277,7 @@ TEST(Tools, StoreLogReachesTheDiskOnceAPartPerTransaction) {
               SQLITE_OK)
         << (error != nullptr ? error : "");
     const WalWrites after = wal_writes();
-    EXPECT_LE(after.issued - before.issued, after.asked - before.asked);  // rewrites go one by one
+    EXPECT_GE(after.alone, before.alone + 1);  // the rewritten commit header went out at once
     EXPECT_EQ(after.at_barrier, before.at_barrier);
     EXPECT_EQ(after.at_unlock, before.at_unlock);
     sqlite3* db = nullptr;
