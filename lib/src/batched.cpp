@@ -141,7 +141,8 @@ class Net {
     return !store_.shared && V > 1 && lanes > 1 && (lanes + V - 1) / V * V == store_.lanes;
   }
   /// `lanes` of them hold a run (takes(lanes)); the others are padding again, as in a Net made
-  /// for `lanes`: input 0, no generator.
+  /// for `lanes`: input 0, no generator. (Their Dropout masks from the last item stay: only those
+  /// padding lanes read them, and no run's values depend on a padding lane's.)
   void set_used(int64_t lanes) {
     TORCH_CHECK(takes(lanes), "Net::set_used: ", lanes, " lanes do not fit this Net's ", store_.lanes);
     for (int64_t lane = lanes; lane < store_.lanes; ++lane) {
@@ -179,12 +180,12 @@ class Net {
   const float* output() const { return acts_.back(); }
   float* output_grad() { return ga_; }  // where the loss writes dL/d(output)
 
-  /// Copies the state of `model` (same layers) into `lane`.
   /// A lane's whole state: parameters, buffers and num_batches_tracked counters.
   struct Snapshot {
     std::vector<float> values;
     std::vector<int64_t> counts;
   };
+  /// Copies the state of `model` (same layers) into `lane`.
   void load(int64_t lane, const ModelImpl& model) { transfer(lane, const_cast<ModelImpl&>(model), true); }
   /// Reads `model`'s state into `dst` as snapshot() lays out a lane's, without writing any lane.
   void load(const ModelImpl& model, Snapshot& dst) {
