@@ -848,8 +848,10 @@ Net& net_for(BatchedCache* cache, std::unique_ptr<CachedNet>& local, const Model
   }
   if (!*slot) *slot = std::make_unique<CachedNet>(model, lanes, rows, shared);
   CachedNet& c = **slot;
-  if (!shared && c.net.used() != lanes) c.net.set_used(lanes);
-  if (!shared) c.net.replicate(c.start);
+  if (!shared) {
+    if (c.net.used() != lanes) c.net.set_used(lanes);
+    c.net.replicate(c.start);
+  }
   return c.net;
 }
 

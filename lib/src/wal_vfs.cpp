@@ -61,6 +61,9 @@ std::vector<File*> g_pending;
 thread_local char t_token;
 
 File* as_file(sqlite3_file* f) { return reinterpret_cast<File*>(f); }
+/// The default VFS's file under `f`.
+sqlite3_file* real(sqlite3_file* f) { return as_file(f)->real; }
+const sqlite3_io_methods& forward(sqlite3_file* f) { return *real(f)->pMethods; }
 
 /// The most one write hands the default VFS: SQLite's unix VFS writes at most 128 KiB - 1 bytes
 /// per call (it masks the size with 0x1ffff).
@@ -88,10 +91,10 @@ int flush(File* f) {
   return SQLITE_OK;
 }
 
-/// Flushes the logs this thread has bytes buffered in. At a wal-index barrier (SQLite is about to
-/// publish frames) and unlock (a transaction rolled back after writing frames) there is no error
-/// to return: a failure makes the log fail from then on (flush).
-void flush_mine() {
+/// Flushes the logs this thread has bytes buffered in; returns how many. At a wal-index barrier
+/// (SQLite is about to publish frames) and unlock (a transaction rolled back after writing frames)
+/// there is no error to return: a failure makes the log fail from then on (flush).
+size_t flush_mine() {
   std::vector<File*> mine;
   {
     std::lock_guard<std::mutex> lock(g_pending_mu);
@@ -99,7 +102,10 @@ void flush_mine() {
       if (f->writer == &t_token) mine.push_back(f);
   }
   for (File* f : mine) flush(f);
+  return mine.size();
 }
+/// Flushes what `f` has buffered, if anything, before a call that reads the file.
+int flush_buffered(File* f) { return f->len > 0 ? flush(f) : SQLITE_OK; }
 
 uint32_t big_endian32(const void* p) {
   unsigned char b[4];
@@ -117,10 +123,8 @@ int x_close(sqlite3_file* pf) {
   return rc != SQLITE_OK ? rc : rc_close;
 }
 int x_read(sqlite3_file* pf, void* buf, int amt, sqlite3_int64 off) {
-  File* f = as_file(pf);
-  if (f->len > 0)
-    if (const int rc = flush(f); rc != SQLITE_OK) return rc;
-  return f->real->pMethods->xRead(f->real, buf, amt, off);
+  if (const int rc = flush_buffered(as_file(pf)); rc != SQLITE_OK) return rc;
+  return forward(pf).xRead(real(pf), buf, amt, off);
 }
 int x_write(sqlite3_file* pf, const void* buf, int amt, sqlite3_int64 off) {
   File* f = as_file(pf);
@@ -177,56 +181,38 @@ int x_sync(sqlite3_file* pf, int flags) {
   return f->real->pMethods->xSync(f->real, flags);
 }
 int x_file_size(sqlite3_file* pf, sqlite3_int64* size) {
-  File* f = as_file(pf);
-  if (f->len > 0)
-    if (const int rc = flush(f); rc != SQLITE_OK) return rc;
-  return f->real->pMethods->xFileSize(f->real, size);
+  if (const int rc = flush_buffered(as_file(pf)); rc != SQLITE_OK) return rc;
+  return forward(pf).xFileSize(real(pf), size);
 }
-int x_lock(sqlite3_file* pf, int lock) { return as_file(pf)->real->pMethods->xLock(as_file(pf)->real, lock); }
-int x_unlock(sqlite3_file* pf, int lock) { return as_file(pf)->real->pMethods->xUnlock(as_file(pf)->real, lock); }
-int x_check_reserved_lock(sqlite3_file* pf, int* out) {
-  return as_file(pf)->real->pMethods->xCheckReservedLock(as_file(pf)->real, out);
-}
+int x_lock(sqlite3_file* pf, int lock) { return forward(pf).xLock(real(pf), lock); }
+int x_unlock(sqlite3_file* pf, int lock) { return forward(pf).xUnlock(real(pf), lock); }
+int x_check_reserved_lock(sqlite3_file* pf, int* out) { return forward(pf).xCheckReservedLock(real(pf), out); }
 int x_file_control(sqlite3_file* pf, int op, void* arg) {
   // No flush: SQLite ignores what some of these return (a size hint), and a sync flushes.
-  return as_file(pf)->real->pMethods->xFileControl(as_file(pf)->real, op, arg);
+  return forward(pf).xFileControl(real(pf), op, arg);
 }
-int x_sector_size(sqlite3_file* pf) { return as_file(pf)->real->pMethods->xSectorSize(as_file(pf)->real); }
-int x_device_characteristics(sqlite3_file* pf) {
-  return as_file(pf)->real->pMethods->xDeviceCharacteristics(as_file(pf)->real);
-}
+int x_sector_size(sqlite3_file* pf) { return forward(pf).xSectorSize(real(pf)); }
+int x_device_characteristics(sqlite3_file* pf) { return forward(pf).xDeviceCharacteristics(real(pf)); }
 int x_shm_map(sqlite3_file* pf, int region, int size, int extend, void volatile** out) {
-  return as_file(pf)->real->pMethods->xShmMap(as_file(pf)->real, region, size, extend, out);
-}
-bool mine_pending() {
-  std::lock_guard<std::mutex> lock(g_pending_mu);
-  return std::any_of(g_pending.begin(), g_pending.end(), [](const File* f) { return f->writer == &t_token; });
+  return forward(pf).xShmMap(real(pf), region, size, extend, out);
 }
 int x_shm_lock(sqlite3_file* pf, int offset, int n, int flags) {
   // Called on the database's file: this thread's logs with bytes waiting (see the top).
-  if ((flags & SQLITE_SHM_UNLOCK) != 0 && mine_pending()) {
-    g_at_unlock.fetch_add(1, std::memory_order_relaxed);
-    flush_mine();
-  }
-  return as_file(pf)->real->pMethods->xShmLock(as_file(pf)->real, offset, n, flags);
+  if ((flags & SQLITE_SHM_UNLOCK) != 0 && flush_mine() > 0) g_at_unlock.fetch_add(1, std::memory_order_relaxed);
+  return forward(pf).xShmLock(real(pf), offset, n, flags);
 }
 void x_shm_barrier(sqlite3_file* pf) {
   // SQLite publishes a commit in the wal-index header's two copies with a barrier between them.
   // Every commit's frames have gone out with its commit frame by then; this is a safety net.
-  if (mine_pending()) {
-    g_at_barrier.fetch_add(1, std::memory_order_relaxed);
-    flush_mine();
-  }
-  as_file(pf)->real->pMethods->xShmBarrier(as_file(pf)->real);
+  if (flush_mine() > 0) g_at_barrier.fetch_add(1, std::memory_order_relaxed);
+  forward(pf).xShmBarrier(real(pf));
 }
-int x_shm_unmap(sqlite3_file* pf, int del) { return as_file(pf)->real->pMethods->xShmUnmap(as_file(pf)->real, del); }
+int x_shm_unmap(sqlite3_file* pf, int del) { return forward(pf).xShmUnmap(real(pf), del); }
 int x_fetch(sqlite3_file* pf, sqlite3_int64 off, int amt, void** out) {
-  File* f = as_file(pf);
-  if (f->len > 0)
-    if (const int rc = flush(f); rc != SQLITE_OK) return rc;
-  return f->real->pMethods->xFetch(f->real, off, amt, out);
+  if (const int rc = flush_buffered(as_file(pf)); rc != SQLITE_OK) return rc;
+  return forward(pf).xFetch(real(pf), off, amt, out);
 }
-int x_unfetch(sqlite3_file* pf, sqlite3_int64 off, void* p) { return as_file(pf)->real->pMethods->xUnfetch(as_file(pf)->real, off, p); }
+int x_unfetch(sqlite3_file* pf, sqlite3_int64 off, void* p) { return forward(pf).xUnfetch(real(pf), off, p); }
 
 const sqlite3_io_methods kMethods = {3,
                                      x_close,
